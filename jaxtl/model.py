@@ -1,0 +1,163 @@
+"""SFCN (Peng et al. 2021) in Flax NNX, with PyTorch's initialisation and BatchNorm semantics.
+
+Layout is NDHWC: `(B, D, H, W, 1)` or `(B, D, H, W)`; spatial axes stay in nibabel's order
+(x = L-R, y = P-A, z = I-S), so Peng's weights apply after transposing NCDHW -> NDHWC.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+PENG_CHANNELS = (32, 64, 128, 256, 256, 64)  # Peng's UKB age model
+TRANSFER_CHANNELS = (32, 64, 64, 64, 64, 64)  # the paper's transfer runs
+SEX_CHANNELS = (28, 58, 128, 256, 256, 64)  # Peng's public sex model
+# What a trained SFCN consists of (the dropout RNG state is not part of it).
+WEIGHTS = (nnx.Param, nnx.BatchStat)
+
+
+def _torch_uniform(fan_in: int):
+    """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm with PyTorch's semantics: biased variance to normalise, unbiased variance for the
+    running average, `momentum` in Flax's convention (PyTorch 0.1 = 0.9 here), eps 1e-5.
+
+    Written here instead of `nnx.BatchNorm` because Flax updates the running variance with the
+    biased estimate, so running statistics would drift from PyTorch's during training.
+    Statistics are computed in float32 whatever the compute dtype; under `jit` with the batch
+    sharded over devices the mean is over the global batch (synchronised BN).
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
+                 dtype=jnp.float32, use_running_average: bool = False):
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.use_running_average = use_running_average
+
+    def set_view(self, use_running_average: bool | None = None):
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            axes = tuple(range(x.ndim - 1))
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            n = math.prod(x.shape[:-1])
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            self.mean[...] = m * self.mean[...] + (1 - m) * mean
+            self.var[...] = m * self.var[...] + (1 - m) * unbiased
+        mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+        add = self.bias[...] - mean * mul
+        return (x * mul.astype(self.dtype) + add.astype(self.dtype)).astype(self.dtype)
+
+
+class ConvBlock(nnx.Module):
+    """Conv3d -> BatchNorm -> [MaxPool 2] -> ReLU, in Peng's order."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, pool: bool, *, dtype, rngs: nnx.Rngs):
+        fan_in = in_ch * kernel**3
+        self.conv = nnx.Conv(
+            in_ch, out_ch, (kernel,) * 3, padding=[(kernel // 2, kernel // 2)] * 3,
+            dtype=dtype, param_dtype=jnp.float32,
+            kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in), rngs=rngs,
+        )
+        self.bn = BatchNorm(out_ch, dtype=dtype)
+        self.pool = pool
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.bn(self.conv(x))
+        if self.pool:
+            x = nnx.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+        return nnx.relu(x)
+
+
+class SFCN(nnx.Module):
+    """Simple Fully Convolutional Network (Peng et al. 2021).
+
+    Blocks 0..n-2: Conv k=3 pad 1 -> BN -> MaxPool 2 -> ReLU; last block: Conv k=1 -> BN -> ReLU;
+    then global average pool (= Peng's AvgPool3d([5,6,5]) at 160x192x160), dropout, a linear head
+    (Peng's 1x1x1 `conv_6`) and log-softmax.
+    """
+
+    def __init__(self, channels: Sequence[int] = PENG_CHANNELS, num_outputs: int = 40,
+                 dropout: float = 0.5, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        channels = tuple(int(c) for c in channels)
+        if len(channels) < 2:
+            raise ValueError(f"SFCN needs at least 2 blocks, got channels={channels}")
+        self.channels = channels
+        self.num_outputs = num_outputs
+        self.dtype = dtype
+        in_chs = (1,) + channels[:-1]
+        n = len(channels)
+        self.blocks = nnx.List([
+            ConvBlock(i, o, 3 if b < n - 1 else 1, pool=b < n - 1, dtype=dtype, rngs=rngs)
+            for b, (i, o) in enumerate(zip(in_chs, channels, strict=True))
+        ])
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.head = nnx.Linear(
+            channels[-1], num_outputs, param_dtype=jnp.float32,
+            kernel_init=_torch_uniform(channels[-1]), bias_init=_torch_uniform(channels[-1]), rngs=rngs,
+        )
+
+    def _prepare(self, x: jax.Array) -> jax.Array:
+        if x.ndim == 4:
+            x = x[..., None]
+        if x.ndim != 5 or x.shape[-1] != 1:
+            raise ValueError(f"SFCN expects (B, D, H, W) or (B, D, H, W, 1) volumes, got shape {x.shape}")
+        return x.astype(self.dtype)
+
+    def block_outputs(self, x: jax.Array) -> list[jax.Array]:
+        """Feature maps after each block (compute dtype)."""
+        x = self._prepare(x)
+        outs = []
+        for block in self.blocks:
+            x = block(x)
+            outs.append(x)
+        return outs
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """The 64-d average-pooled output of the last block that the paper re-uses (float32)."""
+        return self.block_outputs(x)[-1].astype(jnp.float32).mean(axis=(1, 2, 3))
+
+    def head_logits(self, feats: jax.Array) -> jax.Array:
+        """Log-probabilities from pooled features: dropout -> linear -> log-softmax."""
+        return jax.nn.log_softmax(self.head(self.dropout(feats)), axis=-1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Log-probabilities `(B, num_outputs)`, float32."""
+        return self.head_logits(self.features(x))
+
+
+def conv_flops(channels: Sequence[int], input_shape: Sequence[int]) -> int:
+    """Analytic FLOPs (2 x MACs) of SFCN's convolutions for one volume (forward)."""
+    d, h, w = input_shape
+    flops, cin, n = 0, 1, len(channels)
+    for b, cout in enumerate(channels):
+        k = 3 if b < n - 1 else 1
+        flops += 2 * d * h * w * cin * cout * k**3
+        if b < n - 1:
+            d, h, w = d // 2, h // 2, w // 2
+        cin = cout
+    return flops

@@ -1,0 +1,109 @@
+"""SFCN topology, shapes, dtypes and PyTorch BatchNorm semantics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from peng_sfcn import PengSFCN
+
+from jaxtl import SFCN
+from jaxtl.model import PENG_CHANNELS, SEX_CHANNELS, TRANSFER_CHANNELS, WEIGHTS, conv_flops
+from jaxtl.weights import state_from_torch
+
+
+def _n_params(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("channels,k,expected", [(PENG_CHANNELS, 40, 2_952_936), (TRANSFER_CHANNELS, 40, 395_688),
+                                                 (SEX_CHANNELS, 2, 2_918_144)])
+def test_parameter_counts_match_peng(channels, k, expected):
+    assert _n_params(SFCN(channels, k, rngs=nnx.Rngs(0))) == expected
+
+
+def test_shapes_and_log_probs():
+    model = SFCN((4, 8, 8, 8, 8, 6), num_outputs=5, rngs=nnx.Rngs(0))
+    model.eval()
+    x = jax.random.uniform(jax.random.key(0), (3, 64, 64, 64))
+    logp = model(x)
+    assert logp.shape == (3, 5) and logp.dtype == jnp.float32
+    np.testing.assert_allclose(np.exp(logp).sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(model(x[..., None]), logp, rtol=1e-6)
+    feats = model.features(x)
+    assert feats.shape == (3, 6) and bool((feats >= 0).all())  # after ReLU
+    shapes = [o.shape for o in model.block_outputs(x)]
+    assert shapes == [(3, 32, 32, 32, 4), (3, 16, 16, 16, 8), (3, 8, 8, 8, 8), (3, 4, 4, 4, 8), (3, 2, 2, 2, 8),
+                      (3, 2, 2, 2, 6)]
+    with pytest.raises(ValueError, match=r"expects \(B, D, H, W\)"):
+        model(jnp.ones((2, 8, 8)))
+
+
+def test_non_cubic_input_and_global_pool():
+    model = SFCN((4, 4, 4, 4, 4, 4), 3, rngs=nnx.Rngs(0))
+    model.eval()
+    x = jax.random.uniform(jax.random.key(1), (1, 80, 96, 80))
+    last = model.block_outputs(x)[-1]
+    assert last.shape[1:4] == (2, 3, 2)
+    np.testing.assert_allclose(model.features(x), last.mean(axis=(1, 2, 3)), rtol=1e-6)
+
+
+def test_bfloat16_compute_float32_params():
+    model = SFCN((4, 8, 8, 8, 8, 8), 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, WEIGHTS)))
+    model.eval()
+    x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 32))
+    assert model.block_outputs(x)[0].dtype == jnp.bfloat16
+    assert model(x).dtype == jnp.float32 and model.features(x).dtype == jnp.float32
+
+
+def test_torch_style_init():
+    model = SFCN((8, 8, 8, 8, 8, 8), 40, rngs=nnx.Rngs(0))
+    k = np.asarray(model.blocks[1].conv.kernel[...])
+    bound = 1 / np.sqrt(8 * 27)
+    assert np.abs(k).max() <= bound and np.abs(k).max() > 0.9 * bound  # U(+-1/sqrt(fan_in)), PyTorch default
+    assert np.all(np.asarray(model.blocks[0].bn.scale[...]) == 1) and np.all(np.asarray(model.blocks[0].bn.bias[...]) == 0)
+
+
+def test_dropout_active_only_in_train_mode():
+    model = SFCN((4, 4, 4, 4, 4, 8), 10, rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 32))
+    model.eval()
+    a, b = model(x), model(x)
+    np.testing.assert_array_equal(a, b)
+    model.train()
+    f = model.features(x)
+    h1, h2 = model.head_logits(f), model.head_logits(f)
+    assert not np.allclose(h1, h2)
+
+
+def test_train_mode_matches_pytorch_batchnorm():
+    """Train-mode forward and running-statistics update equal PyTorch's (momentum 0.1, unbiased running var)."""
+    channels = (4, 8, 8, 8, 8, 6)
+    torch.manual_seed(0)
+    tmodel = PengSFCN(channels, 5, dropout=False)
+    model = SFCN(channels, 5, dropout=0.0, rngs=nnx.Rngs(0))
+    sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
+    state = nnx.state(model, WEIGHTS)
+    nnx.replace_by_pure_dict(state, state_from_torch(sd, channels))
+    nnx.update(model, state)
+    x = torch.rand(3, 1, 32, 32, 32) * 2
+    tmodel.train()
+    model.train()
+    for _ in range(2):
+        with torch.no_grad():
+            ref = tmodel(x).numpy()
+        out = np.asarray(model(jnp.asarray(x.numpy()[:, 0])))
+        np.testing.assert_allclose(out, ref, atol=2e-4)
+    for b in range(len(channels)):
+        bn_t = tmodel.feature_extractor[b][1]
+        bn_j = model.blocks[b].bn
+        np.testing.assert_allclose(np.asarray(bn_j.mean[...]), bn_t.running_mean.numpy(), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(bn_j.var[...]), bn_t.running_var.numpy(), rtol=1e-4)
+
+
+def test_conv_flops_full_size():
+    assert conv_flops(PENG_CHANNELS, (160, 192, 160)) == pytest.approx(131.65e9, rel=1e-3)

@@ -1,0 +1,198 @@
+"""Conversion of Peng's PyTorch weights, model directories, and parity with PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from peng_sfcn import PengSFCN, calibrated_model, save_dataparallel
+
+import jaxtl
+from jaxtl import cli
+from jaxtl.model import SEX_CHANNELS, TRANSFER_CHANNELS
+
+torch.set_num_threads(2)
+
+
+def _volume(shape, seed=0):
+    """A positive, smooth-ish volume with mean ~1 (like Peng's mean-normalised input)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((1, 1, *shape), generator=g)
+    x = torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1) * 2.0
+    return x
+
+
+def _convert(tmp_path, channels, k, x, task="age", bins=(42, 82), legacy=False):
+    model = calibrated_model(channels, k, x)
+    path = tmp_path / "weights.p"
+    save_dataparallel(model, path, legacy=legacy)
+    out = jaxtl.convert_torch_checkpoint(path, tmp_path / "model", task=task, bin_range=bins)
+    return model, jaxtl.load_model(out)
+
+
+def _compare(torch_model, jmodel, x):
+    with torch.no_grad():
+        ref_logp = torch_model(x).numpy()
+        ref_feat = torch_model.features(x).numpy()
+    xj = jnp.asarray(x.numpy()[:, 0])  # NCDHW -> NDHW, same spatial axis order
+    logp = np.asarray(jmodel.model(xj))
+    feat = np.asarray(jmodel.model.features(xj))
+    assert ref_feat.std() > 0.1 and ref_logp.std() > 0.5, "reference outputs are degenerate; the test would be weak"
+    np.testing.assert_allclose(feat, ref_feat, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logp, ref_logp, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("channels,k,task,bins", [(TRANSFER_CHANNELS, 40, "age", (42, 82)),
+                                                  (SEX_CHANNELS, 2, "sex", None)])
+def test_parity_small(tmp_path, channels, k, task, bins):
+    x = _volume((64, 64, 64))
+    tmodel, jmodel = _convert(tmp_path, channels, k, x, task=task, bins=bins)
+    assert jmodel.channels == channels and jmodel.task.name == task
+    _compare(tmodel, jmodel, _volume((64, 64, 64), seed=1))
+
+
+@pytest.mark.parametrize("channels,k,task,bins", [(TRANSFER_CHANNELS, 40, "age", (42, 82)),
+                                                  (SEX_CHANNELS, 2, "sex", None)])
+def test_parity_full_size(tmp_path, channels, k, task, bins):
+    """One 160x192x160 volume: the size Peng's weights are used at (AvgPool3d([5,6,5]) = global mean)."""
+    x = _volume((160, 192, 160))
+    tmodel, jmodel = _convert(tmp_path, channels, k, x, task=task, bins=bins)
+    _compare(tmodel, jmodel, x)
+
+
+def test_parity_bfloat16_close(tmp_path):
+    x = _volume((64, 64, 64))
+    tmodel, jmodel = _convert(tmp_path, TRANSFER_CHANNELS, 40, x)
+    xj = jnp.asarray(x.numpy()[:, 0])
+    f32 = jaxtl.embed(xj, jmodel, progress=False)
+    bf16 = jaxtl.embed(xj, jmodel, dtype=jnp.bfloat16, progress=False)
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(bf16, f32, atol=0.1 * np.abs(f32).max())
+    assert not np.array_equal(bf16, f32)
+
+
+def test_legacy_torch_format_and_predict(tmp_path):
+    """Peng's 2019 files predate PyTorch's zip format; weights_only loading must read both."""
+    x = _volume((64, 64, 64))
+    tmodel, jmodel = _convert(tmp_path, TRANSFER_CHANNELS, 40, x, legacy=True)
+    with torch.no_grad():
+        ref = (torch.exp(tmodel(x)) * (42.5 + torch.arange(40))).sum(1).numpy()
+    pred = jaxtl.predict(x.numpy()[:, 0], jmodel, progress=False)
+    np.testing.assert_allclose(pred, ref, atol=1e-3)
+    meta = json.loads((jmodel.path / "model.json").read_text())
+    assert meta["channels"] == list(TRANSFER_CHANNELS) and meta["bin_range"] == [42, 82]
+    assert meta["input_shape"] == [160, 192, 160] and "crop" in meta["preprocessing"]
+
+
+def test_predict_sex_is_probability(tmp_path):
+    x = _volume((64, 64, 64))
+    tmodel, jmodel = _convert(tmp_path, SEX_CHANNELS, 2, x, task="sex", bins=None)
+    p = jaxtl.predict(np.concatenate([x.numpy()[:, 0]] * 3), jmodel, batch_size=2, progress=False)
+    with torch.no_grad():
+        ref = torch.exp(tmodel(x))[0, 1].item()
+    assert p.shape == (3,)
+    np.testing.assert_allclose(p, ref, atol=1e-5)
+
+
+# ---- conversion errors: one clear line each ------------------------------------------------------------
+
+
+def _save_sd(path, sd):
+    torch.save(sd, path)
+    return path
+
+
+def _run_cli(args, capsys):
+    code = cli.main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_error_not_a_torch_file(tmp_path, capsys):
+    bad = tmp_path / "notes.p"
+    bad.write_bytes(b"this is not a checkpoint\n" * 10)
+    code, err = _run_cli(["convert", str(bad), str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "notes.p" in err and "not a PyTorch state_dict" in err
+
+
+def test_error_pickle_with_code_is_refused(tmp_path, capsys):
+    """weights_only=True: a pickle that would run code is rejected, not executed."""
+    bad = tmp_path / "evil.p"
+    torch.save({"x": torch.zeros(1), "f": print}, bad)
+    with pytest.raises(ValueError, match="evil.p: not a PyTorch state_dict"):
+        jaxtl.convert_torch_checkpoint(bad, tmp_path / "out")
+
+
+def test_error_missing_keys(tmp_path, capsys):
+    sd = {f"module.{k}": v for k, v in PengSFCN(TRANSFER_CHANNELS, 40).state_dict().items()}
+    del sd["module.feature_extractor.conv_3.1.running_var"]
+    path = _save_sd(tmp_path / "partial.p", sd)
+    code, err = _run_cli(["convert", str(path), str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "partial.p" in err and "conv_3.1.running_var" in err and "missing" in err
+
+
+def test_error_not_sfcn(tmp_path, capsys):
+    path = _save_sd(tmp_path / "resnet.p", {"module.conv1.weight": torch.zeros(3, 3)})
+    code, err = _run_cli(["convert", str(path), str(tmp_path / "out")], capsys)
+    assert code == 2 and "not an SFCN state_dict" in err and "resnet.p" in err
+
+
+def test_error_mismatched_shapes(tmp_path):
+    sd = dict(PengSFCN(TRANSFER_CHANNELS, 40).state_dict())
+    sd["feature_extractor.conv_2.1.weight"] = torch.ones(63)
+    path = _save_sd(tmp_path / "bad_shape.p", sd)
+    with pytest.raises(ValueError, match=r"bad_shape.p: 'feature_extractor.conv_2.1.weight' has shape \(63,\)"):
+        jaxtl.convert_torch_checkpoint(path, tmp_path / "out")
+
+
+def test_error_head_does_not_match_task(tmp_path, capsys):
+    path = _save_sd(tmp_path / "age.p", PengSFCN(TRANSFER_CHANNELS, 40).state_dict())
+    code, err = _run_cli(["convert", str(path), str(tmp_path / "out"), "--task", "sex"], capsys)
+    assert code == 2 and "40 outputs" in err and "age.p" in err
+    code, err = _run_cli(["convert", str(path), str(tmp_path / "out"), "--bins", "37", "96"], capsys)
+    assert code == 2 and "MAX - MIN = 40" in err
+
+
+def test_error_missing_file(tmp_path, capsys):
+    code, err = _run_cli(["convert", str(tmp_path / "nope.p"), str(tmp_path / "out")], capsys)
+    assert code == 2 and "nope.p" in err and "no such file" in err
+
+
+def test_cli_convert_then_load(tmp_path, capsys):
+    path = _save_sd(tmp_path / "w.p", PengSFCN(TRANSFER_CHANNELS, 59).state_dict())
+    assert cli.main(["convert", str(path), str(tmp_path / "m"), "--bins", "37", "96"]) == 0
+    m = jaxtl.load_model(tmp_path / "m")
+    assert m.task.bin_range == (37.0, 96.0) and m.task.num_outputs == 59
+    assert cli.main(["convert", str(path), str(tmp_path / "m"), "--bins", "37", "96"]) == 2  # no silent overwrite
+
+
+# ---- named published weights ---------------------------------------------------------------------------
+
+
+def test_published_name_missing_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXTL_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as e:
+        jaxtl.load_model("peng2021-age")
+    msg = str(e.value)
+    assert "run_20190719_00_epoch_best_mae.p" in msg and "UKBiobank_deep_pretrain" in msg
+    assert f"jaxtl convert run_20190719_00_epoch_best_mae.p {tmp_path / 'peng2021-age'} --task age --bins 42 82" in msg
+    with pytest.raises(FileNotFoundError, match="run_20191008_00_epoch_last.p"):
+        jaxtl.load_model("peng2021-sex")
+
+
+def test_published_name_found_in_jaxtl_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXTL_HOME", str(tmp_path))
+    path = _save_sd(tmp_path / "w.p", PengSFCN(SEX_CHANNELS, 2).state_dict())
+    jaxtl.convert_torch_checkpoint(path, tmp_path / "peng2021-sex", task="sex")
+    m = jaxtl.load_model("peng2021-sex")
+    assert m.channels == SEX_CHANNELS and m.task.name == "sex"
+
+
+def test_load_model_not_a_model_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a jaxtl model directory"):
+        jaxtl.load_model(tmp_path)
