@@ -115,7 +115,7 @@ class SFCN(nnx.Module):
             ConvBlock(i, o, 3 if b < n - 1 else 1, pool=b < n - 1, dtype=dtype, rngs=rngs)
             for b, (i, o) in enumerate(zip(in_chs, channels, strict=True))
         ])
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)  # keys are passed per call (`rngs=`), so the state holds no RNG
         self.head = nnx.Linear(
             channels[-1], num_outputs, param_dtype=jnp.float32,
             kernel_init=_torch_uniform(channels[-1]), bias_init=_torch_uniform(channels[-1]), rngs=rngs,
@@ -141,13 +141,16 @@ class SFCN(nnx.Module):
         """The 64-d average-pooled output of the last block that the paper re-uses (float32)."""
         return self.block_outputs(x)[-1].astype(jnp.float32).mean(axis=(1, 2, 3))
 
-    def head_logits(self, feats: jax.Array) -> jax.Array:
-        """Log-probabilities from pooled features: dropout -> linear -> log-softmax."""
-        return jax.nn.log_softmax(self.head(self.dropout(feats)), axis=-1)
+    def head_logits(self, feats: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Log-probabilities from pooled features: dropout -> linear -> log-softmax.
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+        In train mode dropout needs `rngs` (e.g. `nnx.Rngs(dropout=key)`); eval mode ignores it.
+        """
+        return jax.nn.log_softmax(self.head(self.dropout(feats, rngs=rngs)), axis=-1)
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Log-probabilities `(B, num_outputs)`, float32."""
-        return self.head_logits(self.features(x))
+        return self.head_logits(self.features(x), rngs)
 
 
 def conv_flops(channels: Sequence[int], input_shape: Sequence[int]) -> int:

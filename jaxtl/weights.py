@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +78,10 @@ def save_model(model: SFCN, out_dir: str | os.PathLike, task: AgeTask | SexTask,
     out = Path(out_dir).absolute()
     if (out / "model.json").exists() and not overwrite:
         raise ValueError(f"{out} already holds a jaxtl model; remove it or pass overwrite=True")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     state = nnx.to_pure_dict(nnx.state(model, WEIGHTS))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out / "state", state)
+    with ocp.StandardCheckpointer() as ckptr:  # collective: every process of a multi-host run calls it
+        ckptr.save(out / "state", state, force=overwrite)
         ckptr.wait_until_finished()
     config = {
         "format_version": FORMAT_VERSION,
@@ -98,9 +95,10 @@ def save_model(model: SFCN, out_dir: str | os.PathLike, task: AgeTask | SexTask,
         "preprocessing": preprocessing or DEFAULT_PREPROCESSING,
         "meta": meta or {},
     }
-    tmp = out / "model.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out / "model.json")  # model.json appears only once the weights are complete
+    if jax.process_index() == 0:
+        tmp = out / "model.json.tmp"
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, out / "model.json")  # model.json appears only once the weights are complete
     return out
 
 

@@ -76,8 +76,9 @@ def test_dropout_active_only_in_train_mode():
     np.testing.assert_array_equal(a, b)
     model.train()
     f = model.features(x)
-    h1, h2 = model.head_logits(f), model.head_logits(f)
+    h1, h2 = model.head_logits(f, nnx.Rngs(dropout=1)), model.head_logits(f, nnx.Rngs(dropout=2))
     assert not np.allclose(h1, h2)
+    np.testing.assert_array_equal(h1, model.head_logits(f, nnx.Rngs(dropout=1)))
 
 
 def test_train_mode_matches_pytorch_batchnorm():
