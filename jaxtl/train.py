@@ -69,13 +69,14 @@ def _loss_fn(model: SFCN, task, images, labels, key):
     return task.loss(log_probs, labels), log_probs
 
 
-def train_step(graphdef, state, images, labels, key, *, task):
+def train_step(graphdef, state, images, labels, key, *, task, trainable):
     """One SGD step on a (sharded) global batch.
 
     Returns the new state, the batch loss and whether the loss and all new parameters are finite.
     """
     model, optimizer = nnx.merge(graphdef, state)
-    (loss, _), grads = nnx.value_and_grad(_loss_fn, has_aux=True)(model, task, images, labels, key)
+    grad_fn = nnx.value_and_grad(_loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
+    (loss, _), grads = grad_fn(model, task, images, labels, key)
     optimizer.update(model, grads)
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(p).all() for p in params]))
@@ -108,19 +109,26 @@ class Trainer:
 
     @classmethod
     def create(cls, config: TrainConfig, steps_per_epoch: int, model: SFCN | None = None,
-               mesh: jax.sharding.Mesh | None = None) -> Trainer:
+               mesh: jax.sharding.Mesh | None = None, trainable: Any = nnx.Param) -> Trainer:
+        """Fresh SFCN from `config` (or the given `model`) with SGD on the `trainable` parameters.
+
+        `trainable` is an NNX filter, e.g. `nnx.All(nnx.Param, nnx.PathContains("head"))` to train only
+        the head. BatchNorm runs in train mode either way (batch statistics, running averages updated),
+        as in the paper's code.
+        """
         task = make_task(config.task, config.bin_range, config.sigma)
         mesh = mesh or make_mesh()
         if model is None:
             model = SFCN(config.model.channels, task.num_outputs, config.model.dropout,
                          dtype=jnp.dtype(config.model.dtype), rngs=nnx.Rngs(config.seed))
         model.train()
-        optimizer = nnx.Optimizer(model, make_optimizer(config.optim, steps_per_epoch), wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, make_optimizer(config.optim, steps_per_epoch), wrt=trainable)
         graphdef, state = nnx.split((model, optimizer))
         replicated = NamedSharding(mesh, P())
         batch = NamedSharding(mesh, P("data"))
         state = jax.device_put(state, replicated)
-        train_fn = jax.jit(functools.partial(train_step, graphdef, task=task), donate_argnums=(0,),
+        train_fn = jax.jit(functools.partial(train_step, graphdef, task=task, trainable=trainable),
+                           donate_argnums=(0,),
                            in_shardings=(replicated, batch, batch, replicated),
                            out_shardings=(replicated, replicated, replicated))
         eval_fn = jax.jit(functools.partial(eval_step, graphdef, task=task),
