@@ -65,7 +65,8 @@ def test_torch_style_init():
     k = np.asarray(model.blocks[1].conv.kernel[...])
     bound = 1 / np.sqrt(8 * 27)
     assert np.abs(k).max() <= bound and np.abs(k).max() > 0.9 * bound  # U(+-1/sqrt(fan_in)), PyTorch default
-    assert np.all(np.asarray(model.blocks[0].bn.scale[...]) == 1) and np.all(np.asarray(model.blocks[0].bn.bias[...]) == 0)
+    bn = model.blocks[0].bn
+    assert np.all(np.asarray(bn.scale[...]) == 1) and np.all(np.asarray(bn.bias[...]) == 0)
 
 
 def test_dropout_active_only_in_train_mode():

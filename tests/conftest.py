@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny simulated cohorts and their caches (4mm, 40x48x40 inputs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, devices: int = 1, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter with `devices` virtual CPU devices (set before JAX is imported)."""
+    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **env}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def ukb_cache(tmp_path_factory) -> Path:
+    """32 simulated `ukb` subjects at 4mm, prepared into a float16 cache."""
+    from jaxtl.cache import prepare_cache
+    from jaxtl.simulate import simulate
+
+    root = tmp_path_factory.mktemp("ukb")
+    bids = simulate("ukb", root / "bids", n=32, seed=0, resolution=4, progress=False)
+    summary = prepare_cache(bids, root / "cache", downsample=4, workers=1)
+    assert summary.ok, summary
+    return root / "cache"
