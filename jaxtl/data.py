@@ -1,0 +1,407 @@
+"""Brain MRI input: the reference grid, loading, validating and conforming NIfTI volumes.
+
+`load_volume(path)` = read (nibabel) -> validate -> conform to FSL's MNI152 1mm grid by the image's affine
+-> normalise by the mean of the whole conformed volume -> crop to 160x192x160 (Peng / TL `give_mri_data`)
+-> optional block-average downsampling. Unusable inputs raise `InputError` (one line: file and problem);
+suspicious ones raise an `InputWarning` that says what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import scipy.ndimage
+
+# FSL's MNI152 1mm grid (UK Biobank `T1_brain_to_MNI.nii.gz`, Peng's SFCN weights): LAS, 182x218x182.
+MNI_SHAPE = (182, 218, 182)
+MNI_AFFINE = np.array(
+    [[-1.0, 0.0, 0.0, 90.0], [0.0, 1.0, 0.0, -126.0], [0.0, 0.0, 1.0, -72.0], [0.0, 0.0, 0.0, 1.0]]
+)
+# Peng's centre crop of the 182x218x182 grid to the network's 160x192x160 input.
+CROP = (slice(11, 171), slice(13, 205), slice(11, 171))
+INPUT_SHAPE = (160, 192, 160)
+
+# World-space (mm) bounding box of the MNI152 brain mask that nilearn ships: x, y, z (lo, hi).
+MNI_BRAIN_BOX = np.array([[-72.0, 72.0], [-107.0, 73.0], [-72.0, 82.0]])
+MIN_FOV_COVERAGE = 0.5  # refuse images whose field of view holds less than this share of the brain box
+MIN_SIGNAL_IN_BRAIN = 0.1  # refuse when less than this share of the intensity lies inside the brain mask
+MAX_SIGNAL_OUTSIDE_BRAIN = 0.25  # warn (not skull-stripped?) above this share outside the dilated mask
+MIN_TEMPLATE_CORRELATION = 0.5  # warn below this correlation with the MNI152 template
+
+_FIX_REGISTRATION = (
+    "skull-strip it and register it linearly to MNI152 1mm first "
+    "(e.g. FSL bet + flirt -ref MNI152_T1_1mm_brain -dof 12, or ANTs antsRegistrationSyN.sh -t a)"
+)
+
+Source = str | os.PathLike | nib.spatialimages.SpatialImage
+
+
+class InputError(ValueError):
+    """An input volume that jaxtl refuses to use; the message names the file and the problem."""
+
+
+class InputWarning(UserWarning):
+    """An input volume that is usable but probably wrongly preprocessed."""
+
+
+def input_shape(downsample: int = 1) -> tuple[int, int, int]:
+    """Network input shape for a given block-average `downsample` factor (1, 2 or 4)."""
+    _check_factor(downsample)
+    return tuple(n // downsample for n in INPUT_SHAPE)
+
+
+def load_volume(source: Source, *, downsample: int = 1, check: bool = True) -> np.ndarray:
+    """Load a T1 brain image (path or nibabel image) as the network's float32 input.
+
+    Conforms to the MNI152 1mm grid (`conform`), divides by the mean of the whole conformed volume,
+    crops to 160x192x160 and block-averages by `downsample`. `check=False` skips the heuristic
+    warnings (skull-stripping, template similarity), never the refusals.
+    """
+    return preprocess(conform(source, check=check), downsample=downsample)
+
+
+def conform(source: Source, *, check: bool = True) -> np.ndarray:
+    """Return the image on FSL's MNI152 1mm grid (182x218x182, float32), placed by its affine.
+
+    An image already on the grid passes through bit-exact; one on the same 1mm lattice in another
+    orientation or field of view is reoriented by exact flips, transposes and integer shifts; any
+    other grid (e.g. 2mm, half-voxel offsets, oblique) is resampled with linear interpolation.
+    """
+    img, name = _open(source)
+    data = _read_data(img, name)
+    affine = _affine(img, name, data.shape)
+    _check_field_of_view(affine, data.shape, name)
+    volume = _to_reference_grid(data, affine)
+    _check_conformed(volume, name, check)
+    return volume
+
+
+def preprocess(volume: np.ndarray, *, downsample: int = 1) -> np.ndarray:
+    """Conformed 182x218x182 volume -> normalised, cropped (and downsampled) network input."""
+    if volume.shape != MNI_SHAPE:
+        raise ValueError(f"expected a conformed {MNI_SHAPE} volume, got shape {volume.shape}; use conform()")
+    return block_average(crop(normalise(volume)), downsample)
+
+
+def normalise(volume: np.ndarray) -> np.ndarray:
+    """Divide by the mean over the whole volume, background included (Peng; TL `average`)."""
+    mean = float(np.mean(volume, dtype=np.float64))
+    if not mean > 0:
+        raise ValueError(f"cannot normalise a volume with mean intensity {mean:g} (must be > 0)")
+    return (volume / np.float32(mean)).astype(np.float32, copy=False)
+
+
+def crop(volume: np.ndarray) -> np.ndarray:
+    """Peng's centre crop of the 182x218x182 grid to 160x192x160."""
+    return volume[CROP]
+
+
+def block_average(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Average non-overlapping factor^3 blocks (factor 1 returns the input unchanged)."""
+    _check_factor(factor)
+    if factor == 1:
+        return volume
+    d, h, w = (n // factor for n in volume.shape)
+    blocks = volume[: d * factor, : h * factor, : w * factor].reshape(d, factor, h, factor, w, factor)
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def _check_factor(factor: int) -> None:
+    if factor not in (1, 2, 4):
+        raise ValueError(f"downsample must be 1, 2 or 4, got {factor!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading and validation
+
+
+def _open(source: Source) -> tuple[nib.spatialimages.SpatialImage, str]:
+    if isinstance(source, nib.spatialimages.SpatialImage):
+        name = source.get_filename() or "<in-memory image>"
+        return source, name
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(f"expected a path or a nibabel image, got {type(source).__name__}")
+    path = Path(source)
+    name = str(path)
+    if not path.is_file():
+        raise InputError(f"{name}: file not found" if not path.exists() else f"{name}: not a file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{name}: empty file")
+    try:
+        with _quiet_nibabel():
+            img = _load_path(path)
+    except Exception as e:  # nibabel, gzip and zlib raise many types for corrupt files
+        raise InputError(
+            f"{name}: unreadable or truncated file ({_one_line(e)}); expected NIfTI (.nii, .nii.gz) or .mgz"
+        ) from e
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        raise InputError(f"{name}: not a volume image ({type(img).__name__})")
+    return img, name
+
+
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """Silence nibabel's header-fix log lines; our own error says what is wrong."""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_path(path: Path) -> nib.spatialimages.SpatialImage:
+    lower = path.name.lower()
+    if not lower.endswith((".nii", ".nii.gz", ".mgz", ".mgh")):
+        return nib.load(path, mmap=False)  # any other format nibabel reads (Analyze, MINC, ...)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        # Decompress in full: unlike nibabel's streaming read this checks the gzip CRC, so a corrupt
+        # .nii.gz is refused instead of silently giving garbage voxels.
+        raw = gzip.decompress(raw)
+    if lower.endswith((".mgz", ".mgh")):
+        return nib.MGHImage.from_bytes(raw)
+    nifti2 = 540 in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big"))
+    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
+
+
+def _read_data(img: nib.spatialimages.SpatialImage, name: str) -> np.ndarray:
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) > 3 and any(n != 1 for n in shape[3:]):
+        raise InputError(
+            f"{name}: {len(shape)}D image of shape {shape}, expected one 3D volume; "
+            "extract one, e.g. `fslroi in out 0 1` or nilearn.image.index_img(img, 0)"
+        )
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise InputError(f"{name}: 2D data of shape {shape}, expected a 3D brain volume")
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise InputError(f"{name}: unsupported voxel data type {dtype}, expected real-valued intensities")
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # truncated files fail here: EOFError, zlib.error, OSError, ValueError...
+        raise InputError(f"{name}: unreadable or truncated image data ({_one_line(e)})") from e
+    if isinstance(img.dataobj, np.ndarray) and np.shares_memory(data, img.dataobj):
+        data = data.copy()  # never hand out (or later modify) the caller's in-memory array
+    data = data.reshape(shape[:3])
+    lo, hi = float(data.min()), float(data.max())  # NaN and inf propagate into min/max
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        n_bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise InputError(f"{name}: {n_bad} non-finite voxel values (NaN or inf); fix or mask them first")
+    if lo == hi:
+        what = "all-zero" if lo == 0 else f"constant (every voxel = {lo:g})"
+        raise InputError(f"{name}: {what} volume, no image content")
+    return data
+
+
+def _affine(img: nib.spatialimages.SpatialImage, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    header = img.header
+    if isinstance(header, nib.Nifti1Header):  # also Nifti2Header
+        sform, s_code = header.get_sform(coded=True)
+        qform, q_code = header.get_qform(coded=True)
+        if s_code == 0 and q_code == 0:  # nibabel would fall back to a made-up affine
+            if shape == MNI_SHAPE:
+                warnings.warn(
+                    f"{name}: no orientation in the header (qform_code = sform_code = 0); "
+                    "assuming the voxels are already on the MNI152 1mm grid",
+                    InputWarning,
+                    stacklevel=4,
+                )
+                return MNI_AFFINE.copy()
+            raise InputError(
+                f"{name}: no orientation in the header (qform_code = sform_code = 0); "
+                "set the sform to the MNI152 affine of the registration output"
+            )
+        if s_code > 0 and q_code > 0 and _finite(sform) and _finite(qform):
+            if not np.allclose(sform, qform, atol=1e-3):
+                warnings.warn(
+                    f"{name}: qform and sform disagree; using the sform (as FSL and nibabel do). "
+                    "Check the registration output, e.g. with `fslhd`",
+                    InputWarning,
+                    stacklevel=4,
+                )
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not _finite(affine):
+        raise InputError(f"{name}: degenerate affine (non-finite entries); the header is corrupt")
+    voxel_sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    det = abs(np.linalg.det(affine[:3, :3]))
+    if det < 1e-6 or not np.all((voxel_sizes > 0.05) & (voxel_sizes < 20)):
+        raise InputError(
+            f"{name}: degenerate affine (voxel sizes {np.round(voxel_sizes, 3).tolist()} mm, "
+            f"determinant {det:.3g}); the header is corrupt"
+        )
+    return affine
+
+
+def _finite(a: Any) -> bool:
+    return a is not None and bool(np.all(np.isfinite(a)))
+
+
+def _check_field_of_view(affine: np.ndarray, shape: tuple[int, ...], name: str) -> None:
+    """Refuse images whose field of view misses most of the MNI152 brain (not registered)."""
+    corners = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in shape[:3]], indexing="ij")).reshape(3, -1)
+    world = affine[:3, :3] @ corners + affine[:3, 3:4]
+    lo, hi = world.min(axis=1), world.max(axis=1)
+    box = MNI_BRAIN_BOX
+    overlap = np.clip(np.minimum(hi, box[:, 1]) - np.maximum(lo, box[:, 0]), 0, None)
+    coverage = float(np.prod(overlap) / np.prod(box[:, 1] - box[:, 0]))
+    if coverage < MIN_FOV_COVERAGE:
+        span = ", ".join(f"{a} {round(lo[i]):d}..{round(hi[i]):d}" for i, a in enumerate("xyz"))
+        raise InputError(
+            f"{name}: field of view ({span} mm) covers {coverage:.0%} of the MNI152 brain: "
+            f"not registered to MNI space; {_FIX_REGISTRATION}"
+        )
+
+
+def _check_conformed(volume: np.ndarray, name: str, check: bool) -> None:
+    mean = float(np.mean(volume, dtype=np.float64))
+    if not mean > 0:
+        raise InputError(
+            f"{name}: mean intensity {mean:g} <= 0 on the MNI grid; expected a T1 with non-negative "
+            "intensities (not a z-scored or difference image)"
+        )
+    signal = np.clip(volume, 0, None)
+    total = float(signal.sum(dtype=np.float64))
+    inside = float(signal[reference_mask()].sum(dtype=np.float64)) / total
+    if inside < MIN_SIGNAL_IN_BRAIN:
+        raise InputError(
+            f"{name}: only {inside:.0%} of the intensity lies inside the MNI152 brain: not registered "
+            f"to MNI space; {_FIX_REGISTRATION}"
+        )
+    if not check:
+        return
+    outside = float(signal[~reference_mask(dilated=True)].sum(dtype=np.float64)) / total
+    if outside > MAX_SIGNAL_OUTSIDE_BRAIN:
+        warnings.warn(
+            f"{name}: {outside:.0%} of the intensity lies outside the MNI152 brain: the image looks "
+            f"not skull-stripped (or badly registered); {_FIX_REGISTRATION}",
+            InputWarning,
+            stacklevel=3,
+        )
+        return
+    r = template_correlation(volume)
+    if r < MIN_TEMPLATE_CORRELATION:
+        warnings.warn(
+            f"{name}: intensity profile far from the MNI152 T1 template (correlation {r:.2f}); expected a "
+            f"skull-stripped T1-weighted image linearly registered to MNI152; {_FIX_REGISTRATION}",
+            InputWarning,
+            stacklevel=3,
+        )
+
+
+def template_correlation(volume: np.ndarray) -> float:
+    """Pearson correlation with the MNI152 T1 template inside the dilated brain mask."""
+    mask = reference_mask(dilated=True)
+    a = volume[mask].astype(np.float64)
+    b = reference_template()[mask].astype(np.float64)
+    a -= a.mean()
+    b -= b.mean()
+    denom = np.sqrt(np.dot(a, a) * np.dot(b, b))
+    return float(np.dot(a, b) / denom) if denom > 0 else 0.0
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or "no details"
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conforming to the reference grid
+
+
+def _to_reference_grid(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    # Maps a reference voxel index to the image voxel index that lies at the same world position.
+    ref_to_img = np.linalg.inv(affine) @ MNI_AFFINE
+    axis_map = _axis_map(ref_to_img)
+    if axis_map is not None:
+        return _reorient_and_shift(data, *axis_map)
+    return scipy.ndimage.affine_transform(
+        data,
+        ref_to_img[:3, :3],
+        offset=ref_to_img[:3, 3],
+        output_shape=MNI_SHAPE,
+        output=np.float32,
+        order=1,
+        mode="constant",
+        cval=0.0,
+        prefilter=False,
+    )
+
+
+def _axis_map(ref_to_img: np.ndarray) -> tuple[list[int], list[int], list[int]] | None:
+    """(perm, signs, shifts) if the map is a signed axis permutation plus integer shift, else None.
+
+    Tolerances keep the accumulated error below ~0.01 voxel over the grid, far below interpolation error.
+    """
+    rot, trans = ref_to_img[:3, :3], ref_to_img[:3, 3]
+    signed = np.round(rot)
+    if not np.allclose(rot, signed, atol=5e-5) or not np.allclose(trans, np.round(trans), atol=1e-3):
+        return None
+    if not (np.all(np.abs(signed).sum(axis=0) == 1) and np.all(np.abs(signed).sum(axis=1) == 1)):
+        return None
+    perm = [int(np.argmax(np.abs(signed[:, c]))) for c in range(3)]  # image axis for each reference axis
+    signs = [int(signed[perm[c], c]) for c in range(3)]
+    shifts = [int(round(trans[perm[c]])) for c in range(3)]
+    return perm, signs, shifts
+
+
+def _reorient_and_shift(data: np.ndarray, perm: list[int], signs: list[int], shifts: list[int]) -> np.ndarray:
+    """Exact resampling for a signed axis permutation + integer shift; zero outside the field of view."""
+    data = data.transpose(perm)
+    if data.shape == MNI_SHAPE and signs == [1, 1, 1] and shifts == [0, 0, 0]:
+        return np.ascontiguousarray(data)  # already on the grid: bit-exact pass-through
+    out = np.zeros(MNI_SHAPE, dtype=np.float32)
+    dst, src = [], []
+    for n_ref, n_img, s, t in zip(MNI_SHAPE, data.shape, signs, shifts, strict=True):
+        # reference index i reads image index s * i + t
+        if s == 1:
+            lo, hi = max(0, -t), min(n_ref, n_img - t)
+            src_slice = slice(lo + t, hi + t)
+        else:
+            lo, hi = max(0, t - n_img + 1), min(n_ref, t + 1)
+            stop = t - hi
+            src_slice = slice(t - lo, stop if stop >= 0 else None, -1)
+        if hi <= lo:
+            return out
+        dst.append(slice(lo, hi))
+        src.append(src_slice)
+    out[tuple(dst)] = data[tuple(src)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference template and brain mask (nilearn's MNI152 2009 template, conformed to the FSL grid)
+
+
+@functools.cache
+def reference_template() -> np.ndarray:
+    """nilearn's MNI152 T1 template (skull-stripped) on the reference grid, float32, read-only."""
+    from nilearn.datasets import load_mni152_template
+
+    img = load_mni152_template(resolution=1)
+    vol = _to_reference_grid(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+    vol.flags.writeable = False
+    return vol
+
+
+@functools.cache
+def reference_mask(dilated: bool = False) -> np.ndarray:
+    """nilearn's MNI152 brain mask on the reference grid (dilated by 5 voxels if `dilated`)."""
+    from nilearn.datasets import load_mni152_brain_mask
+
+    img = load_mni152_brain_mask(resolution=1)
+    mask = _to_reference_grid(np.asarray(img.dataobj, dtype=np.float32), img.affine) > 0.5
+    if dilated:
+        mask = scipy.ndimage.binary_dilation(mask, iterations=5)
+    mask.flags.writeable = False
+    return mask
