@@ -539,6 +539,29 @@ class Augment(grain.transforms.RandomMap):
         return {**element, "image": image}
 
 
+class HostBlock(grain.MapDataset):
+    """One process's contiguous block of every global batch (rows [h*b, (h+1)*b) of each batch of B).
+
+    Contiguous blocks keep the global batch in the same order for any number of processes, so a run
+    on 2 hosts x 2 devices sees exactly the batches (and dropout masks) of 1 host x 4 devices.
+    Augmentation is drawn before the split, from each record's global position.
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, num_processes: int, process_index: int):
+        super().__init__(parent)
+        self._global, self._local, self._host = global_batch, global_batch // num_processes, process_index
+        self._num_processes = num_processes
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._num_processes
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._local)
+        return self._parent[batch * self._global + self._host * self._local + row]
+
+
 class _DrawAugmentation(grain.transforms.RandomMap):
     """Draw each record's shift and flip; `AugmentedBatch` applies them while batching."""
 
@@ -623,9 +646,13 @@ def make_dataset(
     max_shift: int = 2,
     flip_p: float = 0.5,
     dtype: str | np.dtype | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.IterDataset:
-    """grain pipeline: source -> shuffle -> repeat -> (draw shift/flip) -> batch (applying them while
-    copying, with `threads` threads) -> prefetch. `drop_remainder=True` matches TL's `drop_last=True`.
+    """grain pipeline: source -> shuffle -> repeat -> (draw shift/flip) -> this process's block -> batch
+    (applying the augmentation while copying, with `threads` threads) -> prefetch. `drop_remainder=True`
+    matches TL's `drop_last=True`. `batch_size` is per process: with `process_count` processes, each
+    global batch of `batch_size * process_count` records is split into contiguous per-process blocks.
 
     Batches hold "image" (B, D, H, W) in `dtype` (default: the source's), "age", "sex" and "id".
     Each epoch is reshuffled and re-augmented; `num_epochs=None` repeats forever (batches may then
@@ -640,6 +667,8 @@ def make_dataset(
     ds = ds.repeat(num_epochs)
     if augmentation:
         ds = ds.random_map(_DrawAugmentation(max_shift, flip_p))
+    if process_count > 1:
+        ds = HostBlock(ds, batch_size * process_count, process_count, process_index)
     # Few threads and a small buffer: each element may hold a whole volume.
     read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size)
     threads = min(4, os.cpu_count() or 1) if threads is None else threads

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxtl.cache import CacheSource, augment, read_index
+from jaxtl.cache import CacheSource, make_dataset, read_index
 from jaxtl.config import OptimConfig, TrainConfig, to_dict
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
 from jaxtl.model import SFCN, WEIGHTS
@@ -189,55 +189,14 @@ class Subset:
         return self.source[int(self.indices[i])]
 
 
-@dataclasses.dataclass(frozen=True)
-class AugmentAndLabel(grain.transforms.RandomMap):
-    """Shift + mirror augmentation (per-element seeded), and pick the label."""
-
-    label_key: str
-    shift: int
-    mirror: bool
-    wrap: bool
-
-    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        image = augment(np.asarray(element["image"]), rng, max_shift=self.shift,
-                        flip_p=0.5 if self.mirror else 0.0, wrap=self.wrap)
-        return {"image": image.astype(np.float32), "label": np.float32(element[self.label_key])}
-
-
-class HostBlock(grain.MapDataset):
-    """This process's contiguous block of every global batch (rows [h*b, (h+1)*b) of each batch of B).
-
-    Contiguous blocks keep the global batch in the same order for any number of processes, so a run
-    on 2 hosts x 2 devices sees exactly the batches (and dropout masks) of 1 host x 4 devices.
-    """
-
-    def __init__(self, parent: grain.MapDataset, global_batch: int, num_processes: int, process_index: int):
-        super().__init__(parent)
-        self._global, self._local, self._host = global_batch, global_batch // num_processes, process_index
-        self._num_processes = num_processes
-
-    def __len__(self) -> int:
-        return len(self._parent) // self._num_processes
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        batch, row = divmod(index, self._local)
-        return self._parent[batch * self._global + self._host * self._local + row]
-
-
 def train_dataset(source, indices: np.ndarray, config: TrainConfig) -> grain.IterDataset:
-    """grain: source -> seeded shuffle -> repeat -> augment -> this host's block -> batch -> prefetch."""
-    label_key = "age" if config.task == "age" else "sex"
+    """The training stream (`jaxtl.cache.make_dataset`): seeded shuffle, new order each epoch, endless
+    repeat, shift/mirror augmentation, this process's block of every global batch, float32 batches."""
     d = config.data
-    ds = grain.MapDataset.source(Subset(source, indices)).seed(config.seed).shuffle().repeat()
-    ds = ds.random_map(AugmentAndLabel(label_key, d.shift, d.mirror, d.wrap))
-    ds = HostBlock(ds, config.batch_size, jax.process_count(), jax.process_index())
-    ds = ds.batch(config.batch_size // jax.process_count(), drop_remainder=True)
-    it = ds.to_iter_dataset()
-    if d.workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers))
-    return it
+    return make_dataset(Subset(source, indices), batch_size=config.batch_size // jax.process_count(),
+                        seed=config.seed, num_epochs=None, workers=d.workers, wrap=d.wrap, max_shift=d.shift,
+                        flip_p=0.5 if d.mirror else 0.0, dtype=np.float32,
+                        process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int):
@@ -345,8 +304,8 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     try:
         while step < end:
             batch = next(data_iter)
-            loss, finite = trainer.step(trainer.global_batch(batch["image"]), trainer.global_batch(batch["label"]),
-                                        step)
+            loss, finite = trainer.step(trainer.global_batch(batch["image"]),
+                                        trainer.global_batch(batch[label_key]), step)
             step += 1
             pending.append((step, loss, finite))
             bar.update(1)

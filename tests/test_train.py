@@ -17,9 +17,9 @@ import pytest
 from conftest import REPO, run_python
 from flax import nnx
 
-from jaxtl.cache import CacheSource
+from jaxtl.cache import CacheSource, HostBlock
 from jaxtl.config import DataConfig, ModelConfig, TrainConfig, load_config, override
-from jaxtl.train import HostBlock, NonFiniteLossError, Trainer, pretrain, train_dataset
+from jaxtl.train import NonFiniteLossError, Trainer, pretrain, train_dataset
 
 TINY = ["model.channels=(4,8,8,8,8,8)", "batch_size=4", "log_every_steps=1", "epochs=2",
         "data.val_fraction=0.125", "data.test_fraction=0.125"]
@@ -85,7 +85,7 @@ def test_pipeline_batches_and_host_blocks(ukb_cache):
     cfg = tiny_config()
     it = iter(train_dataset(source, np.arange(24), cfg))
     b = next(it)
-    assert b["image"].shape == (4, 40, 48, 40) and b["image"].dtype == np.float32 and b["label"].shape == (4,)
+    assert b["image"].shape == (4, 40, 48, 40) and b["image"].dtype == np.float32 and b["age"].shape == (4,)
     again = next(iter(train_dataset(source, np.arange(24), cfg)))
     np.testing.assert_array_equal(b["image"], again["image"])  # seeded: same batches every run
     # Two hosts' contiguous blocks put together are exactly the one-host global batch.
@@ -139,7 +139,7 @@ def test_sharded_step_equals_single_device(ukb_cache):
     code = f"""
 import jax, numpy as np
 from flax import nnx
-from jaxtl.cache import CacheSource
+from jaxtl.cache import CacheSource, HostBlock
 from jaxtl.config import load_config
 from jaxtl.train import Trainer
 assert jax.device_count() == 4
