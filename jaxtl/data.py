@@ -325,6 +325,9 @@ def _to_reference_grid(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     axis_map = _axis_map(ref_to_img)
     if axis_map is not None:
         return _reorient_and_shift(data, *axis_map)
+    scaled = _axis_aligned(ref_to_img)
+    if scaled is not None:
+        return _separable_linear(data, *scaled)
     return scipy.ndimage.affine_transform(
         data,
         ref_to_img[:3, :3],
@@ -353,6 +356,43 @@ def _axis_map(ref_to_img: np.ndarray) -> tuple[list[int], list[int], list[int]] 
     signs = [int(signed[perm[c], c]) for c in range(3)]
     shifts = [int(round(trans[perm[c]])) for c in range(3)]
     return perm, signs, shifts
+
+
+def _axis_aligned(ref_to_img: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray] | None:
+    """(perm, scales, offsets) if each reference axis maps to one image axis (scaling, flip, shift), else None."""
+    rot, trans = ref_to_img[:3, :3], ref_to_img[:3, 3]
+    nonzero = np.abs(rot) > 1e-6 * np.abs(rot).max()
+    if not (np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1)):
+        return None
+    perm = [int(np.argmax(nonzero[:, c])) for c in range(3)]
+    return perm, np.array([rot[perm[c], c] for c in range(3)]), np.array([trans[perm[c]] for c in range(3)])
+
+
+def _lerp_axis(data: np.ndarray, axis: int, n_out: int, scale: float, offset: float) -> np.ndarray:
+    """Linear interpolation along one axis at input coordinates scale * i + offset, i < n_out; zero where
+    the coordinate falls outside [0, n_in - 1] (scipy.ndimage's mode="constant")."""
+    n_in = data.shape[axis]
+    x = scale * np.arange(n_out, dtype=np.float64) + offset
+    inside = (x >= -1e-6) & (x <= n_in - 1 + 1e-6)
+    x = np.clip(x, 0, n_in - 1)
+    i0 = np.floor(x).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    shape = [1, 1, 1]
+    shape[axis] = n_out
+    f = (x - i0).astype(np.float32).reshape(shape)
+    a = np.take(data, i0, axis=axis)
+    out = a + (np.take(data, i1, axis=axis) - a) * f
+    out *= inside.astype(np.float32).reshape(shape)
+    return out
+
+
+def _separable_linear(data: np.ndarray, perm: list[int], scales: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Trilinear resampling for an axis-aligned grid (e.g. 2mm or 4mm MNI data), one axis at a time: the
+    values of `scipy.ndimage.affine_transform(order=1, mode="constant")`, several times faster."""
+    data = data.transpose(perm).astype(np.float32, copy=False)
+    for axis in range(3):
+        data = _lerp_axis(data, axis, MNI_SHAPE[axis], scales[axis], offsets[axis])
+    return np.ascontiguousarray(data, dtype=np.float32)
 
 
 def _reorient_and_shift(data: np.ndarray, perm: list[int], signs: list[int], shifts: list[int]) -> np.ndarray:

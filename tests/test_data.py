@@ -304,3 +304,26 @@ def test_missing_orientation_on_mni_shape_warns_and_passes_through(mni, tmp_path
 def test_type_error_for_other_inputs():
     with pytest.raises(TypeError):
         load_volume(np.zeros(MNI_SHAPE))
+
+
+@pytest.mark.parametrize("scales,perm", [((4.0, 4.0, 4.0), (0, 1, 2)), ((-2.0, 2.0, 2.0), (0, 1, 2)),
+                                         ((3.0, -2.5, 3.1), (1, 0, 2))])
+def test_axis_aligned_grids_resample_like_scipy(scales, perm):
+    """Coarser or permuted axis-aligned grids take the separable path; values equal scipy's trilinear."""
+    import scipy.ndimage
+
+    from jaxtl.data import MNI_AFFINE, MNI_SHAPE, _axis_aligned, _to_reference_grid
+
+    rng = np.random.default_rng(0)
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(scales)[:, list(perm)] if perm != (0, 1, 2) else np.diag(scales)
+    affine[:3, 3] = [-80.3, -110.7, -60.2] if scales[0] > 0 else [91.4, -125.5, -72.9]
+    data = rng.random((50, 60, 55)).astype(np.float32)
+    ref_to_img = np.linalg.inv(affine) @ MNI_AFFINE
+    assert _axis_aligned(ref_to_img) is not None
+    expected = scipy.ndimage.affine_transform(data, ref_to_img[:3, :3], offset=ref_to_img[:3, 3],
+                                              output_shape=MNI_SHAPE, output=np.float32, order=1,
+                                              mode="constant", cval=0.0, prefilter=False)
+    got = _to_reference_grid(data, affine)
+    assert (expected != 0).sum() > 1e5
+    np.testing.assert_allclose(got, expected, atol=1e-5)
