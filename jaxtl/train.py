@@ -60,8 +60,11 @@ def make_optimizer(cfg: OptimConfig, steps_per_epoch: int) -> optax.GradientTran
                        optax.sgd(schedule, momentum=cfg.momentum or None))
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    return jax.make_mesh((jax.device_count(),), ("data",))
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """1-D "data" mesh over all devices of all processes (or `devices`). Auto axes: the compiler propagates
+    the batch sharding through the network, so reshapes inside the model need no sharding annotations."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def _loss_fn(model: SFCN, task, images, labels, key):

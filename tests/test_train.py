@@ -141,14 +141,14 @@ import jax, numpy as np
 from flax import nnx
 from jaxtl.cache import CacheSource, HostBlock
 from jaxtl.config import load_config
-from jaxtl.train import Trainer
+from jaxtl.train import Trainer, make_mesh
 assert jax.device_count() == 4
 cfg = load_config("configs/sfcn_demo.py", {TINY!r} + ["batch_size=8"])
 src = CacheSource({str(ukb_cache)!r})
 x = np.stack([src[i]["image"] for i in range(8)]).astype(np.float32); y = src.ages[:8]
 out = []
 for devices in (jax.devices(), jax.devices()[:1]):
-    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+    mesh = make_mesh(devices)
     tr = Trainer.create(cfg, 10, mesh=mesh)
     losses = [float(tr.step(tr.global_batch(x), tr.global_batch(y), s)[0]) for s in range(3)]
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(tr.model(), nnx.Param)))
