@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check jaxtl tests configs benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check jaxtl tests configs benchmarks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -12,6 +13,21 @@ def _convert(args: argparse.Namespace) -> int:
     out = convert_torch_checkpoint(args.checkpoint, args.out_dir, task=args.task, bin_range=tuple(args.bins))
     print(f"wrote jaxtl model directory {out}")
     return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from jaxtl.cache import prepare_cache
+    from jaxtl.cohort import read_cohort
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cohort = read_cohort(args.cohort, on_error="skip" if args.skip_bad_rows else "raise")
+    for w in caught:
+        print(f"jaxtl prepare: warning: {w.message}", file=sys.stderr)
+    summary = prepare_cache(cohort, args.out_dir, dtype=args.dtype, downsample=args.downsample,
+                            workers=args.workers, shard_size=args.shard_size, progress=True)
+    print(summary)
+    return 0 if summary.ok else 1
 
 
 def _init_distributed(args: argparse.Namespace) -> None:
@@ -48,6 +64,106 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# = jaxtl.transfer.METHODS (not imported here: it pulls in JAX, which would slow every command)
+TRANSFER_METHODS = ("direct", "features", "ft_final", "ft_step", "ft_full", "scratch", "reinit", "elastic")
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from jaxtl.transfer import run_transfer
+
+    extra = {k: v for k, v in {"head": args.head, "seed": args.seed, "share": args.share, "paper_hps": args.paper_hps,
+                               "epoch_scale": args.epoch_scale, "bias_split": args.bias_split,
+                               "bin_range": tuple(args.bins) if args.bins else None}.items() if v is not None}
+    if args.split:
+        extra["split"] = tuple(args.split)
+    result = run_transfer(args.model, args.cohort, args.out, task=args.task, method=args.method,
+                          overwrite=args.overwrite, **extra)
+    m, name = result.metrics, ("mae" if args.task == "age" else "balanced_accuracy")
+    n = m["n"]
+    print(f"{args.method} {args.task}: test {name} {m['test'].get(name, float('nan')):.4g} "
+          f"(train {n['train']}, val {n['val']}, test {n['test']}); wrote {result.out_dir}/predictions.csv, "
+          f"metrics.json, head/")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from jaxtl.transfer import predict_cohort, write_predictions
+
+    columns = predict_cohort(args.model, args.cohort, batch_size=args.batch_size)
+    out = write_predictions(args.out, columns)
+    print(f"wrote {len(columns['prediction'])} predictions to {out}")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from jaxtl.experiment import load_experiment_config, run_experiment
+
+    config = load_experiment_config(args.config, args.set)
+    report = run_experiment(config)
+    print(f"report: {report}")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jaxtl.simulate import calibrate, calibration_report, preview, simulate
+
+    if args.preview or args.calibrate:
+        if args.out_dir is not None:
+            raise ValueError("OUT_DIR is not used with --preview/--calibrate")
+        if args.preview:
+            out = preview(args.preview, preset=args.preset or "ixi", seed=args.seed, resolution=args.resolution or 1)
+            print(f"wrote {out}")
+        if args.calibrate:
+            resolution = args.resolution or 2
+            presets = [args.preset] if args.preset else ["ukb", "oasis", "ixi", "abide"]
+            results = calibrate(presets, resolution=resolution, seed=args.seed, workers=args.workers,
+                                progress=not args.no_progress)
+            out = Path(args.calibrate)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(calibration_report(results, resolution, args.seed), encoding="utf-8")
+            print(f"wrote {out}")
+        return 0
+    if args.preset is None or args.out_dir is None:
+        raise ValueError("give PRESET and OUT_DIR (or --preview PNG / --calibrate MD)")
+    out = simulate(args.preset, args.out_dir, n=args.n, seed=args.seed, resolution=args.resolution or 1,
+                   workers=args.workers, progress=not args.no_progress)
+    print(f"wrote simulated BIDS dataset {out} (SIMULATED brains: for demos, tests and benchmarks only)")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from jaxtl.demo import SCALES, print_summary, run_demo
+
+    config = SCALES[args.scale]
+    if args.out:
+        config = dataclasses.replace(config, out_dir=args.out)
+    print_summary(run_demo(config))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from jaxtl import bench
+
+    if args.action == "report":
+        md, png = bench.write_report(args.results, args.report_out)
+        print(f"wrote {md} and {png}")
+        return 0
+    import jax
+
+    cases = bench.plan_cases(bench.parse_list(args.suite), bench.parse_list(args.configs),
+                             bench.parse_list(args.resolution, int), bench.parse_list(args.dtype), args.batch,
+                             devices=jax.device_count())
+    out = args.out or bench.default_output()
+    records = bench.run_suite(cases, out, warmup=args.warmup, repeats=args.repeats, conv_impl=args.conv_impl,
+                              use_torch=not args.no_torch, torch_memory_format=args.torch_format, note=args.note)
+    print(f"wrote {len(records)} records to {out} (`jaxtl bench report` renders benchmarks/results/)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bins", type=float, nargs=2, default=[42, 82], metavar=("MIN", "MAX"),
                    help="age bin range [MIN, MAX) of the model's output (default: 42 82, Peng's UKB model)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("prepare", help="conform every scan of a cohort once into a fast, resumable cache")
+    p.add_argument("cohort", help="BIDS dataset directory, or CSV/TSV with a 'path' column (+ age, sex, ...)")
+    p.add_argument("out_dir", help="cache directory (re-run the same command to resume)")
+    p.add_argument("--dtype", choices=["float16", "uint8", "float32"], default="float16",
+                   help="stored dtype (default float16: 9.8 MB per 1mm volume)")
+    p.add_argument("--downsample", type=int, choices=[1, 2, 4], default=1, help="block-average factor")
+    p.add_argument("--workers", type=int, default=1, help="processes conforming scans in parallel")
+    p.add_argument("--shard-size", type=int, default=64, help="volumes per shard file")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="drop cohort rows with problems (with a warning) instead of stopping")
+    p.set_defaults(func=_prepare)
 
     p = sub.add_parser("pretrain", help="pretrain SFCN data-parallel on a prepared cache (resumes from --workdir)")
     p.add_argument("--config", required=True, help="experiment config file, e.g. configs/sfcn_age_ukb.py")
@@ -74,6 +202,92 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-processes", type=int, help="number of processes (or $JAX_NUM_PROCESSES)")
     g.add_argument("--process-id", type=int, help="this process's id (or $JAX_PROCESS_ID)")
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("demo", help="the paper end to end on simulated cohorts: writes DIR/REPORT.md")
+    p.add_argument("--out", default=None, help="output directory (default: demo_out, or demo_ci for --scale ci)")
+    p.add_argument("--scale", choices=["demo", "ci"], default="demo",
+                   help="demo: the README's 10-minute run; ci: tiny sizes, every stage in about a minute")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("transfer", help="fit a transfer method on a target cohort: predictions.csv, metrics.json, "
+                                        "plots and a head for `jaxtl predict`")
+    p.add_argument("--model", required=True, help="pretrained jaxtl model directory or published name")
+    p.add_argument("--cohort", required=True, help="cache directory (fastest), BIDS directory or CSV/TSV cohort")
+    p.add_argument("--task", choices=["age", "sex"], default="age")
+    p.add_argument("--method", choices=TRANSFER_METHODS, default="features",
+                   help="direct, features (frozen features + scikit-learn head), ft_final, ft_step, ft_full, "
+                        "scratch, reinit, elastic (see jaxtl.transfer)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--head", help="features: ridge (default), elasticnet, svr, kernelridge; sex: logistic")
+    p.add_argument("--seed", type=int, help="split and training seed (default 0)")
+    p.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   help="per-site split fractions (default 0.4 0.2 0.4, as the paper)")
+    p.add_argument("--share", type=float, help="use this share of the training split (default 1)")
+    p.add_argument("--bins", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="age bins of fine-tuned networks (default: cohort ages -3/+3 years)")
+    p.add_argument("--paper-hps", choices=["oasis", "ixi", "abide"],
+                   help="fine-tuning hyper-parameters of the paper for this dataset (default oasis)")
+    p.add_argument("--epoch-scale", type=float, help="multiply the fine-tuning epochs (e.g. 0.1 on a CPU)")
+    p.add_argument("--bias-split", choices=["train", "val"], help="split the age-bias correction is fitted on")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.set_defaults(func=_transfer)
+
+    p = sub.add_parser("predict", help="apply a fitted head (jaxtl transfer --out DIR: DIR/head) or a model "
+                                       "to new scans; writes a predictions CSV")
+    p.add_argument("--model", required=True, help="head directory (DIR/head) or a jaxtl model directory")
+    p.add_argument("--cohort", required=True, help="cache directory, BIDS directory or CSV/TSV cohort")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("experiment", help="the paper's experiment: methods x tasks x repeats, scarcity curve, "
+                                          "brain manifold (resumes)")
+    p.add_argument("--config", required=True, help="experiment config, e.g. configs/experiment_ixi.py")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set repeats=3 --set epoch_scale=0.1 (repeatable)")
+    p.set_defaults(func=_experiment)
+
+    p = sub.add_parser("simulate", help="write a simulated BIDS cohort (synthetic T1 brains with age, sex and "
+                                        "scanner effects; presets mirror the paper's cohorts)")
+    p.add_argument("preset", nargs="?", choices=["ukb", "oasis", "ixi", "abide"],
+                   help="cohort preset (see jaxtl.simulate.PRESETS)")
+    p.add_argument("out_dir", nargs="?", help="BIDS dataset directory to write")
+    p.add_argument("--n", type=int, default=None, help="number of subjects (default: the preset's size)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    p.add_argument("--resolution", type=int, choices=[1, 2, 4], default=None,
+                   help="voxel size in mm: the MNI152 1mm grid or its 2/4 mm block averages (default 1; "
+                        "--calibrate: 2)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--preview", metavar="PNG", help="render a montage (age, sex and site contrasts) instead")
+    p.add_argument("--calibrate", metavar="MD", help="write the calibration report (baselines per preset; "
+                                                     "several minutes) instead")
+    p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("bench", help="volumes/s of embed/train/input beside the PyTorch reference (same process); "
+                                     "`jaxtl bench report` renders benchmarks/results/*.jsonl")
+    p.add_argument("action", nargs="?", choices=["run", "report"], default="run")
+    p.add_argument("--suite", default="embed,train,input", help="comma list of embed, train, input")
+    p.add_argument("--configs", default="peng,transfer,demo",
+                   help="comma list: peng (Peng's SFCN), transfer (32-64-64-64-64-64), demo (configs/sfcn_demo.py, "
+                        "always 4mm)")
+    p.add_argument("--resolution", default="2", help="input resolution in mm: 1, 2 or 4 (comma list)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: 1, 4, 8 per device at 1, 2, 4mm)")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (comma list)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per side (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after compilation (default 2)")
+    p.add_argument("--conv-impl", choices=["auto", "xla", "fast"], default="auto",
+                   help="jaxtl convolution (default auto: fast on a single CPU device, XLA elsewhere)")
+    p.add_argument("--torch-format", choices=["auto", "channels_last", "contiguous"], default="auto",
+                   help="PyTorch memory format (default auto: the faster of the two)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--note", default=None, help="free text stored in every record (e.g. machine load)")
+    p.add_argument("--out", default=None, help="JSONL file to append to (default benchmarks/results/<hardware>.jsonl)")
+    p.add_argument("--results", nargs="+", default=["benchmarks/results"],
+                   help="report: .jsonl files or directories (default benchmarks/results)")
+    p.add_argument("--report-out", default="benchmarks/results/report.md",
+                   help="report: markdown file to write; the chart goes beside it as .png")
+    p.set_defaults(func=_bench)
 
     return parser
 

@@ -1,16 +1,24 @@
 """Batched, jitted inference: `embed` (features) and `predict` (age or P(male)).
 
-Each batch is padded to a fixed size (one compilation per input shape) and sharded over all
-local devices on a 1-D "data" mesh; parameters are replicated.
+Inputs are preprocessed arrays, NIfTI paths / nibabel images (loaded and conformed with
+`jaxtl.data.load_volume`, streamed batch by batch so memory stays bounded), a `Cohort`, a cohort
+file or directory, a prepared cache directory, or any random-access source whose items hold an
+"image". Each batch is padded to a fixed size (one compilation per input shape) and sharded over
+all local devices on a 1-D "data" mesh; parameters are replicated.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import nibabel as nib
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -18,9 +26,15 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxtl.model import SFCN, WEIGHTS
-from jaxtl.weights import JaxtlModel
+from jaxtl.weights import JaxtlModel, load_model
 
-LAYERS = ("features", "logits", "probs")
+LAYERS = ("features", "logits", "probs")  # plus "block0".."block{n-1}": pooled output of each conv block
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+
+
+def layer_names(model: JaxtlModel | SFCN) -> tuple[str, ...]:
+    """Every layer `embed` can return for this model."""
+    return LAYERS + tuple(f"block{i}" for i in range(len(_unwrap(model).channels)))
 
 
 def _layer_output(model: SFCN, x: jax.Array, layer: str) -> jax.Array:
@@ -30,9 +44,13 @@ def _layer_output(model: SFCN, x: jax.Array, layer: str) -> jax.Array:
         return model(x)
     if layer == "probs":
         return jnp.exp(model(x))
-    if layer.startswith("block"):
-        return model.block_outputs(x)[int(layer[5:])].astype(jnp.float32).mean(axis=(1, 2, 3))
-    raise ValueError(f"unknown layer {layer!r}; use one of {LAYERS} or 'block0'..'block5'")
+    return model.block_outputs(x)[int(layer[5:])].astype(jnp.float32).mean(axis=(1, 2, 3))
+
+
+def _check_layer(model: SFCN, layer: str) -> None:
+    names = layer_names(model)
+    if layer not in names:
+        raise ValueError(f"unknown layer {layer!r}; use one of {', '.join(names)}")
 
 
 @functools.cache
@@ -45,43 +63,165 @@ def _jitted(layer: str):
 
 
 def _data_mesh() -> jax.sharding.Mesh:
-    return jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices())
+    # Auto axes: the compiler propagates the batch sharding through the network (no sharding-in-types rules
+    # for every reshape inside the model).
+    return jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
+                         axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _batches(volumes, batch_size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(volumes), batch_size):
-        yield np.asarray(volumes[start:start + batch_size], dtype=np.float32)
+# ------------------------------------------------------------------------------------------------
+# Inputs
 
 
-def apply_batched(model: SFCN, volumes, layer: str = "features", *, batch_size: int | None = None,
-                  progress: bool = True, dtype=None) -> np.ndarray:
-    """Run `model` in eval mode over `(N, D, H, W)` volumes (any array-like with slicing) in padded batches."""
-    if layer not in LAYERS and not layer.startswith("block"):
-        _layer_output(model, None, layer)  # raises the standard message
+class VolumeReader:
+    """Uniform random access to volumes given in any of the accepted forms.
+
+    `len(reader)` volumes; `reader.read(start, stop)` -> float32 `(m, D, H, W)`. Paths and images are
+    loaded with `load_volume(downsample=...)` on `workers` threads, only when read.
+    """
+
+    def __init__(self, volumes: Any, *, downsample: int = 1, check: bool = True, workers: int | None = None):
+        self.downsample, self.check = downsample, check
+        self.workers = workers or min(4, os.cpu_count() or 1)
+        self._array = None
+        self._items: Any = None
+        self._kind = ""
+        self._setup(volumes)
+
+    def _setup(self, volumes: Any) -> None:
+        from jaxtl.cohort import Cohort
+
+        if isinstance(volumes, np.ndarray) and volumes.dtype.kind in "USO":  # paths (or images) as an array
+            volumes = volumes.tolist()
+        if isinstance(volumes, np.ndarray | jax.Array):
+            arr = volumes
+            if arr.ndim == 5 and arr.shape[-1] == 1:
+                arr = arr[..., 0]
+            if arr.ndim == 3:
+                arr = arr[None]
+            if arr.ndim != 4:
+                raise ValueError(f"expected preprocessed volumes of shape (N, D, H, W), got {arr.shape}")
+            self._array, self._kind = arr, "array"
+            return
+        if isinstance(volumes, str | os.PathLike):
+            volumes = _open_path(Path(volumes), self.downsample)
+        if isinstance(volumes, nib.spatialimages.SpatialImage):
+            volumes = [volumes]
+        if isinstance(volumes, Cohort):
+            volumes = list(volumes.paths)
+        if isinstance(volumes, Sequence) and not isinstance(volumes, str):
+            self._items, self._kind = list(volumes), "items"
+        elif hasattr(volumes, "__getitem__") and hasattr(volumes, "__len__"):
+            self._items, self._kind = volumes, "source"  # CacheSource, NiftiSource, grain sources
+        else:
+            raise ValueError(f"cannot read volumes from {type(volumes).__name__}; pass an (N, D, H, W) array, "
+                             "paths or nibabel images, a Cohort, a cohort file/directory or a cache directory")
+
+    def __len__(self) -> int:
+        return len(self._array) if self._kind == "array" else len(self._items)
+
+    def _one(self, i: int) -> np.ndarray:
+        item = self._items[i]
+        if self._kind == "source":
+            item = item["image"] if isinstance(item, dict) else item
+        if isinstance(item, str | os.PathLike | nib.spatialimages.SpatialImage):
+            from jaxtl.data import load_volume
+
+            return load_volume(item, downsample=self.downsample, check=self.check)
+        arr = np.asarray(item, dtype=np.float32)
+        if arr.ndim == 4 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim != 3:
+            raise ValueError(f"volume {i}: expected a (D, H, W) array, got shape {arr.shape}")
+        return arr
+
+    def read(self, start: int, stop: int, pool: concurrent.futures.Executor | None = None) -> np.ndarray:
+        if self._kind == "array":
+            return np.asarray(self._array[start:stop], dtype=np.float32)
+        idx = range(start, stop)
+        vols = list(pool.map(self._one, idx)) if pool is not None and len(idx) > 1 else [self._one(i) for i in idx]
+        shapes = {v.shape for v in vols}
+        if len(shapes) > 1:
+            raise ValueError(f"volumes {start}..{stop - 1} have different shapes {sorted(shapes)}")
+        return np.stack(vols)
+
+    def shape(self) -> tuple[int, ...]:
+        if self._kind == "array":
+            return tuple(self._array.shape[1:])
+        if self._kind == "source" and hasattr(self._items, "shape"):
+            return tuple(self._items.shape)
+        return tuple(self._one(0).shape)
+
+
+def _open_path(path: Path, downsample: int):
+    """A cache directory, a cohort (BIDS directory or CSV/TSV table) or a single image file."""
+    from jaxtl.cache import CacheSource, read_index
+    from jaxtl.cohort import read_cohort
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "index.json").exists():
+            index = read_index(path)
+            if int(index.get("downsample", 1)) != downsample:
+                raise ValueError(f"{path}: cache prepared with downsample {index.get('downsample', 1)}, the model "
+                                 f"expects downsample {downsample}; prepare the cache with --downsample {downsample}")
+            return CacheSource(path)
+        return read_cohort(path)
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        return read_cohort(path)
+    return [path]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running the network
+
+
+def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_size: int | None = None,
+                  progress: bool = True, dtype=None, downsample: int = 1, check: bool = True,
+                  expected_shape: Sequence[int] | None = None, workers: int | None = None) -> np.ndarray:
+    """Run `model` in eval mode over `volumes` in padded, sharded batches; `(N, ...)` float32 outputs.
+
+    The next batch is read (paths: loaded and conformed on `workers` threads) while the current one runs.
+    """
+    _check_layer(model, layer)
+    reader = volumes if isinstance(volumes, VolumeReader) else VolumeReader(
+        volumes, downsample=downsample, check=check, workers=workers)
+    n = len(reader)
+    if n == 0:
+        raise ValueError("no volumes to process")
     n_dev = jax.local_device_count()
-    batch_size = batch_size or 2 * n_dev
+    batch_size = batch_size or max(8, 2 * n_dev)
     batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
     mesh = _data_mesh()
     model.eval()
-    if dtype is not None and dtype != model.dtype:
+    if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
         model = _with_dtype(model, dtype)
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     x_sharding = NamedSharding(mesh, P("data"))
     fn = _jitted(layer)
-    n = len(volumes)
     outs = []
+    starts = list(range(0, n, batch_size))
     bar = tqdm(total=n, unit="vol", desc=f"embed ({layer})", disable=not progress or n <= batch_size)
-    for batch in _batches(volumes, batch_size):
-        m = batch.shape[0]
-        if m < batch_size:  # pad instead of recompiling for the last batch
-            batch = np.concatenate([batch, np.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
-        out = fn(graphdef, state, jax.device_put(batch, x_sharding))
-        outs.append(np.asarray(out)[:m])
-        bar.update(m)
+    with concurrent.futures.ThreadPoolExecutor(reader.workers) as pool, \
+            concurrent.futures.ThreadPoolExecutor(1) as prefetch:
+        read: Callable[[int], np.ndarray] = lambda s: reader.read(s, min(s + batch_size, n), pool)
+        future = prefetch.submit(read, starts[0])
+        for k in range(len(starts)):
+            batch = future.result()
+            if k + 1 < len(starts):
+                future = prefetch.submit(read, starts[k + 1])
+            if expected_shape is not None and tuple(batch.shape[1:]) != tuple(expected_shape):
+                raise ValueError(f"volumes of shape {tuple(batch.shape[1:])}, but the model expects "
+                                 f"{tuple(expected_shape)} (see its preprocessing: downsample {downsample})")
+            m = batch.shape[0]
+            if m < batch_size:  # pad instead of recompiling for the last batch
+                batch = np.concatenate([batch, np.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
+            out = fn(graphdef, state, jax.device_put(batch, x_sharding))
+            outs.append(np.asarray(out)[:m])
+            bar.update(m)
     bar.close()
-    if not outs:
-        raise ValueError("no volumes to process")
     return np.concatenate(outs)
 
 
@@ -97,19 +237,56 @@ def _unwrap(model) -> SFCN:
     return model.model if isinstance(model, JaxtlModel) else model
 
 
-def embed(volumes, model: JaxtlModel | SFCN, *, layer: str = "features", batch_size: int | None = None,
-          dtype=None, progress: bool = True) -> np.ndarray:
-    """Embed preprocessed `(N, D, H, W)` volumes: `(N, 64)` features for `layer="features"`.
+def resolve_model(model: JaxtlModel | SFCN | str | os.PathLike) -> JaxtlModel | SFCN:
+    """A loaded model: model directories and published names are loaded with `load_model`."""
+    if isinstance(model, str | os.PathLike):
+        return load_model(model)
+    if not isinstance(model, JaxtlModel | SFCN):
+        raise ValueError(f"expected a JaxtlModel, an SFCN or a model directory, got {type(model).__name__}")
+    return model
 
-    Other layers: "logits" (log-probabilities), "probs", "block0".."block5" (pooled block outputs).
+
+def model_downsample(model: JaxtlModel | SFCN) -> int:
+    """The block-average factor the model's inputs were prepared with (1 for a bare SFCN)."""
+    if isinstance(model, JaxtlModel):
+        return int(model.preprocessing.get("downsample", 1))
+    return 1
+
+
+def embed(volumes: Any, model: JaxtlModel | SFCN | str | os.PathLike, *, layer: str = "features",
+          batch_size: int | None = None, dtype=None, progress: bool = True, downsample: int | None = None,
+          check: bool = True, workers: int | None = None) -> np.ndarray:
+    """Embed volumes with a (pretrained) SFCN: `(N, 64)` features for `layer="features"`.
+
+    `volumes`: preprocessed `(N, D, H, W)` array; paths or nibabel images (conformed with `load_volume`
+    using the model's downsampling, streamed in batches); a `Cohort`; a BIDS directory, CSV/TSV cohort or
+    prepared cache directory; or any random-access source of {"image": ...} items.
+    Layers: "features" (the 64-d average-pooled vector the paper re-uses), "logits" (log-probabilities),
+    "probs", and "block0".."block5" (each conv block's output, average-pooled).
     `dtype=jnp.bfloat16` computes in bfloat16 with float32 parameters.
     """
-    return apply_batched(_unwrap(model), volumes, layer, batch_size=batch_size, dtype=dtype, progress=progress)
+    model = resolve_model(model)
+    ds = model_downsample(model) if downsample is None else downsample
+    expected = model.input_shape if isinstance(model, JaxtlModel) else None
+    return apply_batched(_unwrap(model), volumes, layer, batch_size=batch_size, dtype=dtype, progress=progress,
+                         downsample=ds, check=check, expected_shape=expected, workers=workers)
 
 
-def predict(volumes, model: JaxtlModel, *, batch_size: int | None = None, progress: bool = True) -> np.ndarray:
-    """Predicted age in years (age models) or P(male) (sex models) for preprocessed `(N, D, H, W)` volumes."""
+def predict(volumes: Any, model: JaxtlModel | str | os.PathLike, *, batch_size: int | None = None,
+            dtype=None, progress: bool = True, check: bool = True) -> np.ndarray:
+    """Predicted age in years (age models, expected value over the bins) or P(male) (sex models).
+
+    Accepts the same `volumes` as `embed`. `model` may also be a fitted transfer head directory
+    (`jaxtl transfer --out DIR`: DIR/head); its raw predictions are returned (bias-corrected ages:
+    `jaxtl.load_head(path)`, `.corrected(...)`).
+    """
+    if isinstance(model, str | os.PathLike) and (Path(model) / "head.json").exists():
+        from jaxtl.transfer import load_head
+
+        return load_head(model).predict(volumes, progress=progress, batch_size=batch_size)
+    model = resolve_model(model)
     if not isinstance(model, JaxtlModel):
         raise ValueError("predict needs a JaxtlModel (from jaxtl.load_model), which knows its task and bins")
-    log_probs = apply_batched(model.model, volumes, "logits", batch_size=batch_size, progress=progress)
+    log_probs = embed(volumes, model, layer="logits", batch_size=batch_size, dtype=dtype, progress=progress,
+                      check=check)
     return np.asarray(model.task.decode(jnp.asarray(log_probs)))

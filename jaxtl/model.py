@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtl.conv import conv3d, conv_bn_pool_relu, max_pool2, resolve_impl
+
 PENG_CHANNELS = (32, 64, 128, 256, 256, 64)  # Peng's UKB age model
 TRANSFER_CHANNELS = (32, 64, 64, 64, 64, 64)  # the paper's transfer runs
 SEX_CHANNELS = (28, 58, 128, 256, 256, 64)  # Peng's public sex model
@@ -74,9 +76,14 @@ class BatchNorm(nnx.Module):
 
 
 class ConvBlock(nnx.Module):
-    """Conv3d -> BatchNorm -> [MaxPool 2] -> ReLU, in Peng's order."""
+    """Conv3d -> BatchNorm -> [MaxPool 2] -> ReLU, in Peng's order.
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, pool: bool, *, dtype, rngs: nnx.Rngs):
+    `conv_impl`: "xla" (`nnx.Conv`), "fast" (`jaxtl.conv`: tiled im2col matmuls; in eval mode the whole
+    block is fused) or "auto" (fast on a single CPU device, XLA elsewhere). Same parameters either way.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, pool: bool, *, dtype, rngs: nnx.Rngs,
+                 conv_impl: str = "auto"):
         fan_in = in_ch * kernel**3
         self.conv = nnx.Conv(
             in_ch, out_ch, (kernel,) * 3, padding=[(kernel // 2, kernel // 2)] * 3,
@@ -85,12 +92,25 @@ class ConvBlock(nnx.Module):
         )
         self.bn = BatchNorm(out_ch, dtype=dtype)
         self.pool = pool
+        resolve_impl(conv_impl)  # validate the name
+        self.conv_impl = conv_impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if resolve_impl(self.conv_impl) == "fast":
+            return self._fast(x)
         x = self.bn(self.conv(x))
         if self.pool:
             x = nnx.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
         return nnx.relu(x)
+
+    def _fast(self, x: jax.Array) -> jax.Array:
+        kernel, bias, bn = self.conv.kernel[...], self.conv.bias[...], self.bn
+        if bn.use_running_average:
+            mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+            add = bn.bias[...] - bn.mean[...] * mul
+            return conv_bn_pool_relu(x, kernel, bias, mul, add, pool=self.pool, dtype=self.conv.dtype)
+        x = bn(conv3d(x, kernel, bias, dtype=self.conv.dtype))
+        return nnx.relu(max_pool2(x) if self.pool else x)
 
 
 class SFCN(nnx.Module):
@@ -98,11 +118,12 @@ class SFCN(nnx.Module):
 
     Blocks 0..n-2: Conv k=3 pad 1 -> BN -> MaxPool 2 -> ReLU; last block: Conv k=1 -> BN -> ReLU;
     then global average pool (= Peng's AvgPool3d([5,6,5]) at 160x192x160), dropout, a linear head
-    (Peng's 1x1x1 `conv_6`) and log-softmax.
+    (Peng's 1x1x1 `conv_6`) and log-softmax. `conv_impl` selects the convolution ("auto", "xla",
+    "fast"; see `ConvBlock`); parameters are the same for all.
     """
 
     def __init__(self, channels: Sequence[int] = PENG_CHANNELS, num_outputs: int = 40,
-                 dropout: float = 0.5, dtype=jnp.float32, *, rngs: nnx.Rngs):
+                 dropout: float = 0.5, dtype=jnp.float32, *, rngs: nnx.Rngs, conv_impl: str = "auto"):
         channels = tuple(int(c) for c in channels)
         if len(channels) < 2:
             raise ValueError(f"SFCN needs at least 2 blocks, got channels={channels}")
@@ -112,7 +133,7 @@ class SFCN(nnx.Module):
         in_chs = (1,) + channels[:-1]
         n = len(channels)
         self.blocks = nnx.List([
-            ConvBlock(i, o, 3 if b < n - 1 else 1, pool=b < n - 1, dtype=dtype, rngs=rngs)
+            ConvBlock(i, o, 3 if b < n - 1 else 1, pool=b < n - 1, dtype=dtype, rngs=rngs, conv_impl=conv_impl)
             for b, (i, o) in enumerate(zip(in_chs, channels, strict=True))
         ])
         self.dropout = nnx.Dropout(dropout)  # keys are passed per call (`rngs=`), so the state holds no RNG

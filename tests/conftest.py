@@ -33,3 +33,39 @@ def ukb_cache(tmp_path_factory) -> Path:
     summary = prepare_cache(bids, root / "cache", downsample=4, workers=1)
     assert summary.ok, summary
     return root / "cache"
+
+
+TINY_CHANNELS = (4, 8, 8, 8, 8, 8)
+
+
+@pytest.fixture(scope="session")
+def ixi_tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """36 simulated `ixi` subjects (3 sites, ages 20-86) at 4mm: (BIDS directory, float16 cache)."""
+    from jaxtl.cache import prepare_cache
+    from jaxtl.simulate import simulate
+
+    root = tmp_path_factory.mktemp("ixi")
+    bids = simulate("ixi", root / "bids", n=36, seed=3, resolution=4, progress=False)
+    summary = prepare_cache(bids, root / "cache", downsample=4, workers=1)
+    assert summary.ok, summary
+    return bids, root / "cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Randomly initialised tiny SFCNs saved as jaxtl model directories for 4mm inputs:
+    {"age": bins 15-90, "sex": 2 classes}. Stand-ins for pretrained models in plumbing tests."""
+    from flax import nnx
+
+    from jaxtl.labels import make_task
+    from jaxtl.model import SFCN
+    from jaxtl.weights import DEFAULT_PREPROCESSING, save_model
+
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for seed, name in enumerate(("age", "sex")):
+        task = make_task(name, (15, 90))
+        model = SFCN(TINY_CHANNELS, task.num_outputs, rngs=nnx.Rngs(seed))
+        out[name] = save_model(model, root / name, task, input_shape=(40, 48, 40),
+                               preprocessing={**DEFAULT_PREPROCESSING, "downsample": 4})
+    return out

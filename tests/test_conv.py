@@ -1,0 +1,148 @@
+"""The fast CPU convolution (jaxtl.conv) equals lax.conv_general_dilated: values and gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtl import SFCN
+from jaxtl.conv import conv3d, conv_bn_pool_relu, max_pool2, plan_tiles, resolve_impl
+
+TOL = 1e-4  # relative to the largest value, float32
+
+
+def _ref_conv(x, w, b):
+    p = w.shape[0] // 2
+    y = jax.lax.conv_general_dilated(x, w, (1, 1, 1), [(p, p)] * 3, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                                     precision="highest")
+    return y + b
+
+
+def _ref_block(x, w, b, mul, add, pool):
+    y = _ref_conv(x, w, b) * mul + add
+    if pool:
+        y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2, 2, 2, 1), (1, 2, 2, 2, 1), "VALID")
+    return jnp.maximum(y, 0)
+
+
+def _inputs(shape, cin, cout, k, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(keys[0], (*shape, cin))
+    w = jax.random.normal(keys[1], (k, k, k, cin, cout)) / np.sqrt(k**3 * cin)
+    b = 0.1 * jax.random.normal(keys[2], (cout,))
+    mul = jax.random.uniform(keys[3], (cout,), minval=-1.5, maxval=1.5)
+    add = 0.1 * jax.random.normal(keys[4], (cout,))
+    return x, w, b, mul, add
+
+
+def _close(a, b, tol=TOL):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+    assert err < tol, err
+
+
+# (batch, D, H, W), Cin, Cout, k, tile bytes (small values force many tiles and split rows)
+CASES = [
+    ((2, 4, 6, 8), 1, 5, 3, 1 << 20),  # first layer, W folded in groups of 4, one tile
+    ((2, 4, 6, 8), 1, 5, 3, 2000),  # first layer, many tiles
+    ((1, 3, 4, 5), 1, 3, 3, 1 << 20),  # first layer, W not a multiple of the group: plain im2col
+    ((2, 5, 6, 3), 3, 4, 3, 2000),  # odd depth and width, tiles of rows
+    ((3, 2, 3, 2), 6, 7, 1, 300),  # k = 1 (SFCN's last block), several tiles
+]
+
+
+def _value_and_grads(f, args, ct):
+    """f(*args) and the gradient of sum(f * ct) in every argument, in one compilation."""
+    return jax.jit(lambda *a: (f(*a), jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=tuple(range(len(a))))(*a)))(
+        *args)
+
+
+def _check_same(f, ref, args, seed=9):
+    ct = jax.random.normal(jax.random.key(seed), jax.eval_shape(ref, *args).shape)
+    (y, grads), (y_ref, grads_ref) = _value_and_grads(f, args, ct), _value_and_grads(ref, args, ct)
+    _close(y, y_ref)
+    for g, r in zip(grads, grads_ref, strict=True):
+        _close(g, r)
+
+
+@pytest.mark.parametrize("shape,cin,cout,k,tile", CASES)
+def test_conv3d_values_and_gradients(shape, cin, cout, k, tile):
+    x, w, b, *_ = _inputs(shape, cin, cout, k)
+    _check_same(lambda x, w, b: conv3d(x, w, b, tile_bytes=tile), _ref_conv, (x, w, b))
+
+
+@pytest.mark.parametrize("shape,cin,cout,k,tile", CASES[1:])
+def test_fused_block_values_and_gradients(shape, cin, cout, k, tile):
+    pool = k == 3
+    args = _inputs(shape, cin, cout, k, seed=1)
+    _check_same(lambda *a: conv_bn_pool_relu(*a, pool=pool, tile_bytes=tile), lambda *a: _ref_block(*a, pool), args)
+
+
+def test_max_pool2_equals_reduce_window_gradient_with_ties():
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, (2, 5, 6, 7, 3)), jnp.float32)  # odd sizes, many ties
+    ref = lambda x: nnx.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+    ct = jax.random.normal(jax.random.key(0), jax.eval_shape(ref, x).shape)
+    both = jax.jit(lambda x: [(f(x), jax.vjp(f, x)[1](ct)[0]) for f in (max_pool2, ref)])
+    (y, g), (y_ref, g_ref) = both(x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(g, g_ref)
+
+
+def test_bfloat16_accumulates_in_float32():
+    x, w, b, mul, add = _inputs((2, 4, 4, 4), 4, 8, 3)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    want = _ref_conv(xb.astype(jnp.float32), wb.astype(jnp.float32), b)  # exact products of the bf16 inputs
+    got = conv3d(xb, wb, b, tile_bytes=1000)
+    assert got.dtype == jnp.bfloat16
+    _close(got.astype(jnp.float32), want, tol=1e-2)  # output rounding to bf16 only
+    blk = conv_bn_pool_relu(xb, wb, b, mul, add, pool=True, tile_bytes=1000)
+    assert blk.dtype == jnp.bfloat16 and blk.shape == (2, 2, 2, 2, 8)
+
+
+def test_jit_and_tile_plan():
+    x, w, b, *_ = _inputs((2, 4, 4, 4), 2, 3, 3)
+    _close(jax.jit(lambda x: conv3d(x, w, b))(x), _ref_conv(x, w, b))
+    assert plan_tiles(4, 40, 48, 10, unit=2, tile_bytes=10**9) == (4, 40, 48)  # small: whole volumes
+    bc, t, h = plan_tiles(1, 80, 96, 100_000, unit=2, tile_bytes=4 << 20)
+    assert (bc, t) == (1, 2) and h % 2 == 0 and 96 % h == 0 and 2 * h * 100_000 <= 4 << 20
+    with pytest.raises(ValueError, match="conv_impl"):
+        resolve_impl("cudnn")
+
+
+def test_sfcn_fast_equals_xla_eval_and_train():
+    """Same parameters, both implementations: eval outputs, and train-mode loss, gradients and BN statistics.
+
+    Eval outputs agree to 1e-4. Train-mode gradients through BatchNorms: both implementations are
+    1e-4..3e-4 (relative) away from a float64 computation, so they are compared at 1e-3; conv biases are
+    skipped (BatchNorm cancels them, their gradients are rounding noise of size 1e-10).
+    """
+    channels, shape = (4, 8, 8, 6), (2, 24, 24, 24)  # last block: BatchNorm over 2 x 3^3 voxels
+    x = jax.random.uniform(jax.random.key(0), shape)
+    ref = SFCN(channels, 5, dropout=0.0, conv_impl="xla", rngs=nnx.Rngs(0))
+    stats = nnx.state(ref, nnx.BatchStat)  # non-trivial running statistics
+    keys = iter(jax.random.split(jax.random.key(1), 100))
+    nnx.update(ref, jax.tree.map(lambda v: v + 0.3 * jax.random.uniform(next(keys), v.shape), stats))
+    results = {}
+    for impl in ("xla", "fast"):
+        model = SFCN(channels, 5, dropout=0.0, conv_impl=impl, rngs=nnx.Rngs(0))
+        nnx.update(model, nnx.state(ref))
+
+        @nnx.jit
+        def run(model):
+            model.eval()
+            out = model(x)
+            model.train()
+            grads = nnx.grad(lambda m: m(x)[:, 0].sum())(model)
+            return out, grads
+
+        out, grads = run(model)
+        results[impl] = out, nnx.to_flat_state(grads), nnx.to_flat_state(nnx.state(model, nnx.BatchStat))
+    _close(results["fast"][0], results["xla"][0])
+    for i in (1, 2):
+        for (path, a), (_, b) in zip(results["fast"][i], results["xla"][i], strict=True):
+            if path[-2:] != ("conv", "bias"):
+                _close(a[...], b[...], tol=1e-3 if i == 1 else 1e-4)

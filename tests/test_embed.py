@@ -1,0 +1,129 @@
+"""jaxtl.embed: inputs (arrays, paths, images, cohorts, caches), layers, padding, sharding, bf16, predict."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import TINY_CHANNELS, run_python
+
+from jaxtl.cache import CacheSource
+from jaxtl.cohort import read_cohort
+from jaxtl.data import load_volume
+from jaxtl.embed import embed, layer_names, predict
+from jaxtl.weights import load_model
+
+
+@pytest.fixture(scope="module")
+def age_model(tiny_models):
+    return load_model(tiny_models["age"])
+
+
+@pytest.fixture(scope="module")
+def paths(ixi_tiny):
+    return read_cohort(ixi_tiny[0]).paths[:6]
+
+
+@pytest.fixture(scope="module")
+def volumes(paths):
+    return np.stack([load_volume(p, downsample=4) for p in paths])
+
+
+def test_paths_images_and_arrays_agree(age_model, paths, volumes):
+    ref = embed(volumes, age_model, progress=False)
+    assert ref.shape == (6, TINY_CHANNELS[-1]) and ref.dtype == np.float32
+    # paths are loaded and conformed with the model's downsampling (4), in batches of 4 (two batches)
+    np.testing.assert_allclose(embed(list(paths), age_model, batch_size=4, progress=False), ref, rtol=1e-6, atol=1e-7)
+    images = [nib.load(p) for p in paths]
+    np.testing.assert_allclose(embed(images, age_model, progress=False), ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(embed(list(volumes), age_model, progress=False), ref, rtol=1e-6, atol=1e-7)
+    single = embed(paths[0], age_model, progress=False)  # one file
+    np.testing.assert_allclose(single, ref[:1], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(ref[0], ref[1])  # different scans, different features
+
+
+def test_cohorts_and_caches(age_model, ixi_tiny, tmp_path):
+    bids, cache = ixi_tiny
+    cohort = read_cohort(bids).select(range(5))
+    table = tmp_path / "cohort.csv"
+    table.write_text("participant_id,path\n" + "".join(f"{s.participant_id},{s.path}\n" for s in cohort))
+    from_cohort = embed(cohort, age_model, progress=False)
+    np.testing.assert_array_equal(embed(table, age_model, progress=False), from_cohort)  # CSV/TSV cohort file
+    source = CacheSource(cache)
+    assert list(source.ids[:5]) == list(cohort.ids)
+    from_cache = embed(cache, age_model, progress=False)  # cache directory; float16: close, not identical
+    assert from_cache.shape == (36, TINY_CHANNELS[-1])
+    np.testing.assert_allclose(from_cache[:5], from_cohort, rtol=0.02, atol=1e-3)
+    np.testing.assert_allclose(embed(source, age_model, progress=False), from_cache, rtol=1e-6)
+
+
+def test_padding_the_last_batch_changes_nothing(age_model, volumes):
+    full = embed(volumes, age_model, batch_size=6, progress=False)
+    padded = embed(volumes[:5], age_model, batch_size=6, progress=False)  # one padded row
+    np.testing.assert_array_equal(padded, full[:5])
+    one_by_one = np.concatenate([embed(v[None], age_model, batch_size=6, progress=False) for v in volumes[:2]])
+    np.testing.assert_array_equal(one_by_one, full[:2])
+
+
+def test_layers(age_model, volumes):
+    x = volumes[:3]
+    names = layer_names(age_model)
+    assert names[:3] == ("features", "logits", "probs") and names[-1] == "block5"
+    logits = embed(x, age_model, layer="logits", progress=False)
+    assert logits.shape == (3, 75)
+    np.testing.assert_allclose(np.exp(logits).sum(1), 1, rtol=1e-5)
+    np.testing.assert_allclose(embed(x, age_model, layer="probs", progress=False), np.exp(logits), rtol=1e-5)
+    for i, c in enumerate(TINY_CHANNELS):
+        assert embed(x, age_model, layer=f"block{i}", progress=False).shape == (3, c)
+    np.testing.assert_allclose(embed(x, age_model, layer="block5", progress=False),
+                               embed(x, age_model, progress=False), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown layer 'block6'"):
+        embed(x, age_model, layer="block6")
+    with pytest.raises(ValueError, match="model expects"):
+        embed(np.zeros((2, 20, 24, 20), np.float32), age_model)
+
+
+def test_bfloat16_compute_is_close(age_model, volumes):
+    import jax.numpy as jnp
+
+    ref = embed(volumes, age_model, progress=False)
+    bf16 = embed(volumes, age_model, dtype=jnp.bfloat16, progress=False)
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(bf16, ref, rtol=0.1, atol=0.05 * np.abs(ref).max())
+    assert not np.array_equal(bf16, ref)
+
+
+def test_predict_decodes_expected_age(age_model, paths, volumes, tiny_models):
+    ages = predict(list(paths), tiny_models["age"], progress=False)  # model directory, paths
+    centres = 15.5 + np.arange(75)
+    np.testing.assert_allclose(ages, np.exp(embed(volumes, age_model, layer="logits", progress=False)) @ centres,
+                               rtol=1e-5)
+    p_male = predict(volumes, tiny_models["sex"], progress=False)
+    assert p_male.shape == (6,) and np.all((p_male >= 0) & (p_male <= 1))
+
+
+def test_sharded_embed_equals_single_device(tiny_models, volumes, tmp_path):
+    """4 virtual CPU devices: the batch is sharded over them; the result equals one device's."""
+    np.save(tmp_path / "x.npy", volumes)
+    code = f"""
+import jax, numpy as np
+from flax import nnx
+from jaxtl.embed import embed
+from jaxtl.weights import load_model
+assert jax.local_device_count() == 4
+import importlib; E = importlib.import_module("jaxtl.embed")
+m = load_model({str(tiny_models["age"])!r})
+x = np.load({str(tmp_path / "x.npy")!r})
+shards, jitted = [], E._jitted("features")
+def spy(graphdef, state, batch):
+    shards.append(len({{s.device for s in batch.addressable_shards}}))
+    return jitted(graphdef, state, batch)
+E._jitted = lambda layer: spy
+sharded = embed(x, m, batch_size=4, progress=False)   # 2 batches of 4 (last padded), one row per device
+assert shards == [4, 4], shards
+single = np.asarray(nnx.jit(lambda mdl, v: mdl.features(v))(m.model, jax.device_put(x, jax.devices()[0])))
+np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
+print("OK", sharded.shape)
+"""
+    proc = run_python(code, devices=4)
+    assert "OK (6, 8)" in proc.stdout

@@ -1,0 +1,149 @@
+"""scikit-learn side: SFCNEmbedder in pipelines, feature heads, the elastic baseline, bias correction."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import KFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from jaxtl.cache import CacheSource
+from jaxtl.embed import embed
+from jaxtl.heads import (
+    AGE_HEADS,
+    BiasCorrection,
+    CorrelationSelector,
+    SFCNEmbedder,
+    load_estimator,
+    make_elastic,
+    make_feature_head,
+    predict_head,
+    save_estimator,
+)
+from jaxtl.weights import load_model
+
+
+@pytest.fixture(scope="module")
+def cache_xy(ixi_tiny):
+    src = CacheSource(ixi_tiny[1])
+    X = np.stack([src[i]["image"] for i in range(len(src))]).astype(np.float32)
+    return X, src.ages.astype(np.float64)
+
+
+def test_embedder_in_a_pipeline_with_cross_val_score(tiny_models, cache_xy):
+    X, y = cache_xy
+    model = load_model(tiny_models["age"])
+    pipe = make_pipeline(SFCNEmbedder(model), StandardScaler(), RidgeCV())
+    scores = cross_val_score(pipe, X, y, cv=KFold(3), scoring="neg_mean_absolute_error")
+    assert scores.shape == (3,) and np.all(np.isfinite(scores))
+    # the same as embedding once and cross-validating the head (eval-mode features do not depend on the fold)
+    feats = embed(X, model, progress=False)
+    ref = cross_val_score(make_pipeline(StandardScaler(), RidgeCV()), feats, y, cv=KFold(3),
+                          scoring="neg_mean_absolute_error")
+    np.testing.assert_allclose(scores, ref, rtol=1e-4)
+
+
+def test_embedder_params_clone_and_paths(tiny_models, ixi_tiny):
+    emb = SFCNEmbedder(str(tiny_models["age"]), layer="block2", batch_size=4)
+    assert emb.get_params() == {"model": str(tiny_models["age"]), "layer": "block2", "batch_size": 4,
+                                "dtype": None, "downsample": None, "progress": False}
+    twin = clone(emb)
+    assert twin.get_params() == emb.get_params() and twin is not emb
+    pipe = make_pipeline(emb, RidgeCV())
+    assert pipe.get_params()["sfcnembedder__layer"] == "block2"
+    pipe.set_params(sfcnembedder__layer="features")
+    assert emb.layer == "features"
+    from jaxtl.cohort import read_cohort
+
+    paths = read_cohort(ixi_tiny[0]).paths[:3]  # scikit-learn indexes a numpy array of paths fine
+    out = clone(emb).fit(paths).transform(paths)
+    assert out.shape == (3, 8)
+    assert list(emb.get_feature_names_out()[:2]) == ["sfcn_features0", "sfcn_features1"]
+    # a JaxtlModel parameter survives clone (deep copy) too
+    m = load_model(tiny_models["age"])
+    np.testing.assert_allclose(clone(SFCNEmbedder(m)).transform(paths), out, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown layer"):
+        SFCNEmbedder(m, layer="conv9").fit()
+
+
+@pytest.mark.parametrize("head", AGE_HEADS)
+def test_age_heads_learn_a_linear_signal(head):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 16))
+    y = 50 + 8 * X[:, 0] - 5 * X[:, 3] + rng.normal(scale=1.0, size=80)
+    est = make_feature_head("age", head, cv=3)
+    est.fit(X[:60], y[:60])
+    mae = np.mean(np.abs(predict_head(est, X[60:], "age") - y[60:]))
+    assert mae < 0.5 * np.mean(np.abs(y[60:] - y[:60].mean())), (head, mae)
+
+
+def test_sex_head_and_unknown_heads():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(90, 10))
+    y = (X[:, 2] + 0.3 * rng.normal(size=90) > 0.4).astype(int)  # imbalanced classes
+    est = make_feature_head("sex").fit(X[:60], y[:60])
+    p = predict_head(est, X[60:], "sex")
+    assert p.shape == (30,) and np.all((p >= 0) & (p <= 1))
+    assert np.mean((p > 0.5) == y[60:]) > 0.8
+    with pytest.raises(ValueError, match="not available for task 'sex'"):
+        make_feature_head("sex", "ridge")
+    with pytest.raises(ValueError, match="unknown task"):
+        make_feature_head("handedness")
+
+
+def test_correlation_selector_keeps_the_most_correlated_columns():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(50, 6))
+    y = -3 * X[:, 4] + X[:, 1] + 0.1 * rng.normal(size=50)  # negative correlation counts as strongly as positive
+    sel = CorrelationSelector(k=2).fit(X, y)
+    assert list(sel.support_) == [1, 4]
+    assert sel.transform(X).shape == (50, 2)
+
+
+def test_elastic_baseline_on_voxels():
+    rng = np.random.default_rng(3)
+    n, shape = 60, (6, 7, 6)
+    pattern = rng.normal(size=shape)
+    age = rng.uniform(20, 80, n)
+    X = rng.normal(size=(n, *shape)) + (age[:, None, None, None] - 50) / 15 * pattern
+    est = make_elastic("age", cv=3).fit(X[:40], age[:40])
+    mae = np.mean(np.abs(est.predict(X[40:]) - age[40:]))
+    assert mae < 0.5 * np.mean(np.abs(age[40:] - age[:40].mean())), mae
+    assert est.best_params_["select__k"] in (10, 30)
+    sex = (rng.random(n) < 0.5).astype(int)
+    Xs = rng.normal(size=(n, *shape)) + 0.8 * (sex[:, None, None, None] - 0.5) * pattern
+    clf = make_elastic("sex", cv=3).fit(Xs[:40], sex[:40])
+    assert np.mean((clf.predict_proba(Xs[40:])[:, 1] > 0.5) == sex[40:]) > 0.75
+    assert clone(est).get_params()["n_features"] == (10, 30, 60, 150)
+
+
+def test_bias_correction():
+    rng = np.random.default_rng(4)
+    age = rng.uniform(20, 80, 200)
+    pred = 0.6 * age + 20 + rng.normal(scale=2, size=200)  # regression to the mean
+    bc = BiasCorrection.fit(pred, age, split="train")
+    assert abs(bc.slope - 0.6) < 0.05 and abs(bc.intercept - 20) < 3 and bc.n == 200
+    corrected = bc.apply(pred)
+    gap, gap_c = pred - age, corrected - age
+    assert abs(np.corrcoef(gap, age)[0, 1]) > 0.9 and abs(np.corrcoef(gap_c, age)[0, 1]) < 0.1
+    assert BiasCorrection.from_dict(bc.to_dict()) == bc
+    with pytest.warns(UserWarning, match="hardly follow age"):
+        flat = BiasCorrection.fit(50 + rng.normal(size=50), rng.uniform(20, 80, 50))
+    assert np.all(np.isnan(flat.apply([40.0, 60.0])))
+    with pytest.raises(ValueError, match="at least 3"):
+        BiasCorrection.fit([1.0, 2.0], [1.0, 2.0])
+
+
+def test_estimator_save_load(tmp_path):
+    rng = np.random.default_rng(5)
+    X, y = rng.normal(size=(30, 5)), rng.normal(size=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = make_feature_head("age", "ridge").fit(X, y)
+    path = save_estimator(est, tmp_path / "head.joblib")
+    np.testing.assert_array_equal(load_estimator(path).predict(X), est.predict(X))

@@ -1,0 +1,248 @@
+"""Transfer: splits, network surgery, every method end to end, outputs, bias correction, CLI, predict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import numpy as np
+import pytest
+from conftest import TINY_CHANNELS
+from flax import nnx
+
+from jaxtl import cli
+from jaxtl.cohort import read_cohort
+from jaxtl.heads import BiasCorrection
+from jaxtl.model import SFCN
+from jaxtl.transfer import (
+    METHODS,
+    FinetuneConfig,
+    Phase,
+    TransferConfig,
+    balanced_indices,
+    load_head,
+    open_target,
+    paper_finetune,
+    predict_cohort,
+    read_predictions,
+    reinit_with_scaling,
+    run_transfer,
+    split_cohort,
+    subsample_share,
+    transfer,
+    with_new_head,
+)
+from jaxtl.weights import load_model
+
+ONE_EPOCH = Phase(epochs=1, lr=0.01, weight_decay=1e-3, momentum=0.9, step_epochs=1, gamma=0.5, batch_size=4)
+FAST = TransferConfig(finetune=FinetuneConfig(ONE_EPOCH, ONE_EPOCH, ONE_EPOCH), cv=3)
+
+
+# ---- splits -------------------------------------------------------------------------------------------
+
+
+def test_split_is_per_site_by_participant_and_seeded():
+    rng = np.random.default_rng(0)
+    people = np.array([f"sub-{i:03d}" for i in range(100) for _ in range(2)])  # 2 sessions each
+    sites = np.array(["A" if i < 60 else "B" for i in range(100) for _ in range(2)])
+    ages = np.repeat(rng.uniform(20, 80, 100), 2)
+    ages[5] = np.nan  # one unlabelled session
+    split = split_cohort(people, sites, ages, "age", (0.4, 0.2, 0.4), seed=1)
+    for p in np.unique(people):  # all sessions of a participant in one split (the unlabelled one aside)
+        assert len(set(split[(people == p) & np.isfinite(ages)])) == 1
+    assert split[5] == "unlabelled"
+    for site, n in (("A", 60), ("B", 40)):
+        m = sites == site
+        counts = {k: len(set(people[m & (split == k)])) for k in ("train", "val", "test")}
+        assert counts == {"train": round(0.4 * n), "val": round(0.6 * n) - round(0.4 * n),
+                          "test": n - round(0.6 * n)}
+    np.testing.assert_array_equal(split, split_cohort(people, sites, ages, "age", (0.4, 0.2, 0.4), seed=1))
+    assert not np.array_equal(split, split_cohort(people, sites, ages, "age", (0.4, 0.2, 0.4), seed=2))
+    sexes = np.repeat((rng.random(100) < 0.3).astype(float), 2)
+    s = split_cohort(people, sites, sexes, "sex", (0.5, 0.0, 0.5), seed=0)
+    for k in ("train", "test"):  # stratified by sex: both halves keep the male share
+        assert abs(sexes[s == k].mean() - sexes.mean()) < 0.06
+    half = subsample_share(split, people, 0.5, seed=1)
+    assert (half == "train").sum() == (split == "train").sum() // 2 and (half == "unused").sum() > 0
+    assert set(people[half == "train"]) < set(people[split == "train"])
+
+
+def test_balanced_indices_oversample_the_minority():
+    y = np.array([0] * 10 + [1] * 4 + [0] * 3)
+    idx = np.arange(14)  # the last three are not training scans
+    out = balanced_indices(idx, y, seed=0)
+    assert (y[out] == 0).sum() == (y[out] == 1).sum() == 10 and set(out) <= set(idx)
+
+
+# ---- networks -------------------------------------------------------------------------------------------
+
+
+def _model(seed=0, k=40):
+    return SFCN(TINY_CHANNELS, k, rngs=nnx.Rngs(seed))
+
+
+def test_new_head_keeps_the_features():
+    m = _model()
+    new = with_new_head(m, 7, seed=3)
+    assert new.head.kernel.shape == (8, 7)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 32)).astype(np.float32)
+    m.eval()
+    new.eval()
+    feats = nnx.jit(lambda mdl, v: mdl.features(v))
+    np.testing.assert_array_equal(np.asarray(feats(new, x)), np.asarray(feats(m, x)))
+
+
+def test_reinit_with_scaling_keeps_each_tensors_mean_and_sd():
+    m = _model(1)
+    # give one tensor a distinctive scale so the per-tensor statistics are visible
+    m.blocks[1].conv.kernel[...] = m.blocks[1].conv.kernel[...] * 10 + 3
+    r = reinit_with_scaling(m, seed=0)
+    old, new = nnx.state(m, nnx.Param), nnx.state(r, nnx.Param)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(old), nnx.to_flat_state(new), strict=True):
+        a, b = np.asarray(a[...]), np.asarray(b[...])
+        if a.size > 100:
+            assert not np.allclose(a, b), path
+            assert abs(b.mean() - a.mean()) < 0.2 * a.std() + 1e-6, path
+            assert abs(b.std() / a.std() - 1) < 0.15, path
+        if a.size > 1 and np.all(a == a.flat[0]):  # BN scale = 1 everywhere: sd 0, stays 1
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.asarray(r.blocks[0].bn.mean[...]), np.asarray(m.blocks[0].bn.mean[...]))
+
+
+def test_paper_hyperparameters():
+    cfg = paper_finetune("ixi", "age")
+    assert (cfg.head.epochs, cfg.head.lr, cfg.head.batch_size) == (25, 0.1, 4)
+    assert (cfg.full.epochs, cfg.full.lr, cfg.full.weight_decay, cfg.full.momentum) == (250, 0.01, 5e-4, 0.8)
+    assert cfg.scratch.batch_size == 8
+    scaled = TransferConfig(paper_hps="ixi", epoch_scale=0.1).finetune_config()
+    assert (scaled.full.epochs, scaled.full.step_epochs) == (25, 2)
+    with pytest.raises(ValueError, match="no paper hyper-parameters"):
+        paper_finetune("ukb", "age")
+
+
+# ---- every method end to end ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def target(ixi_tiny):
+    return open_target(ixi_tiny[1], downsample=4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_end_to_end(method, tiny_models, ixi_tiny, tmp_path):
+    task = "sex" if method in ("ft_final", "ft_full", "reinit") else "age"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_transfer(tiny_models[task], ixi_tiny[1], tmp_path / "out", task=task, method=method,
+                              config=FAST, progress=False)
+    out = tmp_path / "out"
+    ids = read_cohort(ixi_tiny[0]).participant_ids
+    pred = read_predictions(out / "predictions.csv")
+    head = ["id", "participant_id", "session", "site", "split", task, "prediction"]
+    head += ["prediction_corrected", "gap", "gap_corrected"] if task == "age" else ["predicted_sex"]
+    assert list(pred) == head
+    assert list(pred["participant_id"]) == list(ids)
+    assert np.all(np.isfinite(pred["prediction"]))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"]["train"] + metrics["n"]["val"] + metrics["n"]["test"] == 36
+    assert metrics["n"] == {k: int((pred["split"] == k).sum()) for k in metrics["n"]}
+    name = "mae" if task == "age" else "balanced_accuracy"
+    assert np.isfinite(metrics["test"][name]) and metrics["method"] == method
+    if task == "age":
+        np.testing.assert_allclose(pred["gap"], pred["prediction"] - pred["age"], atol=2e-3)
+        assert (out / "predicted_vs_age.png").stat().st_size > 1000 and (out / "gap_vs_age.png").exists()
+    if method in ("ft_final", "ft_full"):
+        _check_trained_parameters(method, load_model(tiny_models[task]).model, result.head.model.model)
+    # the saved head reproduces the predictions on new scans (here: the same scans, from their NIfTI files)
+    loaded = load_head(out / "head")
+    assert loaded.method == method and loaded.task == task
+    test = np.flatnonzero(pred["split"] == "test")[:3]  # (training scans have out-of-fold predictions)
+    again = loaded.predict(read_cohort(ixi_tiny[0]).paths[test], progress=False)
+    tol = 0.5 if task == "age" else 0.02  # NIfTI float32 vs float16 cache
+    np.testing.assert_allclose(again, result.predictions["prediction"][test], atol=tol)
+
+
+def _check_trained_parameters(method, before, after):
+    """ft_final changes only the head (BatchNorm statistics aside); ft_full changes the features too. With
+    task and bins matching (sex -> sex) the pretrained head is kept and trained, not redrawn (TL)."""
+    def params(m):
+        return {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+
+    a, b = params(before), params(after)
+    changed = {k for k in a if not np.array_equal(a[k], b[k])}
+    if method == "ft_final":
+        assert changed == {"head/kernel", "head/bias"}
+    else:
+        assert "blocks/0/conv/kernel" in changed and "blocks/5/bn/scale" in changed
+    assert np.abs(b["head/kernel"] - a["head/kernel"]).max() < 0.1  # kept: close to the pretrained head
+
+
+def test_bias_correction_is_fitted_on_the_training_split_only(tiny_models, target):
+    backbone = load_model(tiny_models["age"])
+    cfg = dataclasses.replace(FAST, task="age", method="features")
+    split = split_cohort(target.participant_ids, target.sites, target.ages, "age", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = transfer(backbone, target, cfg, split=split, progress=False)
+        # change the ages of the validation and test scans: nothing fitted may change
+        ages = target.ages.copy()
+        ages[split != "train"] += 17.0
+        moved = dataclasses.replace(target, ages=ages)
+        b = transfer(backbone, moved, cfg, split=split, progress=False)
+        c = transfer(backbone, target, dataclasses.replace(cfg, bias_split="val"), split=split, progress=False)
+    assert a.head.bias == b.head.bias and a.head.bias.split == "train (out-of-fold)"
+    np.testing.assert_allclose(a.predictions["prediction"], b.predictions["prediction"])
+    assert c.head.bias != a.head.bias and c.head.bias.split == "val"
+    # out-of-fold training predictions: they differ from the in-sample fit's
+    train = split == "train"
+    in_sample = a.head.predict_features(target.features(backbone, progress=False)[train])
+    assert not np.allclose(a.predictions["prediction"][train], in_sample)
+    assert a.metrics["bias_correction"] == a.head.bias.to_dict()
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_transfer_then_predict(tiny_models, ixi_tiny, tmp_path, capsys):
+    out = tmp_path / "tl"
+    argv = ["transfer", "--model", str(tiny_models["age"]), "--cohort", str(ixi_tiny[1]), "--task", "age",
+            "--method", "features", "--out", str(out), "--seed", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(argv) == 0
+    assert "features age: test mae" in capsys.readouterr().out
+    assert cli.main(argv) == 2  # results exist: one-line error, no traceback
+    assert "already holds transfer results" in capsys.readouterr().err
+    # a new cohort without labels: a CSV of paths
+    paths = read_cohort(ixi_tiny[0]).paths[:3]
+    table = tmp_path / "new.csv"
+    table.write_text("path\n" + "\n".join(paths) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["predict", "--model", str(out / "head"), "--cohort", str(table),
+                         "--out", str(tmp_path / "new_pred.csv")]) == 0
+    new = read_predictions(tmp_path / "new_pred.csv")
+    old = read_predictions(out / "predictions.csv")
+    np.testing.assert_allclose(new["prediction"], old["prediction"][:3], atol=0.5)
+    bias = BiasCorrection.from_dict(json.loads((out / "head" / "head.json").read_text())["bias_correction"])
+    assert bias.split == "train (out-of-fold)" and bias.n == (old["split"] == "train").sum()
+    np.testing.assert_allclose(new["prediction_corrected"], bias.apply(new["prediction"]), rtol=1e-4)
+    assert np.all(np.isnan(new["gap"]))  # no ages given: no gap
+    from jaxtl.embed import predict
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_allclose(predict(list(paths), out / "head", progress=False), new["prediction"], rtol=1e-4)
+    assert cli.main(["transfer", "--model", str(tmp_path / "nope"), "--cohort", str(ixi_tiny[1]),
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "no jaxtl model" in capsys.readouterr().err
+
+
+def test_predict_cohort_with_a_plain_model_is_direct(tiny_models, ixi_tiny):
+    from jaxtl.embed import predict
+
+    cols = predict_cohort(tiny_models["age"], ixi_tiny[1], progress=False)
+    np.testing.assert_allclose(cols["prediction"], predict(ixi_tiny[1], tiny_models["age"], progress=False),
+                               rtol=1e-6)
+    assert "prediction_corrected" in cols
