@@ -225,12 +225,13 @@ def _free_port() -> int:
 
 def test_two_processes_match_one_process(ukb_cache, tmp_path):
     """2 processes x 2 virtual devices (gloo collectives over localhost) == 1 process x 4 devices."""
-    cmd, env = _cli(ukb_cache, tmp_path / "single", "epochs=1", devices=4)
+    extra = ["epochs=1", "optim.lr=0.001"]  # a small step keeps float-order differences from being amplified
+    cmd, env = _cli(ukb_cache, tmp_path / "single", *extra, devices=4)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     port = _free_port()
     procs = []
     for pid in (0, 1):
-        cmd, env = _cli(ukb_cache, tmp_path / "multi", "epochs=1", devices=2)
+        cmd, env = _cli(ukb_cache, tmp_path / "multi", *extra, devices=2)
         cmd += ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
@@ -241,7 +242,7 @@ def test_two_processes_match_one_process(ukb_cache, tmp_path):
     assert len(single) == len(multi) >= 3
     # Same batches, same dropout masks: equal up to float reduction order, which drifts slowly over steps.
     np.testing.assert_allclose(multi[:3], single[:3], rtol=1e-4)
-    np.testing.assert_allclose(multi, single, rtol=2e-3)
+    np.testing.assert_allclose(multi, single, rtol=1e-3)
 
 
 def test_restore_on_a_different_device_count(ukb_cache, tmp_path):
