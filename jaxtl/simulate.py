@@ -69,7 +69,14 @@ site / scanner      | per `Site`: gain, GM/WM and CSF/WM ratio, bias field  | ve
                     | axis, e.g. 1.2 mm slices), skull-strip margin (mm),   | descriptions); sizes: design
                     | systematic shift/scale; per session gain sd 5 %,      |
                     | noise sd 10 %                                         |
+site / age          | ABIDE sites recruit different age ranges (log-normal  | as ABIDE's sites do; the preset's
+                    | profile per site); other presets: ages independent    | overall age distribution is kept
 ----------------------------------------------------------------------------------------------------------
+
+Resolution: 1 mm volumes warp the template to every voxel (trilinear). 2/4 mm volumes are rendered directly
+as block averages (the template-space image box-filtered over k^3 voxels and sampled at block centres,
+noise with the block-averaged variance): within ~1 % of block-averaging the 1 mm volume (correlation > 0.98,
+tested) at a third of the cost.
 
 Determinism: every subject draws from its own `np.random.SeedSequence((crc32(preset), seed, index))`, so a
 subject is the same whatever n, worker count or subset; demographics use a low-discrepancy sequence so any
