@@ -266,7 +266,7 @@ def step_stats(times: Sequence[float]) -> dict[str, Any]:
     t = np.asarray(times, np.float64)
     q25, q75 = np.percentile(t, [25, 75])
     return {"median": float(np.median(t)), "min": float(t.min()), "max": float(t.max()), "iqr": float(q75 - q25),
-            "n": int(t.size), "all": [round(float(x), 5) for x in t]}
+            "n": int(t.size), "all": [float(f"{x:.6g}") for x in t]}
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -434,6 +434,8 @@ def torch_runner(case: Case, x: np.ndarray, ages: np.ndarray, state: dict, *, th
     if device is None:
         return None
     torch.set_num_threads(threads)
+    if device == "cuda":  # fixed shapes: let cuDNN pick its fastest algorithms, as PyTorch users do
+        torch.backends.cudnn.benchmark = True
     xb = torch.from_numpy(np.ascontiguousarray(x[:per_device_batch, None])).to(device)
     targets = None
     if case.suite == "train":
@@ -627,8 +629,12 @@ def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, wa
         if case.suite == "input":
             recs = run_input_case(case, repeats=min(repeats, 3))
         else:
-            recs = [run_case(case, warmup=warmup, repeats=repeats, conv_impl=conv_impl, use_torch=use_torch,
-                             torch_memory_format=torch_memory_format)]
+            try:
+                recs = [run_case(case, warmup=warmup, repeats=repeats, conv_impl=conv_impl, use_torch=use_torch,
+                                 torch_memory_format=torch_memory_format)]
+            except Exception as e:  # noqa: BLE001 - e.g. out of device memory at a large batch: go on
+                log(f"    FAILED {case.label()}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                continue
         for r in recs:
             record = _base_record(hw, vers, commit, note) | r
             records.append(record)

@@ -2,9 +2,10 @@
 
 XLA's CPU convolution runs SFCN's 3x3x3 convolutions at a third of the speed of its own matrix
 multiply. Here a 'same'-padded, stride-1 convolution (NDHWC input, DHWIO kernel) is computed tile by
-tile: a slab of a few depth slices and rows of the padded input is sliced out, unfolded into a
-patch matrix (rows, k^3*Cin) that stays in cache, and multiplied by the reshaped kernel with float32
-accumulation. Two further gains come from doing more per tile:
+tile (a few depth slices and rows, about `TILE_BYTES`): one XLA gather builds the tile's patch matrix
+(rows, k^3*Cin) from the padded input, small enough to stay in cache, and one matrix multiply with the
+reshaped kernel (float32 accumulation) gives the tile's output. Two further gains come from doing more
+per tile:
 
 - `conv_bn_pool_relu` (inference): BatchNorm with running statistics, the 2x2x2 max-pool and the
   ReLU are applied to each tile before it is written, so the full-resolution conv output (the
@@ -106,6 +107,12 @@ def _patch_index(bc: int, depth: int, rows: int, nw: int, stride: int, nl: int, 
     return idx.reshape(bc * depth * rows * nw, k * k * nl).astype(np.int32)
 
 
+def _check_index_range(voxels: int) -> None:
+    if voxels >= 2**31:
+        raise ValueError(f"{voxels} padded voxels in one call exceed the fast path's int32 indices; "
+                         "split the batch or use conv_impl='xla'")
+
+
 def _gather(src: jax.Array, idx: np.ndarray, base: jax.Array) -> jax.Array:
     """src[idx + base] along axis 0: one XLA gather (much cheaper to compile than 27 slices and a concat)."""
     return src.at[jnp.asarray(idx) + base].get(mode="promise_in_bounds")
@@ -135,6 +142,7 @@ def _tiled(x: jax.Array, w: jax.Array, epilogue: Callable[[jax.Array], jax.Array
     if p:
         xp = jnp.pad(xp, ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
     dp, hp, wp = xp.shape[1:4]
+    _check_index_range(n * dp * hp * wp)
     idx = _patch_index(bc, t, th, nw, stride, nl, k, (dp, hp, wp))
     src = xp.reshape(-1) if grouped else xp.reshape(-1, c)
 
@@ -167,6 +175,7 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, tile_bytes: int) -> jax.Ar
     if p:
         xp = jnp.pad(xp, ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
     dp, hp, wp = xp.shape[1:4]
+    _check_index_range(n * dp * hp * wp)
     idx = _patch_index(bc, t, th, wd, 1, k, k, (dp, hp, wp))
     src, dyb = xp.reshape(-1, c), _bits(dy)
 

@@ -110,13 +110,19 @@ from jaxtl.data import MNI_AFFINE, MNI_SHAPE
 __all__ = [
     "EFFECTS",
     "PRESETS",
+    "REGIONS",
     "Effects",
     "Preset",
+    "Simulated",
     "Site",
     "Subject",
+    "block_average",
+    "calibrate",
+    "calibration_report",
     "output_affine",
     "output_shape",
-    "block_average",
+    "participant_id",
+    "preview",
     "sample_subject",
     "simulate",
     "simulate_subject",
@@ -255,10 +261,10 @@ def _abide_sites() -> tuple[Site, ...]:
     """20 sites with acquisition parameters drawn once from a fixed generator (ABIDE I+II pooled ~20-30
     sites, mostly 3T, various vendors; children move more -> more blur and noise). Fixed, not seed-dependent."""
     rng = np.random.default_rng(20_160_301)
+    r3 = lambda x: round(float(x), 3)  # noqa: E731
     sites = []
     for i in range(20):
-        u = rng.random(12)
-        r3 = lambda x: round(float(x), 3)
+        u = rng.random(18)  # one independent draw per parameter
         sites.append(
             Site(
                 name=f"S{i + 1:02d}",
@@ -270,11 +276,11 @@ def _abide_sites() -> tuple[Site, ...]:
                 noise=r3(0.025 + 0.035 * u[5]),
                 blur=(r3(0.4 + 0.6 * u[6]), r3(0.4 + 0.6 * u[7]), r3(0.4 + 0.6 * u[8])),
                 strip_mm=r3(-0.5 + 1.5 * u[9]),
-                shift_mm=(r3(3 * (u[10] - 0.5)), r3(3 * (u[11] - 0.5)), r3(2 * (u[0] - 0.5))),
-                scale=(r3(1 + 0.03 * (u[1] - 0.5)), r3(1 + 0.03 * (u[2] - 0.5)), r3(1 + 0.03 * (u[3] - 0.5))),
+                shift_mm=(r3(3 * (u[10] - 0.5)), r3(3 * (u[11] - 0.5)), r3(2 * (u[12] - 0.5))),
+                scale=(r3(1 + 0.03 * (u[13] - 0.5)), r3(1 + 0.03 * (u[14] - 0.5)), r3(1 + 0.03 * (u[15] - 0.5))),
                 misregistration=1.15,
-                age_centre=r3(math.exp(math.log(8.0) + u[10] * math.log(25.0 / 8.0))),
-                age_spread=r3(0.15 + 0.45 * u[11]),
+                age_centre=r3(math.exp(math.log(8.0) + u[16] * math.log(25.0 / 8.0))),
+                age_spread=r3(0.15 + 0.45 * u[17]),
             )
         )
     return tuple(sites)
@@ -1143,14 +1149,9 @@ def _write_subject(args: tuple[str, int, int, int, str]) -> str:
     return pid
 
 
-def _init_worker(atlas: _Atlas) -> None:
-    global _ATLAS
-    _ATLAS = atlas
-
-
 def _fork_is_safe() -> bool:
     """fork() is safe here unless JAX has started its (multi-threaded) runtime in this process; the workers
-    only run numpy/scipy/zlib code. Anything unexpected: not safe (spawn)."""
+    only run numpy/scipy/zlib code. Anything unexpected: not safe (threads are used instead)."""
     if not sys.platform.startswith("linux"):
         return False
     if "jax" not in sys.modules:
@@ -1184,10 +1185,11 @@ def simulate(
 
     `preset`: a name in `PRESETS` (ukb, oasis, ixi, abide). `n`: number of subjects (default: the preset's
     size); subject i is the same for any n, so a larger n extends a smaller one. `resolution`: 1, 2 or 4
-    mm (block averages of the 1mm grid, see `output_affine`). `workers`: processes (default: usable CPUs,
-    at most 8; 1 = in this process). Files: participants.tsv (participant_id, age, sex F/M, site),
-    participants.json, dataset_description.json, README, sub-*/anat/sub-*_T1w.nii.gz and the latent
-    ground truth in derivatives/jaxtl-simulate/latent.tsv.
+    mm (block averages of the 1mm grid, see `output_affine`). `workers`: parallel workers (default: usable
+    CPUs, at most 8; 1 = in this process): forked processes, or threads once JAX runs in this process.
+    Files: participants.tsv (participant_id, age, sex F/M, site), participants.json,
+    dataset_description.json, README, sub-*/anat/sub-*_T1w.nii.gz and the latent ground truth in
+    derivatives/jaxtl-simulate/latent.tsv (written last, so an interrupted run leaves no table).
     """
     p = _preset(preset)
     if p.name not in PRESETS or PRESETS[p.name] != p:
@@ -1209,7 +1211,7 @@ def simulate(
 
     from tqdm.auto import tqdm
 
-    atlas = _atlas()  # template preparation, once per process (a few seconds)
+    _atlas()  # template preparation, once per process (a few seconds); workers inherit or share it
     tasks = [(p.name, int(seed), i, int(resolution), str(out)) for i in range(n)]
     bar = tqdm(total=n, desc=f"simulate {p.name} {resolution}mm", unit="vol", disable=not progress)
     try:
@@ -1221,16 +1223,14 @@ def simulate(
             import concurrent.futures
             import multiprocessing
 
-            if _fork_is_safe():  # workers inherit the atlas and the imports: starts in well under a second
-                ctx, init, initargs = multiprocessing.get_context("fork"), None, ()
-            else:  # JAX's runtime threads are running here: fork could deadlock, so spawn
-                ctx, init, initargs = multiprocessing.get_context("spawn"), _init_worker, (atlas,)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            if _fork_is_safe():  # processes that inherit the atlas and the imports: start in well under a second
                 pool = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=min(workers, n), mp_context=ctx, initializer=init, initargs=initargs)
-            with pool:
-                for _ in pool.map(_write_subject, tasks, chunksize=1):
+                    max_workers=min(workers, n), mp_context=multiprocessing.get_context("fork"))
+            else:  # JAX's runtime threads run here, so no fork; numpy and zlib release the GIL: use threads
+                pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, n))
+            with pool, warnings.catch_warnings():  # Python >= 3.12 warns about any fork with threads alive
+                warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+                for _ in pool.map(_write_subject, tasks):
                     bar.update()
     finally:
         bar.close()
