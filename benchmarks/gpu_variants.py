@@ -1,0 +1,76 @@
+"""GPU experiment: which XLA-path changes speed up SFCN on a GPU (records -> JSONL, one per case and variant).
+
+Variants of `ConvBlock` on the XLA path (the one GPUs run):
+  base       nnx.Conv -> BN -> nnx.max_pool (reduce_window; its gradient is XLA's select-and-scatter)
+  pool       the reshape max-pool `jaxtl.conv.max_pool2` (gradient: masks, no scatter)
+  pool+pad8  also zero-pads the 1-channel input of the first layer to 8 channels (cuDNN's tensor-core
+             kernels want channel counts that are multiples of 8); same result, 8x the first layer's FLOPs
+Usage: python benchmarks/gpu_variants.py OUT.jsonl [variant,...] [dtype,...] [suite,...] [batch]
+"""
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtl import bench
+from jaxtl.conv import max_pool2
+from jaxtl.model import ConvBlock
+
+ORIGINAL = ConvBlock.__call__
+
+
+def _conv(block: ConvBlock, x: jax.Array, pad8: bool) -> jax.Array:
+    w = block.conv.kernel[...].astype(block.conv.dtype)
+    if pad8 and x.shape[-1] == 1:
+        x = jnp.pad(x, [(0, 0)] * 4 + [(0, 7)])
+        w = jnp.pad(w, [(0, 0)] * 3 + [(0, 7), (0, 0)])
+    p = w.shape[0] // 2
+    y = jax.lax.conv_general_dilated(x.astype(w.dtype), w, (1, 1, 1), [(p, p)] * 3,
+                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    return y + block.conv.bias[...].astype(y.dtype)
+
+
+def variant_call(pad8: bool):
+    def call(self: ConvBlock, x: jax.Array) -> jax.Array:
+        x = self.bn(_conv(self, x, pad8))
+        return nnx.relu(max_pool2(x) if self.pool else x)
+    return call
+
+
+VARIANTS = {"base": ORIGINAL, "pool": variant_call(False), "pool+pad8": variant_call(True)}
+
+
+def main() -> None:
+    out = sys.argv[1]
+    variants = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANTS)
+    dtypes = sys.argv[3].split(",") if len(sys.argv) > 3 else ["bfloat16", "float32"]
+    suites = sys.argv[4].split(",") if len(sys.argv) > 4 else ["train", "embed"]
+    batch = int(sys.argv[5]) if len(sys.argv) > 5 else 8
+    config, res = ("peng", 1) if jax.default_backend() != "cpu" else ("demo", 4)
+    hw, vers, commit = bench.hardware_info(), bench.versions(), bench.git_commit()
+    for suite in suites:
+        for dtype in dtypes:
+            for name in variants:
+                ConvBlock.__call__ = VARIANTS[name]
+                start = time.perf_counter()
+                try:
+                    rec = bench.run_case(bench.Case(suite, config, res, batch, dtype), warmup=2, repeats=10,
+                                         conv_impl="xla")
+                except Exception as e:  # noqa: BLE001
+                    print(f"{suite} {dtype} {name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                rec = bench._base_record(hw, vers, commit, f"gpu_variants.py variant {name}") | rec
+                rec["variant"] = name
+                with open(out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"{suite} {dtype} {name}: {bench.summary_line(rec)} [{time.perf_counter() - start:.0f} s]",
+                      flush=True)
+    ConvBlock.__call__ = ORIGINAL
+
+
+if __name__ == "__main__":
+    main()
