@@ -49,10 +49,12 @@ BIN_RANGE = (42.0, 82.0)  # Peng's UKB age bins (40 outputs)
 SCHEMA = 1
 
 # Dense peak FLOP/s per device (vendor datasheets, SXM parts), by a substring of `device_kind`.
+# Dense datasheet peaks. NVIDIA float32 = TF32 tensor cores: XLA (JAX's default precision) and cuDNN
+# (PyTorch's allow_tf32 default for convolutions) both run float32 convolutions in TF32 there.
 ACCELERATOR_PEAKS = {
-    "H200": {"float32": 67e12, "bfloat16": 989e12},
-    "H100": {"float32": 67e12, "bfloat16": 989e12},
-    "A100": {"float32": 19.5e12, "bfloat16": 312e12},
+    "H200": {"float32": 494.7e12, "bfloat16": 989e12},
+    "H100": {"float32": 494.7e12, "bfloat16": 989e12},
+    "A100": {"float32": 156e12, "bfloat16": 312e12},
     "TPU v4": {"float32": None, "bfloat16": 275e12},
     "TPU v5 lite": {"float32": None, "bfloat16": 197e12},
     "TPU v5p": {"float32": None, "bfloat16": 459e12},
@@ -209,7 +211,8 @@ def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
         for key, peaks in ACCELERATOR_PEAKS.items():
             if key.lower() in hw["accelerator"].lower() and peaks.get(dtype):
                 n = hw["accelerator_count"]
-                return peaks[dtype] * n, f"{n} x {key} dense {dtype} datasheet peak {peaks[dtype] / 1e12:g} TFLOP/s"
+                kind = "TF32 (float32)" if dtype == "float32" and hw["platform"] == "gpu" else dtype
+                return peaks[dtype] * n, f"{n} x {key} dense {kind} datasheet peak {peaks[dtype] / 1e12:g} TFLOP/s"
         return None, f"no datasheet peak for {hw['accelerator']} {dtype}"
     flags, mhz = set(hw.get("cpu_flags", [])), hw.get("cpu_mhz")
     if not mhz:
@@ -253,6 +256,8 @@ def git_commit() -> dict[str, Any]:
             return None
 
     commit = git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("JAXTL_GIT_COMMIT"):  # a copy of the tree without .git
+        return {"commit": os.environ["JAXTL_GIT_COMMIT"], "dirty": None, "source": "JAXTL_GIT_COMMIT"}
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
