@@ -194,6 +194,7 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     batch_size = batch_size or max(8, 2 * n_dev)
     batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
     mesh = _data_mesh()
+    model = nnx.merge(*nnx.split(model))  # the same arrays in new modules: eval mode leaves the caller's as it was
     model.eval()
     if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
         model = _with_dtype(model, dtype)
@@ -227,7 +228,8 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
 
 def _with_dtype(model: SFCN, dtype) -> SFCN:
     """A copy of `model` computing in `dtype` (parameters stay float32)."""
-    new = SFCN(model.channels, model.num_outputs, model.dropout.rate, dtype=dtype, rngs=nnx.Rngs(0))
+    new = SFCN(model.channels, model.num_outputs, model.dropout.rate, dtype=dtype, rngs=nnx.Rngs(0),
+               conv_impl=model.conv_impl)
     nnx.update(new, nnx.state(model, WEIGHTS))
     new.eval()
     return new

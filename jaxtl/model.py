@@ -130,6 +130,7 @@ class SFCN(nnx.Module):
         self.channels = channels
         self.num_outputs = num_outputs
         self.dtype = dtype
+        self.conv_impl = conv_impl
         in_chs = (1,) + channels[:-1]
         n = len(channels)
         self.blocks = nnx.List([

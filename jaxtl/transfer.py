@@ -375,7 +375,8 @@ def _copy(model: SFCN) -> SFCN:
 
 def with_new_head(model: SFCN, num_outputs: int, seed: int) -> SFCN:
     """The same feature extractor (copied) with a fresh head of `num_outputs` (PyTorch-default init)."""
-    new = SFCN(model.channels, num_outputs, model.dropout.rate, dtype=model.dtype, rngs=nnx.Rngs(seed))
+    new = SFCN(model.channels, num_outputs, model.dropout.rate, dtype=model.dtype, rngs=nnx.Rngs(seed),
+               conv_impl=model.conv_impl)
     nnx.update(new.blocks, jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(model.blocks, WEIGHTS)))
     return new
 
@@ -616,7 +617,9 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
     kw = dict(seed=seed, shift=shift, mirror=ft.mirror, wrap=ft.wrap, progress=progress)
     procedure = method
     if method == "scratch":  # TL built Peng's channels here whatever the JSON said; we match the backbone
-        net = SFCN(backbone.model.channels, task.num_outputs, backbone.model.dropout.rate, rngs=nnx.Rngs(seed))
+        b = backbone.model
+        net = SFCN(b.channels, task.num_outputs, b.dropout.rate, dtype=b.dtype, rngs=nnx.Rngs(seed),
+                   conv_impl=b.conv_impl)
     else:
         net = _copy(backbone.model)
     if method == "reinit":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
@@ -91,6 +92,19 @@ def test_bfloat16_compute_is_close(age_model, volumes):
     assert bf16.dtype == np.float32
     np.testing.assert_allclose(bf16, ref, rtol=0.1, atol=0.05 * np.abs(ref).max())
     assert not np.array_equal(bf16, ref)
+
+
+def test_bfloat16_copy_keeps_conv_impl_and_callers_mode(volumes):
+    from flax import nnx
+
+    from jaxtl.embed import _with_dtype
+    from jaxtl.model import SFCN
+
+    model = SFCN((4, 8, 8, 8, 8, 8), conv_impl="xla", rngs=nnx.Rngs(0))
+    assert all(b.conv_impl == "xla" for b in _with_dtype(model, jnp.bfloat16).blocks)
+    model.train()
+    embed(volumes[:2], model, progress=False)
+    assert not model.blocks[0].bn.use_running_average  # embed ran in eval mode on its own view
 
 
 def test_predict_decodes_expected_age(age_model, paths, volumes, tiny_models):

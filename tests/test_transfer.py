@@ -149,6 +149,8 @@ def test_each_method_end_to_end(method, tiny_models, ixi_tiny, tmp_path):
     assert metrics["n"] == {k: int((pred["split"] == k).sum()) for k in metrics["n"]}
     name = "mae" if task == "age" else "balanced_accuracy"
     assert np.isfinite(metrics["test"][name]) and metrics["method"] == method
+    keys = {"mae", "r", "r2"} if task == "age" else {"accuracy", "balanced_accuracy", "auc"}
+    assert keys <= set(metrics["test"]), metrics["test"]
     if task == "age":
         np.testing.assert_allclose(pred["gap"], pred["prediction"] - pred["age"], atol=2e-3)
         assert (out / "predicted_vs_age.png").stat().st_size > 1000 and (out / "gap_vs_age.png").exists()
@@ -246,3 +248,9 @@ def test_predict_cohort_with_a_plain_model_is_direct(tiny_models, ixi_tiny):
     np.testing.assert_allclose(cols["prediction"], predict(ixi_tiny[1], tiny_models["age"], progress=False),
                                rtol=1e-6)
     assert "prediction_corrected" in cols
+
+
+def test_cli_methods_are_the_transfer_methods():
+    from jaxtl import cli, transfer
+
+    assert cli.TRANSFER_METHODS == transfer.METHODS
