@@ -292,8 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMPILING_COMMANDS = ("pretrain", "demo", "transfer", "predict", "experiment")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in COMPILING_COMMANDS:
+        from jaxtl.train import enable_compilation_cache
+
+        enable_compilation_cache()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback

@@ -1,0 +1,64 @@
+"""`jaxtl demo` at CI scale: every stage writes its files, REPORT.md has every section, a rerun reuses all."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+from jaxtl.demo import CI, print_summary, run_demo
+
+SECTIONS = ["# jaxtl demo", "> **Simulated brains.**", "## Findings of the paper, checked here",
+            "## Target: simulated IXI", "Data scarcity", "Brain manifold", "## Brain age", "## The simulated brains",
+            "## Timings"]
+
+
+def test_ci_demo_end_to_end_and_rerun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JAXTL_HOME", str(tmp_path / "home"))  # a cold compilation cache, as on a fresh machine
+    out = tmp_path / "demo"
+    config = dataclasses.replace(CI, out_dir=str(out))
+    report = run_demo(config, progress=False)
+    assert report == out / "REPORT.md"
+
+    # 1-2: simulated BIDS cohorts and their caches
+    for name, n in (("ukb", CI.source_n), ("ixi", CI.target_n)):
+        root = next((out / "data").glob(f"{name}_n{n}_*"))
+        assert len((root / "bids" / "participants.tsv").read_text().splitlines()) == n + 1
+        assert len(json.loads((root / "cache" / "index.json").read_text())["scans"]) == n
+    # 3: pretrained age and sex models
+    for task in ("age", "sex"):
+        meta = json.loads((out / f"pretrain_{task}" / "model" / "model.json").read_text())
+        assert meta["task"] == task
+    # 4: the comparison, every method on both tasks, scarcity and manifold
+    exp = out / "experiment_ixi"
+    runs = [json.loads(line) for line in (exp / "results.jsonl").read_text().splitlines()]
+    labels = {(r["task"], r["label"]) for r in runs if r["share"] == 1.0}
+    for task, other in (("age", "sex"), ("sex", "age")):
+        tl = "TL ft_step (age-pretr.)" if task == "age" else "TL ft_full (sex-pretr.)"
+        for label in (tl, "re-init w/ scaling", f"features ({task}-pretr.)", f"features ({other}-pretr.)",
+                      "scratch", "elastic net", f"direct transfer ({task}-pretr.)"):
+            assert (task, label) in labels, (task, label)
+    assert {r["share"] for r in runs} == {0.5, 1.0}
+    for f in ("table.md", "scarcity.png", "manifold.png", "report.md"):
+        assert (exp / f).stat().st_size > 100, f
+    # 5: brain-age outputs and the report
+    for f in ("predictions.csv", "metrics.json", "predicted_vs_age.png", "gap_vs_age.png"):
+        assert (out / "brain_age" / f).exists(), f
+    text = report.read_text()
+    for section in SECTIONS:
+        assert section in text, section
+    for link in re.findall(r"\]\(([^)]+)\)", text):  # every image and file the report links exists
+        assert (out / link).exists(), link
+    assert "paper, real IXI" in text and "| total (this run) |" in text
+    assert len(re.findall(r"\| ixi \| (age|sex) \| .* \| (holds|\*\*does not hold\*\*) \|", text)) == 8
+    # 6: the summary printed by `jaxtl demo`
+    print_summary(report)
+    printed = capsys.readouterr().out
+    assert "## Findings" in printed and str(report.resolve()) in printed
+
+    # a second run reuses data, models and finished runs
+    n_runs = len(runs)
+    report = run_demo(config, progress=False)
+    assert len((exp / "results.jsonl").read_text().splitlines()) == n_runs
+    seconds = dict(re.findall(r"\| (pretrain \w+ SFCN|experiment ixi) \| ([\d.]+) \|", report.read_text()))
+    assert all(float(v) < 5 for v in seconds.values()), seconds
