@@ -3,7 +3,7 @@
 Stages: simulate a UK Biobank-like source cohort and two small target cohorts (IXI- and OASIS-like) at 4mm
 -> prepare caches -> pretrain an age SFCN and a sex SFCN on the source -> on each target and task, the
 paper's comparison (same-task fine-tuning, frozen features + scikit-learn head, features from the model
-pretrained on the other label, re-init, scratch, elastic net on voxels, direct transfer) -> REPORT.md.
+pretrained on the other label, scratch, elastic net on voxels, direct transfer) -> REPORT.md.
 
 Everything is cached under the output directory: a second run reuses the simulated data, the caches, the
 pretrained models and every finished experiment run.
@@ -23,6 +23,7 @@ from jaxtl.experiment import (
     DEFAULT_METHODS,
     ExperimentConfig,
     ManifoldConfig,
+    MethodSpec,
     PretrainSpec,
     ScarcityConfig,
     SimulatedCohort,
@@ -34,6 +35,11 @@ from jaxtl.experiment import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+# The comparison: every default method but `reinit` (the paper's control, kept in `jaxtl experiment`),
+# which costs two more fine-tuning runs per task and repeat.
+DEMO_METHODS: tuple[MethodSpec, ...] = tuple(m for m in DEFAULT_METHODS if m.method != "reinit")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     out_dir: str = "demo_out"
@@ -43,7 +49,8 @@ class DemoConfig:
     target_n: int = 160
     pretrain: tuple[str, ...] = ("epochs=10", "optim.step_epochs=4")  # overrides of configs/sfcn_demo.py
     repeats: int = 3
-    epoch_scale: float = 0.05  # the paper's fine-tuning / scratch epochs, scaled for a CPU
+    epoch_scale: float = 0.02  # the paper's fine-tuning / scratch epochs, scaled for a CPU
+    methods: tuple[MethodSpec, ...] = DEMO_METHODS
     shares: tuple[float, ...] = (0.25, 0.5, 1.0)  # data-scarcity curve
     manifold_n: int = 160
 
@@ -96,7 +103,7 @@ def run_demo(config: DemoConfig = DEMO, *, progress: bool = True) -> Path:
         exp = ExperimentConfig(
             name=name, out_dir=str(out / f"experiment_{name}"), data_dir=str(data_dir), target=cohort,
             age_model=model_dirs["age"], sex_model=model_dirs["sex"], paper_dataset=name, tasks=("age", "sex"),
-            methods=DEFAULT_METHODS, repeats=config.repeats, epoch_scale=config.epoch_scale,
+            methods=config.methods, repeats=config.repeats, epoch_scale=config.epoch_scale,
             scarcity=ScarcityConfig(shares=config.shares, methods=("features", "ft_step", "scratch"),
                                     tasks=("age",), repeats=1),
             manifold=ManifoldConfig(n=config.manifold_n))
@@ -175,9 +182,10 @@ def findings(exp: ExperimentConfig) -> list[str]:
             (f"same-task transfer ({tl}) beats scratch", tl and "scratch" in m and better(m[tl], m["scratch"])),
             (f"same-task features beat {other}-pretrained features",
              same is not None and cross is not None and better(same, cross)),
-            (f"re-init loses the gain ({tl} beats re-init)",
-             tl and "re-init w/ scaling" in m and better(m[tl], m["re-init w/ scaling"])),
         ]
+        if "re-init w/ scaling" in m:  # only when the run includes the re-init control
+            checks.append((f"re-init loses the gain ({tl} beats re-init)",
+                           tl and better(m[tl], m["re-init w/ scaling"])))
         for text, ok in checks:
             lines.append(f"| {exp.name} | {task} | {text} | {'holds' if ok else '**does not hold**'} |")
     return lines
