@@ -57,8 +57,10 @@ class TrainConfig:
     data: DataConfig = DataConfig()
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Load `get_config()` from a config file and apply `section.field=value` overrides."""
+def load_config(path: str | Path, overrides: list[str] | None = None, expected: type | None = None) -> Any:
+    """Load `get_config()` from a config file (a `TrainConfig`, or `expected`) and apply `section.field=value`
+    overrides."""
+    expected = expected or TrainConfig
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such config file (see configs/ for examples)")
@@ -66,8 +68,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path}: a config file must define get_config() -> jaxtl.config.TrainConfig")
+        raise ValueError(f"{path}: a config file must define get_config() -> {expected.__name__}")
     config = module.get_config()
+    if not isinstance(config, expected):
+        raise ValueError(f"{path}: get_config() returned {type(config).__name__}, expected {expected.__name__}")
     for item in overrides or []:
         config = override(config, item)
     return config

@@ -12,7 +12,6 @@ cohort are generated with `jaxtl.simulate`, and missing pretrained models are pr
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import platform
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxtl.config import override
+from jaxtl.config import load_config
 from jaxtl.transfer import (
     NonFiniteError,
     Target,
@@ -147,20 +146,7 @@ class ExperimentConfig:
 
 def load_experiment_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
     """`get_config()` of a config file, with `field.sub=value` overrides (as `jaxtl pretrain --set`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file (see configs/experiment_*.py)")
-    spec = importlib.util.spec_from_file_location(f"jaxtl_experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path}: an experiment config must define get_config() -> ExperimentConfig")
-    config = module.get_config()
-    if not isinstance(config, ExperimentConfig):
-        raise ValueError(f"{path}: get_config() returned {type(config).__name__}, expected ExperimentConfig")
-    for item in overrides or []:
-        config = override(config, item)
-    return config
+    return load_config(path, overrides, expected=ExperimentConfig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +214,6 @@ def ensure_model(spec: PretrainSpec | str, data_dir: str | os.PathLike, progress
         raise ValueError(f"checkpoint must be 'best' or 'model', got {spec.checkpoint!r}")
     model_dir = Path(spec.workdir) / spec.checkpoint
     if not (Path(spec.workdir) / "model" / "model.json").exists():  # the final export marks a finished run
-        from jaxtl.config import load_config
         from jaxtl.train import pretrain
 
         cache = ensure_cohort(spec.cohort, data_dir, progress)

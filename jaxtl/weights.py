@@ -127,7 +127,7 @@ def _resolve(name_or_dir: str | os.PathLike) -> Path:
 
 def load_model(name_or_dir: str | os.PathLike, *, dtype=jnp.float32) -> JaxtlModel:
     """Load a jaxtl model directory (or a published name such as "peng2021-age") in eval mode."""
-    path = _resolve(name_or_dir)
+    path = _resolve(name_or_dir).absolute()  # orbax wants absolute paths
     config = json.loads((path / "model.json").read_text())
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer jaxtl (format {config['format_version']}); upgrade jaxtl")

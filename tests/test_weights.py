@@ -174,6 +174,16 @@ def test_cli_convert_then_load(tmp_path, capsys):
     assert cli.main(["convert", str(path), str(tmp_path / "m"), "--bins", "37", "96"]) == 2  # no silent overwrite
 
 
+def test_relative_model_paths(tmp_path, monkeypatch):
+    """orbax refuses relative paths; jaxtl takes them (`make demo` writes to demo_out/)."""
+    monkeypatch.chdir(tmp_path)
+    path = _save_sd(tmp_path / "w.p", PengSFCN(TRANSFER_CHANNELS, 59).state_dict())
+    jaxtl.convert_torch_checkpoint(path, "rel/m", task="age", bin_range=(37, 96))
+    m = jaxtl.load_model("rel/m")
+    jaxtl.save_model(m.model, "rel/copy", m.task)
+    assert jaxtl.load_model("rel/copy").task.num_outputs == 59
+
+
 # ---- named published weights ---------------------------------------------------------------------------
 
 
