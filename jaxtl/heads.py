@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -183,15 +184,16 @@ class ElasticBaseline(BaseEstimator):
 
     def __init__(self, task: str = "age", *, n_components: int | None = None,
                  n_features: tuple[int, ...] = (10, 30, 60, 150), l1_ratios: tuple[float, ...] = (0.1, 0.5, 0.9, 1.0),
-                 cv: int = 5, seed: int = 0):
+                 cv: int = 5, seed: int = 0, n_jobs: int | None = None):
         self.task = task
+        self.n_jobs = n_jobs
         self.n_components = n_components
         self.n_features = n_features
         self.l1_ratios = l1_ratios
         self.cv = cv
         self.seed = seed
 
-    def _pipeline(self, n: int) -> Pipeline:
+    def _pipeline(self, n: int, memory: str | None = None) -> Pipeline:
         inner = KFold(self.cv, shuffle=True, random_state=self.seed)
         if self.task == "age":
             model = ElasticNetCV(l1_ratio=list(self.l1_ratios), alphas=30, cv=inner, max_iter=20000,
@@ -205,19 +207,20 @@ class ElasticBaseline(BaseEstimator):
             raise ValueError(f"unknown task {self.task!r}: use 'age' or 'sex'")
         ncomp = n - 1 if self.n_components is None else min(self.n_components, n - 1)
         return Pipeline([("pca", PCA(ncomp, random_state=self.seed)), ("select", CorrelationSelector()),
-                         ("scale", StandardScaler()), ("model", model)])
+                         ("scale", StandardScaler()), ("model", model)], memory=memory)
 
     def fit(self, X, y):
         X = np.asarray(X, np.float32).reshape(len(X), -1)
         y = np.asarray(y, np.float64)
         outer_train = len(X) * (self.cv - 1) // self.cv  # training size inside the outer CV folds
-        pipe = self._pipeline(outer_train)
         grid = {"select__k": [k for k in self.n_features if k < outer_train] or [min(self.n_features)]}
         splitter = (StratifiedKFold if self.task == "sex" else KFold)(self.cv, shuffle=True, random_state=self.seed)
-        search = GridSearchCV(pipe, grid, cv=splitter, scoring="balanced_accuracy" if self.task == "sex" else
-                              "neg_mean_absolute_error", refit=False)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="jaxtl-pca-") as cache:
             warnings.filterwarnings("ignore", message=".*(converge|did not converge).*")
+            # each fold's PCA is fitted once and reused for every k (the SVD is most of the search)
+            search = GridSearchCV(self._pipeline(outer_train, memory=cache), grid, cv=splitter,
+                                  scoring="balanced_accuracy" if self.task == "sex" else "neg_mean_absolute_error",
+                                  refit=False, n_jobs=self.n_jobs)
             search.fit(X, y)
             self.best_params_ = search.best_params_
             final = self._pipeline(len(X)).set_params(**search.best_params_)
@@ -237,9 +240,9 @@ class ElasticRegressor(RegressorMixin, ElasticBaseline):
 
     def __init__(self, task: str = "age", *, n_components: int | None = None,
                  n_features: tuple[int, ...] = (10, 30, 60, 150), l1_ratios: tuple[float, ...] = (0.1, 0.5, 0.9, 1.0),
-                 cv: int = 5, seed: int = 0):
+                 cv: int = 5, seed: int = 0, n_jobs: int | None = None):
         super().__init__(task, n_components=n_components, n_features=n_features, l1_ratios=l1_ratios, cv=cv,
-                         seed=seed)
+                         seed=seed, n_jobs=n_jobs)
 
 
 class ElasticClassifier(ClassifierMixin, ElasticBaseline):
@@ -247,9 +250,9 @@ class ElasticClassifier(ClassifierMixin, ElasticBaseline):
 
     def __init__(self, task: str = "sex", *, n_components: int | None = None,
                  n_features: tuple[int, ...] = (10, 30, 60, 150), l1_ratios: tuple[float, ...] = (0.1, 0.5, 0.9, 1.0),
-                 cv: int = 5, seed: int = 0):
+                 cv: int = 5, seed: int = 0, n_jobs: int | None = None):
         super().__init__(task, n_components=n_components, n_features=n_features, l1_ratios=l1_ratios, cv=cv,
-                         seed=seed)
+                         seed=seed, n_jobs=n_jobs)
 
 
 def make_elastic(task: str, **kwargs) -> ElasticBaseline:

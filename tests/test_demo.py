@@ -8,7 +8,7 @@ import re
 
 from jaxtl.demo import CI, print_summary, run_demo
 
-SECTIONS = ["# jaxtl demo", "> **Simulated brains.**", "## Findings of the paper, checked here",
+SECTIONS = ["# jaxtl demo", "> **Simulated brains.**", "## Source models", "## Findings of the paper, checked here",
             "## Target: simulated IXI", "Data scarcity", "Brain manifold", "## Brain age", "## The simulated brains",
             "## Timings"]
 
@@ -49,8 +49,9 @@ def test_ci_demo_end_to_end_and_rerun(tmp_path, capsys, monkeypatch):
         assert section in text, section
     for link in re.findall(r"\]\(([^)]+)\)", text):  # every image and file the report links exists
         assert (out / link).exists(), link
+    assert re.search(r"\| age \| [\d.]+ years MAE \| [\d.]+ years MAE \| 1", text), text
     assert "paper, real IXI" in text and "| total (this run) |" in text
-    assert len(re.findall(r"\| ixi \| (age|sex) \| .* \| (holds|\*\*does not hold\*\*) \|", text)) == 6
+    assert len(re.findall(r"\| ixi \| (age|sex) \| .* \| (holds|\*\*does not hold\*\*) \|", text)) == 10
     assert "re-init" not in text  # not part of the demo's comparison
     # 6: the summary printed by `jaxtl demo`
     print_summary(report)
