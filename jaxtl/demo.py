@@ -46,13 +46,13 @@ class DemoConfig:
     resolution: int = 4  # mm: 40x48x40 network input
     source_n: int = 400  # simulated UK Biobank-like subjects for pretraining
     targets: tuple[str, ...] = ("ixi", "oasis")
-    target_n: int = 160
+    target_n: int = 120
     pretrain: tuple[str, ...] = ("epochs=10", "optim.step_epochs=4")  # overrides of configs/sfcn_demo.py
     repeats: int = 3
     epoch_scale: float = 0.02  # the paper's fine-tuning / scratch epochs, scaled for a CPU
     methods: tuple[MethodSpec, ...] = DEMO_METHODS
     shares: tuple[float, ...] = (0.25, 0.5, 1.0)  # data-scarcity curve
-    manifold_n: int = 160
+    manifold_n: int = 120
 
 
 DEMO = DemoConfig()
