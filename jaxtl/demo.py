@@ -53,6 +53,7 @@ class DemoConfig:
     methods: tuple[MethodSpec, ...] = DEMO_METHODS
     shares: tuple[float, ...] = (0.25, 0.5, 1.0)  # data-scarcity curve
     manifold_n: int = 120
+    montage_mm: int = 1  # resolution of the slice montage of simulated brains
 
 
 DEMO = DemoConfig()
@@ -60,7 +61,7 @@ DEMO = DemoConfig()
 # compiling the fine-tuning steps is most of it).
 CI = DemoConfig(out_dir="demo_ci", source_n=32, targets=("ixi",), target_n=24,
                 pretrain=("epochs=1", "model.channels=(4,8,8,8,8,8)", "batch_size=4"),
-                repeats=1, epoch_scale=0.01, shares=(0.5, 1.0), manifold_n=24)
+                repeats=1, epoch_scale=0.01, shares=(0.5, 1.0), manifold_n=24, montage_mm=4)
 SCALES = {"demo": DEMO, "ci": CI}
 
 
@@ -114,7 +115,7 @@ def run_demo(config: DemoConfig = DEMO, *, progress: bool = True) -> Path:
     first = next(iter(targets))
     with stage("brain-age outputs and montage"):
         brain_age = _brain_age(model_dirs["age"], ensure_cohort(targets[first], data_dir, False), out, progress)
-        montage = _montage(out)
+        montage = _montage(out, config.montage_mm)
     seconds = {**stage.seconds, "total": time.perf_counter() - t0}
     first_path = out / "timings.json"  # the stage times of the run that computed them (a rerun reuses its work)
     first = json.loads(first_path.read_text()) if first_path.exists() else {}
@@ -148,12 +149,12 @@ def _brain_age(model_dir: str, cache: str, out: Path, progress: bool) -> dict:
             "plots": sorted(p.name for p in result_dir.glob("*.png"))}
 
 
-def _montage(out: Path) -> Path:
+def _montage(out: Path, resolution: int) -> Path:
     from jaxtl.simulate import preview
 
     path = out / "montage.png"
     if not path.exists():
-        preview(path, preset="ixi", resolution=1)
+        preview(path, preset="ixi", resolution=resolution)
     return path
 
 
