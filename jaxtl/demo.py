@@ -48,6 +48,9 @@ class DemoConfig:
     targets: tuple[str, ...] = ("ixi", "oasis")
     target_n: int = 120
     pretrain: tuple[str, ...] = ("epochs=10", "optim.step_epochs=4")  # overrides of configs/sfcn_demo.py
+    # Sex at lr 0.01 never left chance here (400 subjects, 4mm: training loss stayed at ln 2 for 20 epochs);
+    # at 0.001 it reached 0.70 test accuracy (majority 0.375) in 10 epochs. Age: 4.76 vs 4.83 MAE, kept at 0.01.
+    pretrain_sex: tuple[str, ...] = ("optim.lr=0.001",)
     repeats: int = 3
     epoch_scale: float = 0.02  # the paper's fine-tuning / scratch epochs, scaled for a CPU
     methods: tuple[MethodSpec, ...] = DEMO_METHODS
@@ -95,7 +98,7 @@ def run_demo(config: DemoConfig = DEMO, *, progress: bool = True) -> Path:
             ensure_cohort(cohort, data_dir, progress)
     model_dirs = {}
     for task in ("age", "sex"):
-        overrides = (f"task='{task}'", *config.pretrain)
+        overrides = (f"task='{task}'", *config.pretrain, *(config.pretrain_sex if task == "sex" else ()))
         spec = PretrainSpec(str(out / f"pretrain_{task}"), task, str(CONFIGS / "sfcn_demo.py"), overrides, source)
         with stage(f"pretrain {task} SFCN"):
             ensure_model(spec, data_dir, progress)
