@@ -48,9 +48,9 @@ FULL_SHAPE = (160, 192, 160)  # 1mm network input
 BIN_RANGE = (42.0, 82.0)  # Peng's UKB age bins (40 outputs)
 SCHEMA = 1
 
-# Dense peak FLOP/s per device (vendor datasheets, SXM parts), by a substring of `device_kind`.
-# Dense datasheet peaks. NVIDIA float32 = TF32 tensor cores: XLA (JAX's default precision) and cuDNN
-# (PyTorch's allow_tf32 default for convolutions) both run float32 convolutions in TF32 there.
+# Dense peak FLOP/s per device (vendor datasheets, SXM parts), by a substring of `device_kind`. NVIDIA
+# float32 = TF32 tensor cores: XLA (JAX's default precision) and cuDNN (PyTorch's allow_tf32 default for
+# convolutions) both run float32 convolutions in TF32 there.
 ACCELERATOR_PEAKS = {
     "H200": {"float32": 494.7e12, "bfloat16": 989e12},
     "H100": {"float32": 494.7e12, "bfloat16": 989e12},

@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMPILING_COMMANDS = ("pretrain", "demo", "transfer", "predict", "experiment")
+COMPILING_COMMANDS = ("pretrain", "transfer", "predict", "experiment")  # `demo` turns the cache on itself
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,9 +121,10 @@ def run_demo(config: DemoConfig = DEMO, *, progress: bool = True) -> Path:
         montage = _montage(out, config.montage_mm)
     seconds = {**stage.seconds, "total": time.perf_counter() - t0}
     first_path = out / "timings.json"  # the stage times of the run that computed them (a rerun reuses its work)
-    first = json.loads(first_path.read_text()) if first_path.exists() else {}
-    first_path.write_text(json.dumps({k: first.get(k, v) for k, v in seconds.items()}, indent=1) + "\n")
-    report = _report(config, experiments, model_dirs, brain_age, montage, seconds, {**seconds, **first})
+    earlier = json.loads(first_path.read_text()) if first_path.exists() else {}
+    first = {k: earlier.get(k, v) for k, v in seconds.items()}
+    first_path.write_text(json.dumps(first, indent=1) + "\n")
+    report = _report(config, experiments, model_dirs, brain_age, montage, seconds, first)
     path = out / "REPORT.md"
     path.write_text(report)
     return path
