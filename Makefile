@@ -1,7 +1,11 @@
 # Two commands for a fresh clone: `make demo` and `make test`. Both create .venv when missing.
 PYTHON ?= python3
+comma := ,
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# With an NVIDIA GPU (nvidia-smi on PATH) the install adds JAX's CUDA wheels (the `cuda` extra), so `make demo`
+# runs the same code on the GPU; `make demo EXTRAS=` forces the CPU-only install.
+EXTRAS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,)
 
 .PHONY: demo test lint install clean
 
@@ -10,11 +14,11 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test$(if $(EXTRAS),$(comma)$(EXTRAS))]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -10,10 +10,14 @@ To run on real data, set `target` to a prepared cache directory (or BIDS / CSV c
 model directories, e.g. `age_model="~/.cache/jaxtl/peng2021-age"` (then use matching input resolution).
 """
 
-from jaxtl.experiment import ExperimentConfig, ManifoldConfig, PretrainSpec, ScarcityConfig, SimulatedCohort
-
-UKB = SimulatedCohort("ukb", n=800, seed=0, resolution=4)
-PRETRAIN = ("epochs=30", "optim.step_epochs=8")
+from jaxtl.experiment import (
+    SIMULATED_AGE_MODEL,
+    SIMULATED_SEX_MODEL,
+    ExperimentConfig,
+    ManifoldConfig,
+    ScarcityConfig,
+    SimulatedCohort,
+)
 
 
 def get_config() -> ExperimentConfig:
@@ -22,10 +26,9 @@ def get_config() -> ExperimentConfig:
         out_dir="runs/experiment_ixi",
         data_dir="runs/data",
         target=SimulatedCohort("ixi", n=538, seed=1, resolution=4),
-        # Peng's checkpoints: age = best validation MAE, sex = last epoch (paper-spec section 4)
-        age_model=PretrainSpec("runs/pretrain_ukb_age", "age", "configs/sfcn_demo.py", PRETRAIN, UKB, "best"),
-        sex_model=PretrainSpec("runs/pretrain_ukb_sex", "sex", "configs/sfcn_demo.py", ("task='sex'",) + PRETRAIN,
-                               UKB, "model"),
+        # simulated UK Biobank-like source models, shared by the experiment configs (jaxtl.experiment)
+        age_model=SIMULATED_AGE_MODEL,
+        sex_model=SIMULATED_SEX_MODEL,
         paper_dataset="ixi",
         tasks=("age", "sex"),
         repeats=5,

@@ -383,13 +383,14 @@ def jaxtl_train(case: Case, x: np.ndarray, ages: np.ndarray, conv_impl: str = "a
     images, labels = trainer.global_batch(x), trainer.global_batch(ages.astype(np.float32))
     base_key = jax.random.key(config.seed)
     start = time.perf_counter()
-    compiled = trainer.train_fn.lower(trainer.state, images, labels, base_key).compile()
+    lr = np.float32(config.optim.lr)
+    compiled = trainer.train_fn.lower(trainer.state, images, labels, base_key, lr).compile()
     compile_s = time.perf_counter() - start
     counter = [0]
 
     def step():
         counter[0] += 1
-        trainer.state, loss, _ = compiled(trainer.state, images, labels, jax.random.fold_in(base_key, counter[0]))
+        trainer.state, loss, _ = compiled(trainer.state, images, labels, jax.random.fold_in(base_key, counter[0]), lr)
         return loss.block_until_ready()
 
     return Runner(step=step, compile_s=compile_s, memory=_compiled_memory(compiled),

@@ -86,7 +86,7 @@ class ConvBlock(nnx.Module):
                  conv_impl: str = "auto"):
         fan_in = in_ch * kernel**3
         self.conv = nnx.Conv(
-            in_ch, out_ch, (kernel,) * 3, padding=[(kernel // 2, kernel // 2)] * 3,
+            in_ch, out_ch, (kernel,) * 3, padding=((kernel // 2, kernel // 2),) * 3,
             dtype=dtype, param_dtype=jnp.float32,
             kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in), rngs=rngs,
         )

@@ -48,16 +48,32 @@ class NonFiniteLossError(RuntimeError):
 # Model, optimizer, step
 
 
-def make_optimizer(cfg: OptimConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """PyTorch `SGD(lr, momentum, weight_decay)` + `StepLR(step_epochs, gamma)` stepped per epoch.
+def _sgd(learning_rate, momentum, weight_decay) -> optax.GradientTransformation:
+    """PyTorch `SGD(lr, momentum, weight_decay)`: weight decay is coupled L2 (added to the gradient before
+    momentum), on every parameter including BatchNorm and biases, as in PyTorch."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
 
-    Weight decay is coupled L2 (added to the gradient before momentum), on every parameter
-    including BatchNorm and biases, as in PyTorch.
-    """
-    schedule = optax.exponential_decay(cfg.lr, transition_steps=max(cfg.step_epochs * steps_per_epoch, 1),
-                                       decay_rate=cfg.gamma, staircase=True)
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                       optax.sgd(schedule, momentum=cfg.momentum or None))
+
+# One transformation object for every run: the hyper-parameters are optimizer *state* and the learning rate of
+# each step is an argument of the jitted step. Runs that differ only in lr, schedule, momentum or decay (every
+# fine-tuning run of one network shape, the data-scarcity runs) then share one compiled step instead of each
+# compiling its own (on 2 CPU cores compiling was most of a short fine-tuning run).
+SGD = optax.inject_hyperparams(_sgd)(learning_rate=0.0, momentum=0.0, weight_decay=0.0)
+
+
+def make_optimizer(model: SFCN, cfg: OptimConfig, trainable: Any = nnx.Param) -> nnx.Optimizer:
+    """`SGD` on the `trainable` parameters of `model` with `cfg`'s momentum and weight decay; the learning
+    rate is set every step from `make_schedule_fn`."""
+    optimizer = nnx.Optimizer(model, SGD, wrt=trainable)
+    hp = optimizer.opt_state.hyperparams
+    for name, value in (("learning_rate", cfg.lr), ("momentum", cfg.momentum), ("weight_decay", cfg.weight_decay)):
+        hp[name][...] = jnp.asarray(value, jnp.float32)
+    return optimizer
+
+
+def make_schedule_fn(cfg: OptimConfig, steps_per_epoch: int):
+    """PyTorch `StepLR(step_epochs, gamma)` stepped per epoch, as a function of the step."""
+    return lambda step: cfg.lr * cfg.gamma ** (step // max(cfg.step_epochs * steps_per_epoch, 1))
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
@@ -88,12 +104,13 @@ def _loss_fn(model: SFCN, task, images, labels, key):
     return task.loss(log_probs, labels), log_probs
 
 
-def train_step(graphdef, state, images, labels, key, *, task, trainable):
-    """One SGD step on a (sharded) global batch.
+def train_step(graphdef, state, images, labels, key, lr, *, task, trainable):
+    """One SGD step with learning rate `lr` on a (sharded) global batch.
 
     Returns the new state, the batch loss and whether the loss and all new parameters are finite.
     """
     model, optimizer = nnx.merge(graphdef, state)
+    optimizer.opt_state.hyperparams["learning_rate"][...] = lr
     grad_fn = nnx.value_and_grad(_loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
     (loss, _), grads = grad_fn(model, task, images, labels, key)
     optimizer.update(model, grads)
@@ -114,6 +131,20 @@ def eval_step(graphdef, state, images, labels, mask, *, task):
     return jnp.sum(score * mask), jnp.sum(mask)
 
 
+@functools.cache
+def _jitted_steps(graphdef, task, trainable, mesh):
+    """The jitted train and eval steps, one pair per network structure, task, trainable filter and mesh:
+    trainers of the same shape reuse the compiled steps."""
+    replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    train_fn = jax.jit(functools.partial(train_step, graphdef, task=task, trainable=trainable),
+                       donate_argnums=(0,),
+                       in_shardings=(replicated, batch, batch, replicated, replicated),
+                       out_shardings=(replicated, replicated, replicated))
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef, task=task),
+                      in_shardings=(replicated, batch, batch, batch), out_shardings=(replicated, replicated))
+    return train_fn, eval_fn
+
+
 @dataclasses.dataclass
 class Trainer:
     """Model + optimizer state on a mesh, with the jitted train and eval steps."""
@@ -125,6 +156,7 @@ class Trainer:
     config: TrainConfig
     train_fn: Any
     eval_fn: Any
+    schedule: Any  # step -> learning rate
 
     @classmethod
     def create(cls, config: TrainConfig, steps_per_epoch: int, model: SFCN | None = None,
@@ -141,23 +173,17 @@ class Trainer:
             model = SFCN(config.model.channels, task.num_outputs, config.model.dropout,
                          dtype=jnp.dtype(config.model.dtype), rngs=nnx.Rngs(config.seed))
         model.train()
-        optimizer = nnx.Optimizer(model, make_optimizer(config.optim, steps_per_epoch), wrt=trainable)
-        graphdef, state = nnx.split((model, optimizer))
-        replicated = NamedSharding(mesh, P())
-        batch = NamedSharding(mesh, P("data"))
-        state = jax.device_put(state, replicated)
-        train_fn = jax.jit(functools.partial(train_step, graphdef, task=task, trainable=trainable),
-                           donate_argnums=(0,),
-                           in_shardings=(replicated, batch, batch, replicated),
-                           out_shardings=(replicated, replicated, replicated))
-        eval_fn = jax.jit(functools.partial(eval_step, graphdef, task=task),
-                          in_shardings=(replicated, batch, batch, batch), out_shardings=(replicated, replicated))
-        return cls(graphdef, state, mesh, task, config, train_fn, eval_fn)
+        graphdef, state = nnx.split((model, make_optimizer(model, config.optim, trainable)))
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+        train_fn, eval_fn = _jitted_steps(graphdef, task, trainable, mesh)
+        return cls(graphdef, state, mesh, task, config, train_fn, eval_fn,
+                   make_schedule_fn(config.optim, steps_per_epoch))
 
     def step(self, images: jax.Array, labels: jax.Array, step: int) -> tuple[jax.Array, jax.Array]:
         """One train step; returns (loss, finite) as device scalars (not synchronised)."""
         key = jax.random.fold_in(jax.random.key(self.config.seed), step)
-        self.state, loss, finite = self.train_fn(self.state, images, labels, key)
+        lr = np.float32(self.schedule(step))
+        self.state, loss, finite = self.train_fn(self.state, images, labels, key, lr)
         return loss, finite
 
     def model(self) -> SFCN:
@@ -318,7 +344,6 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
 
     end = total_steps if max_steps is None else min(total_steps, max_steps)
     bar = tqdm(total=end, initial=step, unit="step", desc="pretrain", disable=not (progress and is_main))
-    lr = make_schedule_fn(config.optim, steps_per_epoch)
     t0, n0 = time.perf_counter(), step
     try:
         while step < end:
@@ -333,7 +358,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                 rate = (step - n0) * config.batch_size / (time.perf_counter() - t0)
                 loss_v = float(np.mean([float(v) for _, v, _ in pending]))
                 pending = []
-                log({"step": step, "epoch": step / steps_per_epoch, "loss": loss_v, "lr": lr(step - 1),
+                log({"step": step, "epoch": step / steps_per_epoch, "loss": loss_v, "lr": trainer.schedule(step - 1),
                      "volumes_per_s": rate})
                 bar.set_postfix(loss=f"{loss_v:.3f}", vol_s=f"{rate:.1f}")
             if step % steps_per_epoch == 0:
@@ -374,10 +399,6 @@ def _baseline(source, train_idx, test_idx, label_key: str) -> float:
     if label_key == "age":
         return float(np.mean(np.abs(y_test - y_train.mean())))
     return float(np.mean(y_test == (y_train.mean() > 0.5)))
-
-
-def make_schedule_fn(cfg: OptimConfig, steps_per_epoch: int):
-    return lambda step: cfg.lr * cfg.gamma ** (step // max(cfg.step_epochs * steps_per_epoch, 1))
 
 
 def _raise_if_non_finite(losses: list, mngr: ocp.CheckpointManager) -> None:

@@ -97,28 +97,46 @@ def test_pipeline_batches_and_host_blocks(ukb_cache):
 
 
 def test_sgd_matches_pytorch_coupled_weight_decay():
-    """optax chain == torch.optim.SGD(lr, momentum, weight_decay) for a few steps, with the lr step decay."""
-    import optax
+    """jaxtl's SGD (hyper-parameters as state, lr fed per step) == torch.optim.SGD(lr, momentum,
+    weight_decay) + StepLR for a few steps, through the lr step decay."""
+    import jax.numpy as jnp
     import torch
 
     from jaxtl.config import OptimConfig
-    from jaxtl.train import make_optimizer
+    from jaxtl.train import make_optimizer, make_schedule_fn
 
     cfg = OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.01, step_epochs=2, gamma=0.5)
-    tx = make_optimizer(cfg, steps_per_epoch=1)
     p = np.array([1.0, -2.0, 3.0], np.float32)
     grads = [np.array([0.5, 0.1, -0.3], np.float32) * (i + 1) for i in range(5)]
     tp = torch.tensor(p.copy(), requires_grad=True)
     opt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    state, jp = tx.init(p), p.copy()
-    for g in grads:
+
+    class Weights(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.asarray(p))
+
+    model = Weights()
+    optimizer = make_optimizer(model, cfg)
+    schedule = make_schedule_fn(cfg, steps_per_epoch=1)
+    for i, g in enumerate(grads):
         tp.grad = torch.tensor(g)
         opt.step()
         sched.step()
-        updates, state = tx.update(g, state, jp)
-        jp = optax.apply_updates(jp, updates)
-    np.testing.assert_allclose(jp, tp.detach().numpy(), rtol=1e-6)
+        optimizer.opt_state.hyperparams["learning_rate"][...] = schedule(i)
+        optimizer.update(model, nnx.State({"w": nnx.Param(jnp.asarray(g))}))
+    np.testing.assert_allclose(np.asarray(model.w[...]), tp.detach().numpy(), rtol=1e-6)
+
+
+def test_trainers_of_one_shape_share_compiled_steps():
+    """Runs differing only in learning rate, schedule, momentum or decay reuse one compiled train step."""
+    from jaxtl.train import _jitted_steps
+
+    a = Trainer.create(tiny_config("optim.lr=0.05"), steps_per_epoch=10)
+    b = Trainer.create(tiny_config("optim.lr=0.001", "optim.momentum=0.8", "optim.weight_decay=0.0"), 3)
+    assert a.train_fn is b.train_fn and a.eval_fn is b.eval_fn
+    assert float(b.state[1].opt_state.hyperparams["momentum"][...]) == pytest.approx(0.8)
+    assert _jitted_steps.cache_info().currsize >= 1
 
 
 # ---- training -------------------------------------------------------------------------------------------
