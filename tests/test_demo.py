@@ -64,3 +64,22 @@ def test_ci_demo_end_to_end_and_rerun(tmp_path, capsys, monkeypatch):
     assert len((exp / "results.jsonl").read_text().splitlines()) == n_runs
     rows = re.findall(r"\| (pretrain \w+ SFCN|experiment ixi) \| ([\d.]+) \| ([\d.]+) \|", report.read_text())
     assert len(rows) == 3 and all(float(this) < 0.5 * float(first) for _, first, this in rows), rows
+
+
+def test_ci_demo_on_the_accelerator_path(tmp_path):
+    """The demo as it runs on a GPU/TPU host: several devices (the batch sharded over a 2-device mesh) and
+    XLA's convolutions (conv_impl "auto" resolves to "xla" there), in a fresh interpreter."""
+    from conftest import run_python
+
+    code = f"""
+import dataclasses, jax
+from jaxtl.conv import default_impl
+from jaxtl.demo import CI, run_demo
+assert jax.device_count() == 2 and default_impl() == "xla"
+report = run_demo(dataclasses.replace(CI, out_dir={str(tmp_path / "demo")!r}), progress=False)
+print("REPORT", report)
+"""
+    proc = run_python(code, devices=2, timeout=600, JAXTL_HOME=str(tmp_path / "home"))
+    text = (tmp_path / "demo" / "REPORT.md").read_text()
+    assert "REPORT" in proc.stdout and all(section in text for section in SECTIONS)
+    assert "scarcity.png" in text and "manifold.png" in text
