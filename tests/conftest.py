@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests never read or write the user's $JAXTL_HOME (published weights, the compilation cache that the CLI
+# commands turn on): each test process gets its own, empty one.
+os.environ["JAXTL_HOME"] = tempfile.mkdtemp(prefix="jaxtl-home-")
+atexit.register(shutil.rmtree, os.environ["JAXTL_HOME"], ignore_errors=True)
 
 
 def run_python(code: str, devices: int = 1, timeout: float = 300, **env) -> subprocess.CompletedProcess:
