@@ -6,8 +6,9 @@ Target: `jaxtl.simulate` preset "abide" (1341 subjects, 20 sites, ages 5-56,
 on the first run (shared with the other experiment configs). Fine-tuning uses the paper's ABIDE I+II
 hyper-parameters (section 6.1).
 
-Full scale (5 repeats, the paper's epochs) wants a GPU; a CPU-sized run, for example:
-  jaxtl experiment --config configs/experiment_abide.py --set target.n=400 --set repeats=3 --set epoch_scale=0.05
+Full scale (5 repeats, the paper's epochs) wants a GPU. A CPU-sized run, with the settings of the IXI and OASIS
+runs reported in the README (ABIDE has not been run so far):
+  jaxtl experiment --config configs/experiment_abide.py --set target.n=200 --set repeats=3 --set epoch_scale=0.2
 To run on real data, set `target` to a prepared cache directory (or BIDS / CSV cohort) and the models to
 model directories.
 """

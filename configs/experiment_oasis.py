@@ -6,8 +6,9 @@ subjects, one site, ages 43-96) at 4mm; pretrained models: demo-size SFCNs
 on the first run (shared with the other experiment configs). Fine-tuning uses the paper's OASIS-3
 hyper-parameters (section 6.1).
 
-Full scale (5 repeats, the paper's epochs) wants a GPU; a CPU-sized run, for example:
-  jaxtl experiment --config configs/experiment_oasis.py --set target.n=300 --set repeats=3 --set epoch_scale=0.05
+Full scale (5 repeats, the paper's epochs) wants a GPU. The CPU run reported in the README (about 25 min on
+2 cores after pretraining) was
+  jaxtl experiment --config configs/experiment_oasis.py --set target.n=200 --set repeats=3 --set epoch_scale=0.2
 To run on real data, set `target` to a prepared cache directory (or BIDS / CSV cohort) and the models to
 model directories.
 """

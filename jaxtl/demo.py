@@ -29,6 +29,7 @@ from jaxtl.experiment import (
     SimulatedCohort,
     ensure_cohort,
     ensure_model,
+    findings,
     run_experiment,
 )
 
@@ -176,43 +177,6 @@ def _source_row(task: str, model_dir: str) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.3g}{unit}"  # noqa: E731
     return (f"| {task} | {fmt(final.get(f'test_{key}'))} | {fmt(final.get(f'test_baseline_{key}'))} | "
             f"{final.get('epochs', 'n/a')} |")
-
-
-def _means(exp: ExperimentConfig, task: str) -> dict[str, float]:
-    runs = [json.loads(line) for line in (Path(exp.out_dir) / "results.jsonl").read_text().splitlines()]
-    labels = {}
-    for r in runs:
-        if r["task"] == task and r["share"] == 1.0 and r.get("test") is not None:
-            labels.setdefault(r["label"], []).append(r["test"])
-    return {k: float(np.mean(v)) for k, v in labels.items()}
-
-
-def findings(exp: ExperimentConfig) -> list[str]:
-    """The paper's qualitative findings, checked on this experiment's mean test metrics."""
-    lines = []
-    for task in exp.tasks:
-        m = _means(exp, task)
-        better = (lambda a, b: a < b) if task == "age" else (lambda a, b: a > b)
-        other = "sex" if task == "age" else "age"
-        tl = next((k for k in m if k.startswith("TL ")), None)
-        same, cross = m.get(f"features ({task}-pretr.)"), m.get(f"features ({other}-pretr.)")
-        checks = [
-            (f"same-task frozen features ({task}-pretr.) beat elastic net",
-             same is not None and "elastic net" in m and better(same, m["elastic net"])),
-            (f"same-task frozen features ({task}-pretr.) beat scratch",
-             same is not None and "scratch" in m and better(same, m["scratch"])),
-            (f"same-task fine-tuning ({tl}) beats elastic net",
-             tl and "elastic net" in m and better(m[tl], m["elastic net"])),
-            (f"same-task fine-tuning ({tl}) beats scratch", tl and "scratch" in m and better(m[tl], m["scratch"])),
-            (f"same-task features beat {other}-pretrained features",
-             same is not None and cross is not None and better(same, cross)),
-        ]
-        if "re-init w/ scaling" in m:  # only when the run includes the re-init control
-            checks.append((f"re-init loses the gain ({tl} beats re-init)",
-                           tl and better(m[tl], m["re-init w/ scaling"])))
-        for text, ok in checks:
-            lines.append(f"| {exp.name} | {task} | {text} | {'holds' if ok else '**does not hold**'} |")
-    return lines
 
 
 def _report(config: DemoConfig, experiments: dict[str, ExperimentConfig], model_dirs: dict[str, str],

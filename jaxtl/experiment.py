@@ -475,6 +475,40 @@ def manifold_outputs(models: dict[str, JaxtlModel], target: Target, config: Expe
             f"PCA and t-SNE of the 64-d features of {len(idx)} target scans; coordinates in manifold.csv.\n")
 
 
+def _means(exp: ExperimentConfig, task: str) -> dict[str, float]:
+    runs = [json.loads(line) for line in (Path(exp.out_dir) / "results.jsonl").read_text().splitlines()]
+    labels = {}
+    for r in runs:
+        if r["task"] == task and r["share"] == 1.0 and r.get("test") is not None:
+            labels.setdefault(r["label"], []).append(r["test"])
+    return {k: float(np.mean(v)) for k, v in labels.items()}
+
+
+def findings(exp: ExperimentConfig) -> list[str]:
+    """The paper's qualitative findings (paper-spec section 8), checked on this experiment's mean test metrics:
+    markdown table rows | target | task | finding | holds / does not hold |, for the methods that were run."""
+    lines = []
+    for task in exp.tasks:
+        m = _means(exp, task)
+        better = (lambda a, b: a < b) if task == "age" else (lambda a, b: a > b)
+        other = "sex" if task == "age" else "age"
+        tl = next((k for k in m if k.startswith("TL ")), None)
+        same, cross = f"features ({task}-pretr.)", f"features ({other}-pretr.)"
+        checks = [  # (finding, the method that should be better, the one it should beat)
+            (f"same-task frozen features ({task}-pretr.) beat elastic net", same, "elastic net"),
+            (f"same-task frozen features ({task}-pretr.) beat scratch", same, "scratch"),
+            (f"same-task fine-tuning ({tl}) beats elastic net", tl, "elastic net"),
+            (f"same-task fine-tuning ({tl}) beats scratch", tl, "scratch"),
+            (f"same-task features beat {other}-pretrained features", same, cross),
+            (f"re-init loses the gain ({tl} beats re-init)", tl, "re-init w/ scaling"),
+        ]
+        for text, a, b in checks:
+            if a in m and b in m:
+                verdict = "holds" if better(m[a], m[b]) else "**does not hold**"
+                lines.append(f"| {exp.name} | {task} | {text} | {verdict} |")
+    return lines
+
+
 def _report(config: ExperimentConfig, target: Target, runs: list[dict], parts: list[str], seconds: float) -> str:
     import jax
 
@@ -490,7 +524,9 @@ def _report(config: ExperimentConfig, target: Target, runs: list[dict], parts: l
     if not isinstance(config.target, str):
         head += ["**Simulated data** (`jaxtl.simulate`): these numbers are not results on the real cohort; the "
                  "paper's column is there only to compare the ordering of methods.", ""]
-    return "\n".join(head + ["## Results", ""] + parts) + "\n"
+    checked = ["## Findings of the paper, checked here", "", "| target | task | finding | on this run |",
+               "|---|---|---|---|", *findings(config), ""]
+    return "\n".join(head + checked + ["## Results", ""] + parts) + "\n"
 
 
 def _asdict(config: Any) -> Any:

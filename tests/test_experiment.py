@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -73,6 +74,11 @@ def test_tiny_experiment_end_to_end_and_resume(tiny_models, ixi_tiny, tmp_path):
     for name in ("scarcity.png", "scarcity.csv", "manifold.png", "manifold.csv", "report.md"):
         assert (out / name).stat().st_size > 100, name
     assert "0.5" in (out / "scarcity.md").read_text() and "Simulated" not in report.read_text()  # real-path target
+    # the paper's findings that these methods can check (same- vs other-task features), nothing else
+    rows = re.findall(r"\| tiny \| (age|sex) \| (.*) \| (holds|\*\*does not hold\*\*) \|", report.read_text())
+    assert [(task, finding) for task, finding, _ in rows] == [
+        ("age", "same-task features beat sex-pretrained features"),
+        ("sex", "same-task features beat age-pretrained features")]
     # rerun: everything is already there, nothing is recomputed
     before = (out / "results.jsonl").read_text()
     with warnings.catch_warnings():
@@ -88,3 +94,27 @@ def test_cli_experiment_reports_user_errors(tmp_path, capsys):
     bad.write_text("def get_config():\n    return 3\n")
     assert cli.main(["experiment", "--config", str(bad)]) == 2
     assert "expected ExperimentConfig" in capsys.readouterr().err
+
+
+def test_findings_verdicts(tmp_path):
+    """Each finding compares mean test metrics in the right direction (age: lower MAE, sex: higher accuracy)."""
+    from jaxtl.experiment import findings
+
+    means = {("age", "TL ft_step (age-pretr.)"): 5.0, ("age", "features (age-pretr.)"): 6.0,
+             ("age", "features (sex-pretr.)"): 9.0, ("age", "elastic net"): 5.5, ("age", "scratch"): 8.0,
+             ("age", "re-init w/ scaling"): 7.0, ("sex", "features (sex-pretr.)"): 0.6,
+             ("sex", "features (age-pretr.)"): 0.7}
+    rows = [{"task": task, "label": label, "share": 1.0, "test": v + d}
+            for (task, label), v in means.items() for d in (-0.1, 0.1)]
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = findings(ExperimentConfig(name="t", out_dir=str(tmp_path)))
+    verdict = {line.split(" | ")[2]: line.split(" | ")[3].rstrip(" |") for line in lines}
+    assert verdict == {
+        "same-task frozen features (age-pretr.) beat elastic net": "**does not hold**",
+        "same-task frozen features (age-pretr.) beat scratch": "holds",
+        "same-task fine-tuning (TL ft_step (age-pretr.)) beats elastic net": "holds",
+        "same-task fine-tuning (TL ft_step (age-pretr.)) beats scratch": "holds",
+        "same-task features beat sex-pretrained features": "holds",
+        "re-init loses the gain (TL ft_step (age-pretr.) beats re-init)": "holds",
+        "same-task features beat age-pretrained features": "**does not hold**",
+    }
