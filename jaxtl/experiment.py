@@ -475,18 +475,22 @@ def manifold_outputs(models: dict[str, JaxtlModel], target: Target, config: Expe
             f"PCA and t-SNE of the 64-d features of {len(idx)} target scans; coordinates in manifold.csv.\n")
 
 
-def _means(exp: ExperimentConfig, task: str) -> dict[str, float]:
+def _means(exp: ExperimentConfig, task: str) -> dict[str, float | None]:
+    """Mean test metric per method label over the full-share runs; None for a method whose runs all failed."""
     runs = [json.loads(line) for line in (Path(exp.out_dir) / "results.jsonl").read_text().splitlines()]
     labels = {}
     for r in runs:
-        if r["task"] == task and r["share"] == 1.0 and r.get("test") is not None:
-            labels.setdefault(r["label"], []).append(r["test"])
-    return {k: float(np.mean(v)) for k, v in labels.items()}
+        if r["task"] == task and r["share"] == 1.0:
+            labels.setdefault(r["label"], [])
+            if r.get("test") is not None:
+                labels[r["label"]].append(r["test"])
+    return {k: float(np.mean(v)) if v else None for k, v in labels.items()}
 
 
 def findings(exp: ExperimentConfig) -> list[str]:
     """The paper's qualitative findings (paper-spec section 8), checked on this experiment's mean test metrics:
-    markdown table rows | target | task | finding | holds / does not hold |, for the methods that were run."""
+    markdown table rows | target | task | finding | holds / does not hold / n/a |, for the methods that were run
+    (n/a: one of the two has no result, e.g. its fit failed; see results.jsonl)."""
     lines = []
     for task in exp.tasks:
         m = _means(exp, task)
@@ -503,9 +507,13 @@ def findings(exp: ExperimentConfig) -> list[str]:
             (f"re-init loses the gain ({tl} beats re-init)", tl, "re-init w/ scaling"),
         ]
         for text, a, b in checks:
-            if a in m and b in m:
+            if a not in m or b not in m:
+                continue
+            if m[a] is None or m[b] is None:
+                verdict = f"n/a ({a if m[a] is None else b}: no result)"
+            else:
                 verdict = "holds" if better(m[a], m[b]) else "**does not hold**"
-                lines.append(f"| {exp.name} | {task} | {text} | {verdict} |")
+            lines.append(f"| {exp.name} | {task} | {text} | {verdict} |")
     return lines
 
 

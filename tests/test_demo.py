@@ -51,7 +51,7 @@ def test_ci_demo_end_to_end_and_rerun(tmp_path, capsys, monkeypatch):
         assert (out / link).exists(), link
     assert re.search(r"\| age \| [\d.]+ years MAE \| [\d.]+ years MAE \| 1", text), text
     assert "paper, real IXI" in text and re.search(r"\| total \| [\d.]+ \| [\d.]+ \|", text)
-    assert len(re.findall(r"\| ixi \| (age|sex) \| .* \| (holds|\*\*does not hold\*\*) \|", text)) == 10
+    assert len(re.findall(r"\| ixi \| (age|sex) \| .* \| (holds|\*\*does not hold\*\*|n/a \(.*\)) \|", text)) == 10
     assert "re-init" not in text  # not part of the demo's comparison
     # 6: the summary printed by `jaxtl demo`
     print_summary(report)

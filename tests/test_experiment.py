@@ -106,6 +106,7 @@ def test_findings_verdicts(tmp_path):
              ("sex", "features (age-pretr.)"): 0.7}
     rows = [{"task": task, "label": label, "share": 1.0, "test": v + d}
             for (task, label), v in means.items() for d in (-0.1, 0.1)]
+    rows.append({"task": "sex", "label": "elastic net", "share": 1.0, "test": None, "error": "fit failed"})
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     lines = findings(ExperimentConfig(name="t", out_dir=str(tmp_path)))
     verdict = {line.split(" | ")[2]: line.split(" | ")[3].rstrip(" |") for line in lines}
@@ -117,4 +118,5 @@ def test_findings_verdicts(tmp_path):
         "same-task features beat sex-pretrained features": "holds",
         "re-init loses the gain (TL ft_step (age-pretr.) beats re-init)": "holds",
         "same-task features beat age-pretrained features": "**does not hold**",
+        "same-task frozen features (sex-pretr.) beat elastic net": "n/a (elastic net: no result)",
     }
