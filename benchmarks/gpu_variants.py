@@ -5,6 +5,11 @@ Variants of `ConvBlock` on the XLA path (the one GPUs run):
   pool       the reshape max-pool `jaxtl.conv.max_pool2` (gradient: masks, no scatter)
   pool+pad8  also zero-pads the 1-channel input of the first layer to 8 channels (cuDNN's tensor-core
              kernels want channel counts that are multiples of 8); same result, 8x the first layer's FLOPs
+  pool+s2d   the first layer by space-to-depth: each 2x2x2 block of the input becomes 8 channels, one 3x3x3
+             convolution at half resolution gives the 8 positions x 32 channels of every output block, then
+             BatchNorm and the 2x2x2 max-pool (a max over the 8 positions); same result, 8x the first layer's
+             FLOPs, but a GEMM with K = 216 and N = 256 instead of K = 27, N = 32 on the full-resolution grid.
+             Not measured yet (written without a GPU at hand; numerics checked on CPU by tests/test_bench.py)
 Usage: python benchmarks/gpu_variants.py OUT.jsonl [variant,...] [dtype,...] [suite,...] [batch]
 """
 
@@ -41,7 +46,33 @@ def variant_call(pad8: bool):
     return call
 
 
-VARIANTS = {"base": ORIGINAL, "pool": variant_call(False), "pool+pad8": variant_call(True)}
+# S[q + 1, r, a, d + 1] = 1 where an output at offset a (0/1) of its 2x2x2 block, read with kernel tap d (-1..1),
+# lands on input offset r (0/1) of the block q (-1..1) blocks away: d = 2q + r - a.
+S2D = jnp.asarray([[[[float(d == 2 * q + r - a) for d in (-1, 0, 1)] for a in (0, 1)] for r in (0, 1)]
+                   for q in (-1, 0, 1)])
+
+
+def s2d_first_layer(block: ConvBlock, x: jax.Array) -> jax.Array:
+    """conv -> BN -> max-pool -> ReLU of a 1-channel, pooling block, computed on 2x2x2 space-to-depth blocks."""
+    n, d, h, w, _ = x.shape
+    o = block.conv.out_features
+    k = block.conv.kernel[...].astype(block.conv.dtype)[:, :, :, 0, :]  # (3, 3, 3, O)
+    k2 = jnp.einsum("zrad,ysbe,xtcf,defo->zyxrstabco", S2D, S2D, S2D, k).reshape(3, 3, 3, 8, 8 * o)
+    xb = x.reshape(n, d // 2, 2, h // 2, 2, w // 2, 2).transpose(0, 1, 3, 5, 2, 4, 6).reshape(n, d // 2, h // 2,
+                                                                                               w // 2, 8)
+    y = jax.lax.conv_general_dilated(xb.astype(k2.dtype), k2, (1, 1, 1), [(1, 1)] * 3,
+                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    y = y.reshape(n, d // 2, h // 2, w // 2, 8, o) + block.conv.bias[...].astype(y.dtype)
+    return nnx.relu(jnp.max(block.bn(y), axis=-2))
+
+
+def s2d_call(self: ConvBlock, x: jax.Array) -> jax.Array:
+    if x.shape[-1] == 1 and self.pool:
+        return s2d_first_layer(self, x)
+    return variant_call(False)(self, x)
+
+
+VARIANTS = {"base": ORIGINAL, "pool": variant_call(False), "pool+pad8": variant_call(True), "pool+s2d": s2d_call}
 
 
 def main() -> None:

@@ -142,3 +142,29 @@ def test_run_suite_input_records_and_report(tmp_path, monkeypatch, capsys):
 def test_cli_rejects_unknown_suite(capsys):
     assert main(["bench", "--suite", "nope"]) == 2
     assert "unknown suite nope" in capsys.readouterr().err
+
+
+def test_gpu_variant_space_to_depth_first_layer_is_exact():
+    """benchmarks/gpu_variants.py "pool+s2d": the first block on 2x2x2 space-to-depth blocks gives the plain
+    block's output, BatchNorm statistics and kernel gradient (train mode, float32)."""
+    import importlib.util
+
+    import jax
+    import jax.numpy as jnp
+    from conftest import REPO
+    from flax import nnx
+
+    from jaxtl.model import ConvBlock
+
+    spec = importlib.util.spec_from_file_location("gpu_variants", REPO / "benchmarks" / "gpu_variants.py")
+    gv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gv)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 12, 10, 1))
+    outs = []
+    for call in (gv.ORIGINAL, gv.s2d_call):
+        block = ConvBlock(1, 4, 3, pool=True, dtype=jnp.float32, rngs=nnx.Rngs(1), conv_impl="xla")
+        grad = nnx.grad(lambda b, call=call: jnp.sum(jnp.sin(call(b, x))))(block)
+        y = call(block, x)
+        outs.append((y, block.bn.mean[...], block.bn.var[...], grad.conv.kernel[...]))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
