@@ -241,22 +241,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_two_processes(ukb_cache, workdir, extra) -> list[tuple[int, str]]:
+    port = _free_port()
+    procs = []
+    for pid in (0, 1):
+        cmd, env = _cli(ukb_cache, workdir, *extra, devices=2)
+        cmd += ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
+
+
 def test_two_processes_match_one_process(ukb_cache, tmp_path):
     """2 processes x 2 virtual devices (gloo collectives over localhost) == 1 process x 4 devices."""
     extra = ["epochs=1", "optim.lr=0.001"]  # a small step keeps float-order differences from being amplified
     cmd, env = _cli(ukb_cache, tmp_path / "single", *extra, devices=4)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
-    port = _free_port()
-    procs = []
-    for pid in (0, 1):
-        cmd, env = _cli(ukb_cache, tmp_path / "multi", *extra, devices=2)
-        cmd += ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-3000:]
+    for attempt in (1, 2):
+        multi_dir = tmp_path / f"multi{attempt}"
+        outs = _run_two_processes(ukb_cache, multi_dir, extra)
+        # Gloo gives all processes a fixed 30 s to join its first collective; on a loaded 2-core CI machine
+        # one process can fall that far behind. That (and only that) is retried once, in a fresh directory.
+        if attempt == 1 and any(rc != 0 and "Gloo context initialization failed" in out for rc, out in outs):
+            continue
+        for rc, out in outs:
+            assert rc == 0, out[-3000:]
+        break
     single = [r["loss"] for r in _steps_logged(tmp_path / "single")]
-    multi = [r["loss"] for r in _steps_logged(tmp_path / "multi")]
+    multi = [r["loss"] for r in _steps_logged(multi_dir)]
     assert len(single) == len(multi) >= 3
     # Same batches, same dropout masks: equal up to float reduction order, which drifts slowly over steps.
     np.testing.assert_allclose(multi[:3], single[:3], rtol=1e-4)
