@@ -475,9 +475,8 @@ def manifold_outputs(models: dict[str, JaxtlModel], target: Target, config: Expe
             f"PCA and t-SNE of the 64-d features of {len(idx)} target scans; coordinates in manifold.csv.\n")
 
 
-def _means(exp: ExperimentConfig, task: str) -> dict[str, float | None]:
+def _means(runs: list[dict], task: str) -> dict[str, float | None]:
     """Mean test metric per method label over the full-share runs; None for a method whose runs all failed."""
-    runs = [json.loads(line) for line in (Path(exp.out_dir) / "results.jsonl").read_text().splitlines()]
     labels = {}
     for r in runs:
         if r["task"] == task and r["share"] == 1.0:
@@ -491,9 +490,10 @@ def findings(exp: ExperimentConfig) -> list[str]:
     """The paper's qualitative findings (paper-spec section 8), checked on this experiment's mean test metrics:
     markdown table rows | target | task | finding | holds / does not hold / n/a |, for the methods that were run
     (n/a: one of the two has no result, e.g. its fit failed; see results.jsonl)."""
+    runs = [json.loads(line) for line in (Path(exp.out_dir) / "results.jsonl").read_text().splitlines()]
     lines = []
     for task in exp.tasks:
-        m = _means(exp, task)
+        m = _means(runs, task)
         better = (lambda a, b: a < b) if task == "age" else (lambda a, b: a > b)
         other = "sex" if task == "age" else "age"
         tl = next((k for k in m if k.startswith("TL ")), None)
