@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 from collections.abc import Callable
 
@@ -118,16 +119,17 @@ def _gather(src: jax.Array, idx: np.ndarray, base: jax.Array) -> jax.Array:
     return src.at[jnp.asarray(idx) + base].get(mode="promise_in_bounds")
 
 
-def _tiled(x: jax.Array, w: jax.Array, epilogue: Callable[[jax.Array], jax.Array], *, pool: bool,
-           tile_bytes: int) -> jax.Array:
-    """Same-padded stride-1 conv of `x` (B,D,H,W,C) with `w` (k,k,k,C,O) in x.dtype with float32
-    accumulation, tile by tile; `epilogue` maps each float32 tile (b,T,h,W,O) to its output tile
-    (halved in D, H, W when `pool`: only the voxels the 2x2x2 pool keeps are computed)."""
+def _conv_tiles(x: jax.Array, w: jax.Array, *, unit: int, tile_bytes: int):
+    """Tile plan and per-tile convolution of `x` (B,D,H,W,C) with `w` (k,k,k,C,O), same padding, stride 1.
+
+    Returns `tile(b0, d0, h0)` -> float32 (bc, t, th, W, O), the conv (no bias) of the tile at that origin,
+    `(bc, t, th)` and the tile counts `(nb, nd, nh)`; depth and rows are multiples of `unit` and cover
+    D and H floored to `unit`.
+    """
     dtype = x.dtype
     n, d, h, wd, c = x.shape
     k, o = w.shape[0], w.shape[-1]
     p = k // 2
-    unit = 2 if pool else 1
     depth, height = d // unit * unit, h // unit * unit
     grouped = c == 1 and k == 3 and wd % GROUP == 0 and o > 1
     if grouped:  # columns (i, j, m), m = 0..GROUP+1 along W; GROUP outputs per row
@@ -137,7 +139,6 @@ def _tiled(x: jax.Array, w: jax.Array, epilogue: Callable[[jax.Array], jax.Array
     row_bytes = nw * (wm.shape[0] * dtype.itemsize + wm.shape[1] * 4)
     wm = wm.astype(dtype)
     bc, t, th = plan_tiles(n, depth, height, row_bytes, unit, tile_bytes)
-    nb, nd, nh = n // bc, depth // t, height // th
     xp = _bits(x)
     if p:
         xp = jnp.pad(xp, ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
@@ -148,45 +149,80 @@ def _tiled(x: jax.Array, w: jax.Array, epilogue: Callable[[jax.Array], jax.Array
 
     def tile(b0, d0, h0):
         pm = _gather(src, idx, ((b0 * dp + d0) * hp + h0) * wp).reshape(idx.shape[0], -1)
-        y = jnp.dot(_unbits(pm, dtype), wm, preferred_element_type=jnp.float32).reshape(bc, t, th, wd, o)
-        return _bits(epilogue(y).astype(dtype))
+        return jnp.dot(_unbits(pm, dtype), wm, preferred_element_type=jnp.float32).reshape(bc, t, th, wd, o)
 
+    return tile, (bc, t, th), (n // bc, depth // t, height // th)
+
+
+def _for_tiles(fn: Callable, tiles: tuple[int, int, int], counts: tuple[int, int, int], carry=None):
+    """Run `fn(b0, d0, h0, carry) -> (outputs, carry)` over all tiles in a `fori_loop`.
+
+    Each output of a tile, shaped (bc, t', h', ...), is written at (b0, d0 * t'/t, h0 * h'/th) of its
+    whole array (so full-resolution and pooled outputs both work). Returns (whole outputs, carry).
+    """
+    bc, t, th = tiles
+    nb, nd, nh = counts
     if nb * nd * nh == 1:
-        return _unbits(tile(0, 0, 0), dtype)
-    first = jax.eval_shape(lambda: tile(0, 0, 0))
-    out = jnp.zeros((n, depth // unit, height // unit, *first.shape[3:]), first.dtype)
+        return fn(0, 0, 0, carry)
+    shapes = jax.eval_shape(lambda: fn(0, 0, 0, carry)[0])
+    outs = tuple(jnp.zeros((nb * s.shape[0], nd * s.shape[1], nh * s.shape[2], *s.shape[3:]), s.dtype)
+                 for s in shapes)
 
-    def body(i, out):
+    def body(i, state):
+        outs, carry = state
         bi, di, hi = i // (nd * nh), i // nh % nd, i % nh
-        y = tile(bi * bc, di * t, hi * th)
-        return lax.dynamic_update_slice(out, y, (bi * bc, di * (t // unit), hi * (th // unit), 0, 0))
+        ys, carry = fn(bi * bc, di * t, hi * th, carry)
+        outs = tuple(lax.dynamic_update_slice(a, y, (bi * y.shape[0], di * y.shape[1], hi * y.shape[2])
+                                              + (0,) * (y.ndim - 3)) for a, y in zip(outs, ys, strict=True))
+        return outs, carry
 
-    return _unbits(lax.fori_loop(0, nb * nd * nh, body, out), dtype)
+    return lax.fori_loop(0, nb * nd * nh, body, (outs, carry))
+
+
+def _tiled(x: jax.Array, w: jax.Array, epilogue: Callable[[jax.Array], jax.Array], *, pool: bool,
+           tile_bytes: int) -> jax.Array:
+    """Same-padded stride-1 conv of `x` (B,D,H,W,C) with `w` (k,k,k,C,O) in x.dtype with float32
+    accumulation, tile by tile; `epilogue` maps each float32 tile (b,T,h,W,O) to its output tile
+    (halved in D, H, W when `pool`: only the voxels the 2x2x2 pool keeps are computed)."""
+    tile, tiles, counts = _conv_tiles(x, w, unit=2 if pool else 1, tile_bytes=tile_bytes)
+    (y,), _ = _for_tiles(lambda b0, d0, h0, c: ((_bits(epilogue(tile(b0, d0, h0)).astype(x.dtype)),), c),
+                         tiles, counts)
+    return _unbits(y, x.dtype)
+
+
+def _patches(x: jax.Array, k: int, tiles: tuple[int, int, int]) -> Callable[[int, int, int], jax.Array]:
+    """`patches(b0, d0, h0)` -> the (bc*t*th*W, k^3*C) im2col matrix (x.dtype) of the tile at that origin."""
+    n, d, h, wd, c = x.shape
+    p = k // 2
+    xp = _bits(x)
+    if p:
+        xp = jnp.pad(xp, ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
+    dp, hp, wp = xp.shape[1:4]
+    _check_index_range(n * dp * hp * wp)
+    idx = _patch_index(*tiles, wd, 1, k, k, (dp, hp, wp))
+    src = xp.reshape(-1, c)
+    return lambda b0, d0, h0: _unbits(_gather(src, idx, ((b0 * dp + d0) * hp + h0) * wp).reshape(-1, k**3 * c),
+                                      x.dtype)
 
 
 def _kernel_grad(x: jax.Array, dy: jax.Array, k: int, tile_bytes: int) -> jax.Array:
     """dL/dw (k,k,k,C,O) float32 = sum over tiles of patches(x)^T @ dy."""
     n, d, h, wd, c = x.shape
     o = dy.shape[-1]
-    p = k // 2
-    bc, t, th = plan_tiles(n, d, h, wd * (k**3 * c + o) * x.dtype.itemsize, 1, tile_bytes)
-    nb, nd, nh = n // bc, d // t, h // th
-    xp = _bits(x)
-    if p:
-        xp = jnp.pad(xp, ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
-    dp, hp, wp = xp.shape[1:4]
-    _check_index_range(n * dp * hp * wp)
-    idx = _patch_index(bc, t, th, wd, 1, k, k, (dp, hp, wp))
-    src, dyb = xp.reshape(-1, c), _bits(dy)
+    tiles = plan_tiles(n, d, h, wd * (k**3 * c + o) * x.dtype.itemsize, 1, tile_bytes)
+    patches, dyb = _patches(x, k, tiles), _bits(dy)
 
-    def body(i, acc):
-        b0, d0, h0 = i // (nd * nh) * bc, i // nh % nd * t, i % nh * th
-        pm = _unbits(_gather(src, idx, ((b0 * dp + d0) * hp + h0) * wp).reshape(-1, k**3 * c), x.dtype)
-        g = _unbits(lax.dynamic_slice(dyb, (b0, d0, h0, 0, 0), (bc, t, th, wd, o)), dy.dtype).reshape(-1, o)
-        return acc + lax.dot_general(pm, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    def fn(b0, d0, h0, acc):
+        g = _unbits(lax.dynamic_slice(dyb, (b0, d0, h0, 0, 0), (*tiles, wd, o)), dy.dtype).reshape(-1, o)
+        return (), acc + _tn_dot(patches(b0, d0, h0), g)
 
-    acc = lax.fori_loop(0, nb * nd * nh, body, jnp.zeros((k**3 * c, o), jnp.float32))
+    _, acc = _for_tiles(fn, tiles, (n // tiles[0], d // tiles[1], h // tiles[2]), jnp.zeros((k**3 * c, o), jnp.float32))
     return acc.reshape(k, k, k, c, o)
+
+
+def _tn_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a^T @ b in float32."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,6 +350,135 @@ def conv_bn_pool_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, mul: jax
     f32 = jnp.float32
     return _block_jit(x.astype(dtype), kernel.astype(dtype), bias.astype(f32), mul.astype(f32), add.astype(f32),
                   bool(pool), tile_bytes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Train-mode block: conv -> BatchNorm (batch statistics) -> max-pool 2 -> ReLU, fused
+
+
+def _pool_grad(y: jax.Array, sel: jax.Array, g: jax.Array) -> jax.Array:
+    """Gradient of a 2x2x2 max-pool that selected `sel` from `y` (b,2t,2h,2w,o): `g` (b,t,h,w,o) goes to each
+    window's first voxel equal to `sel` in reduce_window's order (as XLA's select-and-scatter), zero elsewhere."""
+    n, d, h, w, c = y.shape
+    yw = y.reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c)
+    pos = (4 * lax.broadcasted_iota(jnp.int32, yw.shape, 2) + 2 * lax.broadcasted_iota(jnp.int32, yw.shape, 4)
+           + lax.broadcasted_iota(jnp.int32, yw.shape, 6))
+    expand = lambda a: a[:, :, None, :, None, :, None, :]
+    first = jnp.where(yw == expand(sel), pos, 8).min(axis=(2, 4, 6), keepdims=True)
+    return jnp.where(pos == first, expand(g), 0).reshape(y.shape)
+
+
+def _bn_train_fwd(x, w, b, scale, beta, eps, tile_bytes):
+    """The block's forward; also returns the residuals of its gradient."""
+    dtype, f32 = x.dtype, jnp.float32
+    n, d, h, wd, _ = x.shape
+    o = w.shape[-1]
+    tile, tiles, counts = _conv_tiles(x, w, unit=2, tile_bytes=tile_bytes)
+    rows = math.prod(tiles) * wd
+    keep = _keep_conv_output(x)
+
+    def fn(b0, d0, h0, carry):
+        i, mean, m2 = carry
+        y = (tile(b0, d0, h0) + b.astype(f32)).astype(dtype)  # as stored: statistics and pooling see the same values
+        yf = y.astype(f32).reshape(-1, o)
+        tm = yf.mean(0)
+        delta = tm - mean  # Chan et al.'s pairwise update: numerically safe, one pass over the tile in cache
+        mean = mean + delta / (i + 1)
+        m2 = m2 + jnp.square(yf - tm).sum(0) + jnp.square(delta) * (rows * i / (i + 1))
+        yw = _windows(y)
+        ymax, ymin = yw.max(axis=(2, 4, 6)), yw.min(axis=(2, 4, 6))
+        return (_bits(ymax), _bits(ymin)) + ((_bits(y),) if keep else ()), (i + 1, mean, m2)
+
+    zeros = jnp.zeros((o,), f32)
+    (ymax, ymin, *y), (_, mean, m2) = _for_tiles(fn, tiles, counts, (jnp.float32(0), zeros, zeros))
+    var = m2 / (n * d * h * wd)
+    mul = scale * lax.rsqrt(var + eps)
+    # max-pool commutes with the per-channel affine map x*mul+add where mul >= 0; where mul < 0 the
+    # maximum of the normalised values is at the minimum of y.
+    sel = jnp.where(mul >= 0, _unbits(ymax, dtype), _unbits(ymin, dtype))
+    out = jnp.maximum(sel.astype(f32) * mul + (beta - mean * mul), 0).astype(dtype)
+    return (out, mean, var), (x, w, b, y, sel, mean, var, scale, beta)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _bn_train(x, w, b, scale, beta, eps, tile_bytes):
+    return _bn_train_fwd(x, w, b, scale, beta, eps, tile_bytes)[0]
+
+
+def _bn_train_bwd(eps, tile_bytes, res, cts):
+    x, w, b, kept, sel, mean, var, scale, beta = res
+    g_out, g_mean, g_var = cts
+    dtype, f32 = x.dtype, jnp.float32
+    n, d, h, wd, c = x.shape
+    k, o = w.shape[0], w.shape[-1]
+    count = n * d * h * wd
+    inv = lax.rsqrt(var + eps)
+    mul = scale * inv
+    self = sel.astype(f32)
+    axes = (0, 1, 2, 3)
+    # Only each window's selected voxel gets a gradient from the pool, so BatchNorm's reductions over
+    # the full-resolution gradient are sums over pooled-size arrays.
+    dr = jnp.where(self * mul + (beta - mean * mul) > 0, g_out.astype(f32), 0)
+    s_dz, s_dzy = dr.sum(axes), (dr * (self - mean) * inv).sum(axes)
+    # dL/dy = mul * dz + c0 + c1 * y (dz: the pool's sparse gradient), plus the cotangents of mean and var
+    c1 = -mul * inv * s_dzy / count + 2 * g_var / count
+    c0 = -mul * s_dz / count + mul * inv * mean * s_dzy / count + g_mean / count - 2 * g_var * mean / count
+    r = dr * mul
+    tile, tiles, counts = _conv_tiles(x, w, unit=2, tile_bytes=tile_bytes)
+    bc, t, th = tiles
+    patches = _patches(x, k, tiles)
+
+    def fn(b0, d0, h0, acc):
+        if kept:
+            y = _unbits(lax.dynamic_slice(kept[0], (b0, d0, h0, 0, 0), (bc, t, th, wd, o)), dtype)
+        else:
+            y = (tile(b0, d0, h0) + b.astype(f32)).astype(dtype)
+        at, size = (b0, d0 // 2, h0 // 2, 0, 0), (bc, t // 2, th // 2, wd // 2, o)
+        s, rt = _unbits(lax.dynamic_slice(_bits(sel), at, size), dtype), lax.dynamic_slice(r, at, size)
+        dy = (_pool_grad(y, s, rt) + c0 + c1 * y.astype(f32)).astype(dtype)
+        return (_bits(dy),), acc + _tn_dot(patches(b0, d0, h0), dy.reshape(-1, o))
+
+    (dy,), dw = _for_tiles(fn, tiles, counts, jnp.zeros((k**3 * c, o), f32))
+    # XLA drops this (and dy) when x needs no gradient, as for the network's input
+    wt = jnp.flip(w, (0, 1, 2)).swapaxes(3, 4).astype(dtype)
+    dx = _tiled(_unbits(dy, dtype), wt, lambda y: y, pool=False, tile_bytes=tile_bytes)
+    return dx, dw.reshape(w.shape).astype(w.dtype), g_mean.astype(f32), s_dzy, s_dz
+
+
+def _keep_conv_output(x: jax.Array) -> bool:
+    """Whether the train block stores its conv output for the backward or recomputes it there: for the
+    1-channel first layer recomputing (a cheap matmul per tile) beats writing and re-reading the
+    largest tensor of the network (measured: block 0 at 2mm, batch 4)."""
+    return x.shape[-1] > 1
+
+
+_bn_train.defvjp(lambda *a: _bn_train_fwd(*a), _bn_train_bwd)
+_bn_train_jit = jax.jit(_bn_train, static_argnums=(5, 6))
+
+
+def fused_train_ok(shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> bool:
+    """Whether `conv_bn_pool_relu_train` takes this block: a pooled block with even D, H, W (BatchNorm
+    statistics cover all voxels, so none may fall outside the pooled tiles)."""
+    return len(shape) == 5 and all(s % 2 == 0 for s in shape[1:4]) and kernel_shape[0] % 2 == 1
+
+
+def conv_bn_pool_relu_train(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, beta: jax.Array,
+                            *, epsilon: float = 1e-5, dtype=None, tile_bytes: int = TILE_BYTES
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """SFCN's training block, fused: relu(maxpool2(BatchNorm(conv3d(x)))) with batch statistics.
+
+    Returns (output, batch mean, biased batch variance) (the statistics for the running averages).
+    The conv output is written once; statistics, pooling and the BatchNorm backward run on tiles in
+    cache, and the backward's reductions over the pooled gradient only. x's D, H, W must be even
+    (`fused_train_ok`). Differentiable in x, kernel, bias, scale and beta.
+    """
+    dtype = jnp.dtype(dtype or x.dtype)
+    _check(x, kernel)
+    if not fused_train_ok(x.shape, kernel.shape):
+        raise ValueError(f"conv_bn_pool_relu_train needs even D, H, W, got input {x.shape}")
+    f32 = jnp.float32
+    return _bn_train_jit(x.astype(dtype), kernel.astype(dtype), bias.astype(f32), scale.astype(f32),
+                         beta.astype(f32), float(epsilon), tile_bytes)
 
 
 def _check(x: jax.Array, kernel: jax.Array) -> None:

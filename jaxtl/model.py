@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtl.conv import conv3d, conv_bn_pool_relu, max_pool2, resolve_impl
+from jaxtl.conv import conv3d, conv_bn_pool_relu, conv_bn_pool_relu_train, fused_train_ok, max_pool2, resolve_impl
 
 PENG_CHANNELS = (32, 64, 128, 256, 256, 64)  # Peng's UKB age model
 TRANSFER_CHANNELS = (32, 64, 64, 64, 64, 64)  # the paper's transfer runs
@@ -57,6 +57,12 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
+    def update_statistics(self, mean: jax.Array, var: jax.Array, count: int) -> None:
+        """Fold a batch's mean and biased variance over `count` values into the running averages."""
+        m = self.momentum
+        self.mean[...] = m * self.mean[...] + (1 - m) * mean
+        self.var[...] = m * self.var[...] + (1 - m) * var * (count / max(count - 1, 1))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
@@ -65,11 +71,7 @@ class BatchNorm(nnx.Module):
             xf = x.astype(jnp.float32)
             mean = jnp.mean(xf, axes)
             var = jnp.mean(jnp.square(xf - mean), axes)
-            n = math.prod(x.shape[:-1])
-            unbiased = var * (n / max(n - 1, 1))
-            m = self.momentum
-            self.mean[...] = m * self.mean[...] + (1 - m) * mean
-            self.var[...] = m * self.var[...] + (1 - m) * unbiased
+            self.update_statistics(mean, var, math.prod(x.shape[:-1]))
         mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
         add = self.bias[...] - mean * mul
         return (x * mul.astype(self.dtype) + add.astype(self.dtype)).astype(self.dtype)
@@ -78,8 +80,9 @@ class BatchNorm(nnx.Module):
 class ConvBlock(nnx.Module):
     """Conv3d -> BatchNorm -> [MaxPool 2] -> ReLU, in Peng's order.
 
-    `conv_impl`: "xla" (`nnx.Conv`), "fast" (`jaxtl.conv`: tiled im2col matmuls; in eval mode the whole
-    block is fused) or "auto" (fast on a single CPU device, XLA elsewhere). Same parameters either way.
+    `conv_impl`: "xla" (`nnx.Conv`), "fast" (`jaxtl.conv`: tiled im2col matmuls; the whole block is fused,
+    in train mode when D, H, W are even) or "auto" (fast on a single CPU device, XLA elsewhere). Same parameters
+    either way.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, pool: bool, *, dtype, rngs: nnx.Rngs,
@@ -109,6 +112,11 @@ class ConvBlock(nnx.Module):
             mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
             add = bn.bias[...] - bn.mean[...] * mul
             return conv_bn_pool_relu(x, kernel, bias, mul, add, pool=self.pool, dtype=self.conv.dtype)
+        if self.pool and fused_train_ok(x.shape, kernel.shape):
+            y, mean, var = conv_bn_pool_relu_train(x, kernel, bias, bn.scale[...], bn.bias[...],
+                                                   epsilon=bn.epsilon, dtype=self.conv.dtype)
+            bn.update_statistics(mean, var, math.prod(x.shape[:-1]))
+            return y
         x = bn(conv3d(x, kernel, bias, dtype=self.conv.dtype))
         return nnx.relu(max_pool2(x) if self.pool else x)
 

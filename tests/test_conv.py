@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxtl import SFCN
-from jaxtl.conv import conv3d, conv_bn_pool_relu, max_pool2, plan_tiles, resolve_impl
+from jaxtl.conv import conv3d, conv_bn_pool_relu, conv_bn_pool_relu_train, max_pool2, plan_tiles, resolve_impl
 
 TOL = 1e-4  # relative to the largest value, float32
 
@@ -80,6 +80,48 @@ def test_fused_block_values_and_gradients(shape, cin, cout, k, tile):
     pool = k == 3
     args = _inputs(shape, cin, cout, k, seed=1)
     _check_same(lambda *a: conv_bn_pool_relu(*a, pool=pool, tile_bytes=tile), lambda *a: _ref_block(*a, pool), args)
+
+
+def _ref_train_block(x, w, b, scale, beta, eps=1e-5):
+    """conv -> BatchNorm with batch statistics (biased variance) -> reduce_window max-pool -> ReLU."""
+    y = _ref_conv(x, w, b)
+    mean = y.mean((0, 1, 2, 3))
+    var = jnp.mean(jnp.square(y - mean), (0, 1, 2, 3))
+    z = (y - mean) * jax.lax.rsqrt(var + eps) * scale + beta
+    z = jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (1, 2, 2, 2, 1), (1, 2, 2, 2, 1), "VALID")
+    return jnp.maximum(z, 0), mean, var
+
+
+@pytest.mark.parametrize("shape,cin,cout,tile", [
+    ((2, 4, 6, 8), 1, 5, 1 << 20),  # first layer (conv recomputed in the backward), one tile
+    ((2, 4, 6, 8), 1, 5, 2000),  # first layer, many tiles
+    ((2, 4, 6, 4), 3, 4, 2000),  # conv output kept for the backward, tiles of rows
+    ((1, 6, 4, 6), 3, 4, 1 << 20),
+])
+def test_fused_train_block_values_and_gradients(shape, cin, cout, tile):
+    """Output, batch statistics and the gradients of all three in x, kernel, bias, BN scale and shift, with
+    ties in the max-pool windows (a constant region, as the zero background of a brain scan gives)."""
+    x, w, b, scale, beta = _inputs(shape, cin, cout, 3, seed=2)
+    x = x.at[:, :2].set(0.0)
+    args = (x, w, b, scale, beta)
+    f = lambda *a: conv_bn_pool_relu_train(*a, tile_bytes=tile)
+    cts = [jax.random.normal(jax.random.key(i), s.shape) for i, s in enumerate(jax.eval_shape(_ref_train_block, *args))]
+    loss = lambda fn: lambda *a: sum(jnp.sum(o * c) for o, c in zip(fn(*a), cts, strict=True))
+    got, want = jax.jit(f)(*args), jax.jit(_ref_train_block)(*args)
+    for a, r in zip(got, want, strict=True):
+        _close(a, r)
+    grads = jax.jit(jax.grad(loss(f), argnums=range(5)))(*args)
+    grads_ref = jax.jit(jax.grad(loss(_ref_train_block), argnums=range(5)))(*args)
+    for g, r in zip(grads, grads_ref, strict=True):
+        _close(g, r)
+
+
+def test_fused_train_block_needs_even_sizes():
+    x, w, b, scale, beta = _inputs((1, 4, 5, 4), 2, 3, 3)
+    with pytest.raises(ValueError, match="even"):
+        conv_bn_pool_relu_train(x, w, b, scale, beta)
+    out, mean, var = conv_bn_pool_relu_train(x.astype(jnp.bfloat16)[:, :, :4], w, b, scale, beta)
+    assert out.dtype == jnp.bfloat16 and out.shape == (1, 2, 2, 2, 3) and mean.dtype == var.dtype == jnp.float32
 
 
 def test_max_pool2_equals_reduce_window_gradient_with_ties():
