@@ -404,6 +404,7 @@ class CacheSource:
         self._shard_files = index["shards"]
         scans = index["scans"]
         self.ids = np.array([s["id"] for s in scans], dtype=str)
+        self.participant_ids = np.array([s.get("participant_id") or s["id"] for s in scans], dtype=str)
         self.paths = np.array([s["path"] for s in scans], dtype=str)
         self.ages = np.array([np.nan if s["age"] is None else s["age"] for s in scans], dtype=np.float32)
         self.sexes = np.array([np.nan if s["sex"] is None else s["sex"] for s in scans], dtype=np.float32)
@@ -544,22 +545,28 @@ class HostBlock(grain.MapDataset):
 
     Contiguous blocks keep the global batch in the same order for any number of processes, so a run
     on 2 hosts x 2 devices sees exactly the batches (and dropout masks) of 1 host x 4 devices.
-    Augmentation is drawn before the split, from each record's global position.
+    Augmentation is drawn before the split, from each record's global position. An epoch (the parent's
+    length) holds `len(parent) // B` whole global batches; the incomplete last one is dropped. Indices past
+    one epoch address the parent's later epochs (`parent[e * len(parent) + i]`), as grain's `batch` does.
     """
 
     def __init__(self, parent: grain.MapDataset, global_batch: int, num_processes: int, process_index: int):
         super().__init__(parent)
+        if global_batch % num_processes or not 0 <= process_index < num_processes:
+            raise ValueError(f"HostBlock: global batch {global_batch} must split evenly over {num_processes} "
+                             f"processes and process_index {process_index} must be below that")
         self._global, self._local, self._host = global_batch, global_batch // num_processes, process_index
         self._num_processes = num_processes
 
     def __len__(self) -> int:
-        return len(self._parent) // self._num_processes
+        return len(self._parent) // self._global * self._local
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
+        epoch, index = divmod(index, len(self))
         batch, row = divmod(index, self._local)
-        return self._parent[batch * self._global + self._host * self._local + row]
+        return self._parent[epoch * len(self._parent) + batch * self._global + self._host * self._local + row]
 
 
 class _DrawAugmentation(grain.transforms.RandomMap):
@@ -630,6 +637,14 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+GRAIN_WORKER_ENV = "JAXTL_GRAIN_WORKER"  # set to "i/n" in jaxtl's grain worker processes (see `jaxtl.cli`)
+
+
+def _mark_grain_worker(index: int, count: int) -> None:
+    """grain `worker_init_fn`: mark the process as a data worker, which must never join `jax.distributed`."""
+    os.environ[GRAIN_WORKER_ENV] = f"{index}/{count}"
+
+
 def make_dataset(
     source: Any,
     *,
@@ -648,35 +663,45 @@ def make_dataset(
     dtype: str | np.dtype | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
-    """grain pipeline: source -> shuffle -> repeat -> (draw shift/flip) -> this process's block -> batch
-    (applying the augmentation while copying, with `threads` threads) -> prefetch. `drop_remainder=True`
-    matches TL's `drop_last=True`. `batch_size` is per process: with `process_count` processes, each
-    global batch of `batch_size * process_count` records is split into contiguous per-process blocks.
+    """grain pipeline: source -> shuffle -> (draw shift/flip) -> this process's block -> batch (applying the
+    augmentation while copying, with `threads` threads) -> repeat -> prefetch. `batch_size` is per process:
+    with `process_count` processes, each global batch of `batch_size * process_count` records is split into
+    contiguous per-process blocks.
 
-    Batches hold "image" (B, D, H, W) in `dtype` (default: the source's), "age", "sex" and "id".
-    Each epoch is reshuffled and re-augmented; `num_epochs=None` repeats forever (batches may then
-    span epochs). With `workers=0` (best for a `CacheSource`, where a batch is one memory copy per
-    volume) batches are built in a background thread, `prefetch` batches ahead. `workers > 0` runs
-    the pipeline in that many processes (worth it for `NiftiSource`, where decoding dominates; for a
-    cache, handing each batch over through fresh shared memory costs more than building it).
+    Batches never span epochs: every epoch is one reshuffled, re-augmented pass over the source cut into
+    `len(source) // (batch_size * process_count)` batches, so no batch holds a scan twice. `drop_remainder=True`
+    (TL's `drop_last=True`) drops each epoch's incomplete last batch; with several processes it is always dropped.
+    `num_epochs=None` repeats forever. `start_batch` skips that many batches (resume at a step without the
+    iterator's saved state: the stream is a pure function of the batch index).
+
+    Batches hold "image" (B, D, H, W) in `dtype` (default: the source's), "age", "sex" and "id". With
+    `workers=0` (best for a `CacheSource`, where a batch is one memory copy per volume) batches are built in
+    background threads, `prefetch` batches ahead. `workers > 0` runs the pipeline in that many processes
+    (worth it for `NiftiSource`, where decoding dominates; for a cache, handing each batch over through fresh
+    shared memory costs more than building it); they carry `GRAIN_WORKER_ENV` in their environment.
     """
     ds = grain.MapDataset.source(source).seed(seed)
     if shuffle:
-        ds = ds.shuffle()
-    ds = ds.repeat(num_epochs)
+        ds = ds.shuffle()  # grain reshuffles every epoch (its seed is offset by the epoch)
     if augmentation:
-        ds = ds.random_map(_DrawAugmentation(max_shift, flip_p))
+        ds = ds.random_map(_DrawAugmentation(max_shift, flip_p))  # drawn per record and epoch
     if process_count > 1:
         ds = HostBlock(ds, batch_size * process_count, process_count, process_index)
-    # Few threads and a small buffer: each element may hold a whole volume.
-    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size)
     threads = min(4, os.cpu_count() or 1) if threads is None else threads
     collate = AugmentedBatch(wrap=wrap, dtype=dtype, threads=threads)
-    it = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)  # within one epoch
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)  # batch e * len(ds) + i is batch i of epoch e
+    if start_batch:
+        ds = ds[start_batch:]
+    # Two threads build whole batches, `prefetch` ahead: each batch holds batch_size volumes.
+    read = grain.ReadOptions(num_threads=2 if prefetch > 0 else 0, prefetch_buffer_size=max(prefetch, 0))
     if workers > 0:
         _mark_absl_flags_parsed()
-        return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
-    if prefetch > 0:
-        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
-    return it
+        collate.enable_shared_memory_output()  # batches are built in the workers: straight into shared memory
+        return ds.to_iter_dataset(read).mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1)),
+            worker_init_fn=_mark_grain_worker)
+    return ds.to_iter_dataset(read)

@@ -17,11 +17,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from jaxtl.cache import prepare_cache
-    from jaxtl.cohort import read_cohort
+    from jaxtl.cohort import parse_bids_filter, read_cohort
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cohort = read_cohort(args.cohort, on_error="skip" if args.skip_bad_rows else "raise")
+        cohort = read_cohort(args.cohort, on_error="skip" if args.skip_bad_rows else "raise",
+                             age_column=args.age_column, sex_column=args.sex_column, site_column=args.site_column,
+                             id_column=args.id_column, path_column=args.path_column,
+                             bids_filter=parse_bids_filter(args.bids_filter))
     for w in caught:
         print(f"jaxtl prepare: warning: {w.message}", file=sys.stderr)
     summary = prepare_cache(cohort, args.out_dir, dtype=args.dtype, downsample=args.downsample,
@@ -34,15 +37,21 @@ def _init_distributed(args: argparse.Namespace) -> None:
     """`jax.distributed.initialize()` for multi-process runs; only ever in the launching process.
 
     Flags win over the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on TPU
-    pods and SLURM/Open MPI clusters JAX detects everything itself with `--distributed`.
+    pods and SLURM/Open MPI clusters JAX detects everything itself with `--distributed`. jaxtl's grain
+    worker processes carry `JAXTL_GRAIN_WORKER` in their environment and never initialise (with a warning);
+    ranks started by a multiprocessing launcher do.
     """
-    import multiprocessing
     import os
 
-    if multiprocessing.parent_process() is not None:  # a grain worker: never initialise again
-        return
     address = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not (address or args.distributed):
+        return
+    from jaxtl.cache import GRAIN_WORKER_ENV
+
+    if os.environ.get(GRAIN_WORKER_ENV):  # a grain data worker: only its parent process joins the run
+        print(f"jaxtl: warning: not calling jax.distributed.initialize() in grain data worker process "
+              f"{os.environ[GRAIN_WORKER_ENV]} ({GRAIN_WORKER_ENV} is set); if this process is a rank of the "
+              f"run, unset {GRAIN_WORKER_ENV} in its environment", file=sys.stderr)
         return
     import jax
 
@@ -177,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("prepare", help="conform every scan of a cohort once into a fast, resumable cache")
-    p.add_argument("cohort", help="BIDS dataset directory, or CSV/TSV with a 'path' column (+ age, sex, ...)")
+    p.add_argument("cohort", help="BIDS dataset directory, CSV/TSV with a 'path' column (+ age, sex, ...) or .txt "
+                                  "list of image paths")
     p.add_argument("out_dir", help="cache directory (re-run the same command to resume)")
     p.add_argument("--dtype", choices=["float16", "uint8", "float32"], default="float16",
                    help="stored dtype (default float16: 9.8 MB per 1mm volume)")
@@ -186,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=64, help="volumes per shard file")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="drop cohort rows with problems (with a warning) instead of stopping")
+    for field, example in (("age", "'Age (years)'"), ("sex", "'SEX_ID (1=m, 2=f)'"), ("site", "SITE_ID"),
+                           ("id", "IXI_ID"), ("path", "T1_brain_lin")):
+        p.add_argument(f"--{field}-column", metavar="NAME",
+                       help=f"the cohort's {field} column when named otherwise, e.g. {example}")
+    p.add_argument("--bids-filter", action="append", default=[], metavar="ENTITY=VALUE",
+                   help="BIDS: pick one T1w per subject/session, e.g. space=MNI152Lin (ENTITY= : without the "
+                        "entity; ENTITY=* : every value as its own scan; repeatable)")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("pretrain", help="pretrain SFCN data-parallel on a prepared cache (resumes from --workdir)")

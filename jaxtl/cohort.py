@@ -2,7 +2,11 @@
 
 Labels follow the paper: age in years, sex coded 0 = female, 1 = male. Missing values are NaN
 (age, sex) or "" (session, site). Parsing is defensive (`89+`, decimal commas, F/M/female/male/0/1,
-`n/a`, stray whitespace); every problem is reported with its line in one `CohortError`.
+`n/a`, stray whitespace); every problem is reported with its line in one `CohortError`. A sex value
+that is not understood (e.g. a 1/2 coding) becomes NaN with a warning naming its lines, unless the sex
+label is required (`sex_required=True`). Label columns with other names are named explicitly
+(`age_column=`, ...); a table whose label columns are not recognised gets a warning listing its columns.
+A `.txt` file with one image path per line (no header) is an unlabelled cohort.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import io
 import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -31,9 +35,13 @@ _COLUMNS = {
     "participant_id": ("participant_id", "participant", "subject_id", "subject", "sub", "id", "eid"),
     "session": ("session", "session_id", "ses", "visit"),
     "age": ("age", "age_years", "age_at_scan"),
-    "sex": ("sex", "gender"),
-    "site": ("site", "scanner", "centre", "center"),
+    "sex": ("sex", "gender", "m/f"),
+    "site": ("site", "site_id", "scanner", "centre", "center"),
 }
+_LABELS = ("age", "sex", "site")
+_LIKELY = {"age": re.compile("age", re.I), "sex": re.compile(r"sex|gender|m/f", re.I),
+           "site": re.compile("site|scanner|cent(re|er)", re.I)}  # to suggest a column in warnings
+_SEX_CODINGS = "F/M, female/male (any case), 0 = female / 1 = male, n/a = missing"
 
 
 class CohortError(ValueError):
@@ -119,20 +127,43 @@ class Cohort:
         return np.array([s.site for s in self.scans], dtype=str)
 
 
-def read_cohort(path: str | Path, *, on_error: Literal["raise", "skip"] = "raise") -> Cohort:
-    """Read a BIDS dataset directory or a CSV/TSV table (column `path`, optional `participant_id`,
-    `session`, `age`, `sex`, `site`) into a `Cohort`.
+def read_cohort(
+    path: str | Path,
+    *,
+    on_error: Literal["raise", "skip"] = "raise",
+    age_column: str | None = None,
+    sex_column: str | None = None,
+    site_column: str | None = None,
+    id_column: str | None = None,
+    path_column: str | None = None,
+    bids_filter: Mapping[str, str | None] | None = None,
+    sex_required: bool = False,
+) -> Cohort:
+    """Read a BIDS dataset directory, a CSV/TSV table (column `path`, optional `participant_id`,
+    `session`, `age`, `sex`, `site`) or a `.txt` list of image paths (one per line) into a `Cohort`.
 
-    Duplicate ids, missing files and unparseable values are collected and raised together as one
+    `age_column=`, `sex_column=`, `site_column=`, `id_column=`, `path_column=` name columns with other
+    names (e.g. IXI's "Age (years)"; in BIDS, columns of participants.tsv). `bids_filter` picks one T1w
+    image per subject and session by BIDS entities, e.g. `{"space": "MNI152Lin", "res": None}`: a value
+    must match, None (or "") means the entity is absent, "*" keeps every value as a separate scan.
+    Duplicate ids, missing files and unparseable ages are collected and raised together as one
     `CohortError`, each with its line; with `on_error="skip"` those rows are dropped with a warning.
+    Unparseable sex values become NaN with a warning (errors with `sex_required=True`).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
+    named = {"age": age_column, "sex": sex_column, "site": site_column, "participant_id": id_column,
+             "path": path_column}
+    named = {field: column for field, column in named.items() if column}
+    if bids_filter and not path.is_dir():
+        raise ValueError(f"{path}: bids_filter applies to BIDS directories, not to tables")
     if path.is_dir():
-        scans, problems = _read_bids(path)
+        scans, problems = _read_bids(path, named, dict(bids_filter or {}), sex_required)
+    elif path.is_file() and not named and _is_path_list(path):
+        scans, problems = _read_path_list(path)
     elif path.is_file():
-        scans, problems = _read_table_cohort(path)
+        scans, problems = _read_table_cohort(path, named, sex_required)
     else:
         raise CohortError(f"{path}: no such file or directory")
     if problems:
@@ -142,6 +173,40 @@ def read_cohort(path: str | Path, *, on_error: Literal["raise", "skip"] = "raise
     if not scans:
         raise CohortError(f"{path}: no usable scans")
     return Cohort(tuple(scans), str(path))
+
+
+def parse_bids_filter(items: Sequence[str]) -> dict[str, str | None]:
+    """`["space=MNI152Lin", "res="]` (the CLI's `--bids-filter`) -> `{"space": "MNI152Lin", "res": None}`."""
+    out: dict[str, str | None] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9]+", key.strip()):
+            raise ValueError(f"--bids-filter {item!r}: expected ENTITY=VALUE, e.g. space=MNI152Lin "
+                             "(ENTITY= for images without the entity, ENTITY=* for every value)")
+        out[key.strip()] = value.strip() or None
+    return out
+
+
+def label_columns_hint(source: str | Path, field: str) -> str:
+    """What to do when no scan of a cohort has a `field` ("age" or "sex") label: its columns and the fix."""
+    path = Path(str(source))
+    table = None
+    if path.is_dir() and (path / "index.json").exists():
+        return (f"the cache holds the labels of the cohort it was prepared from; re-run `jaxtl prepare` naming "
+                f"the {field} column (--{field}-column NAME)")
+    if path.is_dir():
+        table = _participants_file(path)
+    elif path.is_file():
+        table = path
+    columns = ""
+    if table is not None:
+        try:
+            columns = f"columns of {table}: {', '.join(repr(c) for c in _read_table(table)[0])}; "
+        except (CohortError, OSError, UnicodeDecodeError):
+            columns = ""
+    coding = f" and use {_SEX_CODINGS}" if field == "sex" else ""
+    return (f"{columns}name the {field} column (read_cohort(..., {field}_column=NAME), "
+            f"`jaxtl prepare --{field}-column NAME`){coding}")
 
 
 def _report(path: Path, problems: list[tuple[str, str]], on_error: str) -> None:
@@ -194,12 +259,19 @@ def parse_sex(text: str) -> float:
 
 def read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]], list[tuple[str, str]]]:
     """Header (normalised names) and data rows with their 1-based line numbers, plus shape problems."""
+    _, header, rows, problems = _read_table(path)
+    return header, rows, problems
+
+
+def _read_table(path: Path) -> tuple[list[str], list[str], list[tuple[int, list[str]]], list[tuple[str, str]]]:
+    """`read_table` plus the header as written (for messages)."""
     text = path.read_text(encoding="utf-8-sig")  # -sig: Excel writes a byte-order mark
     if not text.strip():
         raise CohortError(f"{path}: empty file")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else _sniff_delimiter(text.splitlines()[0])
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = [_normalise_column(c) for c in next(reader)]
+    raw = [c.strip() for c in next(reader)]
+    header = [_normalise_column(c) for c in raw]
     rows, problems = [], []
     for cells in reader:
         line = reader.line_num
@@ -210,7 +282,7 @@ def read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]], list
             problems.append((f"line {line}", f"{len(cells)} fields, header has {len(header)}{hint}"))
             continue
         rows.append((line, [c.strip() for c in cells]))
-    return header, rows, problems
+    return raw, header, rows, problems
 
 
 def _sniff_delimiter(first_line: str) -> str:
@@ -223,35 +295,120 @@ def _normalise_column(name: str) -> str:
     return "_".join(name.strip().lower().split())
 
 
-def _find_columns(header: list[str], path: Path) -> dict[str, int]:
-    found = {}
-    for field, aliases in _COLUMNS.items():
-        for alias in aliases:
-            if alias in header:
-                found[field] = header.index(alias)
-                break
+def _find_columns(header: list[str], raw: list[str], path: Path, named: Mapping[str, str]) -> dict[str, int]:
+    """Column index of each field: the explicitly `named` columns, else the first accepted alias."""
     duplicates = {c for c in header if header.count(c) > 1}
     if duplicates:
         raise CohortError(f"{path}: duplicate column name(s) {sorted(duplicates)}")
+    found = {}
+    for field, column in named.items():
+        if _normalise_column(column) not in header:
+            raise CohortError(f"{path}: no column {column!r} ({field}_column); the columns are "
+                              f"{', '.join(repr(c) for c in raw)}")
+        found[field] = header.index(_normalise_column(column))
+    for field, aliases in _COLUMNS.items():
+        if field in found:
+            continue
+        for alias in aliases:
+            if alias in header and header.index(alias) not in found.values():
+                found[field] = header.index(alias)
+                break
     return found
 
 
-def _read_table_cohort(path: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]]]:
-    header, rows, problems = read_table(path)
-    cols = _find_columns(header, path)
+def _warn_unrecognised(path: Path, raw: list[str], found: dict[str, int], fields: Sequence[str] = _LABELS) -> None:
+    """Warn when label columns are missing while the table has columns jaxtl does not use."""
+    missing = [f for f in fields if f not in found]
+    unused = [c for i, c in enumerate(raw) if i not in found.values()]
+    if not (missing and unused):
+        return
+    guesses = {f: next((c for c in unused if _LIKELY[f].search(c)), None) for f in missing}
+    named = [(f, repr(g)) for f, g in guesses.items() if g] or [(missing[0], "NAME")]
+    accepted = "; ".join(f"{f}: {', '.join(_COLUMNS[f])}" for f in missing)
+    warnings.warn(
+        f"{path}: no {'/'.join(missing)} column recognised, so {'these labels are' if len(missing) > 1 else 'it is'} "
+        f"missing. Columns not used: {', '.join(repr(c) for c in unused)}. If one holds a label, name it, e.g. "
+        f"read_cohort(..., {', '.join(f'{f}_column={n}' for f, n in named)}) or `jaxtl prepare "
+        f"{' '.join(f'--{f}-column {n}' for f, n in named)}` (names understood: {accepted})",
+        stacklevel=4,
+    )
+
+
+def _sex_or_nan(text: str, where: str, bad: list[tuple[str, str]]) -> float:
+    """`parse_sex`, but an unparseable value is recorded in `bad` and becomes NaN."""
+    try:
+        return parse_sex(text)
+    except ValueError:
+        bad.append((where, text))
+        return math.nan
+
+
+def _warn_bad_sex(path: Path, bad: list[tuple[str, str]]) -> None:
+    if not bad:
+        return
+    listing = ", ".join(f"{where} {value!r}" for where, value in bad[:10]) + (", ..." if len(bad) > 10 else "")
+    hint = " (a 1/2 coding is ambiguous: recode it)" if any(v.strip() == "2" for _, v in bad) else ""
+    warnings.warn(
+        f"{path}: {len(bad)} sex value(s) not understood, set to missing (NaN): {listing}{hint}. "
+        f"Accepted: {_SEX_CODINGS}; other columns and labels are kept",
+        stacklevel=4,
+    )
+
+
+def _is_path_list(path: Path) -> bool:
+    """A `.txt` file whose first line is not a table header with a path column: one image path per line."""
+    if path.suffix.lower() != ".txt":
+        return False
+    with open(path, encoding="utf-8-sig") as f:
+        first = next((line.strip() for line in f if line.strip() and not line.startswith("#")), "")
+    cells = [_normalise_column(c) for c in re.split(r"[\t;,]", first)]
+    if any(c in _COLUMNS["path"] for c in cells):
+        return False
+    return first.lower().endswith(NIFTI_SUFFIXES) or len(cells) == 1  # else a table without a path column
+
+
+def _read_path_list(path: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]]]:
+    """One image path per line (no header; blank lines and `#` comments skipped), relative to the file."""
+    lines = [(n, t.strip()) for n, t in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1)]
+    lines = [(n, t) for n, t in lines if t and not t.startswith("#")]
+    if not lines:
+        raise CohortError(f"{path}: no image paths (expected one path per line)")
+    images = [_resolve(t, path.parent) for _, t in lines]
+    ids = _ids_from_paths(images, path.parent)
+    scans, problems = [], []
+    for (n, _), image, scan_id in zip(lines, images, ids, strict=True):
+        where = f"line {n}"
+        if not image.is_file():
+            problems.append((where, f"file not found: {image}"))
+        participant = _bids_entity(image, "sub") or scan_id
+        scans.append((where, Scan(scan_id, participant, image, _bids_entity(image, "ses") or "")))
+    problems += _duplicate_ids(scans)
+    return scans, sorted(problems, key=_line_key)
+
+
+def _read_table_cohort(
+    path: Path, named: Mapping[str, str] | None = None, sex_required: bool = False
+) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]]]:
+    raw, header, rows, problems = _read_table(path)
+    cols = _find_columns(header, raw, path, named or {})
     if "path" not in cols:
-        raise CohortError(f"{path}: no 'path' column (columns: {', '.join(header)}); add one with the image paths")
+        hint = ("; a list of image paths without a header? save it as .txt, or add a first line 'path'"
+                if len(raw) == 1 and raw[0].lower().endswith(NIFTI_SUFFIXES) else
+                "; add one with the image paths, or name it with path_column=")
+        raise CohortError(f"{path}: no 'path' column (columns: {', '.join(raw)}){hint}")
+    _warn_unrecognised(path, raw, cols)
     root = path.parent
     paths = [_resolve(cells[cols["path"]], root) for _, cells in rows]
     fallback_ids = _ids_from_paths(paths, root)
-    scans = []
+    scans, bad_sex = [], []
     for (line, cells), image, fallback in zip(rows, paths, fallback_ids, strict=True):
         where = f"line {line}"
         row = {field: cells[i] for field, i in cols.items()}
         try:
             if not row["path"]:
                 raise ValueError("empty path")
-            age, sex = parse_age(row.get("age", "")), parse_sex(row.get("sex", ""))
+            age = parse_age(row.get("age", ""))
+            sex = parse_sex(row.get("sex", "")) if sex_required else _sex_or_nan(row.get("sex", ""), where, bad_sex)
         except ValueError as e:
             problems.append((where, str(e)))
             continue
@@ -265,6 +422,7 @@ def _read_table_cohort(path: Path) -> tuple[list[tuple[str, Scan]], list[tuple[s
             session = row.get("session") or _bids_entity(image, "ses") or ""
             scan_id = fallback
         scans.append((where, Scan(scan_id, participant, image, session, age, sex, row.get("site", ""))))
+    _warn_bad_sex(path, bad_sex)
     problems += _duplicate_ids(scans)
     return scans, sorted(problems, key=_line_key)
 
@@ -322,7 +480,10 @@ def _bids_entity(path: Path, key: str) -> str | None:
 # BIDS
 
 
-def _read_bids(root: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]]]:
+def _read_bids(
+    root: Path, named: Mapping[str, str] | None = None, bids_filter: dict[str, str | None] | None = None,
+    sex_required: bool = False,
+) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]]]:
     images = sorted(
         p
         for pattern in ("sub-*/anat/*_T1w.nii*", "sub-*/ses-*/anat/*_T1w.nii*")
@@ -334,7 +495,8 @@ def _read_bids(root: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]
             f"{root}: not a BIDS dataset (no sub-*/[ses-*/]anat/*_T1w.nii[.gz]); "
             "pass a BIDS directory or a CSV/TSV with a 'path' column"
         )
-    labels, bad_subjects, problems = _participants(root)
+    images = _select_t1w(root, images, bids_filter or {})
+    labels, bad_subjects, problems = _participants(root, named or {}, sex_required)
     session_ages = {}
     for subject in sorted({p.relative_to(root).parts[0] for p in images}):
         ages, session_problems = _session_ages(root / subject / f"{subject}_sessions.tsv")
@@ -362,11 +524,63 @@ def _read_bids(root: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]
     without_images = sorted(set(labels) - {p.relative_to(root).parts[0] for p in images})
     if without_images:
         warnings.warn(
-            f"{root}: {len(without_images)} participant(s) in participants.tsv without a T1w image "
-            f"(e.g. {without_images[0]}); they are not in the cohort",
+            f"{root}: {len(without_images)} participant(s) in participants.tsv without a T1w image"
+            f"{' matching bids_filter' if bids_filter else ''} (e.g. {without_images[0]}); they are not in the cohort",
             stacklevel=3,
         )
     return scans, problems
+
+
+def _entities(path: Path) -> dict[str, str]:
+    """BIDS entities of a file name, e.g. {"sub": "01", "space": "MNI152Lin", "res": "2"}."""
+    parts = re.sub(r"_T1w$", "", _strip_suffix(path.name)).split("_")
+    return dict(p.split("-", 1) for p in parts if re.fullmatch(r"[A-Za-z0-9]+-[A-Za-z0-9+]+", p))
+
+
+def _select_t1w(root: Path, images: list[Path], bids_filter: dict[str, str | None]) -> list[Path]:
+    """Apply `bids_filter`; refuse subjects/sessions left with several T1w images (e.g. fMRIPrep outputs)."""
+    def keep(image: Path) -> bool:
+        ents = _entities(image)
+        return all(want == "*" or ents.get(key) == (want or None) for key, want in bids_filter.items())
+
+    selected = [p for p in images if keep(p)]
+    if not selected:
+        raise CohortError(f"{root}: no T1w image matches bids_filter {bids_filter}; the images have "
+                          f"{_format_entities(_entity_values(images))}")
+    # runs are repeated acquisitions of the same image: each is its own scan unless the filter names `run`
+    wildcards = sorted({k for k, v in bids_filter.items() if v == "*"} | ({"run"} - set(bids_filter)))
+    groups: dict[tuple, list[Path]] = {}
+    for image in selected:
+        ents = _entities(image)
+        key = (image.relative_to(root).parts[0], ents.get("ses", ""), *(ents.get(k) for k in wildcards))
+        groups.setdefault(key, []).append(image)
+    several = [g for g in groups.values() if len(g) > 1]
+    if several:
+        example = several[0]
+        varying = _entity_values(example)
+        first = next((k for k in varying if k != "ses"), "space")
+        raise CohortError(
+            f"{root}: {len(several)} subject/session(s) have several T1w images, e.g. "
+            f"{', '.join(p.name for p in example)} (they differ in {_format_entities(varying)}). jaxtl takes one "
+            f"brain-extracted T1w image linearly registered to MNI152 1mm per scan; choose it by BIDS entities: "
+            f"bids_filter={{{first!r}: VALUE}} or `--bids-filter {first}=VALUE` (ENTITY= selects images "
+            f"without that entity, ENTITY=* keeps every value as a separate scan, as runs are by default). "
+            f"Standard-space outputs of fMRIPrep and similar pipelines are non-linearly normalised and often "
+            f"resampled; the paper's models saw linear registrations"
+        )
+    return selected
+
+
+def _entity_values(images: Sequence[Path]) -> dict[str, list[str]]:
+    """The entities whose values differ between `images` (all if none differ), with their values."""
+    ents = [_entities(p) for p in images]
+    keys = sorted({k for e in ents for k in e} - {"sub"})
+    values = {k: sorted({e.get(k) or "<none>" for e in ents}) for k in keys}
+    return {k: v for k, v in values.items() if len(v) > 1} or values
+
+
+def _format_entities(values: dict[str, list[str]]) -> str:
+    return "; ".join(f"{k}: {', '.join(v)}" for k, v in values.items()) or "no entities besides sub"
 
 
 def _participants_file(root: Path) -> Path | None:
@@ -377,21 +591,24 @@ def _participants_file(root: Path) -> Path | None:
 
 
 def _participants(
-    root: Path,
+    root: Path, named: Mapping[str, str] | None = None, sex_required: bool = False,
 ) -> tuple[dict[str, tuple[float, float, str]], dict[str, str], list[tuple[str, str]]]:
     """Labels by participant_id, the bad rows' locations by participant_id, and the problems."""
     path = _participants_file(root)
     if path is None:
         warnings.warn(f"{root}: no participants.tsv; ages and sexes are missing", stacklevel=4)
         return {}, {}, []
-    header, rows, problems = read_table(path)
+    raw, header, rows, problems = _read_table(path)
     problems = [(f"{path.name} {where}", msg) for where, msg in problems]
-    cols = _find_columns(header, path)
+    cols = _find_columns(header, raw, path, {k: v for k, v in (named or {}).items() if k != "path"})
     if "participant_id" not in cols:
-        raise CohortError(f"{path}: no participant_id column (columns: {', '.join(header)})")
+        raise CohortError(f"{path}: no participant_id column (columns: {', '.join(raw)}); "
+                          "name it with id_column= (jaxtl prepare --id-column NAME)")
+    _warn_unrecognised(path, raw, cols)
     labels: dict[str, tuple[float, float, str]] = {}
     bad: dict[str, str] = {}
     first: dict[str, int] = {}
+    bad_sex: list[tuple[str, str]] = []
     for line, cells in rows:
         where = f"{path.name} line {line}"
         row = {field: cells[i] for field, i in cols.items()}
@@ -406,10 +623,14 @@ def _participants(
             continue
         first[subject] = line
         try:
-            labels[subject] = (parse_age(row.get("age", "")), parse_sex(row.get("sex", "")), row.get("site", ""))
+            age = parse_age(row.get("age", ""))
+            sex = (parse_sex(row.get("sex", "")) if sex_required
+                   else _sex_or_nan(row.get("sex", ""), f"line {line}", bad_sex))
+            labels[subject] = (age, sex, row.get("site", ""))
         except ValueError as e:
             problems.append((where, f"{subject}: {e}"))
             bad[subject] = where
+    _warn_bad_sex(path, bad_sex)
     return labels, bad, problems
 
 

@@ -39,6 +39,7 @@ class DataConfig:
     wrap: bool = True  # shifts wrap around (np.roll) as in the paper's code; False zero-fills
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    split_seed: int | None = None  # seed of the participant-level train/val/test split; None: TrainConfig.seed
     workers: int = 0  # grain worker processes; 0 = threads in the main process, faster for a cache
 
 
@@ -102,6 +103,8 @@ def _parse(raw: str, current: Any, key: str) -> Any:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw  # bare strings: --set model.dtype=bfloat16
+    if current is None:  # optional fields (e.g. data.split_seed): any literal; the user of the field checks it
+        return value
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise ValueError(f"--set {key}={raw}: expected True or False")

@@ -21,7 +21,11 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage
 
-# FSL's MNI152 1mm grid (UK Biobank `T1_brain_to_MNI.nii.gz`, Peng's SFCN weights): LAS, 182x218x182.
+# FSL's MNI152 1mm grid (Peng's SFCN weights; FSL flirt to MNI152_T1_1mm_brain): LAS, 182x218x182. The images must
+# be registered LINEARLY (paper-spec 2). UK Biobank's `T1_brain_to_MNI.nii.gz` is the non-linear (FNIRT) output:
+# do not use it; apply UK Biobank's linear transform instead, e.g. `flirt -in T1_brain -ref
+# $FSLDIR/data/standard/MNI152_T1_1mm_brain -applyxfm -init transforms/T1_to_MNI_linear.mat
+# -out T1_brain_to_MNI_linear`.
 MNI_SHAPE = (182, 218, 182)
 MNI_AFFINE = np.array(
     [[-1.0, 0.0, 0.0, 90.0], [0.0, 1.0, 0.0, -126.0], [0.0, 0.0, 1.0, -72.0], [0.0, 0.0, 0.0, 1.0]]
@@ -196,12 +200,31 @@ def _read_data(img: nib.spatialimages.SpatialImage, name: str) -> np.ndarray:
     data = data.reshape(shape[:3])
     lo, hi = float(data.min()), float(data.max())  # NaN and inf propagate into min/max
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        n_bad = int(np.count_nonzero(~np.isfinite(data)))
-        raise InputError(f"{name}: {n_bad} non-finite voxel values (NaN or inf); fix or mask them first")
+        raise InputError(_non_finite_message(data, name))
     if lo == hi:
         what = "all-zero" if lo == 0 else f"constant (every voxel = {lo:g})"
         raise InputError(f"{name}: {what} volume, no image content")
     return data
+
+
+def _non_finite_message(data: np.ndarray, name: str) -> str:
+    """How many NaN/inf voxels, whether they lie within the bounding box of the non-zero (brain) voxels,
+    and how to replace them."""
+    bad = ~np.isfinite(data)
+    n_bad = int(np.count_nonzero(bad))
+    brain = np.isfinite(data) & (data != 0)
+    if not brain.any():
+        where = "and no other voxel is non-zero"
+    else:
+        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in
+                    (np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)))
+        inside = int(np.count_nonzero(bad[box]))
+        where = ("all outside the box around the non-zero (brain) voxels, so setting them to 0 is safe" if not inside
+                 else f"{inside} inside the box around the non-zero (brain) voxels: check the image, as zeros "
+                      "there leave holes in the brain")
+    return (f"{name}: {n_bad} of {data.size} voxels are non-finite, NaN or inf ({where}); replace them, e.g. "
+            "`fslmaths in -nan out` (NaN -> 0) or in Python "
+            "nib.Nifti1Image(np.nan_to_num(img.get_fdata(), nan=0, posinf=0, neginf=0), img.affine, img.header)")
 
 
 def _affine(img: nib.spatialimages.SpatialImage, name: str, shape: tuple[int, ...]) -> np.ndarray:

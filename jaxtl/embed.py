@@ -1,10 +1,10 @@
 """Batched, jitted inference: `embed` (features) and `predict` (age or P(male)).
 
-Inputs are preprocessed arrays, NIfTI paths / nibabel images (loaded and conformed with
-`jaxtl.data.load_volume`, streamed batch by batch so memory stays bounded), a `Cohort`, a cohort
-file or directory, a prepared cache directory, or any random-access source whose items hold an
-"image". Each batch is padded to a fixed size (one compilation per input shape) and sharded over
-all local devices on a 1-D "data" mesh; parameters are replicated.
+Inputs are preprocessed arrays (see `embed` for the contract), NIfTI paths / nibabel images (loaded
+and conformed with `jaxtl.data.load_volume`, streamed batch by batch so memory stays bounded), a `Cohort`,
+a cohort file (CSV/TSV table, `.txt` list of paths) or directory, a prepared cache directory, or any
+random-access source whose items hold an "image". Each batch is padded to a fixed size (one compilation
+per input shape) and sharded over all local devices on a 1-D "data" mesh; parameters are replicated.
 """
 
 from __future__ import annotations
@@ -95,12 +95,15 @@ class VolumeReader:
             volumes = volumes.tolist()
         if isinstance(volumes, np.ndarray | jax.Array):
             arr = volumes
-            if arr.ndim == 5 and arr.shape[-1] == 1:
+            if arr.ndim == 5 and arr.shape[1] == 1:  # NCDHW, as Peng's PyTorch code feeds SFCN
+                arr = arr[:, 0]
+            elif arr.ndim == 5 and arr.shape[-1] == 1:  # NDHWC
                 arr = arr[..., 0]
             if arr.ndim == 3:
                 arr = arr[None]
             if arr.ndim != 4:
-                raise ValueError(f"expected preprocessed volumes of shape (N, D, H, W), got {arr.shape}")
+                raise ValueError(f"expected preprocessed volumes of shape (N, D, H, W), (N, 1, D, H, W) or "
+                                 f"(N, D, H, W, 1), got {arr.shape}")
             self._array, self._kind = arr, "array"
             return
         if isinstance(volumes, str | os.PathLike):
@@ -129,10 +132,13 @@ class VolumeReader:
 
             return load_volume(item, downsample=self.downsample, check=self.check)
         arr = np.asarray(item, dtype=np.float32)
-        if arr.ndim == 4 and arr.shape[-1] == 1:
+        if arr.ndim == 4 and arr.shape[0] == 1:  # CDHW
+            arr = arr[0]
+        elif arr.ndim == 4 and arr.shape[-1] == 1:  # DHWC
             arr = arr[..., 0]
         if arr.ndim != 3:
-            raise ValueError(f"volume {i}: expected a (D, H, W) array, got shape {arr.shape}")
+            raise ValueError(f"volume {i}: expected a (D, H, W) array (or (1, D, H, W), (D, H, W, 1)), "
+                             f"got shape {arr.shape}")
         return arr
 
     def read(self, start: int, stop: int, pool: concurrent.futures.Executor | None = None) -> np.ndarray:
@@ -260,9 +266,15 @@ def embed(volumes: Any, model: JaxtlModel | SFCN | str | os.PathLike, *, layer: 
           check: bool = True, workers: int | None = None) -> np.ndarray:
     """Embed volumes with a (pretrained) SFCN: `(N, 64)` features for `layer="features"`.
 
-    `volumes`: preprocessed `(N, D, H, W)` array; paths or nibabel images (conformed with `load_volume`
-    using the model's downsampling, streamed in batches); a `Cohort`; a BIDS directory, CSV/TSV cohort or
-    prepared cache directory; or any random-access source of {"image": ...} items.
+    `volumes`: preprocessed `(N, D, H, W)` array (a singleton channel axis, `(N, 1, D, H, W)` as in Peng's
+    PyTorch code or `(N, D, H, W, 1)`, is squeezed); paths or nibabel images (conformed with `load_volume`
+    using the model's downsampling, streamed in batches); a `Cohort`; a BIDS directory, CSV/TSV cohort,
+    `.txt` list of image paths (one per line, no header) or prepared cache directory; or any random-access
+    source of {"image": ...} items.
+    Arrays must be what `jaxtl.load_volume` returns: voxels in the axis order of FSL's MNI152 1mm grid
+    (182x218x182, LAS) as nibabel's `get_fdata()` returns them for a file on that grid, divided by the mean
+    of the whole 182x218x182 volume (background included), then cropped to `[11:171, 13:205, 11:171]`
+    (160x192x160), then block-averaged by the model's `downsample` (e.g. 40x48x40 for 4).
     Layers: "features" (the 64-d average-pooled vector the paper re-uses), "logits" (log-probabilities),
     "probs", and "block0".."block5" (each conv block's output, average-pooled).
     `dtype=jnp.bfloat16` computes in bfloat16 with float32 parameters.

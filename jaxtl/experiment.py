@@ -224,7 +224,11 @@ def ensure_model(spec: PretrainSpec | str, data_dir: str | os.PathLike, progress
     if spec.checkpoint not in ("best", "model"):
         raise ValueError(f"checkpoint must be 'best' or 'model', got {spec.checkpoint!r}")
     model_dir = Path(spec.workdir) / spec.checkpoint
-    if not (Path(spec.workdir) / "model" / "model.json").exists():  # the final export marks a finished run
+    final = Path(spec.workdir) / "model" / "model.json"
+    # Only a final export marked `complete` is a finished run (a --max-steps run exports one too). Exports of
+    # older versions lack the mark: pretrain() then resumes from the last checkpoint, finds nothing left to
+    # train and re-exports with it.
+    if not (final.exists() and json.loads(final.read_text()).get("meta", {}).get("complete") is True):
         from jaxtl.train import pretrain
 
         cache = ensure_cohort(spec.cohort, data_dir, progress)

@@ -267,8 +267,9 @@ def make_elastic(task: str, **kwargs) -> ElasticBaseline:
 class BiasCorrection:
     """Linear age-bias correction (Peng et al. 2021 [UNVERIFIED: recollection; no code in TL or UKB]).
 
-    Fit `predicted = slope * age + intercept` on the training split; correct any prediction, also of
-    scans without a known age, as `(predicted - intercept) / slope`; the corrected brain-age gap is
+    Fit `predicted = slope * age + intercept` on held-out predictions (`jaxtl.transfer`: the validation
+    split for networks, out-of-fold training predictions for scikit-learn heads); correct any prediction,
+    also of scans without a known age, as `(predicted - intercept) / slope`; the corrected brain-age gap is
     `corrected - age` (= the residual of the fit divided by the slope). `split` records which
     predictions the fit used. A slope below `MIN_SLOPE` means the predictions barely follow age: the
     correction is then unusable and gives NaN (with a warning) instead of inflated ages.

@@ -8,11 +8,14 @@ per GPU). Each process reads only its slice of every global batch.
 Checkpoints (`WORKDIR/checkpoints`, orbax CheckpointManager) hold parameters, BatchNorm statistics,
 optimizer state, the step and the grain iterator state, so a restarted run continues with exactly
 the batches it would have seen. `WORKDIR/best` and `WORKDIR/model` are jaxtl model directories
-(best validation epoch and final model) that `jaxtl.load_model` reads.
+(best validation epoch and final model) that `jaxtl.load_model` reads; `model/`'s meta says whether
+pretraining ran to its last step (`complete`). The split is by participant: all scans of one
+participant (sessions, repeat visits) are in the same one of train/val/test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -37,7 +40,7 @@ from jaxtl.cache import CacheSource, make_dataset, read_index
 from jaxtl.config import OptimConfig, TrainConfig, to_dict
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
 from jaxtl.model import SFCN, WEIGHTS
-from jaxtl.weights import DEFAULT_PREPROCESSING, save_model
+from jaxtl.weights import DEFAULT_PREPROCESSING, load_model, save_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -234,21 +237,45 @@ class Subset:
         return self.source[int(self.indices[i])]
 
 
-def train_dataset(source, indices: np.ndarray, config: TrainConfig) -> grain.IterDataset:
-    """The training stream (`jaxtl.cache.make_dataset`): seeded shuffle, new order each epoch, endless
-    repeat, shift/mirror augmentation, this process's block of every global batch, float32 batches."""
+def train_dataset(source, indices: np.ndarray, config: TrainConfig, start_batch: int = 0) -> grain.IterDataset:
+    """The training stream (`jaxtl.cache.make_dataset`): per epoch a seeded reshuffle of `indices` cut into
+    `len(indices) // batch_size` global batches (the rest dropped), endless repeat, shift/mirror augmentation,
+    this process's block of every global batch, float32 batches; `start_batch` skips that many batches."""
     d = config.data
     return make_dataset(Subset(source, indices), batch_size=config.batch_size // jax.process_count(),
                         seed=config.seed, num_epochs=None, workers=d.workers, wrap=d.wrap, max_shift=d.shift,
                         flip_p=0.5 if d.mirror else 0.0, dtype=np.float32,
-                        process_index=jax.process_index(), process_count=jax.process_count())
+                        process_index=jax.process_index(), process_count=jax.process_count(),
+                        start_batch=start_batch)
 
 
-def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int):
-    """Seeded random split of range(n) into train/val/test index arrays."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
-    return np.sort(perm[n_val + n_test:]), np.sort(perm[:n_val]), np.sort(perm[n_val:n_val + n_test])
+def split_participants(participant_ids: np.ndarray, val_fraction: float, test_fraction: float,
+                       seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded random split of scans into train/val/test scan-index arrays, by participant.
+
+    All scans of a participant (sessions, repeat visits) land in the same split. Participants, in order of
+    first appearance, are permuted and cut by the fractions (rounded, of participants); with one scan per
+    participant this is exactly a permutation of the scans.
+    """
+    pids = np.asarray(participant_ids, dtype=str)
+    people, first, inverse = np.unique(pids, return_index=True, return_inverse=True)
+    rank = np.empty(len(people), np.int64)
+    rank[np.argsort(first)] = np.arange(len(people))  # participant -> order of first appearance
+    perm = np.random.default_rng(seed).permutation(len(people))
+    n_val, n_test = round(len(people) * val_fraction), round(len(people) * test_fraction)
+    part = np.zeros(len(people), np.int64)  # by order of appearance: 0 train, 1 val, 2 test
+    part[perm[:n_val]], part[perm[n_val:n_val + n_test]] = 1, 2
+    scan_part = part[rank[inverse.reshape(-1)]]
+    return tuple(np.flatnonzero(scan_part == k) for k in range(3))
+
+
+def _split_seed(config: TrainConfig) -> int:
+    seed = config.data.split_seed
+    if seed is None:
+        return config.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"data.split_seed must be a non-negative integer or None (use `seed`), got {seed!r}")
+    return seed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,35 +293,132 @@ def _state_target(state, mesh):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
 
 
-def _check_config(workdir: Path, config: TrainConfig) -> None:
+# Config fields a resumed run may change: they do not change what is computed. `epochs` may change too, as long as
+# the run has not already gone past it: the learning rate schedule is a function of the step alone.
+RESUMABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data.workers", "epochs")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_config(workdir: Path, config: TrainConfig) -> dict | None:
+    """Write `config.json` for a new run; for an existing one, refuse a config that differs in anything but
+    `RESUMABLE_FIELDS`. Returns the saved config (flat `section.field` keys) or None for a new run."""
     path = workdir / "config.json"
-    current = to_dict(config)
-    if path.exists():
-        saved = json.loads(path.read_text())
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if diff:
-            raise ValueError(f"{workdir} holds a run with a different config (differs in: {', '.join(diff)}); "
-                             "use the same config to resume, or a new --workdir")
-    elif jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2) + "\n")
+    if not path.exists():
+        if jax.process_index() == 0:
+            workdir.mkdir(parents=True, exist_ok=True)
+            _write_json(path, to_dict(config))
+        return None
+    current = _flatten(to_dict(config))
+    # Fields added to the config since the run started take their defaults, which keep the old behaviour.
+    saved = _flatten(to_dict(TrainConfig())) | _flatten(json.loads(path.read_text()))
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    refused = [k for k in diff if k not in RESUMABLE_FIELDS]
+    if refused:
+        what = "; ".join(f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in refused)
+        raise ValueError(f"{workdir} holds a run with a different config ({what}); only "
+                         f"{', '.join(RESUMABLE_FIELDS)} may change on resume: use the run's config "
+                         f"({path}), or a new --workdir")
+    return saved
+
+
+def _check_resume(meta: dict, workdir: Path, config: TrainConfig, steps_per_epoch: int, n_proc: int) -> None:
+    """Refuse to resume a checkpoint (its `meta`) written by another number of processes than `n_proc`, or
+    past `config.epochs`."""
+    step = meta["step"]
+    saved_procs = meta.get("process_count")  # absent in checkpoints of older versions
+    if saved_procs is not None and saved_procs != n_proc:
+        raise ValueError(f"{workdir}: the checkpoint at step {step} was written by {saved_procs} process(es), "
+                         f"this run has {n_proc}; the data iterator state is per process, so resume with "
+                         f"{saved_procs} processes (--num-processes {saved_procs}), or use a new --workdir")
+    if step > config.epochs * steps_per_epoch:
+        done = math.ceil(step / steps_per_epoch)
+        raise ValueError(f"{workdir} has trained {step} steps ({step / steps_per_epoch:g} epochs), more than "
+                         f"epochs={config.epochs} ({config.epochs * steps_per_epoch} steps); resume with "
+                         f"--set epochs={done} or more, or use a new --workdir")
+
+
+def _write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (logged before a kill, retrained on resume) and torn lines."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _check_labels(source, indices, config: TrainConfig, cohort: str) -> None:
     key = "age" if config.task == "age" else "sex"
     values = (source.ages if key == "age" else source.sexes)[indices]
-    if np.isnan(values).any():
-        raise ValueError(f"{cohort}: {int(np.isnan(values).sum())} scan(s) have no {key}; "
-                         f"pretraining for {key} needs a label for every scan")
+    missing = np.asarray(indices)[np.isnan(values)]
+    if len(missing):
+        pids = getattr(source, "participant_ids", source.ids)
+        examples = ", ".join(f"{source.ids[i]}" + (f" (participant {pids[i]})" if pids[i] != source.ids[i] else "")
+                             for i in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"{cohort}: {len(missing)} scan(s) have no {key}: {examples}{more}. Pretraining for {key} "
+                         f"needs a label for every scan: add the {key} to the cohort table (participants.tsv or "
+                         "CSV) and run the same `jaxtl prepare` command again (labels are re-read, no scan is "
+                         f"reprocessed), or prepare a cache from a cohort without these scans")
     if key == "age":
         check_in_range(values, config.bin_range)
+
+
+class _TrainClock:
+    """Volumes/s of train steps alone: the clock starts once the first (compiling) step of this process has
+    finished and stops inside `paused()` (validation, export, checkpointing)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.start, self.first_step, self.paused_s = batch_size, None, 0, 0.0
+
+    def step_done(self, step: int, loss: jax.Array) -> None:
+        if self.start is None:
+            jax.block_until_ready(loss)
+            self.start, self.first_step = time.perf_counter(), step
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t
+
+    def rate(self, step: int) -> float | None:
+        """Volumes/s over the timed steps so far; None before any step was timed."""
+        if self.start is None or step <= self.first_step:
+            return None
+        return (step - self.first_step) * self.batch_size / (time.perf_counter() - self.start - self.paused_s)
 
 
 def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.PathLike, *,
              progress: bool = True, max_steps: int | None = None) -> Path:
     """Pretrain SFCN on a prepared cache; resumes automatically from `workdir`.
 
-    Returns the exported final model directory (`workdir/model`). `max_steps` stops early (tests).
+    Returns the exported final model directory (`workdir/model`); its meta has `complete` False when
+    `max_steps` (smoke runs, tests) stopped the run before its last step.
     """
     workdir = Path(workdir)
     source = CacheSource(cohort)
@@ -302,33 +426,52 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     if config.batch_size % jax.device_count() or config.batch_size % n_proc:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the device count "
                          f"({jax.device_count()}); set --set batch_size=N")
-    train_idx, val_idx, test_idx = split_indices(len(source), config.data.val_fraction,
-                                                 config.data.test_fraction, config.seed)
+    split_seed = _split_seed(config)
+    train_idx, val_idx, test_idx = split_participants(source.participant_ids, config.data.val_fraction,
+                                                      config.data.test_fraction, split_seed)
     if len(train_idx) < config.batch_size:
         raise ValueError(f"{cohort}: {len(train_idx)} training scans, fewer than one batch of {config.batch_size}")
     _check_labels(source, np.arange(len(source)), config, str(cohort))
-    _check_config(workdir, config)
-    if jax.process_index() == 0:
-        split = {"train": source.ids[train_idx].tolist(), "val": source.ids[val_idx].tolist(),
-                 "test": source.ids[test_idx].tolist()}
-        (workdir / "split.json").write_text(json.dumps(split) + "\n")
+    saved_config = _check_config(workdir, config)
+    is_main = jax.process_index() == 0
+    if is_main:
+        parts = {k: idx for k, idx in zip(("train", "val", "test"), (train_idx, val_idx, test_idx), strict=True)}
+        split = {k: source.ids[idx].tolist() for k, idx in parts.items()}  # scan ids
+        split |= {"by": "participant_id", "seed": split_seed,
+                  "participants": {k: list(dict.fromkeys(source.participant_ids[idx].tolist()))
+                                   for k, idx in parts.items()}}
+        _write_json(workdir / "split.json", split, indent=None)
 
-    steps_per_epoch = len(train_idx) // config.batch_size
+    steps_per_epoch = len(train_idx) // config.batch_size  # = batches per epoch of `train_dataset`
     total_steps = config.epochs * steps_per_epoch
     trainer = Trainer.create(config, steps_per_epoch)
     label_key = "age" if config.task == "age" else "sex"
-    data_iter = iter(train_dataset(source, train_idx, config))
     mngr = _checkpoint_manager(workdir)
-    step, best, pending = 0, None, []  # pending: losses not yet checked for finiteness
-    if mngr.latest_step() is not None:
-        restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_state_target(trainer.state, trainer.mesh)),
-            data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-            meta=ocp.args.JsonRestore()))
-        trainer.state = restored["state"]
-        step, best = restored["meta"]["step"], restored["meta"]["best"]
+    step, best, data_start = 0, None, 0  # data_start: batches the data iterator skipped when it was created
+    latest = mngr.latest_step()
+    if latest is None:
+        data_iter = iter(train_dataset(source, train_idx, config))
+    else:
+        meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        _check_resume(meta, workdir, config, steps_per_epoch, n_proc)
+        step, best = meta["step"], meta["best"]
+        saved_workers = meta.get("workers", (saved_config or {}).get("data.workers"))
+        items = {"state": ocp.args.StandardRestore(_state_target(trainer.state, trainer.mesh))}
+        if saved_workers == config.data.workers:  # the saved iterator state fits this pipeline
+            data_start = meta.get("data_start", 0)
+            data_iter = iter(train_dataset(source, train_idx, config, data_start))
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        else:  # other worker processes: a fresh pipeline positioned at the step (one batch per step)
+            data_start = step
+            data_iter = iter(train_dataset(source, train_idx, config, data_start))
+        trainer.state = mngr.restore(latest, args=ocp.args.Composite(**items))["state"]
     metrics_file = workdir / "metrics.jsonl"
-    is_main = jax.process_index() == 0
+    if is_main:
+        if saved_config is not None:
+            _write_json(workdir / "config.json", to_dict(config))  # the run's config now (resumable changes)
+        _truncate_metrics(metrics_file, step)
+    pending = []  # losses not yet checked for finiteness
+    clock = _TrainClock(config.batch_size)
 
     def log(record: dict) -> None:
         if is_main:
@@ -336,60 +479,83 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                 f.write(json.dumps(record) + "\n")
 
     def save(step: int) -> None:
-        _raise_if_non_finite(pending, mngr)
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(trainer.state),
-            data_iter=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave({"step": step, "best": best})))
+        _raise_if_non_finite(pending, mngr)  # waits for the pending steps: the clock then pauses on an idle device
+        with clock.paused():
+            mngr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(trainer.state),
+                data_iter=grain.checkpoint.CheckpointSave(data_iter),
+                meta=ocp.args.JsonSave({"step": step, "best": best, "process_count": n_proc,
+                                        "workers": config.data.workers, "data_start": data_start})))
 
     end = total_steps if max_steps is None else min(total_steps, max_steps)
     bar = tqdm(total=end, initial=step, unit="step", desc="pretrain", disable=not (progress and is_main))
-    t0, n0 = time.perf_counter(), step
+    val_name = "val_mae" if config.task == "age" else "val_accuracy"
+    result = {}
     try:
         while step < end:
             batch = next(data_iter)
             loss, finite = trainer.step(trainer.global_batch(batch["image"]),
                                         trainer.global_batch(batch[label_key]), step)
             step += 1
+            clock.step_done(step, loss)
             pending.append((step, loss, finite))
             bar.update(1)
             if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
                 _raise_if_non_finite(pending, mngr)
-                rate = (step - n0) * config.batch_size / (time.perf_counter() - t0)
+                rate = clock.rate(step)
                 loss_v = float(np.mean([float(v) for _, v, _ in pending]))
                 pending = []
-                log({"step": step, "epoch": step / steps_per_epoch, "loss": loss_v, "lr": trainer.schedule(step - 1),
-                     "volumes_per_s": rate})
-                bar.set_postfix(loss=f"{loss_v:.3f}", vol_s=f"{rate:.1f}")
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_v,
+                          "lr": trainer.schedule(step - 1)}
+                log(record | ({} if rate is None else {"volumes_per_s": rate}))
+                bar.set_postfix(loss=f"{loss_v:.3f}", **({} if rate is None else {"vol_s": f"{rate:.1f}"}))
             if step % steps_per_epoch == 0:
                 epoch = step // steps_per_epoch
                 if len(val_idx):
-                    val = trainer.evaluate(source, val_idx, label_key)
-                    better = best is None or (val < best if config.task == "age" else val > best)
-                    name = "val_mae" if config.task == "age" else "val_accuracy"
-                    log({"step": step, "epoch": epoch, name: val, "best": better})
-                    bar.set_postfix(loss=f"{loss_v:.3f}", **{name: f"{val:.3f}"})
-                    if better:
-                        best = val
-                        _export(trainer, workdir / "best", source, config, {"epoch": epoch, name: val})
+                    with clock.paused():
+                        val = trainer.evaluate(source, val_idx, label_key)
+                        better = best is None or (val < best if config.task == "age" else val > best)
+                        log({"step": step, "epoch": epoch, val_name: val, "best": better})
+                        bar.set_postfix(loss=f"{loss_v:.3f}", **{val_name: f"{val:.3f}"})
+                        if better:
+                            best = val
+                            _export(trainer, workdir / "best", source, config, {"epoch": epoch, val_name: val})
                 save(step)
             elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
                 save(step)
+        mngr.wait_until_finished()
+        if mngr.latest_step() != step:
+            save(step)
+        result = {"steps": step, "epochs": step / steps_per_epoch, "complete": step >= total_steps}
+        if len(test_idx):
+            result |= _test_metrics(trainer, workdir / "best", source, train_idx, test_idx, label_key)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in result.items() if k.startswith("test_")
+                             and "baseline" not in k})
     finally:
         mngr.wait_until_finished()
         bar.close()
-    if mngr.latest_step() != step:
-        save(step)
-    mngr.wait_until_finished()
     mngr.close()
-    result = {"steps": step, "epochs": step / steps_per_epoch}
-    if len(test_idx):
-        name = "test_mae" if config.task == "age" else "test_accuracy"
-        result[name] = trainer.evaluate(source, test_idx, label_key)
-        baseline = _baseline(source, train_idx, test_idx, label_key)
-        result[name.replace("test_", "test_baseline_")] = baseline
     log({"final": result})
     return _export(trainer, workdir / "model", source, config, result)
+
+
+def _test_metrics(trainer: Trainer, best_dir: Path, source: CacheSource, train_idx: np.ndarray,
+                  test_idx: np.ndarray, label_key: str) -> dict:
+    """Test MAE / accuracy of the current (final) model as `test_mae` / `test_accuracy` and of the exported
+    best-validation model `best_dir` as `test_mae_best` / `test_accuracy_best` (with `best_epoch`), beside
+    the mean-predictor / majority-class baseline `test_baseline_mae` / `test_baseline_accuracy`."""
+    key = "mae" if label_key == "age" else "accuracy"
+    out = {f"test_{key}": trainer.evaluate(source, test_idx, label_key)}
+    if (best_dir / "model.json").exists():
+        exported = load_model(best_dir, dtype=jnp.dtype(trainer.config.model.dtype))
+        # As host arrays: placing arrays committed to one local device on a multi-process mesh would be a
+        # cross-host transfer; host arrays are put on every process's devices (multi-host safe).
+        nnx.update(exported.model, jax.tree.map(np.asarray, nnx.state(exported.model, WEIGHTS)))
+        best = Trainer.create(trainer.config, 1, model=exported.model, mesh=trainer.mesh)
+        out[f"test_{key}_best"] = best.evaluate(source, test_idx, label_key)
+        out["best_epoch"] = exported.meta.get("epoch")
+    out[f"test_baseline_{key}"] = _baseline(source, train_idx, test_idx, label_key)
+    return out
 
 
 def _baseline(source, train_idx, test_idx, label_key: str) -> float:

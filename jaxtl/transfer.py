@@ -128,18 +128,32 @@ PAPER_HPS: dict[tuple[str, str], FinetuneConfig] = {
     ("abide", "sex"): FinetuneConfig(Phase(50, 0.1, 1e-3, 0.9, 10, 0.1, 8), Phase(60, 5e-3, 5e-3, 0.8, 20, 0.5, 8),
                                      Phase(150, 0.01, 1e-3, 0.9, 30, 0.3, 8)),
 }
+# Rows where the paper used other hyper-parameters when the source network was pretrained on the other task
+# (paper-spec 6.1), keyed (dataset, task): only OASIS sex ft_final from the age-pretrained SFCN (weight decay
+# 5e-3, momentum 0.8, StepLR 20 instead of 1e-3, 0.9, 10). The spec gives no other cross-task rows (OASIS age
+# ft_final from the sex model: result only, no hyper-parameters), so those fall back to the same-task row.
+PAPER_HPS_OTHER_SOURCE: dict[tuple[str, str], FinetuneConfig] = {
+    ("oasis", "sex"): dataclasses.replace(PAPER_HPS[("oasis", "sex")], head=Phase(50, 0.1, 5e-3, 0.8, 20, 0.1, 8)),
+}
+# The paper's age bins [min, max) per target dataset (paper-spec section 3: TL hps/sota_hps.json and every
+# final-run JSON; verified there, not recollection).
+PAPER_BINS: dict[str, tuple[float, float]] = {"oasis": (37.0, 96.0), "ixi": (17.0, 89.0), "abide": (2.0, 59.0)}
 # The paper's elastic-net settings (alpha or 1/C, l1_ratio, kept components), for reference; jaxtl chooses
 # them by inner cross-validation instead.
 PAPER_ELASTIC = {("oasis", "age"): (0.1, 0.7, 60), ("oasis", "sex"): (0.1, 0.5, 60), ("ixi", "age"): (20, 0.9, 140),
                  ("ixi", "sex"): (1.0, 1.0, 160), ("abide", "age"): (10, 0.8, 120), ("abide", "sex"): (0.5, 0.55, 150)}
 
 
-def paper_finetune(dataset: str = "oasis", task: str = "age") -> FinetuneConfig:
-    """The paper's fine-tuning hyper-parameters for a target dataset ("oasis", "ixi", "abide") and task."""
+def paper_finetune(dataset: str = "oasis", task: str = "age", source_task: str | None = None) -> FinetuneConfig:
+    """The paper's fine-tuning hyper-parameters for a target dataset ("oasis", "ixi", "abide") and task;
+    `source_task`: the task the source network was pretrained on (None = the same task)."""
     try:
-        return PAPER_HPS[(dataset, task)]
+        cfg = PAPER_HPS[(dataset, task)]
     except KeyError:
         raise ValueError(f"no paper hyper-parameters for {dataset!r}/{task!r}; datasets: oasis, ixi, abide") from None
+    if source_task is not None and source_task != task:
+        cfg = PAPER_HPS_OTHER_SOURCE.get((dataset, task), cfg)
+    return cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,23 +164,32 @@ class TransferConfig:
     method: str = "features"
     head: str | None = None  # features: ridge (default), elasticnet, svr, kernelridge; sex: logistic
     layer: str = "features"  # features: which embedding the head reads (see jaxtl.embed)
-    bin_range: tuple[float, float] | None = None  # age networks: None = cohort ages -3 / +3 years
+    bin_range: tuple[float, float] | None = None  # age networks: None = paper bins (paper_hps) or train ages -3/+3
     split: tuple[float, float, float] = (0.4, 0.2, 0.4)  # train/val/test per site, by participant
     seed: int = 0
     share: float = 1.0  # use this share of the training split (data-scarcity curves)
-    paper_hps: str = "oasis"  # whose section 6.1 hyper-parameters the network methods use
+    paper_hps: str | None = None  # whose section 6.1 hyper-parameters (and age bins) the networks use; None:
+    # OASIS hyper-parameters with bins from the training ages
     finetune: FinetuneConfig | None = None  # overrides paper_hps
     epoch_scale: float = 1.0  # multiply all epochs (and lr-step lengths), e.g. 0.1 for CPU demos
     cv: int = 5  # inner cross-validation folds of the scikit-learn heads
-    bias_split: str = "train"  # age-bias fit: "train" (out-of-fold for scikit-learn heads) or "val"
+    bias_split: str = "auto"  # age-bias fit: "train" (out-of-fold for scikit-learn heads), "val", or "auto":
+    # val for networks (they fit their training scans closely), out-of-fold train for scikit-learn heads
     reinit_as: str | None = None  # reinit trains like: None = ft_step for age, ft_full for sex (paper)
     elastic_mm: int = 4  # elastic baseline on voxels block-averaged to this size (TL: 1mm + IncrementalPCA)
     elastic_features: tuple[int, ...] = (10, 30, 60, 150)
     batch_size: int | None = None  # inference batch
 
-    def finetune_config(self) -> FinetuneConfig:
-        cfg = self.finetune or paper_finetune(self.paper_hps, self.task)
+    def finetune_config(self, source_task: str | None = None) -> FinetuneConfig:
+        """SGD phases; `source_task`: what the source network was pretrained on (the paper's rows differ)."""
+        cfg = self.finetune or paper_finetune(self.paper_hps or "oasis", self.task, source_task)
         return cfg.scaled(self.epoch_scale)
+
+    def bias_fit_split(self) -> str:
+        """The split the age-bias correction is fitted on ("auto" resolved by method)."""
+        if self.bias_split != "auto":
+            return self.bias_split
+        return "train" if self.method in ("features", "elastic") else "val"
 
     def check(self) -> None:
         if self.task not in ("age", "sex"):
@@ -177,8 +200,10 @@ class TransferConfig:
             raise ValueError(f"split {self.split} must be three non-negative fractions summing to 1")
         if not 0 < self.share <= 1:
             raise ValueError(f"share must be in (0, 1], got {self.share}")
-        if self.bias_split not in ("train", "val"):
-            raise ValueError(f"bias_split must be 'train' or 'val', got {self.bias_split!r}")
+        if self.bias_split not in ("auto", "train", "val"):
+            raise ValueError(f"bias_split must be 'auto', 'train' or 'val', got {self.bias_split!r}")
+        if self.paper_hps is not None and self.paper_hps not in PAPER_BINS:
+            raise ValueError(f"no paper hyper-parameters for {self.paper_hps!r}; datasets: oasis, ixi, abide")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,7 +294,7 @@ def _voxels(source, factor: int, progress: bool) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def open_target(cohort: Any, downsample: int = 1) -> Target:
+def open_target(cohort: Any, downsample: int = 1, *, sex_required: bool = False) -> Target:
     """A prepared cache directory, a cohort (BIDS directory / CSV / TSV / `Cohort`) or a `Target`."""
     from jaxtl.cache import CacheSource, NiftiSource, read_index
     from jaxtl.cohort import Cohort, read_cohort
@@ -290,7 +315,7 @@ def open_target(cohort: Any, downsample: int = 1) -> Target:
     if isinstance(cohort, str | os.PathLike):
         if not Path(cohort).exists():
             raise FileNotFoundError(f"{cohort}: no such cohort (BIDS directory, CSV/TSV table or cache directory)")
-        cohort = read_cohort(cohort)
+        cohort = read_cohort(cohort, sex_required=sex_required)
     if not isinstance(cohort, Cohort):
         raise ValueError(f"expected a cohort path, a cache directory or a Cohort, got {type(cohort).__name__}")
     src = NiftiSource(cohort, downsample=downsample)
@@ -406,6 +431,26 @@ class NonFiniteError(ValueError):
     pass
 
 
+_BATCH_WARNED: set[tuple[int, int, int]] = set()
+
+
+def device_batch(batch_size: int, n_scans: int, n_devices: int) -> int:
+    """The global batch `train_phase` uses: TL's min(len(dataset), batch), rounded down to a multiple of
+    the device count (each device gets an equal share). Warns once per (batch, scans, devices) when the
+    rounding changes it; raises when it would leave no batch."""
+    wanted = min(batch_size, n_scans)  # TL: batch = min(len(dataset), batch)
+    batch = wanted // n_devices * n_devices
+    if batch < 1:
+        raise ValueError(f"fine-tuning batch size {wanted} (requested {batch_size}, {n_scans} training scans) is "
+                         f"smaller than the {n_devices} devices: each device needs at least one scan; use a batch "
+                         f"of at least {n_devices} or fewer devices (e.g. CUDA_VISIBLE_DEVICES)")
+    if batch != wanted and (batch_size, n_scans, n_devices) not in _BATCH_WARNED:
+        _BATCH_WARNED.add((batch_size, n_scans, n_devices))
+        warnings.warn(f"fine-tuning batch size {wanted} is not a multiple of the {n_devices} devices: using "
+                      f"{batch} instead (requested {batch_size}, {n_scans} training scans)", stacklevel=3)
+    return batch
+
+
 def train_phase(model: SFCN, source: Any, indices: np.ndarray, task: AgeTask | SexTask, phase: Phase, *,
                 trainable: Any = nnx.Param, seed: int = 0, shift: int = 1, mirror: bool = True, wrap: bool = True,
                 progress: bool = True, desc: str = "train") -> SFCN:
@@ -413,10 +458,7 @@ def train_phase(model: SFCN, source: Any, indices: np.ndarray, task: AgeTask | S
     BatchNorm in train mode); returns the trained network in eval mode. `model` is consumed."""
     from jaxtl.train import Trainer, train_dataset
 
-    n_dev = jax.device_count()
-    batch = min(phase.batch_size, len(indices)) // n_dev * n_dev  # TL: batch = min(len(dataset), batch)
-    if batch < 1:
-        raise ValueError(f"{len(indices)} training scans, fewer than the {n_dev} devices")
+    batch = device_batch(phase.batch_size, len(indices), jax.device_count())
     steps_per_epoch = len(indices) // batch
     config = TrainConfig(
         task=task.name, bin_range=task.bin_range if isinstance(task, AgeTask) else (42.0, 82.0),
@@ -565,6 +607,11 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
     y = target.labels(task_name)
     train = np.flatnonzero(split == "train")
     if len(train) < 2:
+        if not np.isfinite(y).any():
+            from jaxtl.cohort import label_columns_hint
+
+            raise ValueError(f"no scan of {target.name or 'the cohort'} has a label for {task_name} (all missing); "
+                             f"{label_columns_hint(target.name, task_name)}")
         raise ValueError(f"only {len(train)} labelled training scans; need more data or a larger split[0]")
     common = dict(downsample=target.downsample, input_shape=target.shape)
     meta = {"seed": seed, "cohort": target.name}
@@ -606,17 +653,14 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
     # network methods
     target = target.in_memory()
     if task_name == "age":
-        bins = config.bin_range or (backbone.task.bin_range if method in ("ft_full", "ft_final")
-                                    and backbone.task.name == "age" and _covers(backbone.task.bin_range, y)
-                                    else default_bin_range(y))
-        task = make_task("age", bins)
+        task = make_task("age", network_bins(config, backbone, y[train]))
         check_in_range(y[train], task.bin_range)
     else:
         task = SexTask()
-    ft = config.finetune_config()
+    ft = config.finetune_config(backbone.task.name)
     shift = ft.shift if ft.shift is not None else (2 if target.downsample == 1 else 1)
     idx = balanced_indices(train, y, seed) if task_name == "sex" else train
-    kw = dict(seed=seed, shift=shift, mirror=ft.mirror, wrap=ft.wrap, progress=progress)
+    kw = dict(shift=shift, mirror=ft.mirror, wrap=ft.wrap, progress=progress)
     procedure = method
     if method == "scratch":  # TL built Peng's channels here whatever the JSON said; we match the backbone
         b = backbone.model
@@ -633,11 +677,13 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
     if method == "reinit":
         net = reinit_with_scaling(net, seed)
     if procedure in ("ft_step", "ft_final"):
-        net = train_phase(net, target.source, idx, task, ft.head, trainable=HEAD_ONLY, desc=f"{method} head", **kw)
-    if procedure in ("ft_step", "ft_full"):
-        net = train_phase(net, target.source, idx, task, ft.full, desc=f"{method} all layers", **kw)
+        net = train_phase(net, target.source, idx, task, ft.head, trainable=HEAD_ONLY, seed=phase_seed(seed, 0),
+                          desc=f"{method} head", **kw)
+    if procedure in ("ft_step", "ft_full"):  # ft_step's second phase: its own shuffle, augmentation, dropout
+        net = train_phase(net, target.source, idx, task, ft.full, seed=phase_seed(seed, int(procedure == "ft_step")),
+                          desc=f"{method} all layers", **kw)
     if procedure == "scratch":
-        net = train_phase(net, target.source, idx, task, ft.scratch, desc="scratch", **kw)
+        net = train_phase(net, target.source, idx, task, ft.scratch, seed=phase_seed(seed, 0), desc="scratch", **kw)
     jm = _network(backbone, net, task, {"fine_tuned": method, "from": str(backbone.path or "")})
     head = TransferHead(method, task_name, "network", jm, meta={**meta, "procedure": procedure}, **common)
     log_probs = apply_batched(net, target.source, "logits", batch_size=config.batch_size, progress=progress)
@@ -649,6 +695,33 @@ def _covers(bins: tuple[float, float], y: np.ndarray) -> bool:
     return bool(len(a)) and bins[0] <= a.min() and a.max() < bins[1]
 
 
+def network_bins(config: TransferConfig, backbone: JaxtlModel, train_ages: np.ndarray) -> tuple[float, float]:
+    """Age bins of a network method, from the training split's ages only (never validation or test labels):
+    `config.bin_range`; else the paper's bins of `config.paper_hps` when they cover the training ages; else
+    the pretrained bins for ft_full / ft_final when they cover them (head kept, as TL); else training ages +-3."""
+    if config.bin_range:
+        return tuple(config.bin_range)
+    if config.paper_hps is not None:
+        bins = PAPER_BINS[config.paper_hps]
+        if _covers(bins, train_ages):
+            return bins
+        a = train_ages[np.isfinite(train_ages)]
+        warnings.warn(f"the paper's {config.paper_hps} age bins [{bins[0]:g}, {bins[1]:g}) do not cover the training "
+                      f"ages ({a.min():.1f}-{a.max():.1f}); using bins from the training ages instead", stacklevel=3)
+    if (config.method in ("ft_full", "ft_final") and backbone.task.name == "age"
+            and _covers(backbone.task.bin_range, train_ages)):
+        return tuple(backbone.task.bin_range)
+    return default_bin_range(train_ages)
+
+
+def phase_seed(seed: int, phase: int) -> int:
+    """Seed of SGD phase `phase` (0, 1, ...) of a run: the run's seed for the first, a derived one after, so
+    ft_step's phases draw distinct shuffles, augmentations and dropout masks."""
+    if phase == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(phase)]).generate_state(1)[0] >> 1)
+
+
 def _fit_sklearn(est, X: np.ndarray, y: np.ndarray, train: np.ndarray, task: str, config: TransferConfig) -> np.ndarray:
     """Fit on the training split and predict every scan; when the age-bias correction is fitted on the
     training split, its scans get out-of-fold predictions (in-sample ones would hide the bias)."""
@@ -658,7 +731,7 @@ def _fit_sklearn(est, X: np.ndarray, y: np.ndarray, train: np.ndarray, task: str
         warnings.filterwarnings("ignore", category=ConvergenceWarning)
         est.fit(X[train], y[train] if task == "age" else y[train].astype(int))
         pred = np.asarray(predict_head(est, X, task), np.float64)
-        if task == "age" and config.bias_split == "train":
+        if task == "age" and config.bias_fit_split() == "train":
             cv = KFold(min(config.cv, len(train)), shuffle=True, random_state=config.seed + 1)
             pred[train] = cross_val_predict(clone(est), X[train], y[train], cv=cv)
     return pred
@@ -734,10 +807,18 @@ def transfer(backbone: JaxtlModel, target: Target, config: TransferConfig, *, sp
     head.meta |= {"n_train": int((split == "train").sum()), "split": list(config.split), "share": config.share}
     corrected = None
     if config.task == "age":
-        fit_on = split == config.bias_split
-        out_of_fold = config.bias_split == "train" and head.kind != "network"  # see _fit_sklearn
-        head.bias = BiasCorrection.fit(pred[fit_on], y[fit_on],
-                                       config.bias_split + (" (out-of-fold)" if out_of_fold else ""))
+        bias_split = config.bias_fit_split()
+        if config.bias_split == "auto" and bias_split == "val" and not _bias_fittable(pred[split == "val"],
+                                                                                     y[split == "val"]):
+            warnings.warn("fewer than 3 validation scans with different ages: the age-bias correction is fitted on "
+                          "the training split's in-sample predictions instead (it under-corrects there)",
+                          stacklevel=2)
+            bias_split = "train"
+        fit_on = split == bias_split
+        label = bias_split  # network training predictions are in-sample; scikit-learn ones out-of-fold (_fit_sklearn)
+        if bias_split == "train":
+            label += " (in-sample)" if head.kind == "network" else " (out-of-fold)"
+        head.bias = BiasCorrection.fit(pred[fit_on], y[fit_on], label)
         corrected = head.corrected(pred)
     metrics = {
         "task": config.task, "method": config.method, "metric": metric_name(config.task),
@@ -746,6 +827,7 @@ def transfer(backbone: JaxtlModel, target: Target, config: TransferConfig, *, sp
         **evaluate(pred, y, split, config.task, corrected),
         "baseline": _baseline(y, split, config.task),
         "bias_correction": head.bias.to_dict() if head.bias is not None else None,
+        "bias_split": head.bias.split if head.bias is not None else None,  # predictions the correction was fitted on
         "config": _jsonable(dataclasses.asdict(config)),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -756,6 +838,11 @@ def transfer(backbone: JaxtlModel, target: Target, config: TransferConfig, *, sp
     else:
         preds |= {"predicted_sex": (pred > 0.5).astype(float)}
     return TransferResult(metrics, preds, head)
+
+
+def _bias_fittable(pred: np.ndarray, age: np.ndarray) -> bool:
+    ok = np.isfinite(pred) & np.isfinite(age)
+    return bool(ok.sum() >= 3 and np.ptp(age[ok]) > 0)
 
 
 def _baseline(y: np.ndarray, split: np.ndarray, task: str) -> dict:
@@ -788,7 +875,7 @@ def run_transfer(model: JaxtlModel | str | os.PathLike, cohort: Any, out_dir: st
     backbone = resolve_model(model)
     if not isinstance(backbone, JaxtlModel):
         raise ValueError("run_transfer needs a JaxtlModel or a model directory (it must know its preprocessing)")
-    target = open_target(cohort, model_downsample(backbone))
+    target = open_target(cohort, model_downsample(backbone), sex_required=task == "sex")
     if target.shape != tuple(backbone.input_shape):
         raise ValueError(f"{target.name}: volumes of shape {target.shape}, the model expects {backbone.input_shape}")
     result = transfer(backbone, target, config, progress=progress)
@@ -924,5 +1011,6 @@ __all__ = [
     "split_cohort", "subsample_share", "balanced_indices", "with_new_head", "reinit_with_scaling", "train_phase",
     "TransferHead", "load_head", "fit_method", "transfer", "run_transfer", "predict_cohort", "write_predictions",
     "read_predictions", "age_metrics", "sex_metrics", "metric_name", "plot_brain_age", "TransferResult",
-    "default_bin_range", "ArraySource",
+    "default_bin_range", "ArraySource", "PAPER_BINS", "PAPER_HPS_OTHER_SOURCE", "network_bins", "phase_seed",
+    "device_batch",
 ]

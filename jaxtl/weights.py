@@ -131,7 +131,8 @@ def load_model(name_or_dir: str | os.PathLike, *, dtype=jnp.float32) -> JaxtlMod
     config = json.loads((path / "model.json").read_text())
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer jaxtl (format {config['format_version']}); upgrade jaxtl")
-    task = make_task(config["task"], config.get("bin_range"), config.get("sigma") or 1.0)
+    sigma = config.get("sigma")  # None for sex models and old files; 0 (one-hot age labels) is a valid value
+    task = make_task(config["task"], config.get("bin_range"), 1.0 if sigma is None else float(sigma))
     model = SFCN(config["channels"], config["num_outputs"], config.get("dropout", 0.5), dtype=dtype,
                  rngs=nnx.Rngs(0))
     abstract = nnx.state(model, WEIGHTS)

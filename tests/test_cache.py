@@ -17,6 +17,7 @@ import pytest
 
 from jaxtl import cli
 from jaxtl.cache import (
+    GRAIN_WORKER_ENV,
     Augment,
     CacheSource,
     NiftiSource,
@@ -313,14 +314,51 @@ def test_make_dataset_batches_augmented_volumes(reference_cache):
     assert plain[0]["image"].dtype == np.float32 and np.array_equal(plain[0]["image"][2], source[2]["image"])
 
 
+class _WorkerMarked:
+    """A source whose records say which grain worker (GRAIN_WORKER_ENV) read them."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return {**self.source[i], "worker": os.environ.get(GRAIN_WORKER_ENV, "")}
+
+
 def test_make_dataset_in_a_worker_process(reference_cache):
     source = CacheSource(reference_cache)
-    ds = make_dataset(source, batch_size=3, shuffle=False, augmentation=False, workers=1)
+    ds = make_dataset(_WorkerMarked(source), batch_size=3, shuffle=False, augmentation=False, workers=1)
     it = iter(ds)
     batches = list(it)
     it.close()
     assert [b["id"].tolist() for b in batches] == [["s0", "s1", "s2"], ["s3", "s4", "s5"]]
     assert np.array_equal(batches[1]["image"][2], source[5]["image"])
+    # grain workers are marked (jaxtl.cli never joins them to jax.distributed); this process is not
+    assert {w for b in batches for w in b["worker"].tolist()} == {"0/1"} and GRAIN_WORKER_ENV not in os.environ
+
+
+def test_batches_stay_within_epochs(reference_cache):
+    """Each epoch is one reshuffled pass cut into len // batch batches (remainder dropped per epoch): no batch
+    holds a scan twice, no batch spans two epochs, for one process and for contiguous per-process blocks."""
+    source = CacheSource(reference_cache)  # 7 scans
+    kw = dict(seed=5, augmentation=False, prefetch=0)
+    batches = [b["id"].tolist() for b in make_dataset(source, batch_size=3, num_epochs=3, **kw)]
+    assert len(batches) == 3 * (N_GOOD // 3)
+    epochs = [sum(batches[e * 2:e * 2 + 2], []) for e in range(3)]
+    assert all(len(set(ids)) == 6 for ids in epochs)  # 6 distinct scans per epoch, one left out
+    assert len({tuple(ids) for ids in epochs}) == 3  # reshuffled every epoch
+    endless = iter(make_dataset(source, batch_size=3, num_epochs=None, **kw))
+    assert [next(endless)["id"].tolist() for _ in range(6)] == batches
+    resumed = iter(make_dataset(source, batch_size=3, num_epochs=None, start_batch=4, **kw))
+    assert [next(resumed)["id"].tolist() for _ in range(2)] == batches[4:]
+    # 2 processes x 1 scan: each global batch of 2 is split into blocks; 3 global batches per epoch.
+    one = [b["id"].tolist() for b in make_dataset(source, batch_size=2, num_epochs=2, **kw)]
+    hosts = [[b["id"].tolist() for b in make_dataset(source, batch_size=1, num_epochs=2, process_count=2,
+                                                     process_index=h, **kw)] for h in (0, 1)]
+    assert len(one) == 2 * (N_GOOD // 2) and [a + b for a, b in zip(*hosts, strict=True)] == one
+    assert all(len(set(sum(one[e * 3:e * 3 + 3], []))) == 6 for e in range(2))
 
 
 def test_augment_transform_for_custom_pipelines(reference_cache):

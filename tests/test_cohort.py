@@ -2,11 +2,13 @@
 
 import math
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 
-from jaxtl.cohort import Cohort, CohortError, parse_age, parse_sex, read_cohort
+from jaxtl import cli
+from jaxtl.cohort import Cohort, CohortError, label_columns_hint, parse_age, parse_bids_filter, parse_sex, read_cohort
 
 
 def _touch(root, *names):
@@ -88,11 +90,11 @@ def test_ids_from_file_names_and_from_paths_when_names_collide(tmp_path):
     assert cohort.participant_ids.tolist() == ["sub-01", "sub-02"]
     assert cohort.sessions.tolist() == ["ses-a", ""]
     # UK Biobank layout: every file has the same name
-    _touch(tmp_path, "1000001/T1/T1_brain_to_MNI.nii.gz", "1000002/T1/T1_brain_to_MNI.nii.gz")
-    (tmp_path / "ukb.csv").write_text("path,age\n1000001/T1/T1_brain_to_MNI.nii.gz,60\n"
-                                      "1000002/T1/T1_brain_to_MNI.nii.gz,61\n")
-    assert read_cohort(tmp_path / "ukb.csv").ids.tolist() == ["1000001/T1/T1_brain_to_MNI",
-                                                              "1000002/T1/T1_brain_to_MNI"]
+    _touch(tmp_path, "1000001/T1/T1_brain_to_MNI_linear.nii.gz", "1000002/T1/T1_brain_to_MNI_linear.nii.gz")
+    (tmp_path / "ukb.csv").write_text("path,age\n1000001/T1/T1_brain_to_MNI_linear.nii.gz,60\n"
+                                      "1000002/T1/T1_brain_to_MNI_linear.nii.gz,61\n")
+    assert read_cohort(tmp_path / "ukb.csv").ids.tolist() == ["1000001/T1/T1_brain_to_MNI_linear",
+                                                              "1000002/T1/T1_brain_to_MNI_linear"]
 
 
 def test_all_problems_reported_together_with_their_lines(tmp_path):
@@ -103,17 +105,19 @@ def test_all_problems_reported_together_with_their_lines(tmp_path):
         "s2,missing.nii.gz,50,F\n"  # line 3: missing file
         "s1,b.nii.gz,51,M\n"  # line 4: duplicate id
         "s4,c.nii.gz,fifty,F\n"  # line 5: bad age
-        "s5,c.nii.gz,50,2\n"  # line 6: ambiguous sex
+        "s5,c.nii.gz,50,2\n"  # line 6: ambiguous sex (an error only where sex is required)
         "s6,c.nii.gz,45,5,F\n"  # line 7: unquoted decimal comma
     )
     with pytest.raises(CohortError) as info:
-        read_cohort(tmp_path / "c.csv")
+        read_cohort(tmp_path / "c.csv", sex_required=True)
     message = str(info.value)
     assert "c.csv: 5 problems" in message
     for fragment in ["line 3: file not found", "line 4: duplicate id 's1' (first at line 2)", "line 5: age 'fifty'",
                      "line 6: sex '2'", "line 7: 5 fields, header has 4 (unquoted decimal comma?)"]:
         assert fragment in message, fragment
     assert "line 2" not in message.replace("first at line 2", "")
+    with pytest.warns(UserWarning, match="sex value"), pytest.raises(CohortError, match="c.csv: 4 problems"):
+        read_cohort(tmp_path / "c.csv")
 
 
 def test_skip_mode_drops_bad_rows_with_a_warning(tmp_path):
@@ -157,7 +161,7 @@ def _bids(root):
 def test_bids_dataset(tmp_path):
     _bids(tmp_path)
     with pytest.warns(UserWarning, match="1 participant.*without a T1w image"):
-        cohort = read_cohort(tmp_path)
+        cohort = read_cohort(tmp_path)  # every run its own scan
     assert cohort.ids.tolist() == ["sub-01", "sub-02_ses-1", "sub-02_ses-2", "sub-02_ses-2_run-2"]
     assert cohort.participant_ids.tolist() == ["sub-01", "sub-02", "sub-02", "sub-02"]
     assert cohort.sessions.tolist() == ["", "ses-1", "ses-2", "ses-2"]
@@ -180,12 +184,12 @@ def test_bids_problems_name_participants_tsv_lines(tmp_path):
     with open(tmp_path / "participants.tsv", "a") as f:
         f.write("sub-04\t51\tM\tX\n")  # line 5: duplicate
     (tmp_path / "participants.tsv").write_text(
-        (tmp_path / "participants.tsv").read_text().replace("02\t 30,5 \tM", "02\t 30,5 \tQ")
+        (tmp_path / "participants.tsv").read_text().replace("02\t 30,5 \tM", "02\t 30 months \tM")
     )
     with pytest.raises(CohortError) as info:
         read_cohort(tmp_path)
     message = str(info.value)
-    assert "participants.tsv line 3: sub-02: sex 'Q' not understood" in message
+    assert "participants.tsv line 3: sub-02: age '30 months' is not a number of years" in message
     assert "participants.tsv line 5: duplicate participant_id 'sub-04' (first at line 4)" in message
     with pytest.warns(UserWarning, match="skipping 2 row"):
         cohort = read_cohort(tmp_path, on_error="skip")
@@ -211,3 +215,173 @@ def test_cohort_object(tmp_path):
     assert cohort.select(np.array([True, False, True])).ids.tolist() == ["sub-1", "sub-3"]
     copy = pickle.loads(pickle.dumps(cohort))
     assert copy.ids.tolist() == cohort.ids.tolist() and copy.paths.tolist() == cohort.paths.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real cohorts' headers and codings (IXI, OASIS, ABIDE), path lists, BIDS derivatives
+
+IXI_HEADER = 'IXI_ID,"SEX_ID (1=m, 2=f)",Age (years),SITE,path\n'
+
+
+def test_unrecognised_label_columns_warn_with_the_columns_seen(tmp_path):
+    _touch(tmp_path, "a.nii.gz", "b.nii.gz")
+    (tmp_path / "ixi.csv").write_text(IXI_HEADER + "2,1,35.8,Guys,a.nii.gz\n12,2,38.8,HH,b.nii.gz\n")
+    with pytest.warns(UserWarning, match=r"no age/sex column recognised.*'IXI_ID', 'SEX_ID \(1=m, 2=f\)', "
+                                         r"'Age \(years\)'.*sex_column='SEX_ID \(1=m, 2=f\)'"):
+        cohort = read_cohort(tmp_path / "ixi.csv")
+    assert np.isnan(cohort.ages).all() and cohort.sites.tolist() == ["Guys", "HH"]
+    (tmp_path / "oasis.csv").write_text("Subject,M/F,AgeBasedOnClinicalData,path\nOAS1,F,70,a.nii.gz\n")
+    with pytest.warns(UserWarning, match=r"no age/site column recognised.*'AgeBasedOnClinicalData'"):
+        assert read_cohort(tmp_path / "oasis.csv").sexes.tolist() == [0.0]  # M/F is understood
+    (tmp_path / "plain.csv").write_text("path,age\na.nii.gz,50\n")  # nothing dropped: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_cohort(tmp_path / "plain.csv")
+
+
+def test_explicit_column_names(tmp_path):
+    _touch(tmp_path, "a.nii.gz", "b.nii.gz")
+    (tmp_path / "ixi.csv").write_text(IXI_HEADER + "2,1,35.8,Guys,a.nii.gz\n12,M,38.8,HH,b.nii.gz\n")
+    cohort = read_cohort(tmp_path / "ixi.csv", age_column="Age (years)", sex_column="SEX_ID (1=m, 2=f)",
+                         id_column="IXI_ID")
+    assert cohort.ids.tolist() == ["2", "12"] and cohort.ages.tolist() == [35.8, 38.8]
+    assert cohort.sexes.tolist() == [1.0, 1.0] and cohort.sites.tolist() == ["Guys", "HH"]
+    (tmp_path / "abide.csv").write_text("SUB_ID,SITE_ID,AGE_AT_SCAN,SEX,T1_brain_lin\n"
+                                        "50002,PITT,16.77,M,a.nii.gz\n")
+    cohort = read_cohort(tmp_path / "abide.csv", id_column="SUB_ID", path_column="T1_brain_lin")
+    assert cohort.sites.tolist() == ["PITT"] and cohort.ages.tolist() == [16.77]  # SITE_ID is understood
+    with pytest.raises(CohortError, match=r"no column 'Age' \(age_column\); the columns are 'SUB_ID', 'SITE_ID'"):
+        read_cohort(tmp_path / "abide.csv", age_column="Age", path_column="T1_brain_lin")
+    # BIDS: the names apply to participants.tsv
+    _touch(tmp_path / "bids", "sub-01/anat/sub-01_T1w.nii.gz")
+    (tmp_path / "bids" / "participants.tsv").write_text("IXI_ID\tAge (years)\n01\t40\n")
+    with pytest.raises(CohortError, match="no participant_id column.*id_column="):
+        read_cohort(tmp_path / "bids")
+    assert read_cohort(tmp_path / "bids", id_column="IXI_ID", age_column="Age (years)").ages.tolist() == [40.0]
+
+
+def test_cli_prepare_threads_column_names(tmp_path, capsys):
+    _touch(tmp_path, "a.nii.gz")
+    (tmp_path / "c.csv").write_text("path,Age (years)\na.nii.gz,50\n")
+    assert cli.main(["prepare", str(tmp_path / "c.csv"), str(tmp_path / "cache"), "--age-column", "AGE"]) == 2
+    assert "no column 'AGE' (age_column)" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["prepare", "ds", "out", "--sex-column", "M/F", "--site-column", "SITE_ID",
+                                          "--id-column", "ID", "--bids-filter", "space=MNI152Lin", "--bids-filter",
+                                          "res="])
+    assert (args.sex_column, args.site_column, args.id_column) == ("M/F", "SITE_ID", "ID")
+    assert parse_bids_filter(args.bids_filter) == {"space": "MNI152Lin", "res": None}
+    with pytest.raises(ValueError, match="ENTITY=VALUE"):
+        parse_bids_filter(["space"])
+
+
+def test_unparseable_sex_becomes_nan_with_a_warning_and_keeps_the_row(tmp_path):
+    _touch(tmp_path, "a.nii.gz", "b.nii.gz", "c.nii.gz")
+    (tmp_path / "c.csv").write_text("participant_id,path,age,sex\ns1,a.nii.gz,50,1\ns2,b.nii.gz,51,2\n"
+                                    "s3,c.nii.gz,52,yes\n")
+    for on_error in ("raise", "skip"):
+        with pytest.warns(UserWarning, match=r"c.csv: 2 sex value\(s\) not understood, set to missing \(NaN\): "
+                                             r"line 3 '2', line 4 'yes' \(a 1/2 coding is ambiguous.*Accepted: F/M"):
+            cohort = read_cohort(tmp_path / "c.csv", on_error=on_error)
+        assert cohort.ids.tolist() == ["s1", "s2", "s3"]
+        assert cohort.ages.tolist() == [50, 51, 52]  # the valid ages stay
+        np.testing.assert_array_equal(cohort.sexes, [1.0, np.nan, np.nan])
+    with pytest.raises(CohortError, match="line 3: sex '2'"):
+        read_cohort(tmp_path / "c.csv", sex_required=True)  # e.g. for a sex task
+    # BIDS: the subject keeps its age and images
+    _touch(tmp_path / "bids", "sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz")
+    (tmp_path / "bids" / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t30\t2\nsub-02\t40\tF\n")
+    with pytest.warns(UserWarning, match=r"participants.tsv: 1 sex value\(s\).*line 2 '2'"):
+        cohort = read_cohort(tmp_path / "bids", on_error="skip")
+    assert cohort.ids.tolist() == ["sub-01", "sub-02"] and cohort.ages.tolist() == [30, 40]
+    np.testing.assert_array_equal(cohort.sexes, [np.nan, 0.0])
+
+
+def test_txt_list_of_paths_without_header(tmp_path):
+    _touch(tmp_path, "a.nii.gz", "sub-02_ses-1_T1w.nii")
+    (tmp_path / "list.txt").write_text(f"{tmp_path}/a.nii.gz\n\n# a comment\nsub-02_ses-1_T1w.nii\n")
+    cohort = read_cohort(tmp_path / "list.txt")
+    assert cohort.ids.tolist() == ["a", "sub-02_ses-1"] and cohort.sessions.tolist() == ["", "ses-1"]
+    assert cohort.paths.tolist() == [str(tmp_path / "a.nii.gz"), str(tmp_path / "sub-02_ses-1_T1w.nii")]
+    assert np.isnan(cohort.ages).all()
+    (tmp_path / "bad.txt").write_text("a.nii.gz\nmissing.nii.gz\n")
+    with pytest.raises(CohortError, match="line 2: file not found"):
+        read_cohort(tmp_path / "bad.txt")
+    (tmp_path / "table.txt").write_text("path,age\na.nii.gz,50\n")  # a .txt table still reads as a table
+    assert read_cohort(tmp_path / "table.txt").ages.tolist() == [50.0]
+    (tmp_path / "nopath.txt").write_text("subject,age\ns1,50\n")
+    with pytest.raises(CohortError, match="no 'path' column"):
+        read_cohort(tmp_path / "nopath.txt")
+    (tmp_path / "list.csv").write_text("a.nii.gz\nsub-02_ses-1_T1w.nii\n")  # .csv stays a table, with a hint
+    with pytest.raises(CohortError, match="no 'path' column.*save it as .txt"):
+        read_cohort(tmp_path / "list.csv")
+
+
+def _fmriprep(root):
+    anat = "derivatives/fmriprep/sub-01/anat/sub-01"
+    _touch(root, f"{anat}_desc-preproc_T1w.nii.gz", f"{anat}_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz",
+           f"{anat}_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz",
+           f"{anat}_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz",  # not a T1w
+           "derivatives/fmriprep/sub-02/anat/sub-02_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz")
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t30\tF\nsub-02\t40\tM\n")
+    return root / "derivatives" / "fmriprep"
+
+
+def test_bids_derivatives_with_several_t1w_per_subject_must_be_chosen(tmp_path):
+    fmriprep = _fmriprep(tmp_path)
+    with pytest.raises(CohortError) as info:
+        read_cohort(fmriprep)
+    message = str(info.value)
+    for fragment in ["1 subject/session(s) have several T1w images", "sub-01_desc-preproc_T1w.nii.gz",
+                     "sub-01_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz",
+                     "res: 2, <none>", "space: <none>, MNI152NLin2009cAsym", "--bids-filter res=VALUE",
+                     "linearly registered to MNI152 1mm"]:
+        assert fragment in message, fragment
+    cohort = read_cohort(fmriprep, bids_filter={"space": "MNI152NLin2009cAsym", "res": None})
+    assert cohort.ids.tolist() == ["sub-01_space-MNI152NLin2009cAsym_desc-preproc",
+                                   "sub-02_space-MNI152NLin2009cAsym_desc-preproc"]
+    assert cohort.ages.tolist() == [30, 40]
+    with pytest.warns(UserWarning, match="1 participant.*without a T1w image matching bids_filter"):
+        assert read_cohort(fmriprep, bids_filter={"space": ""}).ids.tolist() == ["sub-01_desc-preproc"]
+    with pytest.raises(CohortError, match="no T1w image matches bids_filter.*space: <none>, MNI152NLin2009cAsym"):
+        read_cohort(fmriprep, bids_filter={"space": "MNI152Lin"})
+    with pytest.raises(ValueError, match="bids_filter applies to BIDS directories"):
+        read_cohort(tmp_path / "participants.tsv", bids_filter={"space": "x"})
+
+
+def test_label_columns_hint_lists_the_columns(tmp_path):
+    (tmp_path / "ixi.csv").write_text(IXI_HEADER)
+    hint = label_columns_hint(tmp_path / "ixi.csv", "sex")
+    assert "'SEX_ID (1=m, 2=f)'" in hint and "--sex-column" in hint and "0 = female" in hint
+    (tmp_path / "bids").mkdir()
+    (tmp_path / "bids" / "participants.tsv").write_text("participant_id\tAge (years)\n")
+    assert "'Age (years)'" in label_columns_hint(tmp_path / "bids", "age")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "index.json").write_text("{}")
+    assert "jaxtl prepare" in label_columns_hint(tmp_path / "cache", "age")
+
+
+def test_transfer_says_when_no_scan_has_the_label(tmp_path):
+    from jaxtl.transfer import Target, TransferConfig, fit_method
+
+    _touch(tmp_path, "a.nii.gz", "b.nii.gz")
+    (tmp_path / "ixi.csv").write_text(IXI_HEADER + "2,1,35.8,Guys,a.nii.gz\n12,2,38.8,HH,b.nii.gz\n")
+    with pytest.warns(UserWarning):
+        cohort = read_cohort(tmp_path / "ixi.csv")
+    target = Target(None, cohort.ids, cohort.participant_ids, cohort.sessions, cohort.sites, cohort.ages,
+                    cohort.sexes, 4, str(tmp_path / "ixi.csv"))
+    split = np.array(["unlabelled"] * len(cohort))
+    with pytest.raises(ValueError, match=r"no scan of .*ixi.csv has a label for age.*'Age \(years\)'.*--age-column"):
+        fit_method(None, target, split, TransferConfig(task="age"))
+
+
+def test_sex_tasks_refuse_unparseable_sex_values(tmp_path):
+    """Age tasks keep a scan whose sex is unreadable (NaN, warned); a sex task refuses the cohort."""
+    from jaxtl.transfer import open_target
+
+    _touch(tmp_path, "a.nii.gz", "b.nii.gz")
+    (tmp_path / "c.csv").write_text("path,age,sex\na.nii.gz,30,M\nb.nii.gz,40,2\n")
+    with pytest.warns(UserWarning, match="sex"):
+        target = open_target(tmp_path / "c.csv")
+    assert np.isnan(target.sexes[1]) and target.ages[1] == 40
+    with pytest.raises(CohortError, match="sex"):
+        open_target(tmp_path / "c.csv", sex_required=True)

@@ -252,6 +252,25 @@ def test_malformed_corpus_is_refused_with_file_and_problem(tmp_path, mni):
         assert "\n" not in message, (name, message)
 
 
+def test_non_finite_refusal_counts_them_and_says_how_to_fix(tmp_path):
+    arr = np.zeros((20, 24, 20), np.float32)
+    arr[5:15, 6:18, 5:15] = 1.0  # the "brain"
+    arr[0, 0, :3] = np.nan  # background NaNs, as some registration tools write
+    arr[19, 23, 19] = np.inf
+    affine = np.diag([8.0, 8.0, 8.0, 1.0])
+    affine[:3, 3] = [-80, -110, -75]
+    path = _save(nib.Nifti1Image(arr, affine), tmp_path / "nan_background.nii.gz")
+    with pytest.raises(InputError) as info:
+        load_volume(path)
+    message = str(info.value)
+    for fragment in [f"{path}: 4 of 9600 voxels are non-finite", "all outside the box around the non-zero (brain) "
+                     "voxels, so setting them to 0 is safe", "`fslmaths in -nan out`", "np.nan_to_num("]:
+        assert fragment in message, fragment
+    arr[10, 10, 10] = np.nan  # inside the brain
+    with pytest.raises(InputError, match=r"5 of 9600 .*\(1 inside the box around the non-zero \(brain\) voxels"):
+        load_volume(_save(nib.Nifti1Image(arr, affine), tmp_path / "nan_brain.nii.gz"))
+
+
 def test_refusal_names_in_memory_images_too():
     with pytest.raises(InputError, match=r"<in-memory image>: all-zero volume"):
         load_volume(nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), MNI_AFFINE))

@@ -11,7 +11,7 @@ from conftest import TINY_CHANNELS, run_python
 from jaxtl.cache import CacheSource
 from jaxtl.cohort import read_cohort
 from jaxtl.data import load_volume
-from jaxtl.embed import embed, layer_names, predict
+from jaxtl.embed import VolumeReader, embed, layer_names, predict
 from jaxtl.weights import load_model
 
 
@@ -41,6 +41,23 @@ def test_paths_images_and_arrays_agree(age_model, paths, volumes):
     single = embed(paths[0], age_model, progress=False)  # one file
     np.testing.assert_allclose(single, ref[:1], rtol=1e-6, atol=1e-7)
     assert not np.allclose(ref[0], ref[1])  # different scans, different features
+
+
+def test_singleton_channel_axis_ncdhw_is_squeezed(age_model, volumes):
+    assert VolumeReader(np.zeros((2, 1, 4, 5, 6), np.float32)).read(0, 2).shape == (2, 4, 5, 6)
+    assert VolumeReader([np.zeros((1, 4, 5, 6), np.float32)]).read(0, 1).shape == (1, 4, 5, 6)
+    ref = embed(volumes[:2], age_model, progress=False)
+    np.testing.assert_array_equal(embed(volumes[:2, None], age_model, progress=False), ref)  # Peng's NCDHW
+    np.testing.assert_array_equal(embed(volumes[:2, ..., None], age_model, progress=False), ref)  # NDHWC
+    with pytest.raises(ValueError, match=r"\(N, 1, D, H, W\)"):
+        VolumeReader(np.zeros((2, 2, 4, 5, 6), np.float32))
+
+
+def test_txt_list_of_paths_without_header(age_model, paths, volumes, tmp_path):
+    listing = tmp_path / "scans.txt"
+    listing.write_text("".join(f"{p}\n" for p in paths[:3]))
+    ref = embed(volumes[:3], age_model, progress=False)
+    np.testing.assert_allclose(embed(listing, age_model, progress=False), ref, rtol=1e-6, atol=1e-7)
 
 
 def test_cohorts_and_caches(age_model, ixi_tiny, tmp_path):

@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxtl.cache import CacheSource, HostBlock
 from jaxtl.config import DataConfig, ModelConfig, TrainConfig, load_config, override
-from jaxtl.train import NonFiniteLossError, Trainer, pretrain, train_dataset
+from jaxtl.train import NonFiniteLossError, Trainer, pretrain, split_participants, train_dataset
 
 TINY = ["model.channels=(4,8,8,8,8,8)", "batch_size=4", "log_every_steps=1", "epochs=2",
         "data.val_fraction=0.125", "data.test_fraction=0.125"]
@@ -42,6 +42,10 @@ def _final_state(path) -> dict:
 
     model = load_model(path if (path / "model.json").exists() else path / "model").model
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat))))
+
+
+def _meta(model_dir) -> dict:
+    return json.loads((model_dir / "model.json").read_text())["meta"]
 
 
 def _steps_logged(workdir) -> list[dict]:
@@ -77,6 +81,49 @@ def test_shipped_configs_load(name):
         assert (cfg.data.shift, cfg.data.mirror) == (2, True)
 
 
+def test_split_keeps_each_participant_in_one_split():
+    pids = np.array(["a", "a", "b", "c", "c", "c", "d", "e", "e", "f", "g", "h", "h", "i", "j", "j"])
+    for seed in range(20):
+        parts = split_participants(pids, 0.2, 0.2, seed)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(len(pids)))
+        people = [set(pids[idx]) for idx in parts]
+        assert not (people[0] & people[1] or people[0] & people[2] or people[1] & people[2])
+        assert [len(p) for p in people] == [6, 2, 2]  # fractions of the 10 participants
+    # one scan per participant: the scan-level split of earlier versions, unchanged
+    n, seed = 32, 3
+    perm = np.random.default_rng(seed).permutation(n)
+    old = np.sort(perm[8:]), np.sort(perm[:4]), np.sort(perm[4:8])
+    new = split_participants(np.array([f"sub-{i:02d}" for i in range(n)]), 0.125, 0.125, seed)
+    for a, b in zip(old, new, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pretrain_splits_repeat_visits_by_participant(ukb_cache, tmp_path):
+    """A cohort with two sessions per participant: split.json never puts one participant in two splits;
+    data.split_seed moves the split and nothing else."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(ukb_cache, cache)
+    index = json.loads((cache / "index.json").read_text())
+    for i, scan in enumerate(index["scans"]):
+        scan["participant_id"], scan["session"] = f"p{i // 2}", f"ses-{i % 2}"
+    (cache / "index.json").write_text(json.dumps(index))
+    owner = {scan["id"]: scan["participant_id"] for scan in index["scans"]}
+    pretrain(tiny_config("data.split_seed=7"), cache, tmp_path / "run", progress=False, max_steps=1)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["by"] == "participant_id" and split["seed"] == 7
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(owner)
+    people = {k: {owner[i] for i in split[k]} for k in ("train", "val", "test")}
+    assert people == {k: set(v) for k, v in split["participants"].items()}
+    assert not (people["train"] & people["val"] or people["train"] & people["test"] or people["val"] & people["test"])
+    # the split seed, not the initialisation seed (0), drew this split
+    by_seed = {seed: split_participants([owner[s["id"]] for s in index["scans"]], 0.125, 0.125, seed)[2]
+               for seed in (0, 7)}
+    ids = np.array([s["id"] for s in index["scans"]])
+    assert split["test"] == ids[by_seed[7]].tolist() != ids[by_seed[0]].tolist()
+
+
 # ---- input pipeline -------------------------------------------------------------------------------------
 
 
@@ -88,6 +135,10 @@ def test_pipeline_batches_and_host_blocks(ukb_cache):
     assert b["image"].shape == (4, 40, 48, 40) and b["image"].dtype == np.float32 and b["age"].shape == (4,)
     again = next(iter(train_dataset(source, np.arange(24), cfg)))
     np.testing.assert_array_equal(b["image"], again["image"])  # seeded: same batches every run
+    # steps_per_epoch = 26 // 4 = 6 batches make one epoch: 24 distinct scans each, reshuffled
+    it = iter(train_dataset(source, np.arange(26), cfg))
+    epochs = [np.concatenate([next(it)["id"] for _ in range(6)]) for _ in range(2)]
+    assert [len(set(e)) for e in epochs] == [24, 24] and epochs[0].tolist() != epochs[1].tolist()
     # Two hosts' contiguous blocks put together are exactly the one-host global batch.
     import grain
 
@@ -178,24 +229,148 @@ print("OK", out[0][0])
     assert "OK" in run_python(code, devices=4).stdout
 
 
-def test_pretrain_end_to_end_and_resume_is_noop(ukb_cache, tmp_path):
+def test_pretrain_end_to_end_and_resume_is_noop(ukb_cache, tmp_path, capsys):
     cfg = tiny_config()
-    out = pretrain(cfg, ukb_cache, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    out = pretrain(cfg, ukb_cache, run, progress=False)
     from jaxtl.weights import load_model
 
     model = load_model(out)
     assert model.task.name == "age" and model.input_shape == (40, 48, 40) and model.channels == (4, 8, 8, 8, 8, 8)
     assert model.preprocessing["downsample"] == 4
-    assert (tmp_path / "run" / "best" / "model.json").exists()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any("val_mae" in r for r in records) and "test_mae" in records[-1]["final"]
-    assert all(r["volumes_per_s"] > 0 for r in records if "loss" in r)
-    # the same command again: everything is done, nothing is retrained
+    assert (run / "best" / "model.json").exists()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_mae" in r for r in records)
+    # the final record: the last-epoch model and best/ (what experiments use) on the test split
+    final = records[-1]["final"]
+    assert {"test_mae", "test_mae_best", "test_baseline_mae"} <= set(final) and final["complete"] is True
+    assert final["best_epoch"] == max(r["epoch"] for r in records if r.get("best")) == _meta(run / "best")["epoch"]
+    assert _meta(out)["complete"] is True and _meta(out)["test_mae_best"] == final["test_mae_best"]
+    # throughput of train steps only: step 1 (compilation) is not timed
+    logged = [r for r in records if "loss" in r]
+    assert "volumes_per_s" not in logged[0] and all(r["volumes_per_s"] > 0 for r in logged[1:])
+    # the same command again, with other logging/checkpointing settings: nothing is retrained
     n_lines = len(records)
-    pretrain(cfg, ukb_cache, tmp_path / "run", progress=False)
-    assert len([json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]) == n_lines + 1
-    with pytest.raises(ValueError, match="different config"):
-        pretrain(tiny_config("optim.lr=0.5"), ukb_cache, tmp_path / "run", progress=False)
+    pretrain(tiny_config("log_every_steps=5", "checkpoint_every_steps=3"), ukb_cache, run, progress=True)
+    last_line = capsys.readouterr().err.split("pretrain")[-1]  # the final progress line: both models' test MAE
+    assert "test_mae=" in last_line and "test_mae_best=" in last_line, last_line
+    assert len([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]) == n_lines + 1
+    with pytest.raises(ValueError, match=r"different config \(optim.lr: 0.01 in the run, 0.5 now\)"):
+        pretrain(tiny_config("optim.lr=0.5"), ukb_cache, run, progress=False)
+    # a run from before a config field existed (here data.split_seed) resumes: the field takes its default
+    saved = json.loads((run / "config.json").read_text())
+    del saved["data"]["split_seed"]
+    (run / "config.json").write_text(json.dumps(saved))
+    # more epochs continue the run (the lr schedule depends on the step alone); fewer than done are refused
+    pretrain(tiny_config("epochs=3"), ukb_cache, run, progress=False)
+    assert [r["step"] for r in _steps_logged(run)] == list(range(1, 19))
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    with pytest.raises(ValueError, match=r"trained 18 steps \(3 epochs\), more than epochs=2.*--set epochs=3"):
+        pretrain(cfg, ukb_cache, run, progress=False)
+    # the checkpoint records the process count; a resume with another count is refused
+    import orbax.checkpoint as ocp
+
+    from jaxtl.train import _check_resume
+
+    with ocp.CheckpointManager(run / "checkpoints") as mngr:
+        meta = mngr.restore(18, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    assert meta["step"] == 18 and meta["process_count"] == 1
+    _check_resume(meta, run, tiny_config("epochs=3"), 6, n_proc=1)
+    with pytest.raises(ValueError, match=r"written by 1 process\(es\), this run has 2.*--num-processes 1"):
+        _check_resume(meta, run, tiny_config("epochs=3"), 6, n_proc=2)
+
+
+def test_resume_drops_records_after_the_checkpoint_and_may_change_workers(ukb_cache, tmp_path):
+    """Steps logged after the last checkpoint (then killed) are retrained and logged once; a resume with
+    other data.workers / logging / checkpointing settings gives the parameters of an uninterrupted run."""
+    clean = tmp_path / "clean"
+    pretrain(tiny_config("epochs=1"), ukb_cache, clean, progress=False)
+    work = tmp_path / "work"
+    out = pretrain(tiny_config("epochs=1"), ukb_cache, work, progress=False, max_steps=3)  # checkpoint at step 3
+    assert _meta(out)["complete"] is False  # a --max-steps export is not a finished run
+    with (work / "metrics.jsonl").open("a") as f:  # steps 4-5 logged, then a kill before their checkpoint
+        f.write('{"step": 4, "epoch": 0.67, "loss": 9.0, "lr": 0.01, "volumes_per_s": 1.0}\n{"step": 5, "ep')
+    pretrain(tiny_config("epochs=1", "data.workers=1", "log_every_steps=2", "checkpoint_every_steps=5"), ukb_cache,
+             work, progress=False)
+    logged = _steps_logged(work)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 6] and logged[3]["loss"] != 9.0
+    assert [r["loss"] for r in logged[:3]] == [r["loss"] for r in _steps_logged(clean)[:3]]
+    jax.tree.map(np.testing.assert_array_equal, _final_state(clean), _final_state(work))
+
+
+def test_throughput_clock_times_train_steps_only():
+    import jax.numpy as jnp
+
+    from jaxtl.train import _TrainClock
+
+    clock = _TrainClock(batch_size=100)
+    clock.step_done(1, jnp.zeros(()))  # the first step of a process compiles: not timed
+    assert clock.rate(1) is None
+    with clock.paused():  # validation, export, checkpointing
+        time.sleep(1.0)
+    for step in (2, 3):
+        clock.step_done(step, jnp.zeros(()))
+    assert clock.rate(3) > 2 * 100 / 0.5  # the paused second is not counted
+
+
+def test_missing_labels_are_listed_with_what_to_do():
+    from types import SimpleNamespace
+
+    from jaxtl.train import _check_labels
+
+    ages = np.array([50, np.nan, 60, *[np.nan] * 6], np.float32)
+    source = SimpleNamespace(ids=np.array([f"sub-{i}_ses-1" for i in range(9)]), ages=ages, sexes=ages,
+                             participant_ids=np.array([f"sub-{i}" for i in range(9)]))
+    expected = (r"caches/x: 7 scan\(s\) have no age: sub-1_ses-1 \(participant sub-1\), sub-3_ses-1 .*"
+                r"sub-6_ses-1 \(participant sub-6\) and 2 more\. .*jaxtl prepare")
+    with pytest.raises(ValueError, match=expected):
+        _check_labels(source, np.arange(9), tiny_config(), "caches/x")
+
+
+def test_ensure_model_pretrains_until_the_final_export_is_complete(tiny_models, ukb_cache, tmp_path, monkeypatch):
+    import shutil
+
+    import jaxtl.train
+    from jaxtl import experiment
+
+    work = tmp_path / "run"
+    shutil.copytree(tiny_models["age"], work / "model")
+    model_json = work / "model" / "model.json"
+
+    def set_complete(value) -> None:
+        config = json.loads(model_json.read_text())
+        model_json.write_text(json.dumps(config | {"meta": config["meta"] | {"complete": value}}))
+
+    calls = []
+    monkeypatch.setattr(jaxtl.train, "pretrain", lambda cfg, cache, workdir, progress: calls.append(workdir))
+    monkeypatch.setattr(experiment, "ensure_cohort", lambda *a: str(ukb_cache))
+    spec = experiment.PretrainSpec(str(work), "age", str(REPO / "configs" / "sfcn_demo.py"))
+    for complete, n_calls in ((None, 1), (False, 2), (True, 2)):  # None: an export without the mark
+        if complete is not None:
+            set_complete(complete)
+        assert experiment.ensure_model(spec, tmp_path, progress=False).task.name == "age"
+        assert len(calls) == n_calls, complete
+
+
+def test_distributed_init_skips_only_marked_grain_workers(monkeypatch, capsys):
+    import argparse
+    import multiprocessing
+
+    from jaxtl import cli
+    from jaxtl.cache import GRAIN_WORKER_ENV
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: calls.append(a))
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", GRAIN_WORKER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    args = argparse.Namespace(coordinator=None, distributed=True, num_processes=2, process_id=1)
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())  # a rank started by multiprocessing
+    cli._init_distributed(args)
+    assert calls == [(None, 2, 1)]
+    monkeypatch.setenv(GRAIN_WORKER_ENV, "0/2")  # set by make_dataset's worker_init_fn in grain workers
+    cli._init_distributed(args)
+    assert len(calls) == 1
+    assert "not calling jax.distributed.initialize() in grain data worker" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(ukb_cache, tmp_path):
@@ -233,6 +408,7 @@ def test_kill_at_random_points_then_resume_is_bitwise_identical(ukb_cache, tmp_p
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     clean, resumed = _final_state(tmp_path / "clean"), _final_state(work)
     jax.tree.map(np.testing.assert_array_equal, clean, resumed)
+    assert [r["step"] for r in _steps_logged(work)] == list(range(1, total + 1))  # each step logged once
 
 
 def _free_port() -> int:
@@ -273,6 +449,8 @@ def test_two_processes_match_one_process(ukb_cache, tmp_path):
     # Same batches, same dropout masks: equal up to float reduction order, which drifts slowly over steps.
     np.testing.assert_allclose(multi[:3], single[:3], rtol=1e-4)
     np.testing.assert_allclose(multi, single, rtol=1e-3)
+    finals = [json.loads(x)["final"] for x in (multi_dir / "metrics.jsonl").read_text().splitlines() if "final" in x]
+    assert len(finals) == 1 and "test_mae_best" in finals[0]  # best/ evaluated on the 2-process mesh
 
 
 def test_restore_on_a_different_device_count(ukb_cache, tmp_path):
@@ -282,14 +460,15 @@ def test_restore_on_a_different_device_count(ukb_cache, tmp_path):
     work = tmp_path / "run"
     cmd, env = _cli(ukb_cache, work, devices=4)
     subprocess.run(cmd + ["--max-steps", "4"], env=env, check=True, capture_output=True, timeout=300)
-    assert {r["step"] for r in _steps_logged(work)} == {1, 2, 3, 4}
+    assert {r["step"] for r in _steps_logged(work)} == {1, 2, 3, 4} and _meta(work / "model")["complete"] is False
     shutil.copytree(work / "model", tmp_path / "model_on_4")  # the exported state at step 4
     cmd, env = _cli(ukb_cache, work, devices=2)
     subprocess.run(cmd + ["--max-steps", "4"], env=env, check=True, capture_output=True, timeout=300)
     jax.tree.map(np.testing.assert_array_equal, _final_state(tmp_path / "model_on_4"), _final_state(work))
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     steps = [r["step"] for r in _steps_logged(work)]
-    assert steps[:4] == [1, 2, 3, 4] and steps[4] == 5 and steps[-1] == 12  # resumed at 5, not restarted
+    assert steps == list(range(1, 13))  # resumed at 5, not restarted
+    assert _meta(work / "model")["complete"] is True
 
 
 def test_config_dataclasses_are_frozen():

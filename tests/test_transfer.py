@@ -203,6 +203,122 @@ def test_bias_correction_is_fitted_on_the_training_split_only(tiny_models, targe
     assert a.metrics["bias_correction"] == a.head.bias.to_dict()
 
 
+def test_network_bias_correction_is_fitted_on_the_validation_split(monkeypatch, tiny_models, target):
+    """Networks fit their training scans closely (slope near 1 in-sample), so by default their age-bias
+    correction is fitted on the validation split; scikit-learn heads keep out-of-fold training predictions."""
+    from jaxtl import transfer as tl
+
+    for method in ("direct", "ft_final", "ft_step", "ft_full", "scratch", "reinit"):
+        assert TransferConfig(method=method).bias_fit_split() == "val", method
+    for method in ("features", "elastic"):
+        assert TransferConfig(method=method).bias_fit_split() == "train", method
+    assert TransferConfig(method="ft_step", bias_split="train").bias_fit_split() == "train"
+    backbone = load_model(tiny_models["age"])
+    split = split_cohort(target.participant_ids, target.sites, target.ages, "age", seed=0)
+    train = split == "train"
+    # a network that memorised its training scans and regresses to the mean (slope 0.7) on new ones
+    pred = np.where(train, target.ages, 0.7 * target.ages + 15.0)
+    head = tl.TransferHead("ft_step", "age", "network", backbone)
+    monkeypatch.setattr(tl, "fit_method", lambda *a, **k: (head, pred.copy()))
+    cfg = dataclasses.replace(FAST, task="age", method="ft_step")
+    r = transfer(backbone, target, cfg, split=split, progress=False)
+    assert r.head.bias.split == r.metrics["bias_split"] == "val"
+    np.testing.assert_allclose((r.head.bias.slope, r.head.bias.intercept), (0.7, 15.0), atol=1e-9)
+    assert abs(r.metrics["test"]["mean_gap_corrected"]) < 1e-9 and r.metrics["test"]["r_corrected"] > 0.99
+    # no validation scans: fall back to the training split, say so, and label it in-sample
+    with pytest.warns(UserWarning, match="fewer than 3 validation scans"):
+        r2 = transfer(backbone, target, cfg, split=np.where(split == "val", "test", split), progress=False)
+    assert r2.head.bias.split == r2.metrics["bias_split"] == "train (in-sample)"
+    np.testing.assert_allclose(r2.head.bias.slope, 1.0)
+
+
+def _fit_without_training(monkeypatch, backbone, target, split, config):
+    """fit_method with train_phase replaced by a recorder (the network is returned as it is)."""
+    from jaxtl import transfer as tl
+
+    calls = []
+
+    def record(model, source, indices, task, phase, *, seed=0, desc="train", **kw):
+        calls.append({"seed": seed, "phase": phase, "desc": desc, "indices": np.asarray(indices)})
+        model.eval()
+        return model
+
+    monkeypatch.setattr(tl, "train_phase", record)
+    head, _ = tl.fit_method(backbone, target, split, config, progress=False)
+    return head, calls
+
+
+def test_age_bins_come_from_the_training_split_only(monkeypatch, tiny_models, target):
+    from jaxtl.transfer import default_bin_range, network_bins
+
+    backbone = load_model(tiny_models["age"])  # bins 15-90
+    split = split_cohort(target.participant_ids, target.sites, target.ages, "age", seed=0)
+    train = split == "train"
+    cfg = dataclasses.replace(FAST, task="age", method="ft_step")
+    head, _ = _fit_without_training(monkeypatch, backbone, target, split, cfg)
+    assert head.model.task.bin_range == default_bin_range(target.ages[train])
+    # validation and test ages far outside the training range: the bins do not move
+    ages = target.ages.copy()
+    ages[~train] += 25.0
+    moved, _ = _fit_without_training(monkeypatch, backbone, dataclasses.replace(target, ages=ages), split, cfg)
+    assert moved.model.task.bin_range == head.model.task.bin_range
+    # ft_final keeps the pretrained head when its bins cover the training ages (test ages do not count)
+    ft_final = dataclasses.replace(cfg, method="ft_final")
+    assert network_bins(ft_final, backbone, ages[train]) == (15.0, 90.0)
+    # the paper's fixed bins with its hyper-parameters (paper-spec section 3)
+    for dataset, bins in (("oasis", (37.0, 96.0)), ("ixi", (17.0, 89.0)), ("abide", (2.0, 59.0))):
+        young = np.array([40.0, 50.0, 55.0])
+        assert network_bins(dataclasses.replace(cfg, paper_hps=dataset), backbone, young) == bins
+    with pytest.warns(UserWarning, match="do not cover the training ages"):  # ABIDE bins end at 59
+        assert network_bins(dataclasses.replace(cfg, paper_hps="abide"), backbone,
+                            np.array([30.0, 70.0])) == default_bin_range(np.array([30.0, 70.0]))
+    assert network_bins(dataclasses.replace(cfg, bin_range=(10, 95), paper_hps="ixi"), backbone, young) == (10, 95)
+
+
+def test_ft_step_phases_draw_distinct_random_streams(monkeypatch, tiny_models, target):
+    from jaxtl.transfer import phase_seed
+
+    backbone = load_model(tiny_models["age"])
+    split = split_cohort(target.participant_ids, target.sites, target.ages, "age", seed=0)
+    cfg = dataclasses.replace(FAST, task="age", method="ft_step", seed=3)
+    _, calls = _fit_without_training(monkeypatch, backbone, target, split, cfg)
+    assert [c["desc"] for c in calls] == ["ft_step head", "ft_step all layers"]
+    assert calls[0]["seed"] == 3 and calls[1]["seed"] != calls[0]["seed"]  # phase 1 = ft_final's stream
+    assert calls[1]["seed"] == phase_seed(3, 1) != phase_seed(4, 1) and phase_seed(3, 1) != 4
+    _, single = _fit_without_training(monkeypatch, backbone, target, split, dataclasses.replace(cfg, method="ft_full"))
+    assert [c["seed"] for c in single] == [3]
+
+
+def test_device_batch_warns_once_and_rejects_an_empty_batch():
+    from jaxtl.transfer import device_batch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning when nothing changes
+        assert device_batch(8, 100, 2) == 8 and device_batch(8, 5, 1) == 5  # TL: min(len(dataset), batch)
+    with pytest.warns(UserWarning, match=r"batch size 8 is not a multiple of the 3 devices: using 6"):
+        assert device_batch(8, 101, 3) == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        assert device_batch(8, 101, 3) == 6
+    with pytest.raises(ValueError, match=r"batch size 4 .* smaller than the 8 devices"):
+        device_batch(4, 100, 8)
+
+
+def test_paper_hyperparameters_depend_on_the_source_task(monkeypatch, tiny_models, target):
+    """paper-spec 6.1: OASIS sex ft_final from the age-pretrained SFCN used wd 5e-3, momentum 0.8, StepLR 20."""
+    same = paper_finetune("oasis", "sex")
+    other = paper_finetune("oasis", "sex", source_task="age")
+    assert (same.head.weight_decay, same.head.momentum, same.head.step_epochs) == (1e-3, 0.9, 10)
+    assert other.head == Phase(50, 0.1, 5e-3, 0.8, 20, 0.1, 8) and other.full == same.full
+    assert paper_finetune("oasis", "sex", source_task="sex") == same
+    assert paper_finetune("ixi", "sex", source_task="age") == paper_finetune("ixi", "sex")  # no other row given
+    backbone = load_model(tiny_models["age"])
+    split = split_cohort(target.participant_ids, target.sites, target.sexes, "sex", seed=0)
+    cfg = TransferConfig(task="sex", method="ft_final", paper_hps="oasis")
+    _, calls = _fit_without_training(monkeypatch, backbone, target, split, cfg)
+    assert [c["phase"] for c in calls] == [other.head]
+
+
 # ---- CLI ---------------------------------------------------------------------------------------------------
 
 

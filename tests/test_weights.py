@@ -209,3 +209,16 @@ def test_published_name_found_in_jaxtl_home(tmp_path, monkeypatch):
 def test_load_model_not_a_model_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a jaxtl model directory"):
         jaxtl.load_model(tmp_path)
+
+
+def test_saved_sigma_zero_survives_loading(tmp_path):
+    from flax import nnx
+
+    from jaxtl.labels import make_task
+    from jaxtl.model import SFCN
+
+    model = SFCN((4, 8, 8, 8, 8, 8), 40, rngs=nnx.Rngs(0))
+    for sigma in (0.0, 2.5):
+        path = jaxtl.save_model(model, tmp_path / f"sigma{sigma}", make_task("age", (42, 82), sigma),
+                                input_shape=(40, 48, 40))
+        assert jaxtl.load_model(path).task.sigma == sigma  # 0 (one-hot labels) is not replaced by 1

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# What issues #7 and #8 still need measured on a GPU, prepared without one, sized for one ~9-minute device call:
+#   1. gpu_variants.py: the reshape max-pool and the space-to-depth first layer (`pool`, `pool+s2d`), Peng 1mm,
+#      train and embed, bfloat16 and float32, batch 8 (records -> $OUT/variants.jsonl)
+#   2. the train step for the transfer and demo configs (timed out while compiling in the first GPU run)
+#   3. `jaxtl demo` end to end on the GPU (#8's "works when a GPU is present"), with its own empty JAXTL_HOME
+# Same setup as run_gpu.sh: the machine's JAX/flax/optax/orbax/PyTorch, the other wheels from .whl/.
+# Usage: OUT=dir bash benchmarks/gpu_next.sh   (inspect $OUT/log; commit the .jsonl records and the demo report)
+set -u
+OUT=${OUT:-/tmp/jaxtl-gpu}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export JAXTL_GIT_COMMIT=${JAXTL_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
+start=$SECONDS
+stage() { echo "== $1 (t=$((SECONDS - start)) s)" | tee -a "$OUT/log"; }
+stage variants
+timeout 200 python3 benchmarks/gpu_variants.py "$OUT/variants.jsonl" pool,pool+s2d bfloat16,float32 train,embed 8 \
+  2>&1 | tee -a "$OUT/log"
+stage "train transfer,demo"
+timeout 100 python3 -m jaxtl.cli bench --out "$OUT/gpu.jsonl" --warmup 3 --repeats 20 --suite train \
+  --configs transfer,demo --resolution 1 --dtype float32 --batch 8 --note "lent GPU machine, nothing else running" \
+  2>&1 | tee -a "$OUT/log"
+stage demo
+JAXTL_HOME="$OUT/jaxtl_home" timeout 240 python3 -m jaxtl.cli demo --out "$OUT/demo" 2>&1 | tail -60 | tee -a "$OUT/log"
+stage done
