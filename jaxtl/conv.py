@@ -14,6 +14,10 @@ per tile:
   the matrix width: patches of 3x3x(GROUP+2) input voxels times a (9*(GROUP+2), GROUP*Cout) banded
   kernel. More FLOPs, but a matrix multiply of useful shape instead of one with K=27.
 
+- `conv_bn_pool_relu_train` (training): the tile epilogue also computes BatchNorm's batch statistics and
+  the pooled max and min of the conv output, and the backward forms BatchNorm's gradient from pooled-size
+  sums, tile by tile where the kernel gradient consumes it.
+
 bfloat16 tensors are moved as uint16 bit patterns (XLA's CPU backend otherwise widens every
 slice and copy of them to float32). Gradients are defined with `jax.custom_vjp`: the input gradient
 is the same fast convolution with the flipped, transposed kernel, and the kernel gradient is
