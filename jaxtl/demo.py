@@ -175,8 +175,11 @@ def _source_row(task: str, model_dir: str) -> str:
     key = "mae" if task == "age" else "accuracy"
     unit = " years MAE" if task == "age" else " accuracy"
     fmt = lambda v: "n/a" if v is None else f"{v:.3g}{unit}"  # noqa: E731
-    return (f"| {task} | {fmt(final.get(f'test_{key}'))} | {fmt(final.get(f'test_baseline_{key}'))} | "
-            f"{final.get('epochs', 'n/a')} |")
+    epochs = final.get("epochs", "n/a")
+    test = final.get(f"test_{key}")
+    if Path(model_dir).name == "best" and f"test_{key}_best" in final:  # the checkpoint the experiments use
+        test, epochs = final[f"test_{key}_best"], f"{epochs} (best validation epoch: {final.get('best_epoch')})"
+    return f"| {task} | {fmt(test)} | {fmt(final.get(f'test_baseline_{key}'))} | {epochs} |"
 
 
 def _report(config: DemoConfig, experiments: dict[str, ExperimentConfig], model_dirs: dict[str, str],

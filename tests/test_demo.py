@@ -83,3 +83,13 @@ print("REPORT", report)
     text = (tmp_path / "demo" / "REPORT.md").read_text()
     assert "REPORT" in proc.stdout and all(section in text for section in SECTIONS)
     assert "scarcity.png" in text and "manifold.png" in text
+
+
+def test_source_row_scores_the_checkpoint_the_experiments_use(tmp_path):
+    from jaxtl.demo import _source_row
+
+    final = {"test_mae": 5.0, "test_mae_best": 4.0, "best_epoch": 3, "test_baseline_mae": 6.0, "epochs": 10}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"final": final}) + "\n")
+    assert _source_row("age", str(tmp_path / "best")) == \
+        "| age | 4 years MAE | 6 years MAE | 10 (best validation epoch: 3) |"
+    assert _source_row("age", str(tmp_path / "model")) == "| age | 5 years MAE | 6 years MAE | 10 |"
