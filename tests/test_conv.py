@@ -124,6 +124,35 @@ def test_fused_train_block_needs_even_sizes():
     assert out.dtype == jnp.bfloat16 and out.shape == (1, 2, 2, 2, 3) and mean.dtype == var.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("cin", [1, 8])
+def test_fused_train_block_bfloat16_is_as_accurate_as_the_unfused_block(cin):
+    """bfloat16 rounds the conv output and its gradient either way; against a float32 computation on the same
+    bfloat16 inputs, the fused block's output and gradients are no further off than the unfused composition's."""
+    x, w, b, scale, beta = _inputs((2, 8, 8, 8), cin, 16, 3, seed=3)
+    x, w = (x + 1).at[:, :2].set(0).astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+
+    def unfused(x, w, b, scale, beta):
+        y = conv3d(x, w, b)
+        yf = y.astype(jnp.float32)
+        mean = yf.mean((0, 1, 2, 3))
+        var = jnp.mean(jnp.square(yf - mean), (0, 1, 2, 3))
+        mul = scale * jax.lax.rsqrt(var + 1e-5)
+        return jnp.maximum(max_pool2(y * mul.astype(y.dtype) + (beta - mean * mul).astype(y.dtype)), 0), mean, var
+
+    exact = lambda x, w, *a: _ref_train_block(x.astype(jnp.float32), w.astype(jnp.float32), *a)
+    ct = jax.random.normal(jax.random.key(4), (2, 4, 4, 4, 16))
+    loss = lambda fn: lambda *a: jnp.sum(fn(*a)[0].astype(jnp.float32) * ct)
+    run = lambda fn: jax.jit(lambda *a: (fn(*a)[0], jax.grad(loss(fn), argnums=(0, 1, 3, 4))(*a)))(x, w, b, scale,
+                                                                                                      beta)
+    err = lambda a, r: float(np.abs(np.asarray(a, np.float64) - np.asarray(r, np.float64)).max()
+                             / np.abs(np.asarray(r, np.float64)).max())
+    (out, grads), (out_u, grads_u), (out_x, grads_x) = run(conv_bn_pool_relu_train), run(unfused), run(exact)
+    assert out.dtype == jnp.bfloat16
+    assert err(out, out_x) <= 1.25 * err(out_u, out_x) + 1e-3
+    for g, u, r in zip(grads, grads_u, grads_x, strict=True):
+        assert err(g, r) <= 1.25 * err(u, r) + 1e-3
+
+
 def test_max_pool2_equals_reduce_window_gradient_with_ties():
     x = jnp.asarray(np.random.default_rng(0).integers(0, 3, (2, 5, 6, 7, 3)), jnp.float32)  # odd sizes, many ties
     ref = lambda x: nnx.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
