@@ -334,6 +334,24 @@ def _warn_unrecognised(path: Path, raw: list[str], found: dict[str, int], fields
     )
 
 
+def _one_two_coded(rows: Sequence[tuple[int, list[str]]], cols: Mapping[str, int]) -> bool:
+    """Whether the sex column holds 2s: then it is a 1/2 coding (1=m, 2=f as IXI, or the reverse), and its 1s
+    cannot be read as 0/1's male either."""
+    i = cols.get("sex")
+    return i is not None and any(i < len(cells) and cells[i].strip() in ("2", "2.0") for _, cells in rows)
+
+
+def _row_sex(text: str, where: str, bad: list[tuple[str, str]], *, sex_required: bool, one_two: bool) -> float:
+    """A row's sex: NaN (recorded in `bad`) or an error (`sex_required`) when unparseable or 1/2-coded."""
+    if one_two and text.strip() in ("1", "1.0", "2", "2.0"):
+        if sex_required:
+            raise ValueError(f"sex {text.strip()!r}: the column codes sex as 1/2, which is ambiguous; recode it as "
+                             "F/M or 0 = female, 1 = male")
+        bad.append((where, text))
+        return math.nan
+    return parse_sex(text) if sex_required else _sex_or_nan(text, where, bad)
+
+
 def _sex_or_nan(text: str, where: str, bad: list[tuple[str, str]]) -> float:
     """`parse_sex`, but an unparseable value is recorded in `bad` and becomes NaN."""
     try:
@@ -347,7 +365,8 @@ def _warn_bad_sex(path: Path, bad: list[tuple[str, str]]) -> None:
     if not bad:
         return
     listing = ", ".join(f"{where} {value!r}" for where, value in bad[:10]) + (", ..." if len(bad) > 10 else "")
-    hint = " (a 1/2 coding is ambiguous: recode it)" if any(v.strip() == "2" for _, v in bad) else ""
+    hint = (" (a 1/2 coding is ambiguous, so its 1s are not read as male either: recode it as F/M, or name another "
+            "column with sex_column=)" if any(v.strip() in ("2", "2.0") for _, v in bad) else "")
     warnings.warn(
         f"{path}: {len(bad)} sex value(s) not understood, set to missing (NaN): {listing}{hint}. "
         f"Accepted: {_SEX_CODINGS}; other columns and labels are kept",
@@ -401,6 +420,7 @@ def _read_table_cohort(
     paths = [_resolve(cells[cols["path"]], root) for _, cells in rows]
     fallback_ids = _ids_from_paths(paths, root)
     scans, bad_sex = [], []
+    one_two = _one_two_coded(rows, cols)
     for (line, cells), image, fallback in zip(rows, paths, fallback_ids, strict=True):
         where = f"line {line}"
         row = {field: cells[i] for field, i in cols.items()}
@@ -408,7 +428,7 @@ def _read_table_cohort(
             if not row["path"]:
                 raise ValueError("empty path")
             age = parse_age(row.get("age", ""))
-            sex = parse_sex(row.get("sex", "")) if sex_required else _sex_or_nan(row.get("sex", ""), where, bad_sex)
+            sex = _row_sex(row.get("sex", ""), where, bad_sex, sex_required=sex_required, one_two=one_two)
         except ValueError as e:
             problems.append((where, str(e)))
             continue
@@ -609,6 +629,7 @@ def _participants(
     bad: dict[str, str] = {}
     first: dict[str, int] = {}
     bad_sex: list[tuple[str, str]] = []
+    one_two = _one_two_coded(rows, cols)
     for line, cells in rows:
         where = f"{path.name} line {line}"
         row = {field: cells[i] for field, i in cols.items()}
@@ -624,8 +645,7 @@ def _participants(
         first[subject] = line
         try:
             age = parse_age(row.get("age", ""))
-            sex = (parse_sex(row.get("sex", "")) if sex_required
-                   else _sex_or_nan(row.get("sex", ""), f"line {line}", bad_sex))
+            sex = _row_sex(row.get("sex", ""), f"line {line}", bad_sex, sex_required=sex_required, one_two=one_two)
             labels[subject] = (age, sex, row.get("site", ""))
         except ValueError as e:
             problems.append((where, f"{subject}: {e}"))

@@ -279,13 +279,14 @@ def test_unparseable_sex_becomes_nan_with_a_warning_and_keeps_the_row(tmp_path):
     (tmp_path / "c.csv").write_text("participant_id,path,age,sex\ns1,a.nii.gz,50,1\ns2,b.nii.gz,51,2\n"
                                     "s3,c.nii.gz,52,yes\n")
     for on_error in ("raise", "skip"):
-        with pytest.warns(UserWarning, match=r"c.csv: 2 sex value\(s\) not understood, set to missing \(NaN\): "
-                                             r"line 3 '2', line 4 'yes' \(a 1/2 coding is ambiguous.*Accepted: F/M"):
+        with pytest.warns(UserWarning, match=r"c.csv: 3 sex value\(s\) not understood, set to missing \(NaN\): "
+                                             r"line 2 '1', line 3 '2', line 4 'yes' \(a 1/2 coding is ambiguous"
+                                             r".*Accepted: F/M"):
             cohort = read_cohort(tmp_path / "c.csv", on_error=on_error)
         assert cohort.ids.tolist() == ["s1", "s2", "s3"]
         assert cohort.ages.tolist() == [50, 51, 52]  # the valid ages stay
-        np.testing.assert_array_equal(cohort.sexes, [1.0, np.nan, np.nan])
-    with pytest.raises(CohortError, match="line 3: sex '2'"):
+        np.testing.assert_array_equal(cohort.sexes, [np.nan, np.nan, np.nan])  # a 2 makes the 1s ambiguous
+    with pytest.raises(CohortError, match="line 2: sex '1': the column codes sex as 1/2"):
         read_cohort(tmp_path / "c.csv", sex_required=True)  # e.g. for a sex task
     # BIDS: the subject keeps its age and images
     _touch(tmp_path / "bids", "sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz")
@@ -385,3 +386,16 @@ def test_sex_tasks_refuse_unparseable_sex_values(tmp_path):
     assert np.isnan(target.sexes[1]) and target.ages[1] == 40
     with pytest.raises(CohortError, match="sex"):
         open_target(tmp_path / "c.csv", sex_required=True)
+
+
+def test_one_two_coded_sex_column_is_not_half_read(tmp_path):
+    """IXI codes sex 1 = m, 2 = f: the 2s are unreadable, so the 1s must not be read as 0/1's male either."""
+    _touch(tmp_path, "a.nii.gz", "b.nii.gz", "c.nii.gz")
+    (tmp_path / "c.csv").write_text("path,age,sex\na.nii.gz,30,1\nb.nii.gz,40,2\nc.nii.gz,50,1\n")
+    with pytest.warns(UserWarning, match="1/2 coding is ambiguous"):
+        cohort = read_cohort(tmp_path / "c.csv")
+    assert np.isnan(cohort.sexes).all() and cohort.ages.tolist() == [30, 40, 50]
+    with pytest.raises(CohortError, match="1/2"):
+        read_cohort(tmp_path / "c.csv", sex_required=True)
+    (tmp_path / "d.csv").write_text("path,age,sex\na.nii.gz,30,1\nb.nii.gz,40,0\n")  # 0/1: read as before
+    assert read_cohort(tmp_path / "d.csv").sexes.tolist() == [1.0, 0.0]
