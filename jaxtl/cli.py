@@ -96,12 +96,18 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from jaxtl.transfer import predict_cohort, write_predictions
+    from jaxtl.embed import SkippedScansWarning
+    from jaxtl.transfer import predict_cohort, write_cohort_predictions
 
-    columns = predict_cohort(args.model, args.cohort, batch_size=args.batch_size)
-    out = write_predictions(args.out, columns)
-    print(f"wrote {len(columns['prediction'])} predictions to {out}")
-    return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in the failures file
+        columns = predict_cohort(args.model, args.cohort, batch_size=args.batch_size, on_error=args.on_error)
+    out, failures, n_failed = write_cohort_predictions(args.out, columns)
+    n = len(columns["prediction"])
+    print(f"wrote {n - n_failed} predictions to {out}")
+    if n_failed:
+        print(f"jaxtl predict: {n_failed} of {n} scans failed: see {failures}", file=sys.stderr)
+    return 1 if n_failed == n else 0
 
 
 def _experiment(args: argparse.Namespace) -> int:
@@ -253,8 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "to new scans; writes a predictions CSV")
     p.add_argument("--model", required=True, help="head directory (DIR/head) or a jaxtl model directory")
     p.add_argument("--cohort", required=True, help="cache directory, BIDS directory or CSV/TSV cohort")
-    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--out", required=True, help="CSV file to write; scans that fail to load go to "
+                                                "OUT_STEM.failures.tsv beside it (id, path, reason)")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
+                   help="a scan that cannot be loaded: skip (default: report it, predict the others; exit code 1 "
+                        "only if every scan fails) or raise (stop at the first)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("experiment", help="the paper's experiment: methods x tasks x repeats, scarcity curve, "

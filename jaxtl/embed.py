@@ -5,16 +5,19 @@ and conformed with `jaxtl.data.load_volume`, streamed batch by batch so memory s
 a cohort file (CSV/TSV table, `.txt` list of paths) or directory, a prepared cache directory, or any
 random-access source whose items hold an "image". Each batch is padded to a fixed size (one compilation
 per input shape) and sharded over all local devices on a 1-D "data" mesh; parameters are replicated.
+With `on_error="skip"`, NIfTI scans that cannot be loaded or conformed get NaN rows (`SkippedScansWarning`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +33,25 @@ from jaxtl.weights import JaxtlModel, load_model
 
 LAYERS = ("features", "logits", "probs")  # plus "block0".."block{n-1}": pooled output of each conv block
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+ON_ERROR = ("raise", "skip")
+MAX_LISTED_FAILURES = 5  # failures named in the warning; all of them are in `SkippedScansWarning.failures`
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedScan:
+    """A scan that `on_error="skip"` left out: its position in the input, its file and why (one line)."""
+
+    index: int
+    path: str
+    reason: str
+
+
+class SkippedScansWarning(UserWarning):
+    """Scans that could not be loaded and got NaN rows; `.failures` holds a `SkippedScan` for each."""
+
+    def __init__(self, message: str, failures: Sequence[SkippedScan] = ()):
+        super().__init__(message)
+        self.failures = tuple(failures)
 
 
 def layer_names(model: JaxtlModel | SFCN) -> tuple[str, ...]:
@@ -78,15 +100,26 @@ class VolumeReader:
 
     `len(reader)` volumes; `reader.read(start, stop)` -> float32 `(m, D, H, W)`. Paths and images are
     loaded with `load_volume(downsample=...)` on `workers` threads, only when read.
+    `on_error="skip"`: a NIfTI scan (path, image, `NiftiSource` item; `InputError` from any source) that
+    fails to load is read as zeros and recorded in `reader.failures`; anything else still raises.
     """
 
-    def __init__(self, volumes: Any, *, downsample: int = 1, check: bool = True, workers: int | None = None):
-        self.downsample, self.check = downsample, check
+    def __init__(self, volumes: Any, *, downsample: int = 1, check: bool = True, workers: int | None = None,
+                 on_error: Literal["raise", "skip"] = "raise"):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.downsample, self.check, self.on_error = downsample, check, on_error
         self.workers = workers or min(4, os.cpu_count() or 1)
         self._array = None
         self._items: Any = None
         self._kind = ""
+        self._failures: dict[int, SkippedScan] = {}
         self._setup(volumes)
+
+    @property
+    def failures(self) -> tuple[SkippedScan, ...]:
+        """Scans skipped so far (`on_error="skip"`), in input order."""
+        return tuple(self._failures[i] for i in sorted(self._failures))
 
     def _setup(self, volumes: Any) -> None:
         from jaxtl.cohort import Cohort
@@ -141,14 +174,70 @@ class VolumeReader:
                              f"got shape {arr.shape}")
         return arr
 
+    def _try(self, i: int) -> np.ndarray | SkippedScan:
+        """`_one(i)`, or with `on_error="skip"` the `SkippedScan` of a NIfTI scan that failed to load."""
+        if self.on_error == "raise":
+            return self._one(i)
+        try:
+            return self._one(i)
+        except Exception as e:  # nibabel, gzip, scipy, ... raise many types; one bad scan must not stop the rest
+            if not self._skippable(i, e):
+                raise
+            from jaxtl.data import InputError
+
+            path = self._name(i)
+            reason = " ".join(str(e).split())
+            if not isinstance(e, InputError):  # InputErrors name the file; other errors get its name here
+                reason = f"{path}: {type(e).__name__}: {reason}"
+            return SkippedScan(i, path, reason)
+
+    def _skippable(self, i: int, error: Exception) -> bool:
+        from jaxtl.cache import NiftiSource
+        from jaxtl.data import InputError
+
+        if self._kind == "items":
+            return isinstance(self._items[i], str | os.PathLike | nib.spatialimages.SpatialImage)
+        return isinstance(self._items, NiftiSource) or isinstance(error, InputError)
+
+    def _name(self, i: int) -> str:
+        item = self._items[i] if self._kind == "items" else None
+        if isinstance(item, nib.spatialimages.SpatialImage):
+            return item.get_filename() or f"<in-memory image {i}>"
+        if item is not None:
+            return str(item)
+        paths = getattr(self._items, "paths", None)
+        return str(paths[i]) if paths is not None else f"volume {i}"
+
+    def _fill_shape(self) -> tuple[int, ...]:
+        """Shape of the zeros standing in for skipped scans when no scan of the batch loaded."""
+        from jaxtl.cache import NiftiSource
+        from jaxtl.data import input_shape
+
+        if isinstance(self._items, NiftiSource):
+            return input_shape(self._items.downsample)
+        if self._kind == "source" and hasattr(self._items, "shape"):
+            return tuple(self._items.shape)
+        return input_shape(self.downsample)
+
     def read(self, start: int, stop: int, pool: concurrent.futures.Executor | None = None) -> np.ndarray:
         if self._kind == "array":
             return np.asarray(self._array[start:stop], dtype=np.float32)
         idx = range(start, stop)
-        vols = list(pool.map(self._one, idx)) if pool is not None and len(idx) > 1 else [self._one(i) for i in idx]
-        shapes = {v.shape for v in vols}
+        vols = list(pool.map(self._try, idx)) if pool is not None and len(idx) > 1 else [self._try(i) for i in idx]
+        loaded = [v for v in vols if isinstance(v, np.ndarray)]
+        shapes = {v.shape for v in loaded}
         if len(shapes) > 1:
             raise ValueError(f"volumes {start}..{stop - 1} have different shapes {sorted(shapes)}")
+        if self.on_error == "skip":
+            for i, v in zip(idx, vols, strict=True):
+                if isinstance(v, SkippedScan):
+                    self._failures[i] = v
+                else:
+                    self._failures.pop(i, None)  # read again, and loaded this time
+        if len(loaded) < len(vols):  # skipped scans: zeros in their rows (callers set their outputs to NaN)
+            shape = next(iter(shapes)) if shapes else self._fill_shape()
+            dtype = loaded[0].dtype if loaded else np.float32
+            vols = [v if isinstance(v, np.ndarray) else np.zeros(shape, dtype) for v in vols]
         return np.stack(vols)
 
     def shape(self) -> tuple[int, ...]:
@@ -189,6 +278,7 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     """Run `model` in eval mode over `volumes` in padded, sharded batches; `(N, ...)` float32 outputs.
 
     The next batch is read (paths: loaded and conformed on `workers` threads) while the current one runs.
+    Rows of scans a `VolumeReader(on_error="skip")` skipped are NaN.
     """
     _check_layer(model, layer)
     reader = volumes if isinstance(volumes, VolumeReader) else VolumeReader(
@@ -229,7 +319,24 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
             outs.append(np.asarray(out)[:m])
             bar.update(m)
     bar.close()
-    return np.concatenate(outs)
+    out = np.concatenate(outs)
+    skipped = [f.index for f in reader.failures]
+    if skipped:
+        out[skipped] = np.nan
+    return out
+
+
+def warn_skipped(reader: VolumeReader, stacklevel: int = 2) -> None:
+    """Warn (`SkippedScansWarning`) about the scans `reader` skipped, naming the first few and why."""
+    failures = reader.failures
+    if not failures:
+        return
+    listed = "; ".join(f.reason for f in failures[:MAX_LISTED_FAILURES])
+    more = f"; and {len(failures) - MAX_LISTED_FAILURES} more" if len(failures) > MAX_LISTED_FAILURES else ""
+    warnings.warn(SkippedScansWarning(
+        f"{len(failures)} of {len(reader)} scans could not be loaded and were skipped (their rows are NaN): "
+        f"{listed}{more}. Fix or remove these files; on_error='raise' stops at the first", failures),
+        stacklevel=stacklevel + 1)
 
 
 def _with_dtype(model: SFCN, dtype) -> SFCN:
@@ -263,7 +370,8 @@ def model_downsample(model: JaxtlModel | SFCN) -> int:
 
 def embed(volumes: Any, model: JaxtlModel | SFCN | str | os.PathLike, *, layer: str = "features",
           batch_size: int | None = None, dtype=None, progress: bool = True, downsample: int | None = None,
-          check: bool = True, workers: int | None = None) -> np.ndarray:
+          check: bool = True, workers: int | None = None,
+          on_error: Literal["raise", "skip"] = "raise") -> np.ndarray:
     """Embed volumes with a (pretrained) SFCN: `(N, 64)` features for `layer="features"`.
 
     `volumes`: preprocessed `(N, D, H, W)` array (a singleton channel axis, `(N, 1, D, H, W)` as in Peng's
@@ -278,29 +386,42 @@ def embed(volumes: Any, model: JaxtlModel | SFCN | str | os.PathLike, *, layer: 
     Layers: "features" (the 64-d average-pooled vector the paper re-uses), "logits" (log-probabilities),
     "probs", and "block0".."block5" (each conv block's output, average-pooled).
     `dtype=jnp.bfloat16` computes in bfloat16 with float32 parameters.
+
+    `on_error` (NIfTI inputs: paths, images, cohorts): "raise" (default) stops at the first scan that cannot
+    be loaded or conformed with a `jaxtl.InputError` naming the file, as a script would expect: NaN rows
+    can silently poison downstream statistics or fail far away in a scikit-learn fit. "skip" gives that
+    scan's row NaN (rows stay aligned with the inputs; `np.isnan(out).all(axis=1)` marks them) and emits
+    one `SkippedScansWarning` naming the first few files and why, whose `.failures` lists every
+    `SkippedScan(index, path, reason)`. Arrays and prepared caches have no load errors: they never skip.
+    A `VolumeReader` given as `volumes` keeps its own `on_error`.
     """
     model = resolve_model(model)
     ds = model_downsample(model) if downsample is None else downsample
     expected = model.input_shape if isinstance(model, JaxtlModel) else None
-    return apply_batched(_unwrap(model), volumes, layer, batch_size=batch_size, dtype=dtype, progress=progress,
-                         downsample=ds, check=check, expected_shape=expected, workers=workers)
+    reader = volumes if isinstance(volumes, VolumeReader) else VolumeReader(
+        volumes, downsample=ds, check=check, workers=workers, on_error=on_error)
+    out = apply_batched(_unwrap(model), reader, layer, batch_size=batch_size, dtype=dtype, progress=progress,
+                        downsample=ds, check=check, expected_shape=expected, workers=workers)
+    warn_skipped(reader, stacklevel=2)
+    return out
 
 
 def predict(volumes: Any, model: JaxtlModel | str | os.PathLike, *, batch_size: int | None = None,
-            dtype=None, progress: bool = True, check: bool = True) -> np.ndarray:
+            dtype=None, progress: bool = True, check: bool = True,
+            on_error: Literal["raise", "skip"] = "raise") -> np.ndarray:
     """Predicted age in years (age models, expected value over the bins) or P(male) (sex models).
 
-    Accepts the same `volumes` as `embed`. `model` may also be a fitted transfer head directory
-    (`jaxtl transfer --out DIR`: DIR/head); its raw predictions are returned (bias-corrected ages:
-    `jaxtl.load_head(path)`, `.corrected(...)`).
+    Accepts the same `volumes` and `on_error` as `embed` ("skip": NaN for scans that cannot be loaded).
+    `model` may also be a fitted transfer head directory (`jaxtl transfer --out DIR`: DIR/head); its raw
+    predictions are returned (bias-corrected ages: `jaxtl.load_head(path)`, `.corrected(...)`).
     """
     if isinstance(model, str | os.PathLike) and (Path(model) / "head.json").exists():
         from jaxtl.transfer import load_head
 
-        return load_head(model).predict(volumes, progress=progress, batch_size=batch_size)
+        return load_head(model).predict(volumes, progress=progress, batch_size=batch_size, on_error=on_error)
     model = resolve_model(model)
     if not isinstance(model, JaxtlModel):
         raise ValueError("predict needs a JaxtlModel (from jaxtl.load_model), which knows its task and bins")
     log_probs = embed(volumes, model, layer="logits", batch_size=batch_size, dtype=dtype, progress=progress,
-                      check=check)
+                      check=check, on_error=on_error)
     return np.asarray(model.task.decode(jnp.asarray(log_probs)))

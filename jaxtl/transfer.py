@@ -50,7 +50,7 @@ from sklearn.model_selection import KFold, cross_val_predict
 from tqdm.auto import tqdm
 
 from jaxtl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from jaxtl.embed import VolumeReader, apply_batched, embed, model_downsample, resolve_model
+from jaxtl.embed import VolumeReader, apply_batched, embed, model_downsample, resolve_model, warn_skipped
 from jaxtl.heads import BiasCorrection, load_estimator, make_elastic, make_feature_head, predict_head, save_estimator
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
 from jaxtl.model import SFCN, WEIGHTS
@@ -513,15 +513,23 @@ class TransferHead:
     meta: dict = dataclasses.field(default_factory=dict)
     path: Path | None = None
 
-    def predict(self, volumes: Any, *, progress: bool = True, batch_size: int | None = None) -> np.ndarray:
-        """Raw predictions (age in years, or P(male)) for anything `jaxtl.embed` accepts."""
-        if self.kind == "network":
-            log_probs = embed(volumes, self.model, layer="logits", progress=progress, batch_size=batch_size)
-            return np.asarray(self.model.task.decode(jnp.asarray(log_probs)), np.float64)
-        if self.kind == "features":
-            return self.predict_features(embed(volumes, self.model, layer=self.layer, progress=progress,
-                                               batch_size=batch_size))
-        return self.predict_voxels(_voxels(_reader_for(volumes, self.downsample), self.voxel_factor, progress))
+    def predict(self, volumes: Any, *, progress: bool = True, batch_size: int | None = None,
+                on_error: str = "raise") -> np.ndarray:
+        """Raw predictions (age in years, or P(male)) for anything `jaxtl.embed` accepts.
+
+        `on_error="skip"`: NaN for scans that cannot be loaded, with a warning (see `jaxtl.embed`).
+        """
+        if self.kind in ("network", "features"):
+            reader = _reader_for(volumes, model_downsample(self.model), on_error)
+            out = embed(reader, self.model, layer="logits" if self.kind == "network" else self.layer,
+                        progress=progress, batch_size=batch_size)
+            if self.kind == "network":
+                return np.asarray(self.model.task.decode(jnp.asarray(out)), np.float64)
+            return _predict_loaded(out, reader, self.predict_features)
+        reader = _reader_for(volumes, self.downsample, on_error)
+        voxels = _voxels(reader, self.voxel_factor, progress)
+        warn_skipped(reader)
+        return _predict_loaded(voxels, reader, self.predict_voxels)
 
     def predict_features(self, feats: np.ndarray) -> np.ndarray:
         return np.asarray(predict_head(self.estimator, feats, self.task), np.float64)
@@ -552,8 +560,22 @@ class TransferHead:
         return out
 
 
-def _reader_for(volumes: Any, downsample: int) -> VolumeReader:
-    return volumes if isinstance(volumes, VolumeReader) else VolumeReader(volumes, downsample=downsample)
+def _reader_for(volumes: Any, downsample: int, on_error: str = "raise") -> VolumeReader:
+    return volumes if isinstance(volumes, VolumeReader) else VolumeReader(volumes, downsample=downsample,
+                                                                          on_error=on_error)
+
+
+def _predict_loaded(x: np.ndarray, reader: VolumeReader, predict) -> np.ndarray:
+    """`predict(x)` on the rows of scans `reader` loaded; NaN for the scans it skipped."""
+    skipped = [f.index for f in reader.failures]
+    if not skipped:
+        return predict(x)
+    loaded = np.ones(len(x), bool)
+    loaded[skipped] = False
+    out = np.full(len(x), np.nan)
+    if loaded.any():
+        out[loaded] = predict(x[loaded])
+    return out
 
 
 def load_head(path: str | os.PathLike) -> TransferHead:
@@ -613,6 +635,10 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
             raise ValueError(f"no scan of {target.name or 'the cohort'} has a label for {task_name} (all missing); "
                              f"{label_columns_hint(target.name, task_name)}")
         raise ValueError(f"only {len(train)} labelled training scans; need more data or a larger split[0]")
+    if task_name == "sex" and len(np.unique(y[train])) < 2:
+        raise ValueError(f"{target.name or 'the cohort'}: every training scan has sex {int(y[train][0])} "
+                         "(0 = female, 1 = male); a sex classifier needs both (check the cohort's sex column and "
+                         "the warnings read_cohort gave)")
     common = dict(downsample=target.downsample, input_shape=target.shape)
     meta = {"seed": seed, "cohort": target.name}
 
@@ -894,11 +920,17 @@ def run_transfer(model: JaxtlModel | str | os.PathLike, cohort: Any, out_dir: st
 
 
 def predict_cohort(head: TransferHead | str | os.PathLike, cohort: Any, *, progress: bool = True,
-                   batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """Apply a fitted head (or a plain model: direct) to a cohort; columns as in predictions.csv."""
+                   batch_size: int | None = None, on_error: str = "raise") -> dict[str, np.ndarray]:
+    """Apply a fitted head (or a plain model: direct) to a cohort; columns as in predictions.csv.
+
+    `on_error="skip"` (NIfTI cohorts; a prepared cache never skips): a scan that cannot be loaded keeps its
+    row with NaN predictions, and two more columns say which: "path" and "error" (the reason, "" for scans
+    predicted). `write_cohort_predictions` writes them apart, as `jaxtl predict` does.
+    """
     head = head if isinstance(head, TransferHead) else load_head(head)
     target = open_target(cohort, head.downsample)
-    pred = head.predict(target.source, progress=progress, batch_size=batch_size)
+    reader = VolumeReader(target.source, downsample=head.downsample, on_error=on_error)
+    pred = head.predict(reader, progress=progress, batch_size=batch_size)
     y = target.labels(head.task)
     cols = {"id": target.ids, "participant_id": target.participant_ids, "session": target.sessions,
             "site": target.sites, head.task: y, "prediction": pred}
@@ -906,8 +938,38 @@ def predict_cohort(head: TransferHead | str | os.PathLike, cohort: Any, *, progr
         corrected = head.corrected(pred)
         cols |= {"prediction_corrected": corrected, "gap": pred - y, "gap_corrected": corrected - y}
     else:
-        cols |= {"predicted_sex": (pred > 0.5).astype(float)}
+        cols |= {"predicted_sex": np.where(np.isnan(pred), np.nan, (pred > 0.5).astype(float))}
+    if on_error == "skip":
+        paths = getattr(target.source, "paths", None)
+        path = np.array([str(p) for p in paths] if paths is not None else [""] * len(target), dtype=object)
+        error = np.full(len(target), "", dtype=object)
+        for f in reader.failures:
+            path[f.index], error[f.index] = f.path, f.reason
+        cols |= {"path": path, "error": error}
     return cols
+
+
+def write_cohort_predictions(path: str | os.PathLike, columns: dict[str, np.ndarray]) -> tuple[Path, Path, int]:
+    """Write `predict_cohort` columns: the scans predicted to the CSV `path`; with `on_error="skip"` columns,
+    the scans that failed to `<path stem>.failures.tsv` beside it (id, path, reason, as `jaxtl prepare`'s
+    failures.tsv; a stale one is removed when none failed). Returns (CSV, failures file, number failed).
+    """
+    from jaxtl.cache import Failure, _tsv
+
+    path = Path(path)
+    failures_path = path.with_name(f"{path.stem}.failures.tsv")
+    error = columns.get("error")
+    failed = np.array([bool(e) for e in error], bool) if error is not None else np.zeros(0, bool)
+    kept = {k: v for k, v in columns.items() if k not in ("path", "error")}
+    if error is not None:
+        kept = {k: np.asarray(v)[~failed] for k, v in kept.items()}
+    write_predictions(path, kept)
+    if failed.any():
+        rows = [Failure(str(columns["id"][i]), str(columns["path"][i]), str(error[i])) for i in np.flatnonzero(failed)]
+        failures_path.write_text(_tsv(rows))
+    else:
+        failures_path.unlink(missing_ok=True)
+    return path, failures_path, int(failed.sum())
 
 
 def write_predictions(path: str | os.PathLike, columns: dict[str, np.ndarray]) -> Path:
@@ -1010,6 +1072,7 @@ __all__ = [
     "METHODS", "Phase", "FinetuneConfig", "PAPER_HPS", "paper_finetune", "TransferConfig", "Target", "open_target",
     "split_cohort", "subsample_share", "balanced_indices", "with_new_head", "reinit_with_scaling", "train_phase",
     "TransferHead", "load_head", "fit_method", "transfer", "run_transfer", "predict_cohort", "write_predictions",
+    "write_cohort_predictions",
     "read_predictions", "age_metrics", "sex_metrics", "metric_name", "plot_brain_age", "TransferResult",
     "default_bin_range", "ArraySource", "PAPER_BINS", "PAPER_HPS_OTHER_SOURCE", "network_bins", "phase_seed",
     "device_batch",

@@ -399,3 +399,13 @@ def test_one_two_coded_sex_column_is_not_half_read(tmp_path):
         read_cohort(tmp_path / "c.csv", sex_required=True)
     (tmp_path / "d.csv").write_text("path,age,sex\na.nii.gz,30,1\nb.nii.gz,40,0\n")  # 0/1: read as before
     assert read_cohort(tmp_path / "d.csv").sexes.tolist() == [1.0, 0.0]
+
+
+def test_sex_transfer_needs_both_classes(tmp_path):
+    from jaxtl.transfer import Target, TransferConfig, fit_method
+
+    n = 4
+    target = Target(None, np.array([f"s{i}" for i in range(n)]), np.array([f"s{i}" for i in range(n)]),
+                    np.array([""] * n), np.array([""] * n), np.full(n, 50.0), np.ones(n), 4, "males.csv")
+    with pytest.raises(ValueError, match="males.csv: every training scan has sex 1"):
+        fit_method(None, target, np.array(["train"] * n), TransferConfig(task="sex"))

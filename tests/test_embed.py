@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
@@ -10,8 +12,8 @@ from conftest import TINY_CHANNELS, run_python
 
 from jaxtl.cache import CacheSource
 from jaxtl.cohort import read_cohort
-from jaxtl.data import load_volume
-from jaxtl.embed import VolumeReader, embed, layer_names, predict
+from jaxtl.data import InputError, load_volume
+from jaxtl.embed import SkippedScansWarning, VolumeReader, embed, layer_names, predict
 from jaxtl.weights import load_model
 
 
@@ -158,3 +160,56 @@ print("OK", sharded.shape)
 """
     proc = run_python(code, devices=4)
     assert "OK (6, 8)" in proc.stdout
+
+
+# ---- scans that fail to load: on_error ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_scans(paths, tmp_path_factory):
+    """(corrupt: not a NIfTI file, wrong shape: a 4D image) beside the good scans."""
+    root = tmp_path_factory.mktemp("bad")
+    corrupt = root / "sub-corrupt_T1w.nii.gz"
+    corrupt.write_bytes(b"this is not a NIfTI file\n" * 20)
+    img = nib.load(paths[0])
+    wrong = root / "sub-4d_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([img.get_fdata()] * 2, axis=-1), img.affine), wrong)
+    return str(corrupt), str(wrong)
+
+
+def test_on_error_skip_gives_nan_rows_and_warns(age_model, paths, volumes, bad_scans, tmp_path):
+    corrupt, wrong = bad_scans
+    scans = [paths[0], paths[1], corrupt, wrong, paths[2]]  # batch_size 2: the second batch fails entirely
+    ref = embed(volumes[:3], age_model, progress=False)
+    with pytest.warns(SkippedScansWarning, match="2 of 5 scans") as caught:
+        out = embed(scans, age_model, batch_size=2, on_error="skip", progress=False)
+    assert out.shape == (5, TINY_CHANNELS[-1])
+    np.testing.assert_array_equal(np.isnan(out).all(axis=1), [False, False, True, True, False])
+    np.testing.assert_allclose(out[[0, 1, 4]], ref, rtol=1e-6, atol=1e-7)  # good rows: unchanged
+    message = str(caught[0].message)
+    assert corrupt in message and "unreadable" in message and wrong in message and "4D image" in message
+    failures = caught[0].message.failures
+    assert [(f.index, f.path) for f in failures] == [(2, corrupt), (3, wrong)]
+    # a .txt list of paths (a cohort file) and predict skip the same way
+    listing = tmp_path / "scans.txt"
+    listing.write_text("".join(f"{p}\n" for p in scans))
+    with pytest.warns(SkippedScansWarning):
+        np.testing.assert_array_equal(embed(listing, age_model, on_error="skip", progress=False), out)
+    with pytest.warns(SkippedScansWarning):
+        ages = predict(scans, age_model, on_error="skip", progress=False)
+    np.testing.assert_array_equal(np.isnan(ages), [False, False, True, True, False])
+
+
+def test_on_error_raise_is_the_default_and_names_the_file(age_model, paths, bad_scans):
+    corrupt, wrong = bad_scans
+    with pytest.raises(InputError, match="sub-corrupt_T1w.nii.gz: unreadable"):
+        embed([paths[0], corrupt], age_model, progress=False)
+    with pytest.raises(InputError, match="sub-4d_T1w.nii.gz: 4D image"):
+        embed([wrong, paths[0]], age_model, on_error="raise", progress=False)
+    with pytest.raises(ValueError, match="on_error must be"):
+        embed([paths[0]], age_model, on_error="ignore")
+    # arrays and caches have no load errors: nothing to skip, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not np.isnan(embed(np.zeros((1, 40, 48, 40), np.float32) + 1, age_model, on_error="skip",
+                                  progress=False)).any()

@@ -366,6 +366,82 @@ def test_predict_cohort_with_a_plain_model_is_direct(tiny_models, ixi_tiny):
     assert "prediction_corrected" in cols
 
 
+def _bad_scans(root, good):
+    """A corrupt file (not NIfTI) and an image with NaN voxels, made from the good scan `good`."""
+    import nibabel as nib
+
+    corrupt = root / "sub-corrupt_T1w.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b truncated gzip")
+    img = nib.load(good)
+    data = img.get_fdata(dtype=np.float32)
+    data[20:25, 20:25, 20:25] = np.nan
+    nonfinite = root / "sub-nan_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), nonfinite)
+    return str(corrupt), str(nonfinite)
+
+
+def test_cli_predict_skips_scans_that_fail_and_reports_them(tiny_models, ixi_tiny, tmp_path, capsys):
+    good = read_cohort(ixi_tiny[0]).paths[:3]
+    corrupt, nonfinite = _bad_scans(tmp_path, good[0])
+    table = tmp_path / "new.csv"
+    table.write_text("path\n" + "\n".join([good[0], corrupt, good[1], nonfinite, good[2]]) + "\n")
+    out = tmp_path / "pred.csv"
+    argv = ["predict", "--model", str(tiny_models["age"]), "--cohort", str(table), "--out", str(out)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the skipped scans are reported by the command, not as warnings
+        assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    failures = tmp_path / "pred.failures.tsv"
+    assert f"2 of 5 scans failed: see {failures}" in captured.err
+    assert "wrote 3 predictions" in captured.out
+    pred = read_predictions(out)
+    assert list(pred["id"]) == ["sub-ixi00001", "sub-ixi00002", "sub-ixi00003"] and "error" not in pred
+    assert np.all(np.isfinite(pred["prediction"]))
+    rows = [line.split("\t") for line in failures.read_text().splitlines()]
+    assert rows[0] == ["id", "path", "reason"]  # the layout of `jaxtl prepare`'s failures.tsv
+    assert [(r[0], r[1]) for r in rows[1:]] == [("sub-corrupt", corrupt), ("sub-nan", nonfinite)]
+    assert "unreadable" in rows[1][2] and "non-finite" in rows[2][2]
+    # the same scans through the Python API: aligned rows, NaN where they failed
+    from jaxtl.embed import SkippedScansWarning
+
+    with pytest.warns(SkippedScansWarning):
+        cols = predict_cohort(tiny_models["age"], table, progress=False, on_error="skip")
+    np.testing.assert_allclose(cols["prediction"][[0, 2, 4]], pred["prediction"], rtol=1e-4)
+    assert np.isnan(cols["prediction"][[1, 3]]).all() and list(cols["error"] != "") == [0, 1, 0, 1, 0]
+    # every scan fails: exit code 1 (the failures are still written); --on-error raise stops at the first
+    table.write_text(f"path\n{corrupt}\n{nonfinite}\n")
+    assert cli.main(argv) == 1
+    assert "2 of 2 scans failed" in capsys.readouterr().err
+    assert read_predictions(out)["id"].size == 0 and len(failures.read_text().splitlines()) == 3
+    table.write_text(f"path\n{good[0]}\n")
+    assert cli.main(argv) == 0 and not failures.exists()  # no failures: no stale failures file
+    table.write_text(f"path\n{good[0]}\n{corrupt}\n")
+    assert cli.main([*argv, "--on-error", "raise"]) == 2
+    assert "sub-corrupt_T1w.nii.gz: unreadable" in capsys.readouterr().err
+
+
+def test_heads_predict_nan_for_skipped_scans(tiny_models, ixi_tiny, tmp_path):
+    """Feature and voxel heads predict on the scans that loaded; the others get NaN, rows stay aligned."""
+    from sklearn.linear_model import Ridge
+
+    from jaxtl.embed import SkippedScansWarning
+    from jaxtl.transfer import TransferHead
+
+    good = read_cohort(ixi_tiny[0]).paths[:2]
+    corrupt, _ = _bad_scans(tmp_path, good[0])
+    rng = np.random.default_rng(0)
+    ages = [20.0, 30.0, 40.0, 50.0]
+    heads = [TransferHead("features", "age", "features", load_model(tiny_models["age"]),
+                          Ridge().fit(rng.normal(size=(4, TINY_CHANNELS[-1])), ages), downsample=4),
+             TransferHead("elastic", "age", "elastic", estimator=Ridge().fit(rng.normal(size=(4, 1200)), ages),
+                          voxel_factor=4, downsample=4)]  # 40x48x40 block-averaged by 4: 1200 voxels
+    for head in heads:
+        with pytest.warns(SkippedScansWarning, match="sub-corrupt_T1w"):
+            pred = head.predict([good[0], corrupt, good[1]], on_error="skip", progress=False)
+        assert list(np.isnan(pred)) == [False, True, False], head.kind
+        np.testing.assert_allclose(pred[[0, 2]], head.predict(list(good), progress=False), rtol=1e-5)
+
+
 def test_cli_methods_are_the_transfer_methods():
     from jaxtl import cli, transfer
 
