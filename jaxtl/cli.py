@@ -247,11 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-site split fractions (default 0.4 0.2 0.4, as the paper)")
     p.add_argument("--share", type=float, help="use this share of the training split (default 1)")
     p.add_argument("--bins", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="age bins of fine-tuned networks (default: cohort ages -3/+3 years)")
+                   help="age bins of fine-tuned networks (default: the paper's bins with --paper-hps, else the "
+                        "pretrained head's if they cover the training ages, else training ages -3/+3 years)")
     p.add_argument("--paper-hps", choices=["oasis", "ixi", "abide"],
-                   help="fine-tuning hyper-parameters of the paper for this dataset (default oasis)")
+                   help="the paper's fine-tuning hyper-parameters and age bins for this dataset (default: OASIS's "
+                        "hyper-parameters, bins from the data)")
     p.add_argument("--epoch-scale", type=float, help="multiply the fine-tuning epochs (e.g. 0.1 on a CPU)")
-    p.add_argument("--bias-split", choices=["train", "val"], help="split the age-bias correction is fitted on")
+    p.add_argument("--bias-split", choices=["auto", "train", "val"],
+                   help="split the age-bias correction is fitted on (default auto: val for networks, out-of-fold "
+                        "train predictions for scikit-learn heads)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.set_defaults(func=_transfer)
 
