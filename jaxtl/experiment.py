@@ -226,9 +226,12 @@ def ensure_model(spec: PretrainSpec | str, data_dir: str | os.PathLike, progress
     model_dir = Path(spec.workdir) / spec.checkpoint
     final = Path(spec.workdir) / "model" / "model.json"
     # Only a final export marked `complete` is a finished run (a --max-steps run exports one too). Exports of
-    # older versions lack the mark: pretrain() then resumes from the last checkpoint, finds nothing left to
-    # train and re-exports with it.
-    if not (final.exists() and json.loads(final.read_text()).get("meta", {}).get("complete") is True):
+    # older versions lack the mark: they are finished when they trained the configured epochs.
+    meta = json.loads(final.read_text()).get("meta", {}) if final.exists() else {}
+    complete = meta.get("complete")
+    if complete is None and meta:
+        complete = meta.get("epochs") == load_config(spec.config, list(spec.overrides)).epochs
+    if complete is not True:
         from jaxtl.train import pretrain
 
         cache = ensure_cohort(spec.cohort, data_dir, progress)

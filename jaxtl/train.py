@@ -7,10 +7,12 @@ per GPU). Each process reads only its slice of every global batch.
 
 Checkpoints (`WORKDIR/checkpoints`, orbax CheckpointManager) hold parameters, BatchNorm statistics,
 optimizer state, the step and the grain iterator state, so a restarted run continues with exactly
-the batches it would have seen. `WORKDIR/best` and `WORKDIR/model` are jaxtl model directories
-(best validation epoch and final model) that `jaxtl.load_model` reads; `model/`'s meta says whether
-pretraining ran to its last step (`complete`). The split is by participant: all scans of one
-participant (sessions, repeat visits) are in the same one of train/val/test.
+the batches it would have seen. On SIGTERM (or JAX's multi-host preemption notice) the run
+checkpoints the current step and exits with status 143 (`Preempted`). `WORKDIR/best` and
+`WORKDIR/model` are jaxtl model directories (best validation epoch and final model) that
+`jaxtl.load_model` reads; `model/`'s meta says whether pretraining ran to its last step
+(`complete`). The split is by participant: all scans of one participant (sessions, repeat visits)
+are in the same one of train/val/test.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import functools
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,24 @@ from jaxtl.weights import DEFAULT_PREPROCESSING, load_model, save_model
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+# Exit status of a preempted `jaxtl pretrain` after its checkpoint is written: 128 + SIGTERM, what a process ended by
+# SIGTERM reports, so schedulers that retry terminated/preempted jobs (Kubernetes podFailurePolicy onExitCodes,
+# AWS Batch evaluateOnExit, Cloud Batch lifecycle policies, SLURM --requeue, torchrun restarts) treat it as such.
+PREEMPTED_EXIT_CODE = 143
+
+
+class Preempted(SystemExit):
+    """`pretrain` stopped after a preemption notice, with a checkpoint at `step`: rerun to resume.
+
+    A `SystemExit` (status `PREEMPTED_EXIT_CODE`), so the `jaxtl` command exits with that status and
+    `except Exception` does not swallow it; catch `Preempted` to handle it in Python.
+    """
+
+    def __init__(self, step: int):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.step = step
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,23 +222,26 @@ class Trainer:
         """Assemble the global batch from this process's slice (multi-host safe)."""
         return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P("data")), local)
 
-    def evaluate(self, source, indices: np.ndarray, label_key: str) -> float:
-        """Mean absolute error (age) or accuracy (sex) over `indices` of `source`, no augmentation."""
-        b = self.config.batch_size
-        nproc, pid = jax.process_count(), jax.process_index()
-        total, count = 0.0, 0.0
-        local_b = b // nproc
-        for start in range(0, len(indices), b):
-            mine = indices[start + pid * local_b:min(start + (pid + 1) * local_b, start + b)]
-            images = np.zeros((local_b, *source.shape), np.float32)
-            labels = np.zeros((local_b,), np.float32)
-            mask = np.zeros((local_b,), np.float32)
-            for j, i in enumerate(mine):
-                item = source[int(i)]
-                images[j], labels[j], mask[j] = item["image"], item[label_key], 1.0
-            s, c = self.eval_fn(self.state, self.global_batch(images), self.global_batch(labels),
-                                self.global_batch(mask))
-            total, count = total + float(s), count + float(c)
+    def evaluate(self, source, indices: np.ndarray, label_key: str, *, progress: bool = False) -> float:
+        """Mean absolute error (age) or accuracy (sex) over `indices` of `source`, no augmentation.
+
+        Batches come from `eval_dataset` (grain, read ahead in threads); the per-batch sums stay on the
+        device and are fetched once at the end (the host waits only to keep `EVAL_IN_FLIGHT` batches queued).
+        Every process evaluates its block of each global batch; the result is the same on all processes.
+        """
+        indices = np.asarray(indices)
+        if not len(indices):
+            return 0.0
+        sums, b = [], self.config.batch_size
+        batches = eval_dataset(source, indices, label_key, b)
+        for batch in tqdm(batches, total=-(-len(indices) // b), unit="batch", desc="evaluate", leave=False,
+                          disable=not (progress and jax.process_index() == 0)):
+            sums.append(self.eval_fn(self.state, *(self.global_batch(batch[k]) for k in ("image", "label", "mask"))))
+            if len(sums) > EVAL_IN_FLIGHT:  # bound the batches queued on the device (async dispatch)
+                jax.block_until_ready(sums[-EVAL_IN_FLIGHT - 1])
+        sums = jax.device_get(sums)  # the one transfer of the pass
+        # Summed in float64 in batch order, as the per-batch float(...) of earlier versions did.
+        total, count = sum(float(s) for s, _ in sums), sum(float(c) for _, c in sums)
         return total / max(count, 1.0)
 
 
@@ -247,6 +273,41 @@ def train_dataset(source, indices: np.ndarray, config: TrainConfig, start_batch:
                         flip_p=0.5 if d.mirror else 0.0, dtype=np.float32,
                         process_index=jax.process_index(), process_count=jax.process_count(),
                         start_batch=start_batch)
+
+
+EVAL_IN_FLIGHT = 2  # evaluation batches queued on the device while the host prepares the next one
+
+
+@dataclasses.dataclass(frozen=True)
+class _Padded:
+    """`indices` of `source` as {"image", "label", "mask"} records, followed by masked zero records up to
+    `length` (a whole number of global batches)."""
+
+    source: Any
+    indices: np.ndarray
+    label_key: str
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if i < len(self.indices):
+            item = self.source[int(self.indices[i])]
+            return {"image": item["image"], "label": np.float32(item[self.label_key]), "mask": np.float32(1.0)}
+        return {"image": np.zeros(self.source.shape, np.float32), "label": np.float32(0.0), "mask": np.float32(0.0)}
+
+
+def eval_dataset(source, indices: np.ndarray, label_key: str, batch_size: int) -> grain.IterDataset:
+    """This process's evaluation batches over `indices` of `source`: one pass in order, no augmentation, global
+    batches of `batch_size` (the last padded with masked zero records), each process's contiguous block of every
+    global batch (as in training), float32 {"image", "label", "mask"}, built ahead in background threads."""
+    n_proc = jax.process_count()
+    n_batches = -(-len(indices) // batch_size)
+    padded = _Padded(source, np.asarray(indices), label_key, n_batches * batch_size)
+    return make_dataset(padded, batch_size=batch_size // n_proc, shuffle=False, augmentation=False, num_epochs=1,
+                        workers=0, dtype=np.float32, process_index=jax.process_index(), process_count=n_proc)
 
 
 def split_participants(participant_ids: np.ndarray, val_fraction: float, test_fraction: float,
@@ -352,8 +413,28 @@ def _write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
     os.replace(tmp, path)
 
 
+def _saved_split(workdir: Path, source: CacheSource, computed: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """The run's own split when `workdir/split.json` exists (a resumed run keeps the scans it trained on, also
+    when an older version split by scan), else `computed`."""
+    path = workdir / "split.json"
+    if not path.exists():
+        return computed
+    saved = json.loads(path.read_text())
+    where = {scan_id: i for i, scan_id in enumerate(source.ids.tolist())}
+    missing = [s for k in ("train", "val", "test") for s in saved.get(k, []) if s not in where]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} scan(s) of the run's split are not in the cache (e.g. "
+                         f"{missing[0]!r}); resume with the cache the run started with, or use a new --workdir")
+    out = tuple(np.array([where[s] for s in saved.get(k, [])], dtype=np.int64) for k in ("train", "val", "test"))
+    if any(len(a) != len(b) or (a != b).any() for a, b in zip(out, computed, strict=True)):
+        print(f"jaxtl pretrain: {path} differs from today's split of the cache; resuming with the run's own split",
+              file=sys.stderr)
+    return out
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of steps after `step` (logged before a kill, retrained on resume) and torn lines."""
+    """Drop the records of steps after `step` (logged before a kill, retrained on resume), earlier "final"
+    records (the resumed run writes its own) and torn lines."""
     if not path.exists():
         return
     kept = []
@@ -362,7 +443,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
+        if isinstance(record, dict) and "step" in record and record["step"] <= step:  # a run's "final" is rewritten
             kept.append(line + "\n")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
@@ -413,6 +494,54 @@ class _TrainClock:
         return (step - self.first_step) * self.batch_size / (time.perf_counter() - self.start - self.paused_s)
 
 
+class _PreemptionWatch:
+    """Context manager that notices a preemption notice during training; `reached(step)` (call it once per step
+    on every process) says when to checkpoint and stop, at the same step on every process.
+
+    With `jax.distributed` initialised and JAX's preemption service on (the default), JAX catches SIGTERM (or the
+    TPU maintenance notice) and agrees on a step across processes; it is queried through orbax
+    (`CheckpointManager.reached_preemption`). Otherwise, in a single process, a SIGTERM handler is installed (main
+    thread only) that records the notice; a second SIGTERM gets the previous handler (by default: terminate now).
+    The previous handler is restored on exit. Several processes without JAX's service: SIGTERM is left alone
+    (one process cannot checkpoint without the others).
+    """
+
+    def __init__(self, mngr: ocp.CheckpointManager):
+        self.mngr, self.signalled = mngr, False
+        self.jax_service = (jax.distributed.is_initialized()
+                            and getattr(jax.config, "jax_enable_preemption_service", False))
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _PreemptionWatch:
+        if (not self.jax_service and jax.process_count() == 1
+                and threading.current_thread() is threading.main_thread()):
+            self._previous = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._installed:
+            # None: a handler not set from Python, which cannot be reinstated; the default is the closest
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.signalled:  # asked twice: do what SIGTERM did before
+            self._restore()
+            signal.raise_signal(signum)
+        self.signalled = True
+
+    def reached(self, step: int) -> bool:
+        if self.jax_service:
+            return self.mngr.reached_preemption(step)
+        return self.signalled
+
+
 def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.PathLike, *,
              progress: bool = True, max_steps: int | None = None) -> Path:
     """Pretrain SFCN on a prepared cache; resumes automatically from `workdir`.
@@ -429,6 +558,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     split_seed = _split_seed(config)
     train_idx, val_idx, test_idx = split_participants(source.participant_ids, config.data.val_fraction,
                                                       config.data.test_fraction, split_seed)
+    train_idx, val_idx, test_idx = _saved_split(workdir, source, (train_idx, val_idx, test_idx))
     if len(train_idx) < config.batch_size:
         raise ValueError(f"{cohort}: {len(train_idx)} training scans, fewer than one batch of {config.batch_size}")
     _check_labels(source, np.arange(len(source)), config, str(cohort))
@@ -457,11 +587,12 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         step, best = meta["step"], meta["best"]
         saved_workers = meta.get("workers", (saved_config or {}).get("data.workers"))
         items = {"state": ocp.args.StandardRestore(_state_target(trainer.state, trainer.mesh))}
-        if saved_workers == config.data.workers:  # the saved iterator state fits this pipeline
+        # checkpoints without data_start predate batching per epoch: their iterator state counts records
+        if saved_workers == config.data.workers and "data_start" in meta:  # the saved iterator state fits
             data_start = meta.get("data_start", 0)
             data_iter = iter(train_dataset(source, train_idx, config, data_start))
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        else:  # other worker processes: a fresh pipeline positioned at the step (one batch per step)
+        else:  # other worker processes or an older pipeline: a fresh one positioned at the step
             data_start = step
             data_iter = iter(train_dataset(source, train_idx, config, data_start))
         trainer.state = mngr.restore(latest, args=ocp.args.Composite(**items))["state"]
@@ -472,6 +603,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         _truncate_metrics(metrics_file, step)
     pending = []  # losses not yet checked for finiteness
     clock = _TrainClock(config.batch_size)
+    saved = latest  # step of the newest checkpoint (restored or written)
 
     def log(record: dict) -> None:
         if is_main:
@@ -479,6 +611,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                 f.write(json.dumps(record) + "\n")
 
     def save(step: int) -> None:
+        nonlocal saved
         _raise_if_non_finite(pending, mngr)  # waits for the pending steps: the clock then pauses on an idle device
         with clock.paused():
             mngr.save(step, args=ocp.args.Composite(
@@ -486,43 +619,56 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                 data_iter=grain.checkpoint.CheckpointSave(data_iter),
                 meta=ocp.args.JsonSave({"step": step, "best": best, "process_count": n_proc,
                                         "workers": config.data.workers, "data_start": data_start})))
+        saved = step
 
     end = total_steps if max_steps is None else min(total_steps, max_steps)
     bar = tqdm(total=end, initial=step, unit="step", desc="pretrain", disable=not (progress and is_main))
     val_name = "val_mae" if config.task == "age" else "val_accuracy"
     result = {}
     try:
-        while step < end:
-            batch = next(data_iter)
-            loss, finite = trainer.step(trainer.global_batch(batch["image"]),
-                                        trainer.global_batch(batch[label_key]), step)
-            step += 1
-            clock.step_done(step, loss)
-            pending.append((step, loss, finite))
-            bar.update(1)
-            if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
-                _raise_if_non_finite(pending, mngr)
-                rate = clock.rate(step)
-                loss_v = float(np.mean([float(v) for _, v, _ in pending]))
-                pending = []
-                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_v,
-                          "lr": trainer.schedule(step - 1)}
-                log(record | ({} if rate is None else {"volumes_per_s": rate}))
-                bar.set_postfix(loss=f"{loss_v:.3f}", **({} if rate is None else {"vol_s": f"{rate:.1f}"}))
-            if step % steps_per_epoch == 0:
-                epoch = step // steps_per_epoch
-                if len(val_idx):
-                    with clock.paused():
-                        val = trainer.evaluate(source, val_idx, label_key)
-                        better = best is None or (val < best if config.task == "age" else val > best)
-                        log({"step": step, "epoch": epoch, val_name: val, "best": better})
-                        bar.set_postfix(loss=f"{loss_v:.3f}", **{val_name: f"{val:.3f}"})
-                        if better:
-                            best = val
-                            _export(trainer, workdir / "best", source, config, {"epoch": epoch, val_name: val})
-                save(step)
-            elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-                save(step)
+        with _PreemptionWatch(mngr) as watch:
+            while step < end:
+                batch = next(data_iter)
+                loss, finite = trainer.step(trainer.global_batch(batch["image"]),
+                                            trainer.global_batch(batch[label_key]), step)
+                step += 1
+                clock.step_done(step, loss)
+                pending.append((step, loss, finite))
+                bar.update(1)
+                preempted = watch.reached(step)  # every step, on every process: the same answer everywhere
+                if step % config.log_every_steps == 0 or step % steps_per_epoch == 0 or preempted:
+                    _raise_if_non_finite(pending, mngr)
+                    rate = clock.rate(step)
+                    loss_v = float(np.mean([float(v) for _, v, _ in pending]))
+                    pending = []
+                    record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_v,
+                              "lr": trainer.schedule(step - 1)}
+                    log(record | ({} if rate is None else {"volumes_per_s": rate}))
+                    bar.set_postfix(loss=f"{loss_v:.3f}", **({} if rate is None else {"vol_s": f"{rate:.1f}"}))
+                if step % steps_per_epoch == 0:
+                    epoch = step // steps_per_epoch
+                    if len(val_idx):
+                        with clock.paused():
+                            val = trainer.evaluate(source, val_idx, label_key, progress=progress)
+                            better = best is None or (val < best if config.task == "age" else val > best)
+                            log({"step": step, "epoch": epoch, val_name: val, "best": better})
+                            bar.set_postfix(loss=f"{loss_v:.3f}", **{val_name: f"{val:.3f}"})
+                            if better:
+                                best = val
+                                _export(trainer, workdir / "best", source, config, {"epoch": epoch, val_name: val})
+                    save(step)
+                elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+                    save(step)
+                if preempted:
+                    if saved != step:
+                        save(step)
+                    mngr.wait_until_finished()
+                    log({"step": step, "epoch": step / steps_per_epoch, "preempted": True})
+                    bar.close()
+                    who = f"process {jax.process_index()}/{n_proc}: " if n_proc > 1 else ""
+                    print(f"jaxtl pretrain: {who}preempted at step {step}: checkpoint saved, rerun the same command "
+                          f"to resume (exit status {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
+                    raise Preempted(step)
         mngr.wait_until_finished()
         if mngr.latest_step() != step:
             save(step)

@@ -324,7 +324,9 @@ class _WorkerMarked:
         return len(self.source)
 
     def __getitem__(self, i):
-        return {**self.source[i], "worker": os.environ.get(GRAIN_WORKER_ENV, "")}
+        ignores_term = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        return {**self.source[i], "worker": os.environ.get(GRAIN_WORKER_ENV, "") + ("|term-ignored" if ignores_term
+                                                                                    else "")}
 
 
 def test_make_dataset_in_a_worker_process(reference_cache):
@@ -336,7 +338,9 @@ def test_make_dataset_in_a_worker_process(reference_cache):
     assert [b["id"].tolist() for b in batches] == [["s0", "s1", "s2"], ["s3", "s4", "s5"]]
     assert np.array_equal(batches[1]["image"][2], source[5]["image"])
     # grain workers are marked (jaxtl.cli never joins them to jax.distributed); this process is not
-    assert {w for b in batches for w in b["worker"].tolist()} == {"0/1"} and GRAIN_WORKER_ENV not in os.environ
+    # and ignore SIGTERM (a signal to the process group reaches only the trainer, which checkpoints first)
+    assert {w for b in batches for w in b["worker"].tolist()} == {"0/1|term-ignored"}
+    assert GRAIN_WORKER_ENV not in os.environ
 
 
 def test_batches_stay_within_epochs(reference_cache):

@@ -204,6 +204,24 @@ def test_few_steps_lower_the_loss(ukb_cache):
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
 
 
+@pytest.mark.parametrize("task", ["age", "sex"])
+def test_evaluate_equals_numpy_and_ignores_the_padding(ukb_cache, task):
+    """Validation through the grain pipeline (10 scans: batches of 4, 4 and 2 + 2 masked padding) equals val
+    MAE / accuracy computed in numpy from the model's predictions on all scans at once."""
+    source = CacheSource(ukb_cache)
+    trainer = Trainer.create(tiny_config(f"task={task}"), steps_per_epoch=10)
+    idx = np.array([3, 17, 5, 30, 11, 8, 21, 0, 26, 14])
+    x = np.stack([source[i]["image"] for i in idx]).astype(np.float32)
+    y = (source.ages if task == "age" else source.sexes)[idx]
+    pred = np.asarray(trainer.task.decode(trainer.model()(x)), np.float64)
+    got = trainer.evaluate(source, idx, task)
+    if task == "age":
+        assert got == pytest.approx(np.mean(np.abs(pred - y)), rel=1e-5)
+    else:
+        assert got == np.mean((pred > 0.5) == (y == 1))
+    assert trainer.evaluate(source, idx[:0], task) == 0.0
+
+
 def test_sharded_step_equals_single_device(ukb_cache):
     code = f"""
 import jax, numpy as np
@@ -254,7 +272,8 @@ def test_pretrain_end_to_end_and_resume_is_noop(ukb_cache, tmp_path, capsys):
     pretrain(tiny_config("log_every_steps=5", "checkpoint_every_steps=3"), ukb_cache, run, progress=True)
     last_line = capsys.readouterr().err.split("pretrain")[-1]  # the final progress line: both models' test MAE
     assert "test_mae=" in last_line and "test_mae_best=" in last_line, last_line
-    assert len([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]) == n_lines + 1
+    again = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(again) == n_lines and sum("final" in r for r in again) == 1  # the earlier final was replaced
     with pytest.raises(ValueError, match=r"different config \(optim.lr: 0.01 in the run, 0.5 now\)"):
         pretrain(tiny_config("optim.lr=0.5"), ukb_cache, run, progress=False)
     # a run from before a config field existed (here data.split_seed) resumes: the field takes its default
@@ -337,19 +356,21 @@ def test_ensure_model_pretrains_until_the_final_export_is_complete(tiny_models, 
     shutil.copytree(tiny_models["age"], work / "model")
     model_json = work / "model" / "model.json"
 
-    def set_complete(value) -> None:
+    def set_meta(**values) -> None:
         config = json.loads(model_json.read_text())
-        model_json.write_text(json.dumps(config | {"meta": config["meta"] | {"complete": value}}))
+        meta = {k: v for k, v in (config["meta"] | values).items() if v is not None}
+        model_json.write_text(json.dumps(config | {"meta": meta}))
 
     calls = []
     monkeypatch.setattr(jaxtl.train, "pretrain", lambda cfg, cache, workdir, progress: calls.append(workdir))
     monkeypatch.setattr(experiment, "ensure_cohort", lambda *a: str(ukb_cache))
     spec = experiment.PretrainSpec(str(work), "age", str(REPO / "configs" / "sfcn_demo.py"))
-    for complete, n_calls in ((None, 1), (False, 2), (True, 2)):  # None: an export without the mark
-        if complete is not None:
-            set_complete(complete)
+    # exports without the mark (older versions) are finished when they trained the config's epochs (20)
+    for meta, n_calls in (({"complete": None, "epochs": 3.0}, 1), ({"complete": None, "epochs": 20.0}, 1),
+                          ({"complete": False}, 2), ({"complete": True}, 2)):
+        set_meta(**meta)
         assert experiment.ensure_model(spec, tmp_path, progress=False).task.name == "age"
-        assert len(calls) == n_calls, complete
+        assert len(calls) == n_calls, meta
 
 
 def test_distributed_init_skips_only_marked_grain_workers(monkeypatch, capsys):
@@ -411,46 +432,133 @@ def test_kill_at_random_points_then_resume_is_bitwise_identical(ukb_cache, tmp_p
     assert [r["step"] for r in _steps_logged(work)] == list(range(1, total + 1))  # each step logged once
 
 
+def test_sigterm_mid_epoch_saves_exits_143_and_resumes_bitwise(ukb_cache, tmp_path):
+    """SIGTERM during training: a checkpoint at the current step, a progress line, exit status 143; rerunning the
+    command continues to exactly the parameters of an uninterrupted run, each step logged once."""
+    import orbax.checkpoint as ocp
+
+    from jaxtl.train import PREEMPTED_EXIT_CODE
+
+    clean = tmp_path / "clean"
+    pretrain(tiny_config(), ukb_cache, clean, progress=False)  # 2 epochs of 6 steps, uninterrupted
+    work = tmp_path / "work"
+    cmd, env = _cli(ukb_cache, work)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not _steps_logged(work) and proc.poll() is None:  # compiled, training: steps take milliseconds now
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=240)[1]
+    assert proc.returncode == PREEMPTED_EXIT_CODE == 143, err[-3000:]
+    stopped = int(re.search(r"preempted at step (\d+): checkpoint saved, rerun the same command to resume", err)[1])
+    assert 1 <= stopped < 12  # mid-epoch unless the machine stalled for several steps
+    with ocp.CheckpointManager(work / "checkpoints") as mngr:
+        assert mngr.latest_step() == stopped
+    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1] == {"step": stopped, "epoch": stopped / 6, "preempted": True}
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    jax.tree.map(np.testing.assert_array_equal, _final_state(clean), _final_state(work))
+    assert [r["step"] for r in _steps_logged(work)] == list(range(1, 13))
+
+
+def test_preemption_watch_restores_the_sigterm_handler_and_skips_other_threads():
+    import threading
+
+    from jaxtl.train import _PreemptionWatch
+
+    calls = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        with _PreemptionWatch(mngr=None) as watch:
+            assert signal.getsignal(signal.SIGTERM) == watch._on_sigterm and not watch.reached(3)
+            signal.raise_signal(signal.SIGTERM)  # the notice: recorded, the previous handler not called
+            assert watch.reached(3) and calls == []
+            signal.raise_signal(signal.SIGTERM)  # asked twice: what SIGTERM did before
+            assert calls == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is previous
+        with _PreemptionWatch(mngr=None):
+            pass
+        assert signal.getsignal(signal.SIGTERM) is previous
+        seen = []
+
+        def off_main_thread():
+            with _PreemptionWatch(mngr=None) as w:
+                seen.append((signal.getsignal(signal.SIGTERM), w.reached(1)))
+
+        thread = threading.Thread(target=off_main_thread)
+        thread.start()
+        thread.join()
+        assert seen == [(previous, False)]
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
 
 
-def _run_two_processes(ukb_cache, workdir, extra) -> list[tuple[int, str]]:
+def _run_two_processes(ukb_cache, workdir, extra, sigterm_after: int | None = None) -> list[tuple[int, str]]:
+    """Both processes' (exit status, output); `sigterm_after`: SIGTERM to process 1 alone once that many steps
+    are logged."""
     port = _free_port()
     procs = []
     for pid in (0, 1):
         cmd, env = _cli(ukb_cache, workdir, *extra, devices=2)
         cmd += ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    if sigterm_after is not None:
+        deadline = time.time() + 240
+        while len(_steps_logged(workdir)) < sigterm_after and all(p.poll() is None for p in procs):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=300)[0] for p in procs]
     return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
 
 
-def test_two_processes_match_one_process(ukb_cache, tmp_path):
-    """2 processes x 2 virtual devices (gloo collectives over localhost) == 1 process x 4 devices."""
-    extra = ["epochs=1", "optim.lr=0.001"]  # a small step keeps float-order differences from being amplified
-    cmd, env = _cli(ukb_cache, tmp_path / "single", *extra, devices=4)
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+def _run_two_processes_retrying(ukb_cache, workdir, extra, expected_rc: int, **kw) -> list[str]:
     for attempt in (1, 2):
-        multi_dir = tmp_path / f"multi{attempt}"
-        outs = _run_two_processes(ukb_cache, multi_dir, extra)
+        outs = _run_two_processes(ukb_cache, workdir, extra, **kw)
         # Gloo gives all processes a fixed 30 s to join its first collective; on a loaded 2-core CI machine
-        # one process can fall that far behind. That (and only that) is retried once, in a fresh directory.
+        # one process can fall that far behind. That (and only that) is retried once: it fails before any step.
         if attempt == 1 and any(rc != 0 and "Gloo context initialization failed" in out for rc, out in outs):
             continue
         for rc, out in outs:
-            assert rc == 0, out[-3000:]
-        break
+            assert rc == expected_rc, out[-3000:]
+        return [out for _, out in outs]
+
+
+def test_two_processes_match_one_process(ukb_cache, tmp_path):
+    """2 processes x 2 virtual devices (gloo collectives over localhost) == 1 process x 4 devices, in training and
+    in validation (6 scans: the last global batch is half padding, all of it in process 1's block), through a
+    preemption: SIGTERM to one process stops both at the same step (JAX's preemption service), a rerun resumes."""
+    # a small step keeps float-order differences from being amplified
+    extra = ["epochs=1", "optim.lr=0.001", "data.val_fraction=0.1875"]
+    cmd, env = _cli(ukb_cache, tmp_path / "single", *extra, devices=4)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    multi_dir = tmp_path / "multi"
+    outs = _run_two_processes_retrying(ukb_cache, multi_dir, extra, expected_rc=143, sigterm_after=1)
+    stopped = {int(re.search(r"process \d/2: preempted at step (\d+): checkpoint saved", out)[1]) for out in outs}
+    assert len(stopped) == 1, outs  # the same step on both processes
+    _run_two_processes_retrying(ukb_cache, multi_dir, extra, expected_rc=0)
     single = [r["loss"] for r in _steps_logged(tmp_path / "single")]
     multi = [r["loss"] for r in _steps_logged(multi_dir)]
-    assert len(single) == len(multi) >= 3
+    assert [r["step"] for r in _steps_logged(multi_dir)] == list(range(1, len(single) + 1)) and len(single) >= 3
     # Same batches, same dropout masks: equal up to float reduction order, which drifts slowly over steps.
     np.testing.assert_allclose(multi[:3], single[:3], rtol=1e-4)
     np.testing.assert_allclose(multi, single, rtol=1e-3)
-    finals = [json.loads(x)["final"] for x in (multi_dir / "metrics.jsonl").read_text().splitlines() if "final" in x]
-    assert len(finals) == 1 and "test_mae_best" in finals[0]  # best/ evaluated on the 2-process mesh
+    records = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("single", "multi")}
+    val = {name: [r["val_mae"] for r in rs if "val_mae" in r] for name, rs in records.items()}
+    assert len(val["multi"]) == 1
+    np.testing.assert_allclose(val["multi"], val["single"], rtol=1e-3)
+    finals = {name: [r["final"] for r in rs if "final" in r] for name, rs in records.items()}
+    assert len(finals["multi"]) == 1 and "test_mae_best" in finals["multi"][0]  # best/ evaluated on the 2-process mesh
+    assert finals["multi"][0]["test_mae"] == pytest.approx(finals["single"][0]["test_mae"], rel=1e-3)
 
 
 def test_restore_on_a_different_device_count(ukb_cache, tmp_path):
@@ -475,3 +583,20 @@ def test_config_dataclasses_are_frozen():
     with pytest.raises(Exception):  # noqa: B017 - dataclasses.FrozenInstanceError
         TrainConfig().epochs = 3
     assert DataConfig().wrap is True and ModelConfig().dtype == "float32"
+
+
+def test_resume_keeps_the_runs_own_split(ukb_cache, tmp_path):
+    """A resumed run trains on the scans its split.json names (e.g. one split by scan by an older version)."""
+    from jaxtl.cache import CacheSource
+    from jaxtl.train import _saved_split
+
+    source = CacheSource(ukb_cache)
+    ids = source.ids.tolist()
+    computed = (np.arange(2, len(ids)), np.array([0]), np.array([1]))
+    assert _saved_split(tmp_path, source, computed) is computed  # a new run: no split.json yet
+    (tmp_path / "split.json").write_text(json.dumps({"train": ids[:-2], "val": [ids[-2]], "test": [ids[-1]]}))
+    train, val, test = _saved_split(tmp_path, source, computed)
+    assert train.tolist() == list(range(len(ids) - 2)) and val.tolist() == [len(ids) - 2]
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["nobody"], "val": [], "test": []}))
+    with pytest.raises(ValueError, match="not in the cache"):
+        _saved_split(tmp_path, source, computed)
