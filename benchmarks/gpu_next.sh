@@ -4,18 +4,10 @@
 #      train and embed, bfloat16 and float32, batch 8 (records -> $OUT/variants.jsonl)
 #   2. the train step for the transfer and demo configs (timed out while compiling in the first GPU run)
 #   3. `jaxtl demo` end to end on the GPU (#8's "works when a GPU is present"), with its own empty JAXTL_HOME
-# Same setup as run_gpu.sh: the machine's JAX/flax/optax/orbax/PyTorch, the other wheels from .whl/.
+# Setup: benchmarks/gpu_env.sh (the machine's JAX/flax/optax/orbax/PyTorch, the other wheels from .whl/).
 # Usage: OUT=dir bash benchmarks/gpu_next.sh   (inspect $OUT/log; commit the .jsonl records and the demo report)
 set -u
-OUT=${OUT:-/tmp/jaxtl-gpu}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
-export JAXTL_GIT_COMMIT=${JAXTL_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
 start=$SECONDS
 stage() { echo "== $1 (t=$((SECONDS - start)) s)" | tee -a "$OUT/log"; }

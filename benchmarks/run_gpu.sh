@@ -3,18 +3,10 @@
 # no network: the missing wheels (nibabel, grain, array_record, portpicker; cp312) travel in .whl/.
 # Usage: OUT=dir bash benchmarks/run_gpu.sh   -> $OUT/gpu.jsonl, $OUT/log
 set -u
-OUT=${OUT:-/tmp/jaxtl-gpu}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
-export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and PyTorch share the GPU in one process
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import jax, flax, optax, orbax.checkpoint, grain, nibabel, torch, jaxtl
 print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())" || exit 1
-export JAXTL_GIT_COMMIT=${JAXTL_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 bench() { timeout "$1" python3 -m jaxtl.cli bench --out "$OUT/gpu.jsonl" --warmup 3 --repeats 20 \
   --note "lent GPU machine, nothing else running" "${@:2}"; }
 bench 180 --suite embed,train --configs peng --resolution 1 --dtype bfloat16,float32 --batch 8

@@ -28,7 +28,6 @@ to float32 rounding (see tests/test_conv.py).
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import os
 from collections.abc import Callable
@@ -287,19 +286,22 @@ def _pool_fwd(x):
     return y, (x, y)
 
 
+def _pool_grad(y: jax.Array, sel: jax.Array, g: jax.Array) -> jax.Array:
+    """Gradient of a 2x2x2 max-pool that selected `sel` from `y` (b,2t,2h,2w,o): `g` (b,t,h,w,o) goes to each
+    window's first voxel equal to `sel` in reduce_window's order (as XLA's select-and-scatter), zero elsewhere."""
+    n, d, h, w, c = y.shape
+    yw = y.reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c)
+    pos = (4 * lax.broadcasted_iota(jnp.int32, yw.shape, 2) + 2 * lax.broadcasted_iota(jnp.int32, yw.shape, 4)
+           + lax.broadcasted_iota(jnp.int32, yw.shape, 6))
+    expand = lambda a: a[:, :, None, :, None, :, None, :]
+    first = jnp.where(yw == expand(sel), pos, 8).min(axis=(2, 4, 6), keepdims=True)
+    return jnp.where(pos == first, expand(g), 0).reshape(y.shape)
+
+
 def _pool_bwd(res, g):
     x, y = res
-    xr = _windows(x)
-    taken, parts = None, {}
-    for i, j, k in itertools.product((0, 1), repeat=3):  # window order of reduce_window's select-and-scatter
-        hit = xr[:, :, i, :, j, :, k, :] == y
-        first = hit if taken is None else hit & ~taken
-        taken = hit if taken is None else taken | hit
-        parts[i, j, k] = jnp.where(first, g, jnp.zeros_like(g))
-    dx = jnp.stack([jnp.stack([jnp.stack([parts[i, j, k] for k in (0, 1)], axis=4) for j in (0, 1)], axis=3)
-                    for i in (0, 1)], axis=2)
     n, d, h, w, c = x.shape
-    dx = dx.reshape(n, d // 2 * 2, h // 2 * 2, w // 2 * 2, c)
+    dx = _pool_grad(x[:, :d // 2 * 2, :h // 2 * 2, :w // 2 * 2], y, g)
     return (jnp.pad(dx, ((0, 0), (0, d % 2), (0, h % 2), (0, w % 2), (0, 0))).astype(x.dtype),)
 
 
@@ -358,18 +360,6 @@ def conv_bn_pool_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, mul: jax
 
 # ------------------------------------------------------------------------------------------------
 # Train-mode block: conv -> BatchNorm (batch statistics) -> max-pool 2 -> ReLU, fused
-
-
-def _pool_grad(y: jax.Array, sel: jax.Array, g: jax.Array) -> jax.Array:
-    """Gradient of a 2x2x2 max-pool that selected `sel` from `y` (b,2t,2h,2w,o): `g` (b,t,h,w,o) goes to each
-    window's first voxel equal to `sel` in reduce_window's order (as XLA's select-and-scatter), zero elsewhere."""
-    n, d, h, w, c = y.shape
-    yw = y.reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c)
-    pos = (4 * lax.broadcasted_iota(jnp.int32, yw.shape, 2) + 2 * lax.broadcasted_iota(jnp.int32, yw.shape, 4)
-           + lax.broadcasted_iota(jnp.int32, yw.shape, 6))
-    expand = lambda a: a[:, :, None, :, None, :, None, :]
-    first = jnp.where(yw == expand(sel), pos, 8).min(axis=(2, 4, 6), keepdims=True)
-    return jnp.where(pos == first, expand(g), 0).reshape(y.shape)
 
 
 def _bn_train_fwd(x, w, b, scale, beta, eps, tile_bytes):
