@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -222,12 +223,14 @@ class Trainer:
         """Assemble the global batch from this process's slice (multi-host safe)."""
         return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P("data")), local)
 
-    def evaluate(self, source, indices: np.ndarray, label_key: str, *, progress: bool = False) -> float:
+    def evaluate(self, source, indices: np.ndarray, label_key: str, *, progress: bool = False,
+                 stop: Callable[[], bool] | None = None) -> float | None:
         """Mean absolute error (age) or accuracy (sex) over `indices` of `source`, no augmentation.
 
         Batches come from `eval_dataset` (grain, read ahead in threads); the per-batch sums stay on the
         device and are fetched once at the end (the host waits only to keep `EVAL_IN_FLIGHT` batches queued).
         Every process evaluates its block of each global batch; the result is the same on all processes.
+        `stop`, asked before each batch: when it says True the pass is abandoned and None returned.
         """
         indices = np.asarray(indices)
         if not len(indices):
@@ -236,6 +239,8 @@ class Trainer:
         batches = eval_dataset(source, indices, label_key, b)
         for batch in tqdm(batches, total=-(-len(indices) // b), unit="batch", desc="evaluate", leave=False,
                           disable=not (progress and jax.process_index() == 0)):
+            if stop is not None and stop():
+                return None
             sums.append(self.eval_fn(self.state, *(self.global_batch(batch[k]) for k in ("image", "label", "mask"))))
             if len(sums) > EVAL_IN_FLIGHT:  # bound the batches queued on the device (async dispatch)
                 jax.block_until_ready(sums[-EVAL_IN_FLIGHT - 1])
@@ -541,6 +546,10 @@ class _PreemptionWatch:
             return self.mngr.reached_preemption(step)
         return self.signalled
 
+    def interrupted(self) -> bool:
+        """A notice arrived and this process may stop on its own (between the per-step agreements: one process)."""
+        return self.signalled
+
 
 def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.PathLike, *,
              progress: bool = True, max_steps: int | None = None) -> Path:
@@ -578,6 +587,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     label_key = "age" if config.task == "age" else "sex"
     mngr = _checkpoint_manager(workdir)
     step, best, data_start = 0, None, 0  # data_start: batches the data iterator skipped when it was created
+    unvalidated = None  # an epoch whose end-of-epoch validation a preemption interrupted: run it on resume
     latest = mngr.latest_step()
     if latest is None:
         data_iter = iter(train_dataset(source, train_idx, config))
@@ -585,6 +595,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         _check_resume(meta, workdir, config, steps_per_epoch, n_proc)
         step, best = meta["step"], meta["best"]
+        unvalidated = meta.get("unvalidated_epoch")
         saved_workers = meta.get("workers", (saved_config or {}).get("data.workers"))
         items = {"state": ocp.args.StandardRestore(_state_target(trainer.state, trainer.mesh))}
         # checkpoints without data_start predate batching per epoch: their iterator state counts records
@@ -618,8 +629,37 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                 state=ocp.args.StandardSave(trainer.state),
                 data_iter=grain.checkpoint.CheckpointSave(data_iter),
                 meta=ocp.args.JsonSave({"step": step, "best": best, "process_count": n_proc,
-                                        "workers": config.data.workers, "data_start": data_start})))
+                                        "workers": config.data.workers, "data_start": data_start,
+                                        "unvalidated_epoch": unvalidated})))
         saved = step
+
+    def validate(epoch: int, watch: _PreemptionWatch) -> bool:
+        """Validate the model at the end of `epoch`; False when a preemption notice interrupted the pass."""
+        nonlocal best, unvalidated
+        with clock.paused():
+            val = trainer.evaluate(source, val_idx, label_key, progress=progress, stop=watch.interrupted)
+            if val is None:
+                unvalidated = epoch
+                return False
+            unvalidated = None
+            better = best is None or (val < best if config.task == "age" else val > best)
+            log({"step": step, "epoch": epoch, val_name: val, "best": better})
+            bar.set_postfix({val_name: f"{val:.3f}"})
+            if better:
+                best = val
+                _export(trainer, workdir / "best", source, config, {"epoch": epoch, val_name: val})
+        return True
+
+    def stop_preempted() -> None:
+        if saved != step:
+            save(step)
+        mngr.wait_until_finished()
+        log({"step": step, "epoch": step / steps_per_epoch, "preempted": True})
+        bar.close()
+        who = f"process {jax.process_index()}/{n_proc}: " if n_proc > 1 else ""
+        print(f"jaxtl pretrain: {who}preempted at step {step}: checkpoint saved, rerun the same command "
+              f"to resume (exit status {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
+        raise Preempted(step)
 
     end = total_steps if max_steps is None else min(total_steps, max_steps)
     bar = tqdm(total=end, initial=step, unit="step", desc="pretrain", disable=not (progress and is_main))
@@ -627,6 +667,8 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     result = {}
     try:
         with _PreemptionWatch(mngr) as watch:
+            if unvalidated is not None and not validate(unvalidated, watch):  # preempted again
+                stop_preempted()
             while step < end:
                 batch = next(data_iter)
                 loss, finite = trainer.step(trainer.global_batch(batch["image"]),
@@ -646,29 +688,13 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                     log(record | ({} if rate is None else {"volumes_per_s": rate}))
                     bar.set_postfix(loss=f"{loss_v:.3f}", **({} if rate is None else {"vol_s": f"{rate:.1f}"}))
                 if step % steps_per_epoch == 0:
-                    epoch = step // steps_per_epoch
-                    if len(val_idx):
-                        with clock.paused():
-                            val = trainer.evaluate(source, val_idx, label_key, progress=progress)
-                            better = best is None or (val < best if config.task == "age" else val > best)
-                            log({"step": step, "epoch": epoch, val_name: val, "best": better})
-                            bar.set_postfix(loss=f"{loss_v:.3f}", **{val_name: f"{val:.3f}"})
-                            if better:
-                                best = val
-                                _export(trainer, workdir / "best", source, config, {"epoch": epoch, val_name: val})
+                    if len(val_idx) and not validate(step // steps_per_epoch, watch):
+                        preempted = True  # checkpoint now (marked unvalidated), validate on resume
                     save(step)
                 elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
                     save(step)
                 if preempted:
-                    if saved != step:
-                        save(step)
-                    mngr.wait_until_finished()
-                    log({"step": step, "epoch": step / steps_per_epoch, "preempted": True})
-                    bar.close()
-                    who = f"process {jax.process_index()}/{n_proc}: " if n_proc > 1 else ""
-                    print(f"jaxtl pretrain: {who}preempted at step {step}: checkpoint saved, rerun the same command "
-                          f"to resume (exit status {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
-                    raise Preempted(step)
+                    stop_preempted()
         mngr.wait_until_finished()
         if mngr.latest_step() != step:
             save(step)

@@ -462,6 +462,45 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resumes_bitwise(ukb_cache, tmp_pa
     assert [r["step"] for r in _steps_logged(work)] == list(range(1, 13))
 
 
+def test_sigterm_during_validation_checkpoints_and_validates_on_resume(ukb_cache, tmp_path, monkeypatch):
+    """A notice during the end-of-epoch validation abandons the pass (it can outlast a grace period): the epoch's
+    checkpoint is written at once, and the resumed run validates that epoch before training on."""
+    import orbax.checkpoint as ocp
+
+    from jaxtl import train
+    from jaxtl.train import Preempted
+
+    clean = tmp_path / "clean"
+    pretrain(tiny_config(), ukb_cache, clean, progress=False)  # 2 epochs of 6 steps
+    original = train.eval_dataset
+
+    def noticed_in_first_batch(*args, **kwargs):
+        for i, batch in enumerate(original(*args, **kwargs)):
+            if i == 0:
+                signal.raise_signal(signal.SIGTERM)
+            yield batch
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(train, "eval_dataset", noticed_in_first_batch)
+    with pytest.raises(Preempted) as e:
+        pretrain(tiny_config(), ukb_cache, work, progress=False)
+    assert e.value.step == 6 and e.value.code == 143
+    assert not (work / "best").exists()
+    with ocp.CheckpointManager(work / "checkpoints") as mngr:
+        assert mngr.latest_step() == 6
+        meta = mngr.restore(6, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    assert meta["unvalidated_epoch"] == 1 and meta["best"] is None
+    monkeypatch.setattr(train, "eval_dataset", original)
+    pretrain(tiny_config(), ukb_cache, work, progress=False)
+
+    def val_records(workdir):
+        return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "val_mae" in r]
+
+    assert val_records(work) == val_records(clean) and len(val_records(clean)) == 2
+    assert _meta(work / "best") == _meta(clean / "best")
+    jax.tree.map(np.testing.assert_array_equal, _final_state(clean), _final_state(work))
+
+
 def test_preemption_watch_restores_the_sigterm_handler_and_skips_other_threads():
     import threading
 
