@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import types
 
 import numpy as np
@@ -168,3 +169,25 @@ def test_gpu_variant_space_to_depth_first_layer_is_exact():
         outs.append((y, block.bn.mean[...], block.bn.var[...], grad.conv.kernel[...]))
     for a, b in zip(*outs, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_roofline_counts_each_activation_once(monkeypatch):
+    """benchmarks/roofline.py: per-block FLOPs are bench.layer_flops; bytes are the block's input, conv output and
+    pooled output; fusing the pool never loses; the 1mm Peng forward is ~132 GFLOP."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("roofline", REPO / "benchmarks" / "roofline.py")
+    rl = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "roofline", rl)  # dataclasses look their module up there
+    spec.loader.exec_module(rl)
+    blocks = rl.blocks([2, 3], (4, 6, 8), itemsize=2)
+    assert [b.flops for b in blocks] == bench.layer_flops([2, 3], (4, 6, 8))
+    assert (blocks[0].input, blocks[0].conv, blocks[0].pooled) == (192 * 2, 192 * 2 * 2, 24 * 2 * 2)
+    assert (blocks[1].input, blocks[1].conv, blocks[1].pooled) == (24 * 2 * 2, 24 * 3 * 2, 0)
+    # memory-bound block 0 at 1 FLOP/s peak vs 1 B/s: conv (384 + 768 B) + pool (768 + 96 B) unfused; fused 384 + 96
+    b0 = rl.Block(flops=10, input=384, conv=768, pooled=96)
+    assert b0.seconds(1, 1, fused=False) == 384 + 768 + 768 + 96 and b0.seconds(1, 1, fused=True) == 384 + 96
+    text = rl.table("peng", 1, "bfloat16", 989e12, 4.8e12)
+    assert "131.7 GFLOP/volume" in text and text.count("| ") >= 6
