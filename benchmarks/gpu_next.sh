@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # What issues #7 and #8 still need measured on a GPU, prepared without one, sized for one ~9-minute device call:
+#   0. gpu_blocks.py: each conv block alone (conv / eval / train), jaxtl's XLA path beside PyTorch, with its roofline
+#      bound: which block is far from its bound (records -> $OUT/blocks.jsonl)
 #   1. gpu_variants.py: the reshape max-pool and the space-to-depth first layer (`pool`, `pool+s2d`), Peng 1mm,
 #      train and embed, bfloat16 and float32, batch 8 (records -> $OUT/variants.jsonl)
 #   2. the train step for the transfer and demo configs (timed out while compiling in the first GPU run)
@@ -11,13 +13,15 @@ source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
 start=$SECONDS
 stage() { echo "== $1 (t=$((SECONDS - start)) s)" | tee -a "$OUT/log"; }
+stage blocks
+timeout 120 python3 benchmarks/gpu_blocks.py "$OUT/blocks.jsonl" bfloat16,float32 8 20 2>&1 | tee -a "$OUT/log"
 stage variants
-timeout 200 python3 benchmarks/gpu_variants.py "$OUT/variants.jsonl" pool,pool+s2d bfloat16,float32 train,embed 8 \
+timeout 180 python3 benchmarks/gpu_variants.py "$OUT/variants.jsonl" pool,pool+s2d bfloat16,float32 train,embed 8 \
   2>&1 | tee -a "$OUT/log"
 stage "train transfer,demo"
-timeout 100 python3 -m jaxtl.cli bench --out "$OUT/gpu.jsonl" --warmup 3 --repeats 20 --suite train \
+timeout 90 python3 -m jaxtl.cli bench --out "$OUT/gpu.jsonl" --warmup 3 --repeats 20 --suite train \
   --configs transfer,demo --resolution 1 --dtype float32 --batch 8 --note "lent GPU machine, nothing else running" \
   2>&1 | tee -a "$OUT/log"
 stage demo
-JAXTL_HOME="$OUT/jaxtl_home" timeout 240 python3 -m jaxtl.cli demo --out "$OUT/demo" 2>&1 | tail -60 | tee -a "$OUT/log"
+JAXTL_HOME="$OUT/jaxtl_home" timeout $((570 - (SECONDS - start))) python3 -m jaxtl.cli demo --out "$OUT/demo" 2>&1 | tail -60 | tee -a "$OUT/log"
 stage done
