@@ -11,7 +11,8 @@ Stages (all on the host CPU, 1mm float16 by default):
   grain:wN     the same pipeline in N grain worker processes (mp_prefetch; batches handed over in shared memory)
   memcpy       `np.copyto` of the same cached volumes into one reused buffer: the ceiling; the other
                cache stages report their ratio to it
-Timings exclude start-up (worker spawn, first batch); cache stages report the best of --repeats runs.
+Timings exclude start-up (worker spawn, first batch). volumes_per_s is the median over --repeats runs (cache
+stages) or over every file load (nifti), with the spread beside it (runs_volumes_per_s, min/max); prepare runs once.
 The cache is read from the page cache (just written).
 """
 
@@ -63,12 +64,16 @@ def _bench_nifti(files: dict[str, list[Path]], downsample: int, repeats: int) ->
         load_volume(paths[0], downsample=downsample)  # warm caches (template, mask)
         start = time.perf_counter()
         n = 0
+        per_load = []
         for _ in range(repeats):
             for path in paths:
+                t = time.perf_counter()
                 load_volume(path, downsample=downsample)
+                per_load.append(time.perf_counter() - t)
                 n += 1
+        rates = [1 / t for t in per_load]
         records.append(_record(f"nifti:{name}", n, time.perf_counter() - start,
-                               mb_per_file=round(paths[0].stat().st_size / 1e6, 1)))
+                               mb_per_file=round(paths[0].stat().st_size / 1e6, 1)) | _spread(rates))
     return records
 
 
@@ -107,10 +112,16 @@ def _bench_grain(source: CacheSource, batch_size: int, epochs: int, *, workers: 
                    augmentation="shift+mirror")
 
 
-def _best(repeats: int, bench, *args, **kwargs) -> dict:
+def _spread(rates: list[float]) -> dict:
+    """volumes_per_s = the median rate, with every rate and their min / max."""
+    return {"volumes_per_s": round(float(np.median(rates)), 2), "runs_volumes_per_s": [round(r, 2) for r in rates],
+            "min_volumes_per_s": round(min(rates), 2), "max_volumes_per_s": round(max(rates), 2)}
+
+
+def _repeated(repeats: int, bench, *args, **kwargs) -> dict:
     runs = [bench(*args, **kwargs) for _ in range(repeats)]
-    best = max(runs, key=lambda r: r["volumes_per_s"])
-    return {**best, "runs_volumes_per_s": [r["volumes_per_s"] for r in runs]}
+    median_run = sorted(runs, key=lambda r: r["volumes_per_s"])[len(runs) // 2]
+    return {**median_run, **_spread([r["volumes_per_s"] for r in runs])}
 
 
 def run_input_bench(
@@ -145,11 +156,10 @@ def run_input_bench(
 
         source = CacheSource(tmp / "cache")
         _bench_cache_array(source, len(source))  # warm the page cache
-        # best of `repeats`: other processes on a shared machine only ever slow a run down
-        memcpy = _best(repeats, _bench_memcpy, source, 4 * n_cache)
-        cache_records = [_best(repeats, _bench_cache_array, source, 2 * n_cache)]
-        cache_records += [_best(repeats, _bench_grain, source, batch_size, epochs, threads=t) for t in threads]
-        cache_records += [_best(repeats, _bench_grain, source, batch_size, epochs, workers=w) for w in workers]
+        memcpy = _repeated(repeats, _bench_memcpy, source, 4 * n_cache)
+        cache_records = [_repeated(repeats, _bench_cache_array, source, 2 * n_cache)]
+        cache_records += [_repeated(repeats, _bench_grain, source, batch_size, epochs, threads=t) for t in threads]
+        cache_records += [_repeated(repeats, _bench_grain, source, batch_size, epochs, workers=w) for w in workers]
         for r in cache_records:
             r["ratio_to_memcpy"] = round(r["volumes_per_s"] / memcpy["volumes_per_s"], 3)
         records += cache_records + [memcpy]

@@ -51,13 +51,17 @@ SCHEMA = 1
 # Dense peak FLOP/s per device (vendor datasheets, SXM parts), by a substring of `device_kind`. NVIDIA
 # float32 = TF32 tensor cores: XLA (JAX's default precision) and cuDNN (PyTorch's allow_tf32 default for
 # convolutions) both run float32 convolutions in TF32 there.
+# The longest matching key wins ("H100 PCIe" before "H100"); JAX names a v5p "TPU v5" and a v5e "TPU v5 lite".
 ACCELERATOR_PEAKS = {
     "H200": {"float32": 494.7e12, "bfloat16": 989e12},
     "H100": {"float32": 494.7e12, "bfloat16": 989e12},
+    "H100 PCIe": {"float32": 378e12, "bfloat16": 756e12},
+    "H100 NVL": {"float32": 417.5e12, "bfloat16": 835e12},
     "A100": {"float32": 156e12, "bfloat16": 312e12},
     "TPU v4": {"float32": None, "bfloat16": 275e12},
+    "TPU v5": {"float32": None, "bfloat16": 459e12},
     "TPU v5 lite": {"float32": None, "bfloat16": 197e12},
-    "TPU v5p": {"float32": None, "bfloat16": 459e12},
+    "TPU v6 lite": {"float32": None, "bfloat16": 918e12},
 }
 
 
@@ -92,8 +96,10 @@ def plan_cases(suites: Sequence[str], configs: Sequence[str], resolutions: Seque
                batch: int | None = None, devices: int = 1) -> list[Case]:
     """Every (suite, config, resolution, dtype) to run; the demo config always runs at its own 4mm.
 
-    Default batch: 1 (1mm), 4 (2mm), 8 (4mm) per device.
+    Default batch: 1 (1mm), 4 (2mm), 8 (4mm) per device; a given batch must be a multiple of `devices`.
     """
+    if batch is not None and (batch < 1 or batch % devices):
+        raise ValueError(f"batch {batch}: give a positive multiple of the {devices} device(s)")
     for name, given, allowed in (("suite", suites, SUITES), ("config", configs, CONFIGS), ("dtype", dtypes, DTYPES)):
         bad = [g for g in given if g not in allowed]
         if bad:
@@ -103,12 +109,12 @@ def plan_cases(suites: Sequence[str], configs: Sequence[str], resolutions: Seque
     cases: list[Case] = []
     for suite in suites:
         if suite == "input":
-            cases += [Case("input", "pipeline", r, batch or 8, "float32") for r in resolutions]
+            cases += [Case("input", "pipeline", r, 8 if batch is None else batch, "float32") for r in resolutions]
             continue
         for config in configs:
             for res in ([FIXED_RESOLUTION[config]] if config in FIXED_RESOLUTION else resolutions):
                 for dtype in dtypes:
-                    case = Case(suite, config, res, batch or DEFAULT_BATCH[res] * devices, dtype)
+                    case = Case(suite, config, res, DEFAULT_BATCH[res] * devices if batch is None else batch, dtype)
                     if case not in cases:
                         cases.append(case)
     return cases
@@ -204,12 +210,16 @@ def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
 
     CPU: cores x 2 (FMA) x vector lanes x 2 FMA pipes x clock, with 16 float32 lanes for AVX-512 (8 on
     AMD family 25 = Zen 4, which executes 512-bit operations in two halves), 8 for AVX2, and twice that for
-    bfloat16 with AVX512_BF16 (VDPBF16PS). The clock is cpufreq's maximum, else /proc/cpuinfo's MHz (on
-    virtual machines the nominal TSC clock: boost clocks make the true peak higher).
+    bfloat16 with AVX512_BF16 (VDPBF16PS); no bfloat16 peak with AMX. Intel parts with one AVX-512 FMA unit
+    per core have half this peak (not visible in /proc/cpuinfo). The clock is cpufreq's maximum, else
+    /proc/cpuinfo's MHz (on virtual machines the nominal TSC clock: boost clocks make the true peak higher).
     """
     if hw.get("accelerator"):
-        for key, peaks in ACCELERATOR_PEAKS.items():
-            if key.lower() in hw["accelerator"].lower() and peaks.get(dtype):
+        for key in sorted(ACCELERATOR_PEAKS, key=len, reverse=True):
+            peaks = ACCELERATOR_PEAKS[key]
+            if key.lower() in hw["accelerator"].lower():
+                if not peaks.get(dtype):
+                    break
                 n = hw["accelerator_count"]
                 kind = "TF32 (float32)" if dtype == "float32" and hw["platform"] == "gpu" else dtype
                 return peaks[dtype] * n, f"{n} x {key} dense {kind} datasheet peak {peaks[dtype] / 1e12:g} TFLOP/s"
@@ -224,6 +234,8 @@ def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
     else:
         return None, "no AVX2/AVX-512: peak not estimated"
     if dtype == "bfloat16":
+        if "amx_bf16" in flags:  # AMX tiles: a peak this formula does not model
+            return None, "AMX bfloat16 peak not modelled"
         lanes *= 2 if "avx512_bf16" in flags else 1
     cores = hw["cpu_cores"]
     peak = cores * 2 * lanes * 2 * mhz * 1e6
@@ -274,11 +286,16 @@ def step_stats(times: Sequence[float]) -> dict[str, Any]:
             "n": int(t.size), "all": [float(f"{x:.6g}") for x in t]}
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Run each (blocking) function `warmup` times, then `repeats` rounds of one call each, alternating."""
-    for fn in fns.values():
+def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
+                     warmup_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Run each (blocking) function `warmup` times (their times go to `warmup_times`), then `repeats` rounds of
+    one call each, alternating."""
+    for name, fn in fns.items():
         for _ in range(warmup):
+            start = time.perf_counter()
             fn()
+            if warmup_times is not None:
+                warmup_times.setdefault(name, []).append(time.perf_counter() - start)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -316,12 +333,21 @@ def _compiled_memory(compiled) -> dict[str, Any]:
 
 
 def _device_peak_memory() -> int | None:
+    """The devices' high-water mark of allocated bytes since the process started (None where not reported)."""
     import jax
 
     stats = [d.memory_stats() for d in jax.local_devices()]
     if not stats or stats[0] is None or "peak_bytes_in_use" not in stats[0]:
         return None
     return int(max(s["peak_bytes_in_use"] for s in stats))
+
+
+def case_peak_memory(before: int | None, after: int | None) -> int | None:
+    """A case's own peak device memory: the process high-water mark (JAX cannot reset it) when the case raised
+    it, else unknown (None: no more than an earlier case of the same process)."""
+    if after is None or (before is not None and after <= before):
+        return None
+    return after
 
 
 def _make_model(case: Case, conv_impl: str, torch_state: dict | None, seed: int = 0):
@@ -361,7 +387,8 @@ def jaxtl_embed(case: Case, x: np.ndarray, conv_impl: str = "auto", torch_state:
     compile_s = time.perf_counter() - start
     from jaxtl.embed import embed
 
-    return Runner(step=lambda: compiled(state, xs).block_until_ready(), compile_s=compile_s,
+    # np.asarray: the step ends when the features are on the host (64 floats per volume), never before
+    return Runner(step=lambda: np.asarray(compiled(state, xs)), compile_s=compile_s,
                   memory=_compiled_memory(compiled), info={"conv_impl": resolve_impl(conv_impl)},
                   output=lambda: np.asarray(compiled(state, xs)),
                   api=lambda: embed(x, model, batch_size=case.batch, progress=False))
@@ -391,10 +418,11 @@ def jaxtl_train(case: Case, x: np.ndarray, ages: np.ndarray, conv_impl: str = "a
     def step():
         counter[0] += 1
         trainer.state, loss, _ = compiled(trainer.state, images, labels, jax.random.fold_in(base_key, counter[0]), lr)
-        return loss.block_until_ready()
+        jax.block_until_ready(trainer.state)
+        return float(loss)
 
     return Runner(step=step, compile_s=compile_s, memory=_compiled_memory(compiled),
-                  info={"conv_impl": resolve_impl(conv_impl)})
+                  info={"conv_impl": resolve_impl(conv_impl), "weights": "PyTorch's" if torch_state else "own init"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -535,6 +563,7 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
     load_start = os.getloadavg()
     want_torch = use_torch and torch_available()
     state = torch_reference_state(case.channels) if want_torch else None
+    peak_before = _device_peak_memory()
     if case.suite == "embed":
         jx = jaxtl_embed(case, x, conv_impl, state)
     elif case.suite == "train":
@@ -544,7 +573,8 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
     tr = torch_runner(case, x, ages, state, threads=threads, memory_format=torch_memory_format,
                       per_device_batch=case.batch // n_dev) if want_torch else None
     fns = {"jaxtl": jx.step} | ({"torch": tr.step} if tr else {}) | ({"api": jx.api} if jx.api else {})
-    times = time_interleaved(fns, warmup, repeats)
+    warmup_times: dict[str, list[float]] = {}
+    times = time_interleaved(fns, warmup, repeats, warmup_times)
 
     flops = case_flops(case.suite, case.channels, case.shape)
     rec: dict[str, Any] = {
@@ -552,13 +582,13 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
         "input_shape": list(case.shape), "dtype": case.dtype, "batch": case.batch, "devices": n_dev,
         "per_device_batch": case.batch // n_dev, "warmup": warmup, "repeats": repeats, "threads": threads,
         "gflop_per_volume": round(flops / 1e9, 3), "compile_s": round(jx.compile_s, 3), **jx.info,
-        "step_s": step_stats(times["jaxtl"]),
+        "warmup_s": [round(t, 4) for t in warmup_times.get("jaxtl", [])], "step_s": step_stats(times["jaxtl"]),
     }
     med = rec["step_s"]["median"]
     rec["vol_per_s"] = case.batch / med
     rec["vol_per_s_per_device"] = rec["vol_per_s"] / n_dev
     rec["gflop_per_s"] = flops * case.batch / med / 1e9
-    rec["memory"] = {**jx.memory, "device_peak_bytes": _device_peak_memory()}
+    rec["memory"] = {**jx.memory, "device_peak_bytes": case_peak_memory(peak_before, _device_peak_memory())}
     if jx.api:  # end to end: host batch in, features out (includes transfers; compiles once, in the warm-up)
         rec["api_step_s"] = step_stats(times["api"])
         rec["api_vol_per_s"] = case.batch / rec["api_step_s"]["median"]
@@ -574,7 +604,8 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
         tst = step_stats(times["torch"])
         pb = case.batch // n_dev
         tvol = pb / tst["median"]
-        rec["torch"] = {**tr.info, "step_s": tst, "vol_per_s": tvol, "gflop_per_s": flops * pb / tst["median"] / 1e9,
+        rec["torch"] = {**tr.info, "warmup_s": [round(t, 4) for t in warmup_times.get("torch", [])],
+                        "step_s": tst, "vol_per_s": tvol, "gflop_per_s": flops * pb / tst["median"] / 1e9,
                         "peak_memory_bytes": torch.cuda.max_memory_allocated() if tr.info["device"] == "cuda" else None}
         rec["ratio"] = rec["vol_per_s_per_device"] / tvol
         # the same per-device batch on both sides: per-round speed ratio = PyTorch time / jaxtl time
@@ -629,25 +660,37 @@ def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, wa
     hw, vers, commit = hardware_info(), versions(), git_commit()
     if use_torch and not torch_available():
         log("jaxtl bench: PyTorch not installed, measuring jaxtl only (pip install 'jaxtl[bench]')")
-    records = []
+    records, failures = [], []
     for i, case in enumerate(cases, 1):
         log(f"[{i}/{len(cases)}] {case.label()} ...")
-        if case.suite == "input":
-            recs = run_input_case(case, repeats=min(repeats, 3))
-        else:
-            try:
+        try:
+            if case.suite == "input":
+                recs = run_input_case(case, repeats=repeats)
+            else:
                 recs = [run_case(case, warmup=warmup, repeats=repeats, conv_impl=conv_impl, use_torch=use_torch,
                                  torch_memory_format=torch_memory_format)]
-            except Exception as e:  # noqa: BLE001 - e.g. out of device memory at a large batch: go on
-                log(f"    FAILED {case.label()}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                continue
+        except Exception as e:  # noqa: BLE001 - e.g. out of device memory at a large batch: go on, fail at the end
+            first = (str(e).splitlines() or [""])[0][:300]
+            failures.append(f"{case.label()}: {type(e).__name__}: {first}")
+            log(f"    FAILED {failures[-1]}")
+            continue
         for r in recs:
             record = _base_record(hw, vers, commit, note) | r
             records.append(record)
             log("    " + summary_line(record))
             if out is not None:
                 append_records([record], out)
+    if failures:
+        raise SuiteFailed(failures, records)
     return records
+
+
+class SuiteFailed(RuntimeError):
+    """Some cases of `run_suite` failed (the others ran and were written): `failures`, `records`."""
+
+    def __init__(self, failures: list[str], records: list[dict]):
+        super().__init__(f"{len(failures)} case(s) failed: " + "; ".join(failures))
+        self.failures, self.records = failures, records
 
 
 def summary_line(r: dict) -> str:
@@ -685,9 +728,17 @@ def load_records(paths: Sequence[str | os.PathLike]) -> list[dict]:
         for n, line in enumerate(f.read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{f}:{n}: not a JSON record ({e})") from e
+                if not isinstance(record, dict):
+                    raise ValueError(f"{f}:{n}: not a `jaxtl bench` record (a JSON {type(record).__name__})")
+                missing = [k for k in ("hardware", "case", "config") if k not in record]
+                if not missing and "id" not in (record["hardware"] or {}):
+                    missing = ["hardware.id"]
+                if missing:
+                    raise ValueError(f"{f}:{n}: not a `jaxtl bench` record (no {', '.join(missing)})")
+                records.append(record)
     return records
 
 
@@ -716,12 +767,17 @@ def _fmt(v: Any, spec: str = ".3g") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _commit(r: dict) -> str:
+    git = r.get("git") or {}
+    return (git.get("commit") or "unknown")[:7] + ("+dirty" if git.get("dirty") else "")
+
+
 def report_markdown(records: Sequence[dict]) -> str:
     """A markdown table of the latest record per case and hardware."""
     rows = latest(records)
     lines = ["| hardware | case | config | input | dtype | batch | jaxtl vol/s | PyTorch vol/s | jaxtl/PyTorch "
-             "| GFLOP/s | % peak | compile s | load (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| GFLOP/s | % peak | compile s | load (1 min) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hw = r["hardware"]
         hw_name = hw["accelerator"] + f" x{hw['accelerator_count']}" if hw.get("accelerator") else \
@@ -736,7 +792,7 @@ def report_markdown(records: Sequence[dict]) -> str:
             f"{_fmt(r.get('dtype'), 's')} | {_fmt(r.get('batch'), 'd')} | {_fmt(r.get('vol_per_s'))} | "
             f"{_fmt(t.get('vol_per_s'))} | {ratio} | {_fmt(r.get('gflop_per_s'), '.0f')} | "
             f"{_fmt(None if r.get('peak_fraction') is None else 100 * r['peak_fraction'], '.0f')} | "
-            f"{_fmt(r.get('compile_s'), '.1f')} | {_fmt(load[0] if load else None, '.1f')} |")
+            f"{_fmt(r.get('compile_s'), '.1f')} | {_fmt(load[0] if load else None, '.1f')} | {_commit(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -774,8 +830,9 @@ def report_chart(records: Sequence[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-def write_report(results: Sequence[str | os.PathLike], out_md: str | os.PathLike) -> tuple[Path, Path]:
-    """`jaxtl bench report`: results/*.jsonl -> a markdown table (out_md) and a bar chart PNG beside it."""
+def write_report(results: Sequence[str | os.PathLike], out_md: str | os.PathLike) -> tuple[Path, Path | None]:
+    """`jaxtl bench report`: results/*.jsonl -> a markdown table (out_md) and a bar chart PNG beside it (None
+    when no embed/train record is there to chart)."""
     records = load_records(results)
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
@@ -785,9 +842,14 @@ def write_report(results: Sequence[str | os.PathLike], out_md: str | os.PathLike
             f"Generated by `jaxtl bench report` from {len(records)} records ({', '.join(hws)}); latest record per "
             f"case. Commits: {', '.join(c[:10] for c in commits)}. jaxtl/PyTorch is the ratio of volumes/s per "
             "device, both measured in the same process with alternating steps. GFLOP/s and % peak use analytic "
-            "convolution FLOPs (see jaxtl/bench.py).\n\n" + report_markdown(records))
-    png = report_chart(records, out_md.with_suffix(".png"))
-    text += f"\n![jaxtl vs PyTorch]({png.name})\n"
+            "convolution FLOPs (see jaxtl/bench.py). A load average above the core count means other work shared the "
+            "machine: its rows say little.\n\n" + report_markdown(records))
+    png = out_md.with_suffix(".png")
+    if any(r["case"] in ("embed", "train") for r in records):
+        report_chart(records, png)
+        text += f"\n![jaxtl vs PyTorch]({png.name})\n"
+    else:
+        png = None
     out_md.write_text(text)
     return out_md, png
 
@@ -803,4 +865,4 @@ def parse_list(value: str, cast: Callable[[str], Any] = str) -> list:
 
 __all__ = ["Case", "plan_cases", "run_case", "run_suite", "run_input_case", "write_report", "load_records",
            "report_markdown", "layer_flops", "case_flops", "peak_flops", "hardware_info", "step_stats",
-           "time_interleaved"]
+           "time_interleaved", "SuiteFailed"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
+from collections.abc import Callable
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -165,18 +167,42 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.action == "report":
         md, png = bench.write_report(args.results, args.report_out)
-        print(f"wrote {md} and {png}")
+        print(f"wrote {md}" + (f" and {png}" if png else " (no embed/train records: no chart)"))
         return 0
+    if not args.no_torch:  # JAX and PyTorch share each GPU: JAX must not take 75% of its memory up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
-    cases = bench.plan_cases(bench.parse_list(args.suite), bench.parse_list(args.configs),
-                             bench.parse_list(args.resolution, int), bench.parse_list(args.dtype), args.batch,
-                             devices=jax.device_count())
+    try:
+        resolutions = bench.parse_list(args.resolution, int)
+    except ValueError:
+        raise ValueError(f"--resolution {args.resolution!r}: give 1, 2 or 4 (mm), or a comma list of them") from None
+    cases = bench.plan_cases(bench.parse_list(args.suite), bench.parse_list(args.configs), resolutions,
+                             bench.parse_list(args.dtype), args.batch, devices=jax.device_count())
     out = args.out or bench.default_output()
-    records = bench.run_suite(cases, out, warmup=args.warmup, repeats=args.repeats, conv_impl=args.conv_impl,
-                              use_torch=not args.no_torch, torch_memory_format=args.torch_format, note=args.note)
+    try:
+        records = bench.run_suite(cases, out, warmup=args.warmup, repeats=args.repeats, conv_impl=args.conv_impl,
+                                  use_torch=not args.no_torch, torch_memory_format=args.torch_format, note=args.note)
+    except bench.SuiteFailed as e:
+        print(f"wrote {len(e.records)} records to {out}; {len(e.failures)} case(s) FAILED:", file=sys.stderr)
+        for f in e.failures:
+            print(f"  {f}", file=sys.stderr)
+        return 1
     print(f"wrote {len(records)} records to {out} (`jaxtl bench report` renders benchmarks/results/)")
     return 0
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= low (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,10 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list: peng (Peng's SFCN), transfer (32-64-64-64-64-64), demo (configs/sfcn_demo.py, "
                         "always 4mm)")
     p.add_argument("--resolution", default="2", help="input resolution in mm: 1, 2 or 4 (comma list)")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default: 1, 4, 8 per device at 1, 2, 4mm)")
+    p.add_argument("--batch", type=_at_least(1), default=None,
+                   help="global batch (default: 1, 4, 8 per device at 1, 2, 4mm)")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (comma list)")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per side (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after compilation (default 2)")
+    p.add_argument("--repeats", type=_at_least(1), default=5, help="timed steps per side (default 5)")
+    p.add_argument("--warmup", type=_at_least(0), default=2,
+                   help="untimed steps per side after compilation, timed apart (default 2)")
     p.add_argument("--conv-impl", choices=["auto", "xla", "fast"], default="auto",
                    help="jaxtl convolution (default auto: fast on a single CPU device, XLA elsewhere)")
     p.add_argument("--torch-format", choices=["auto", "channels_last", "contiguous"], default="auto",

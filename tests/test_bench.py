@@ -61,6 +61,13 @@ def test_peak_flops():
     gpu = {"accelerator": "NVIDIA H100 80GB HBM3", "accelerator_count": 8}
     assert bench.peak_flops(gpu, "bfloat16")[0] == 8 * 989e12
     assert bench.peak_flops(gpu | {"accelerator": "Mystery 9000"}, "float32")[0] is None
+    assert bench.peak_flops(gpu | {"accelerator": "NVIDIA H100 PCIe"}, "bfloat16")[0] == 8 * 756e12  # not the SXM's
+    assert bench.peak_flops(gpu | {"accelerator": "NVIDIA H100 NVL"}, "bfloat16")[0] == 8 * 835e12
+    tpu = {"accelerator": "TPU v5 lite", "accelerator_count": 4, "platform": "tpu"}
+    assert bench.peak_flops(tpu, "bfloat16")[0] == 4 * 197e12
+    assert bench.peak_flops(tpu | {"accelerator": "TPU v5"}, "bfloat16")[0] == 4 * 459e12  # JAX's name of a v5p
+    assert bench.peak_flops(tpu, "float32")[0] is None
+    assert bench.peak_flops(cpu | {"cpu_flags": ["avx512f", "avx512_bf16", "amx_bf16"]}, "bfloat16")[0] is None
     assert bench.hardware_id({"accelerator": "NVIDIA H100 80GB HBM3", "accelerator_count": 8,
                               "platform": "gpu"}) == "gpu-nvidia-h100-80gb-hbm3-x8"
     assert bench.hardware_id({"accelerator": None, "cpu_model": "AMD EPYC", "cpu_cores": 2}) == "cpu-amd-epyc-2core"
@@ -69,9 +76,12 @@ def test_peak_flops():
 def test_step_stats_and_interleaving():
     s = bench.step_stats([4.0, 1.0, 3.0, 2.0])
     assert (s["median"], s["min"], s["max"], s["iqr"], s["n"]) == (2.5, 1.0, 4.0, 1.5, 4)
-    calls = []
-    times = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 1, 2)
+    calls, warm = [], {}
+    times = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 1, 2, warm)
     assert calls == ["a", "b", "a", "b", "a", "b"] and [len(t) for t in times.values()] == [2, 2]
+    assert [len(t) for t in warm.values()] == [1, 1]
+    assert bench.case_peak_memory(None, 100) == 100 and bench.case_peak_memory(100, 150) == 150
+    assert bench.case_peak_memory(200, 200) is None and bench.case_peak_memory(None, None) is None
 
 
 @pytest.mark.parametrize("suite", ["embed", "train"])
@@ -191,3 +201,65 @@ def test_roofline_counts_each_activation_once(monkeypatch):
     assert b0.seconds(1, 1, fused=False) == 384 + 768 + 768 + 96 and b0.seconds(1, 1, fused=True) == 384 + 96
     text = rl.table("peng", 1, "bfloat16", 989e12, 4.8e12)
     assert "131.7 GFLOP/volume" in text and text.count("| ") >= 6
+
+
+def test_cli_runs_embed_and_train_and_fails_loudly(tiny, tmp_path, monkeypatch, capsys):
+    """`jaxtl bench` end to end on a tiny config: one record per case through `run_suite`, PyTorch's weights on
+    both sides, host-synchronised steps, warm-up timed apart, % of peak per volume; a failing case is reported and
+    makes the command exit 1 while the other cases' records are still written."""
+    pytest.importorskip("torch")
+    out = tmp_path / "r.jsonl"
+    argv = ["bench", "--suite", "embed,train", "--configs", "tiny", "--resolution", "4", "--batch", "2",
+            "--warmup", "1", "--repeats", "2", "--out", str(out)]
+    assert main(argv) == 0
+    embed, train = bench.load_records([out])
+    for rec in (embed, train):
+        assert rec["warmup_s"] and len(rec["torch"]["warmup_s"]) == 1 and rec["torch"]["vol_per_s"] > 0
+        if rec["peak_fraction"] is not None:
+            assert rec["peak_fraction"] == pytest.approx(rec["gflop_per_s"] * 1e9 / (rec["peak_gflop_per_s"] * 1e9),
+                                                         rel=1e-3)
+    assert embed["features_max_rel_diff"] < 1e-4 and train["weights"] == "PyTorch's"
+    case = bench.Case("train", "tiny", 4, 2, "float32")
+    x, ages = bench._inputs(case)
+    assert isinstance(bench.jaxtl_train(case, x, ages).step(), float)  # the step waited for its result
+    assert isinstance(bench.jaxtl_embed(case.__class__("embed", "tiny", 4, 2, "float32"), x).step(), np.ndarray)
+
+    original = bench.run_case
+
+    def train_fails(case, **kw):
+        if case.suite == "train":
+            raise RuntimeError("out of memory")
+        return original(case, **kw)
+
+    monkeypatch.setattr(bench, "run_case", train_fails)
+    assert main(argv + ["--no-torch"]) == 1
+    err = capsys.readouterr().err
+    assert "1 case(s) FAILED" in err and "train tiny 4mm float32 batch 2: RuntimeError: out of memory" in err
+    assert [r["case"] for r in bench.load_records([out])] == ["embed", "train", "embed"]
+
+
+@pytest.mark.parametrize("args, message", [(["--batch", "0"], "--batch: 0 is below 1"),
+                                           (["--repeats", "0"], "--repeats: 0 is below 1"),
+                                           (["--batch", "x"], "--batch: 'x' is not an integer")])
+def test_cli_rejects_bad_numbers(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_names_a_bad_resolution_and_batch(capsys):
+    assert main(["bench", "--resolution", "abc"]) == 2
+    assert "--resolution 'abc': give 1, 2 or 4" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch 3: give a positive multiple of the 2 device"):
+        bench.plan_cases(["embed"], ["peng"], [2], ["float32"], batch=3, devices=2)
+
+
+def test_report_of_input_records_only_and_of_foreign_records(tmp_path, capsys):
+    rec = _fake_record("cpu-test") | {"case": "input", "config": "memcpy", "torch": None, "ratio": None}
+    bench.append_records([rec], tmp_path / "in" / "a.jsonl")
+    md, png = bench.write_report([tmp_path / "in"], tmp_path / "report.md")
+    assert png is None and "memcpy" in md.read_text() and "abc123" in md.read_text()
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x.jsonl").write_text(json.dumps({"loss": 1.0}) + "\n")
+    assert main(["bench", "report", "--results", str(tmp_path / "foreign")]) == 2
+    assert "x.jsonl:1: not a `jaxtl bench` record (no hardware, case, config)" in capsys.readouterr().err
