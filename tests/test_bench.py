@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import types
 
 import numpy as np
@@ -263,3 +264,26 @@ def test_report_of_input_records_only_and_of_foreign_records(tmp_path, capsys):
     (tmp_path / "foreign" / "x.jsonl").write_text(json.dumps({"loss": 1.0}) + "\n")
     assert main(["bench", "report", "--results", str(tmp_path / "foreign")]) == 2
     assert "x.jsonl:1: not a `jaxtl bench` record (no hardware, case, config)" in capsys.readouterr().err
+
+
+def test_other_processes_cpu_marks_records_busy_and_the_report_prefers_quiet_ones(tmp_path):
+    import subprocess
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 3\nwhile time.time() < t: pass"])
+    try:
+        time.sleep(0.3)
+        assert bench.other_cpu(0.5) > 0.5  # about one core: the spinning child
+    finally:
+        spin.kill()
+        spin.wait()
+    quiet = _fake_record("cpu-test", vol=10.0, when="2026-01-01T00:00:00+00:00") | {
+        "other_cpu_cores": {"start": 0.0, "end": 0.1}}
+    busy = _fake_record("cpu-test", vol=99.0, when="2026-02-01T00:00:00+00:00") | {
+        "other_cpu_cores": {"start": 1.2, "end": 0.0}}
+    old_loaded = _fake_record("cpu-test", case="train") | {"load_avg": {"end": [9.0, 9.0, 9.0]}}
+    assert not bench.is_busy(quiet) and bench.is_busy(busy) and bench.is_busy(old_loaded)
+    assert [r["vol_per_s"] for r in bench.latest([quiet, busy])] == [10.0]  # the newer one was busy
+    assert [r["vol_per_s"] for r in bench.latest([busy])] == [99.0]  # nothing quiet: the busy one, marked
+    assert "(busy)" in bench.report_markdown([busy, old_loaded]) and "(busy)" not in bench.report_markdown([quiet])
+    no_torch = {"torch": None}
+    assert "BUSY" in bench.summary_line(busy | no_torch) and "BUSY" not in bench.summary_line(quiet | no_torch)
