@@ -140,6 +140,8 @@ def run_input_bench(
     work_dir: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Run every stage and return one record per stage (volumes/s, and ratio to memcpy for the cache)."""
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         tmp = Path(tmp)
         files = _write_inputs(tmp, n_files)

@@ -92,7 +92,9 @@ def prepare_cache(
     """Conform every scan of `cohort` once and store it in `out_dir` (crash-safe, resumable).
 
     Re-running resumes after a crash or kill and skips finished scans; on a finished cache it changes
-    nothing. A failing scan is recorded in `failures.tsv` and never stops the others.
+    nothing, except that a scan whose file changed since it was processed (size or modification time: a
+    re-simulated cohort, a failed scan that was fixed) is processed again. A failing scan is recorded in
+    `failures.tsv` and never stops the others.
     """
     start = time.perf_counter()
     if not isinstance(cohort, Cohort):
@@ -121,6 +123,11 @@ def prepare_cache(
     shards = [_Shard(out, k, min(shard_size, len(cohort) - k * shard_size), shape, dtype)
               for k in range(math.ceil(len(cohort) / shard_size))]
     todo = [(shard, slot) for shard in shards for slot in shard.resume()]
+    for shard in shards:  # finished slots whose source file changed since: redo them
+        changed = [slot for slot, record in shard.done().items() if "source_stat" in record
+                   and _source_stat(str(cohort[shard.index * shard_size + slot].path)) != record["source_stat"]]
+        shard.redo(changed)
+        todo += [(shard, slot) for slot in changed]
     n_before = len(cohort) - len(todo)
     with tqdm(total=len(cohort), initial=n_before, unit="scan", disable=not progress, desc="prepare") as bar:
         n_failed = 0
@@ -182,7 +189,22 @@ def _run(
 
 
 def _process_scan(path: str, downsample: int, dtype: str) -> tuple[np.ndarray | None, dict]:
-    """Load, conform and encode one scan; never raises for a bad input (returns ok=False and the reason)."""
+    """Load, conform and encode one scan; never raises for a bad input (returns ok=False and the reason).
+    Every record has the file's `source_stat` (size, mtime; None when missing) to notice a changed file."""
+    stat = {"source_stat": _source_stat(path)}
+    array, record = _process(path, downsample, dtype)
+    return array, record | stat
+
+
+def _source_stat(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _process(path: str, downsample: int, dtype: str) -> tuple[np.ndarray | None, dict]:
     try:
         sha256 = _sha256(path)
         with warnings.catch_warnings(record=True) as caught:
@@ -250,6 +272,19 @@ class _Shard:
         if not todo:
             self._finish()
         return todo
+
+    def done(self) -> dict[int, dict]:
+        """The records of the slots processed so far, by slot."""
+        return dict(self._records)
+
+    def redo(self, slots: list[int]) -> None:
+        """Forget `slots` so that they are processed again (the progress log first holds the slots kept, so a
+        kill during the redo resumes from them)."""
+        if not slots:
+            return
+        for slot in slots:
+            self._records.pop(slot)
+        self._rewrite_log()
 
     def _read_log(self) -> dict[int, dict]:
         records = {}
@@ -378,9 +413,15 @@ def read_index(cache_dir: str | os.PathLike) -> dict:
     """The index of a finished cache (raises ValueError for an unfinished or foreign directory)."""
     path = Path(cache_dir) / "index.json"
     if not path.exists():
-        raise ValueError(
-            f"{cache_dir}: not a finished jaxtl cache (no index.json); run `jaxtl prepare COHORT {cache_dir}`"
-        )
+        d = Path(cache_dir)
+        if (d / "plan.json").exists():  # prepare started here and did not finish
+            hint = f"re-run the `jaxtl prepare` that writes it (it resumes): jaxtl prepare COHORT {cache_dir}"
+        elif d.is_file() or (d / "participants.tsv").exists() or (d / "dataset_description.json").exists():
+            hint = (f"it looks like a cohort, not a cache: prepare one first, "
+                    f"`jaxtl prepare {cache_dir} CACHE_DIR`, and pass CACHE_DIR")
+        else:
+            hint = f"prepare one with `jaxtl prepare COHORT {cache_dir}`"
+        raise ValueError(f"{cache_dir}: not a finished jaxtl cache (no index.json); {hint}")
     index = json.loads(path.read_text())
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise ValueError(f"{path}: not a jaxtl cache index of version {VERSION}")
@@ -461,6 +502,11 @@ class NiftiSource:
 
     def __len__(self) -> int:
         return len(self.cohort)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The conformed volume shape every item has (as `CacheSource.shape`)."""
+        return input_shape(self.downsample)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = int(index)

@@ -19,14 +19,15 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from jaxtl.cache import prepare_cache
-    from jaxtl.cohort import parse_bids_filter, read_cohort
+    from jaxtl.cohort import parse_bids_filter, parse_sex_coding, read_cohort
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cohort = read_cohort(args.cohort, on_error="skip" if args.skip_bad_rows else "raise",
                              age_column=args.age_column, sex_column=args.sex_column, site_column=args.site_column,
                              id_column=args.id_column, path_column=args.path_column,
-                             bids_filter=parse_bids_filter(args.bids_filter))
+                             bids_filter=parse_bids_filter(args.bids_filter),
+                             sex_coding=parse_sex_coding(args.sex_coding) if args.sex_coding else None)
     for w in caught:
         print(f"jaxtl prepare: warning: {w.message}", file=sys.stderr)
     summary = prepare_cache(cohort, args.out_dir, dtype=args.dtype, downsample=args.downsample,
@@ -232,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                            ("id", "IXI_ID"), ("path", "T1_brain_lin")):
         p.add_argument(f"--{field}-column", metavar="NAME",
                        help=f"the cohort's {field} column when named otherwise, e.g. {example}")
+    p.add_argument("--sex-coding", metavar="VALUE=F|M,...",
+                   help="how the sex column codes sex when not F/M or 0/1, e.g. 1=M,2=F (a column named like "
+                        "'SEX_ID (1=m, 2=f)' is read by the coding its name spells)")
     p.add_argument("--bids-filter", action="append", default=[], metavar="ENTITY=VALUE",
                    help="BIDS: pick one T1w per subject/session, e.g. space=MNI152Lin (ENTITY= : without the "
                         "entity; ENTITY=* : every value as its own scan; repeatable)")

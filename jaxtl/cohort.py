@@ -4,9 +4,10 @@ Labels follow the paper: age in years, sex coded 0 = female, 1 = male. Missing v
 (age, sex) or "" (session, site). Parsing is defensive (`89+`, decimal commas, F/M/female/male/0/1,
 `n/a`, stray whitespace); every problem is reported with its line in one `CohortError`. A sex value
 that is not understood (e.g. a 1/2 coding) becomes NaN with a warning naming its lines, unless the sex
-label is required (`sex_required=True`). Label columns with other names are named explicitly
-(`age_column=`, ...); a table whose label columns are not recognised gets a warning listing its columns.
-A `.txt` file with one image path per line (no header) is an unlabelled cohort.
+label is required (`sex_required=True`); `sex_coding=` states another coding ({"1": "M", "2": "F"}), and a
+sex column whose name spells its coding (IXI's "SEX_ID (1=m, 2=f)") is read by it. Label columns with other
+names are named explicitly (`age_column=`, ...); a table whose label columns are not recognised gets a warning
+listing its columns. A `.txt` file with one image path per line (no header) is an unlabelled cohort.
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ class Cohort:
         return np.array([s.site for s in self.scans], dtype=str)
 
 
+FILE_NOT_FOUND = "file not found"
+
+
 def read_cohort(
     path: str | Path,
     *,
@@ -138,6 +142,8 @@ def read_cohort(
     path_column: str | None = None,
     bids_filter: Mapping[str, str | None] | None = None,
     sex_required: bool = False,
+    check_files: bool = True,
+    sex_coding: Mapping[str, str] | None = None,
 ) -> Cohort:
     """Read a BIDS dataset directory, a CSV/TSV table (column `path`, optional `participant_id`,
     `session`, `age`, `sex`, `site`) or a `.txt` list of image paths (one per line) into a `Cohort`.
@@ -149,9 +155,14 @@ def read_cohort(
     Duplicate ids, missing files and unparseable ages are collected and raised together as one
     `CohortError`, each with its line; with `on_error="skip"` those rows are dropped with a warning.
     Unparseable sex values become NaN with a warning (errors with `sex_required=True`).
+    `sex_coding` maps the sex column's values to F/M (e.g. `{"1": "M", "2": "F"}`); without it, a column whose
+    name spells a coding ("SEX_ID (1=m, 2=f)") is read by that coding.
+    `check_files=False` keeps rows whose image file is missing (they fail when loaded: for readers that skip
+    scans which cannot be loaded, such as `jaxtl predict`).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    coding = _check_coding(sex_coding) if sex_coding else None
     path = Path(path)
     named = {"age": age_column, "sex": sex_column, "site": site_column, "participant_id": id_column,
              "path": path_column}
@@ -159,13 +170,15 @@ def read_cohort(
     if bids_filter and not path.is_dir():
         raise ValueError(f"{path}: bids_filter applies to BIDS directories, not to tables")
     if path.is_dir():
-        scans, problems = _read_bids(path, named, dict(bids_filter or {}), sex_required)
+        scans, problems = _read_bids(path, named, dict(bids_filter or {}), sex_required, coding)
     elif path.is_file() and not named and _is_path_list(path):
         scans, problems = _read_path_list(path)
     elif path.is_file():
-        scans, problems = _read_table_cohort(path, named, sex_required)
+        scans, problems = _read_table_cohort(path, named, sex_required, coding)
     else:
         raise CohortError(f"{path}: no such file or directory")
+    if not check_files:
+        problems = [(line, msg) for line, msg in problems if not msg.startswith(FILE_NOT_FOUND)]
     if problems:
         _report(path, problems, on_error)
     bad_rows = {line for line, _ in problems}
@@ -214,8 +227,8 @@ def _report(path: Path, problems: list[tuple[str, str]], on_error: str) -> None:
     n = len(problems)
     if on_error == "raise":
         raise CohortError(
-            f"{path}: {n} problem{'s' * (n > 1)} (fix {'them' if n > 1 else 'it'}, or skip those rows with "
-            f"on_error='skip' / --skip-bad-rows):\n{listing}"
+            f"{path}: {n} problem{'s' * (n > 1)} (fix {'them' if n > 1 else 'it'}, or skip those rows: "
+            f"read_cohort(..., on_error='skip'), `jaxtl prepare --skip-bad-rows`):\n{listing}"
         )
     warnings.warn(f"{path}: skipping {n} row(s) with problems:\n{listing}", stacklevel=3)
 
@@ -341,12 +354,52 @@ def _one_two_coded(rows: Sequence[tuple[int, list[str]]], cols: Mapping[str, int
     return i is not None and any(i < len(cells) and cells[i].strip() in ("2", "2.0") for _, cells in rows)
 
 
-def _row_sex(text: str, where: str, bad: list[tuple[str, str]], *, sex_required: bool, one_two: bool) -> float:
-    """A row's sex: NaN (recorded in `bad`) or an error (`sex_required`) when unparseable or 1/2-coded."""
+def _check_coding(sex_coding: Mapping[str, str]) -> dict[str, float]:
+    """`{"1": "M", "2": "F"}` -> `{"1": 1.0, "2": 0.0}` (values as `parse_sex` reads them; keys compared stripped,
+    case-insensitively)."""
+    out = {}
+    for raw, meaning in sex_coding.items():
+        try:
+            value = parse_sex(str(meaning))
+        except ValueError:
+            value = math.nan
+        if math.isnan(value):
+            raise ValueError(f"sex_coding {str(raw)!r}: {meaning!r} is not F/M (female/male)")
+        out[str(raw).strip().lower()] = value
+    return out
+
+
+def parse_sex_coding(text: str) -> dict[str, str]:
+    """`"1=M,2=F"` (the CLI's `--sex-coding`) -> `{"1": "M", "2": "F"}`."""
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    if not pairs or any(not sep or not key.strip() for key, sep, _ in pairs):
+        raise ValueError(f"--sex-coding {text!r}: expected VALUE=F|M pairs, e.g. 1=M,2=F")
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
+
+def _declared_coding(raw: Sequence[str], cols: Mapping[str, int]) -> dict[str, float] | None:
+    """A coding spelled in the sex column's name, e.g. IXI's "SEX_ID (1=m, 2=f)"; None when there is none."""
+    i = cols.get("sex")
+    if i is None:
+        return None
+    pairs = re.findall(r"(\w+)\s*=\s*(female|male|[fm])\b", raw[i], flags=re.IGNORECASE)
+    coding = {k.lower(): parse_sex(v) for k, v in pairs}
+    return coding if sorted(coding.values()) == [0.0, 1.0] else None
+
+
+def _row_sex(text: str, where: str, bad: list[tuple[str, str]], *, sex_required: bool, one_two: bool,
+             coding: dict[str, float] | None = None) -> float:
+    """A row's sex: NaN (recorded in `bad`) or an error (`sex_required`) when unparseable or 1/2-coded; by
+    `coding` when one is given (other values as `parse_sex`)."""
+    t = text.strip().lower()
+    if coding:
+        t = t[:-2] if t.endswith(".0") and t[:-2] in coding else t
+        if t in coding:
+            return coding[t]
     if one_two and text.strip() in ("1", "1.0", "2", "2.0"):
         if sex_required:
-            raise ValueError(f"sex {text.strip()!r}: the column codes sex as 1/2, which is ambiguous; recode it as "
-                             "F/M or 0 = female, 1 = male")
+            raise ValueError(f"sex {text.strip()!r}: the column codes sex as 1/2, which is ambiguous; state the "
+                             "coding (sex_coding={'1': 'M', '2': 'F'}, --sex-coding 1=M,2=F) or recode it as F/M")
         bad.append((where, text))
         return math.nan
     return parse_sex(text) if sex_required else _sex_or_nan(text, where, bad)
@@ -365,8 +418,9 @@ def _warn_bad_sex(path: Path, bad: list[tuple[str, str]]) -> None:
     if not bad:
         return
     listing = ", ".join(f"{where} {value!r}" for where, value in bad[:10]) + (", ..." if len(bad) > 10 else "")
-    hint = (" (a 1/2 coding is ambiguous, so its 1s are not read as male either: recode it as F/M, or name another "
-            "column with sex_column=)" if any(v.strip() in ("2", "2.0") for _, v in bad) else "")
+    hint = (" (a 1/2 coding is ambiguous, so its 1s are not read as male either: state it, e.g. "
+            "sex_coding={'1': 'M', '2': 'F'} / --sex-coding 1=M,2=F)" if any(v.strip() in ("2", "2.0") for _, v in bad)
+            else "")
     warnings.warn(
         f"{path}: {len(bad)} sex value(s) not understood, set to missing (NaN): {listing}{hint}. "
         f"Accepted: {_SEX_CODINGS}; other columns and labels are kept",
@@ -398,7 +452,7 @@ def _read_path_list(path: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str,
     for (n, _), image, scan_id in zip(lines, images, ids, strict=True):
         where = f"line {n}"
         if not image.is_file():
-            problems.append((where, f"file not found: {image}"))
+            problems.append((where, f"{FILE_NOT_FOUND}: {image}"))
         participant = _bids_entity(image, "sub") or scan_id
         scans.append((where, Scan(scan_id, participant, image, _bids_entity(image, "ses") or "")))
     problems += _duplicate_ids(scans)
@@ -406,7 +460,8 @@ def _read_path_list(path: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str,
 
 
 def _read_table_cohort(
-    path: Path, named: Mapping[str, str] | None = None, sex_required: bool = False
+    path: Path, named: Mapping[str, str] | None = None, sex_required: bool = False,
+    coding: dict[str, float] | None = None,
 ) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]]]:
     raw, header, rows, problems = _read_table(path)
     cols = _find_columns(header, raw, path, named or {})
@@ -420,7 +475,8 @@ def _read_table_cohort(
     paths = [_resolve(cells[cols["path"]], root) for _, cells in rows]
     fallback_ids = _ids_from_paths(paths, root)
     scans, bad_sex = [], []
-    one_two = _one_two_coded(rows, cols)
+    coding = coding or _declared_coding(raw, cols)
+    one_two = coding is None and _one_two_coded(rows, cols)
     for (line, cells), image, fallback in zip(rows, paths, fallback_ids, strict=True):
         where = f"line {line}"
         row = {field: cells[i] for field, i in cols.items()}
@@ -428,12 +484,13 @@ def _read_table_cohort(
             if not row["path"]:
                 raise ValueError("empty path")
             age = parse_age(row.get("age", ""))
-            sex = _row_sex(row.get("sex", ""), where, bad_sex, sex_required=sex_required, one_two=one_two)
+            sex = _row_sex(row.get("sex", ""), where, bad_sex, sex_required=sex_required, one_two=one_two,
+                           coding=coding)
         except ValueError as e:
             problems.append((where, str(e)))
             continue
         if not image.is_file():
-            problems.append((where, f"file not found: {image}"))
+            problems.append((where, f"{FILE_NOT_FOUND}: {image}"))
         if row.get("participant_id"):
             participant, session = row["participant_id"], row.get("session", "")
             scan_id = f"{participant}_{session}" if session else participant
@@ -502,7 +559,7 @@ def _bids_entity(path: Path, key: str) -> str | None:
 
 def _read_bids(
     root: Path, named: Mapping[str, str] | None = None, bids_filter: dict[str, str | None] | None = None,
-    sex_required: bool = False,
+    sex_required: bool = False, coding: dict[str, float] | None = None,
 ) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]]]:
     images = sorted(
         p
@@ -516,7 +573,7 @@ def _read_bids(
             "pass a BIDS directory or a CSV/TSV with a 'path' column"
         )
     images = _select_t1w(root, images, bids_filter or {})
-    labels, bad_subjects, problems = _participants(root, named or {}, sex_required)
+    labels, bad_subjects, problems = _participants(root, named or {}, sex_required, coding)
     session_ages = {}
     for subject in sorted({p.relative_to(root).parts[0] for p in images}):
         ages, session_problems = _session_ages(root / subject / f"{subject}_sessions.tsv")
@@ -612,6 +669,7 @@ def _participants_file(root: Path) -> Path | None:
 
 def _participants(
     root: Path, named: Mapping[str, str] | None = None, sex_required: bool = False,
+    coding: dict[str, float] | None = None,
 ) -> tuple[dict[str, tuple[float, float, str]], dict[str, str], list[tuple[str, str]]]:
     """Labels by participant_id, the bad rows' locations by participant_id, and the problems."""
     path = _participants_file(root)
@@ -629,7 +687,8 @@ def _participants(
     bad: dict[str, str] = {}
     first: dict[str, int] = {}
     bad_sex: list[tuple[str, str]] = []
-    one_two = _one_two_coded(rows, cols)
+    coding = coding or _declared_coding(raw, cols)
+    one_two = coding is None and _one_two_coded(rows, cols)
     for line, cells in rows:
         where = f"{path.name} line {line}"
         row = {field: cells[i] for field, i in cols.items()}
@@ -645,7 +704,8 @@ def _participants(
         first[subject] = line
         try:
             age = parse_age(row.get("age", ""))
-            sex = _row_sex(row.get("sex", ""), f"line {line}", bad_sex, sex_required=sex_required, one_two=one_two)
+            sex = _row_sex(row.get("sex", ""), f"line {line}", bad_sex, sex_required=sex_required, one_two=one_two,
+                           coding=coding)
             labels[subject] = (age, sex, row.get("site", ""))
         except ValueError as e:
             problems.append((where, f"{subject}: {e}"))

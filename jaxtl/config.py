@@ -10,6 +10,8 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +60,19 @@ class TrainConfig:
     data: DataConfig = DataConfig()
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]  # the jaxtl source tree (configs/ lives there)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None, expected: type | None = None) -> Any:
     """Load `get_config()` from a config file (a `TrainConfig`, or `expected`) and apply `section.field=value`
     overrides."""
     expected = expected or TrainConfig
     path = Path(path)
+    if not path.is_file() and not path.is_absolute() and (CHECKOUT / path).is_file():
+        path = CHECKOUT / path  # "configs/x.py" from outside the repository
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file (see configs/ for examples)")
+        raise FileNotFoundError(f"{path}: no such config file (a relative path is read from the working directory, "
+                                f"then from {CHECKOUT}; the jaxtl repository's configs/ has examples)")
     spec = importlib.util.spec_from_file_location(f"jaxtl_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -94,17 +102,38 @@ def _replace_path(obj: Any, parents: list[str], field: str, raw: str, key: str) 
         fields = ', '.join(sorted(names))
         raise ValueError(f"--set {key}: {type(obj).__name__} has no field {head!r} (fields: {fields})")
     if parents:
-        return dataclasses.replace(obj, **{head: _replace_path(getattr(obj, head), parents[1:], field, raw, key)})
-    return dataclasses.replace(obj, **{field: _parse(raw, getattr(obj, field), key)})
+        inner = getattr(obj, head)
+        if not dataclasses.is_dataclass(inner):
+            raise ValueError(f"--set {key}: {head} is {inner!r}, which has no fields to set")
+        return dataclasses.replace(obj, **{head: _replace_path(inner, parents[1:], field, raw, key)})
+    try:
+        hint = typing.get_type_hints(type(obj)).get(field)
+    except (NameError, TypeError):
+        hint = None
+    return dataclasses.replace(obj, **{field: _parse(raw, getattr(obj, field), key, hint)})
 
 
-def _parse(raw: str, current: Any, key: str) -> Any:
+def _parse(raw: str, current: Any, key: str, hint: Any = None) -> Any:
+    """`raw` as a value for a field now holding `current`, declared as `hint` (a union admits each member)."""
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw  # bare strings: --set model.dtype=bfloat16
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else ()
+    if value is None and type(None) in allowed:  # --set scarcity=None
+        return None
+    if isinstance(value, str) and str in allowed and not isinstance(current, str):  # --set target=caches/ixi
+        return value
+    if dataclasses.is_dataclass(current):
+        fields = ", ".join(f.name for f in dataclasses.fields(current))
+        alternatives = " or None" * (type(None) in allowed) + " or a path / name" * (str in allowed)
+        raise ValueError(f"--set {key}={raw}: {key} is a {type(current).__name__}{alternatives}; set its fields "
+                         f"one by one, --set {key}.FIELD=VALUE (fields: {fields})")
     if current is None:  # optional fields (e.g. data.split_seed): any literal; the user of the field checks it
         return value
+    if isinstance(current, tuple) and isinstance(value, str):  # --set tasks=age or tasks=age,sex
+        value = tuple(v.strip() for v in value.split(",") if v.strip())
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise ValueError(f"--set {key}={raw}: expected True or False")

@@ -294,8 +294,9 @@ def _voxels(source, factor: int, progress: bool) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def open_target(cohort: Any, downsample: int = 1, *, sex_required: bool = False) -> Target:
-    """A prepared cache directory, a cohort (BIDS directory / CSV / TSV / `Cohort`) or a `Target`."""
+def open_target(cohort: Any, downsample: int = 1, *, sex_required: bool = False, check_files: bool = True) -> Target:
+    """A prepared cache directory, a cohort (BIDS directory / CSV / TSV / `Cohort`) or a `Target`;
+    `check_files` as in `read_cohort`."""
     from jaxtl.cache import CacheSource, NiftiSource, read_index
     from jaxtl.cohort import Cohort, read_cohort
 
@@ -315,7 +316,7 @@ def open_target(cohort: Any, downsample: int = 1, *, sex_required: bool = False)
     if isinstance(cohort, str | os.PathLike):
         if not Path(cohort).exists():
             raise FileNotFoundError(f"{cohort}: no such cohort (BIDS directory, CSV/TSV table or cache directory)")
-        cohort = read_cohort(cohort, sex_required=sex_required)
+        cohort = read_cohort(cohort, sex_required=sex_required, check_files=check_files)
     if not isinstance(cohort, Cohort):
         raise ValueError(f"expected a cohort path, a cache directory or a Cohort, got {type(cohort).__name__}")
     src = NiftiSource(cohort, downsample=downsample)
@@ -895,7 +896,8 @@ def run_transfer(model: JaxtlModel | str | os.PathLike, cohort: Any, out_dir: st
     """
     out = Path(out_dir)
     if (out / "metrics.json").exists() and not overwrite:
-        raise ValueError(f"{out} already holds transfer results; choose another --out or pass overwrite")
+        raise ValueError(f"{out} already holds transfer results; choose another --out or pass --overwrite "
+                         "(overwrite=True)")
     config = dataclasses.replace(config or TransferConfig(), task=task, method=method, **overrides)
     config.check()
     backbone = resolve_model(model)
@@ -928,7 +930,7 @@ def predict_cohort(head: TransferHead | str | os.PathLike, cohort: Any, *, progr
     predicted). `write_cohort_predictions` writes them apart, as `jaxtl predict` does.
     """
     head = head if isinstance(head, TransferHead) else load_head(head)
-    target = open_target(cohort, head.downsample)
+    target = open_target(cohort, head.downsample, check_files=on_error != "skip")  # skip: missing files too
     reader = VolumeReader(target.source, downsample=head.downsample, on_error=on_error)
     pred = head.predict(reader, progress=progress, batch_size=batch_size)
     y = target.labels(head.task)

@@ -372,3 +372,37 @@ def test_augment_transform_for_custom_pipelines(reference_cache):
     ds = grain.MapDataset.source(source).seed(3).random_map(Augment(wrap=False))
     item = ds[0]
     assert item["image"].shape == (40, 48, 40) and item["id"] == "s0"
+
+
+def test_rerun_redoes_scans_whose_file_changed(cohort_csv, tmp_path):
+    """A re-simulated scan (new content) and a failed scan that was fixed are processed again on re-run; the
+    others are kept. Without this the cache would pair new labels with old images."""
+    import shutil
+
+    root = tmp_path / "cohort"
+    shutil.copytree(cohort_csv.parent, root)
+    cache = tmp_path / "cache"
+    assert prepare_cache(root / "cohort.csv", cache, downsample=DS, shard_size=SHARD).n_processed == N_GOOD + 2
+    template = np.asarray(reference_template())
+    nib.save(nib.Nifti1Image((np.roll(template, 5, axis=0) * 700).astype(np.int16), MNI_AFFINE), root / "s4.nii")
+    shutil.copy(root / "s1.nii.gz", root / "broken.nii.gz")  # the fix of the truncated file
+    summary = prepare_cache(root / "cohort.csv", cache, downsample=DS, shard_size=SHARD)
+    assert summary.n_processed == 2 and [f.id for f in summary.failures] == ["bold"]
+    source = CacheSource(cache)
+    by_id = {source[k]["id"]: source[k]["image"] for k in range(len(source))}
+    for name, scan in (("s4.nii", "s4"), ("broken.nii.gz", "broken"), ("s5.nii.gz", "s5")):
+        expected = load_volume(root / name, downsample=DS).astype(np.float16)
+        assert np.array_equal(by_id[scan], expected), scan
+    assert prepare_cache(root / "cohort.csv", cache, downsample=DS, shard_size=SHARD).n_processed == 0
+
+
+def test_a_cohort_given_as_a_cache_gets_told_to_prepare_it(tmp_path):
+    (tmp_path / "bids").mkdir()
+    (tmp_path / "bids" / "participants.tsv").write_text("participant_id\tage\nsub-1\t50\n")
+    with pytest.raises(ValueError, match=r"looks like a cohort, not a cache: prepare one first, `jaxtl prepare "
+                                         r".*bids CACHE_DIR`, and pass CACHE_DIR"):
+        read_index(tmp_path / "bids")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "plan.json").write_text("{}")
+    with pytest.raises(ValueError, match="re-run the `jaxtl prepare` that writes it"):
+        read_index(tmp_path / "half")

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 
 from jaxtl import cli
-from jaxtl.cohort import Cohort, CohortError, label_columns_hint, parse_age, parse_bids_filter, parse_sex, read_cohort
+from jaxtl.cache import read_index
+from jaxtl.cohort import (
+    Cohort,
+    CohortError,
+    label_columns_hint,
+    parse_age,
+    parse_bids_filter,
+    parse_sex,
+    parse_sex_coding,
+    read_cohort,
+)
 
 
 def _touch(root, *names):
@@ -399,6 +409,30 @@ def test_one_two_coded_sex_column_is_not_half_read(tmp_path):
         read_cohort(tmp_path / "c.csv", sex_required=True)
     (tmp_path / "d.csv").write_text("path,age,sex\na.nii.gz,30,1\nb.nii.gz,40,0\n")  # 0/1: read as before
     assert read_cohort(tmp_path / "d.csv").sexes.tolist() == [1.0, 0.0]
+
+
+def test_sex_coding_stated_or_spelled_in_the_column_name(tmp_path, capsys):
+    """IXI's "SEX_ID (1=m, 2=f)" is read by the coding its name spells once the column is named; any other
+    coding is stated with sex_coding= / --sex-coding."""
+    _touch(tmp_path, "a.nii.gz", "b.nii.gz", "c.nii.gz")
+    (tmp_path / "ixi.csv").write_text(IXI_HEADER + "2,1,35.8,Guys,a.nii.gz\n12,2,38.8,HH,b.nii.gz\n"
+                                                   "13,2.0,40,HH,c.nii.gz\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing ambiguous left
+        cohort = read_cohort(tmp_path / "ixi.csv", age_column="Age (years)", sex_column="SEX_ID (1=m, 2=f)",
+                             sex_required=True)
+    assert cohort.sexes.tolist() == [1.0, 0.0, 0.0]
+    (tmp_path / "c.csv").write_text("path,age,sex\na.nii.gz,30,1\nb.nii.gz,40,2\nc.nii.gz,50,n/a\n")
+    cohort = read_cohort(tmp_path / "c.csv", sex_coding={"1": "F", "2": "male"})
+    np.testing.assert_array_equal(cohort.sexes, [0.0, 1.0, np.nan])
+    with pytest.raises(ValueError, match="sex_coding '2': 'x' is not F/M"):
+        read_cohort(tmp_path / "c.csv", sex_coding={"1": "F", "2": "x"})
+    assert parse_sex_coding("1=M, 2=F") == {"1": "M", "2": "F"}
+    with pytest.raises(ValueError, match="expected VALUE=F|M pairs"):
+        parse_sex_coding("1M")
+    assert cli.main(["prepare", str(tmp_path / "c.csv"), str(tmp_path / "cache"), "--downsample", "4",
+                     "--sex-coding", "1=F,2=M"]) == 1  # the empty files fail to load; the labels were read
+    assert read_index(tmp_path / "cache")["failures"] and "sex value" not in capsys.readouterr().err
 
 
 def test_sex_transfer_needs_both_classes(tmp_path):

@@ -87,6 +87,25 @@ def test_tiny_experiment_end_to_end_and_resume(tiny_models, ixi_tiny, tmp_path):
     assert (out / "results.jsonl").read_text() == before
 
 
+def test_overrides_take_the_documented_alternatives(tmp_path, monkeypatch):
+    """--set can point an experiment at real data and own models (fields typed `X | str`), drop optional parts
+    (`X | None`) and give tuples without brackets; errors say how to set a nested config's fields. Shipped
+    configs are found from any working directory."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_experiment_config("configs/experiment_ixi.py", [
+        "target=caches/ixi", "age_model=runs/x/model", "scarcity=None", "tasks=age", "manifold.n=20"])
+    assert (cfg.target, cfg.age_model, cfg.scarcity, cfg.tasks, cfg.manifold.n) == (
+        "caches/ixi", "runs/x/model", None, ("age",), 20)
+    assert load_experiment_config("configs/experiment_ixi.py", ["tasks=age,sex"]).tasks == ("age", "sex")
+    with pytest.raises(ValueError, match=r"target is a SimulatedCohort or a path / name; set its fields one by one, "
+                                         r"--set target.FIELD=VALUE \(fields: preset, n, seed, resolution\)"):
+        load_experiment_config("configs/experiment_ixi.py", ["target=3"])
+    with pytest.raises(ValueError, match="target is 'caches/ixi', which has no fields to set"):
+        load_experiment_config("configs/experiment_ixi.py", ["target=caches/ixi", "target.n=5"])
+    with pytest.raises(FileNotFoundError, match="then from"):
+        load_experiment_config("configs/nope.py")
+
+
 def test_cli_experiment_reports_user_errors(tmp_path, capsys):
     assert cli.main(["experiment", "--config", str(tmp_path / "missing.py")]) == 2
     assert "no such config file" in capsys.readouterr().err

@@ -165,6 +165,26 @@ def test_each_method_end_to_end(method, tiny_models, ixi_tiny, tmp_path):
     np.testing.assert_allclose(again, result.predictions["prediction"][test], atol=tol)
 
 
+@pytest.mark.parametrize("method", ["features", "ft_final"])
+def test_transfer_reads_a_bids_or_csv_cohort_directly(method, tiny_models, ixi_tiny, tmp_path):
+    """No cache needed: a BIDS directory (and the same scans as a CSV) give the cache's results, up to the
+    cache's float16 rounding."""
+    task = "age"
+    table = tmp_path / "cohort.csv"
+    cohort = read_cohort(ixi_tiny[0])
+    table.write_text("participant_id,path,age,sex,site\n" + "".join(
+        f"{s.participant_id},{s.path},{s.age},{'FM'[int(s.sex)]},{s.site}\n" for s in cohort))
+    preds = {}
+    for name, source in (("cache", ixi_tiny[1]), ("bids", ixi_tiny[0]), ("csv", table)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run_transfer(tiny_models[task], source, tmp_path / name, task=task, method=method,
+                                  config=FAST, progress=False)
+        preds[name] = np.asarray(result.predictions["prediction"])
+    np.testing.assert_allclose(preds["bids"], preds["cache"], atol=0.5)
+    np.testing.assert_allclose(preds["csv"], preds["bids"], atol=1e-3)
+
+
 def _check_trained_parameters(method, before, after):
     """ft_final changes only the head (BatchNorm statistics aside); ft_full changes the features too. With
     task and bins matching (sex -> sex) the pretrained head is kept and trained, not redrawn (TL)."""
@@ -418,6 +438,15 @@ def test_cli_predict_skips_scans_that_fail_and_reports_them(tiny_models, ixi_tin
     table.write_text(f"path\n{good[0]}\n{corrupt}\n")
     assert cli.main([*argv, "--on-error", "raise"]) == 2
     assert "sub-corrupt_T1w.nii.gz: unreadable" in capsys.readouterr().err
+    # a row whose file is gone is one more skipped scan, not a stop; with --on-error raise it is named
+    missing = str(tmp_path / "sub-gone_T1w.nii.gz")
+    table.write_text(f"path\n{good[0]}\n{missing}\n")
+    assert cli.main(argv) == 0
+    assert "1 of 2 scans failed" in capsys.readouterr().err
+    rows = [line.split("\t") for line in failures.read_text().splitlines()[1:]]
+    assert rows[0][1] == missing and rows[0][2] == f"{missing}: file not found"
+    assert cli.main([*argv, "--on-error", "raise"]) == 2
+    assert f"line 3: file not found: {missing}" in capsys.readouterr().err
 
 
 def test_heads_predict_nan_for_skipped_scans(tiny_models, ixi_tiny, tmp_path):
