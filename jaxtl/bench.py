@@ -681,7 +681,7 @@ def run_input_case(case: Case, *, repeats: int = 3, n_cache: int = 16, work_dir:
     """The input pipeline stages of `benchmarks/bench_input.py` at the case's resolution (no PyTorch side)."""
     module = _load_input_bench()
     params = {"n_files": 2, "n_cache": n_cache, "batch_size": case.batch, "threads": (1, 2), "workers": (1, 2),
-              "epochs": 2, "downsample": case.resolution, "prepare_workers": 2, "nifti_repeats": 1,
+              "epochs": 8, "downsample": case.resolution, "prepare_workers": 2, "nifti_repeats": 1,
               "repeats": repeats}
     stages = module.run_input_bench(**params, work_dir=work_dir)
     out = []
