@@ -11,8 +11,9 @@ Stages (all on the host CPU, 1mm float16 by default):
   grain:wN     the same pipeline in N grain worker processes (mp_prefetch; batches handed over in shared memory)
   memcpy       `np.copyto` of the same cached volumes into one reused buffer: the ceiling; the other
                cache stages report their ratio to it
-Timings exclude start-up (worker spawn, first batch) and shut-down (joining worker processes). volumes_per_s is the median over --repeats runs (cache
-stages) or over every file load (nifti), with the spread beside it (runs_volumes_per_s, min/max); prepare runs once.
+Timings exclude start-up (worker spawn, first batch) and shut-down (joining worker processes). volumes_per_s is
+the median over --repeats runs (cache stages) or over every file load (nifti), with the spread beside it
+(runs_volumes_per_s, min/max); prepare runs once.
 The cache is read from the page cache (just written).
 """
 

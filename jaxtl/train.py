@@ -455,6 +455,20 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _logged_validation(path: Path, epoch: int, val_name: str) -> bool:
+    """Whether metrics.jsonl holds the validation record of `epoch` (one process: the file is this run's)."""
+    if not path.exists():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("epoch") == epoch and val_name in record:
+            return True
+    return False
+
+
 def _check_labels(source, indices, config: TrainConfig, cohort: str) -> None:
     key = "age" if config.task == "age" else "sex"
     values = (source.ages if key == "age" else source.sexes)[indices]
@@ -643,11 +657,12 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                 return False
             unvalidated = None
             better = best is None or (val < best if config.task == "age" else val > best)
+            if better:  # exported before the record is logged: a logged validation has its export
+                _export(trainer, workdir / "best", source, config, {"epoch": epoch, val_name: val})
             log({"step": step, "epoch": epoch, val_name: val, "best": better})
             bar.set_postfix({val_name: f"{val:.3f}"})
             if better:
                 best = val
-                _export(trainer, workdir / "best", source, config, {"epoch": epoch, val_name: val})
         return True
 
     def stop_preempted() -> None:
@@ -667,6 +682,8 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     result = {}
     try:
         with _PreemptionWatch(mngr) as watch:
+            if unvalidated is not None and _logged_validation(metrics_file, unvalidated, val_name):
+                unvalidated = None  # validated by an earlier resume whose run ended without a later checkpoint
             if unvalidated is not None and not validate(unvalidated, watch):  # preempted again
                 stop_preempted()
             while step < end:

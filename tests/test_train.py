@@ -462,9 +462,11 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resumes_bitwise(ukb_cache, tmp_pa
     assert [r["step"] for r in _steps_logged(work)] == list(range(1, 13))
 
 
-def test_sigterm_during_validation_checkpoints_and_validates_on_resume(ukb_cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_sigterm_during_validation_checkpoints_and_validates_on_resume(epoch, ukb_cache, tmp_path, monkeypatch):
     """A notice during the end-of-epoch validation abandons the pass (it can outlast a grace period): the epoch's
-    checkpoint is written at once, and the resumed run validates that epoch before training on."""
+    checkpoint is written at once, and the resumed run validates that epoch before training on; after the last
+    epoch (nothing left to train, no later checkpoint), a further rerun does not validate it again."""
     import orbax.checkpoint as ocp
 
     from jaxtl import train
@@ -472,11 +474,12 @@ def test_sigterm_during_validation_checkpoints_and_validates_on_resume(ukb_cache
 
     clean = tmp_path / "clean"
     pretrain(tiny_config(), ukb_cache, clean, progress=False)  # 2 epochs of 6 steps
-    original = train.eval_dataset
+    original, calls = train.eval_dataset, []
 
     def noticed_in_first_batch(*args, **kwargs):
+        calls.append(1)
         for i, batch in enumerate(original(*args, **kwargs)):
-            if i == 0:
+            if i == 0 and len(calls) == epoch:
                 signal.raise_signal(signal.SIGTERM)
             yield batch
 
@@ -484,12 +487,12 @@ def test_sigterm_during_validation_checkpoints_and_validates_on_resume(ukb_cache
     monkeypatch.setattr(train, "eval_dataset", noticed_in_first_batch)
     with pytest.raises(Preempted) as e:
         pretrain(tiny_config(), ukb_cache, work, progress=False)
-    assert e.value.step == 6 and e.value.code == 143
-    assert not (work / "best").exists()
+    assert e.value.step == 6 * epoch and e.value.code == 143
+    assert (work / "best").exists() == (epoch > 1)
     with ocp.CheckpointManager(work / "checkpoints") as mngr:
-        assert mngr.latest_step() == 6
-        meta = mngr.restore(6, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    assert meta["unvalidated_epoch"] == 1 and meta["best"] is None
+        assert mngr.latest_step() == 6 * epoch
+        meta = mngr.restore(6 * epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    assert meta["unvalidated_epoch"] == epoch and (meta["best"] is None) == (epoch == 1)
     monkeypatch.setattr(train, "eval_dataset", original)
     pretrain(tiny_config(), ukb_cache, work, progress=False)
 
@@ -499,6 +502,8 @@ def test_sigterm_during_validation_checkpoints_and_validates_on_resume(ukb_cache
     assert val_records(work) == val_records(clean) and len(val_records(clean)) == 2
     assert _meta(work / "best") == _meta(clean / "best")
     jax.tree.map(np.testing.assert_array_equal, _final_state(clean), _final_state(work))
+    pretrain(tiny_config(), ukb_cache, work, progress=False)  # finished: a rerun validates nothing again
+    assert val_records(work) == val_records(clean)
 
 
 def test_preemption_watch_restores_the_sigterm_handler_and_skips_other_threads():
