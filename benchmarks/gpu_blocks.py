@@ -122,7 +122,7 @@ def main() -> None:
     channels, shape = bench.CONFIGS[config], bench.input_shape(res)
     hw, vers, commit = bench.hardware_info(), bench.versions(), bench.git_commit()
     kind = jax.devices()[0].device_kind
-    device = next((d for d in roofline.DEVICES if d in kind), None)
+    device = roofline.device_for(kind)
     use_torch = bench.torch_available()
     for dtype_name in dtypes:
         dtype = jnp.dtype(dtype_name)
@@ -142,7 +142,7 @@ def main() -> None:
                 bf16, tf32, bandwidth = roofline.DEVICES[device]
                 peak = bf16 if dtype_name == "bfloat16" else tf32
                 rec["bound_ms"] = {"unfused": 1e3 * batch * rb.seconds(peak, bandwidth, False),
-                                   "fused": 1e3 * batch * rb.seconds(peak, bandwidth, True)}
+                                   "fused": 1e3 * batch * rb.seconds(peak, bandwidth, True), "datasheet": device}
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             ms = "  ".join(f"{n} {v:.2f}" for n, v in rec["ms"].items())

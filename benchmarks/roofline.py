@@ -19,8 +19,14 @@ import dataclasses
 
 from jaxtl import bench
 
-# Dense bf16 / TF32 peak and HBM bandwidth (datasheets, SXM parts).
-DEVICES = {"H200": (989e12, 494.7e12, 4.8e12), "H100": (989e12, 494.7e12, 3.35e12)}
+# Dense bf16 / TF32 peak and memory bandwidth (datasheets); the longest name that a device kind contains wins.
+DEVICES = {"H200": (989e12, 494.7e12, 4.8e12), "H100": (989e12, 494.7e12, 3.35e12),
+           "H100 PCIe": (756e12, 378e12, 2.0e12), "H100 NVL": (835e12, 417.5e12, 3.9e12)}
+
+
+def device_for(kind: str) -> str | None:
+    """The DEVICES entry of a JAX `device_kind` ("NVIDIA H100 PCIe" -> "H100 PCIe"), None when unknown."""
+    return next((d for d in sorted(DEVICES, key=len, reverse=True) if d.lower() in kind.lower()), None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,7 +98,7 @@ def plan_cases(suites: Sequence[str], configs: Sequence[str], resolutions: Seque
 
     Default batch: 1 (1mm), 4 (2mm), 8 (4mm) per device; a given batch must be a multiple of `devices`.
     """
-    if batch is not None and (batch < 1 or batch % devices):
+    if batch is not None and (batch < 1 or (batch % devices and set(suites) - {"input"})):
         raise ValueError(f"batch {batch}: give a positive multiple of the {devices} device(s)")
     for name, given, allowed in (("suite", suites, SUITES), ("config", configs, CONFIGS), ("dtype", dtypes, DTYPES)):
         bad = [g for g in given if g not in allowed]
@@ -278,16 +278,30 @@ def git_commit() -> dict[str, Any]:
 # Timing
 
 
-# Other processes using more than this many cores' worth of CPU make a record "busy": PyTorch's OpenMP threads
+# Other processes using more than this many cores' worth of CPU (before, during or after the timed steps) make a
+# record "busy": PyTorch's OpenMP threads
 # slow down far more than jaxtl's under contention (demo train on this project's 2-core VM: PyTorch 22x, jaxtl
 # 4.5x), so a busy record's ratio says little.
 BUSY_CORES = 0.25
 
 
-def other_cpu(interval: float = 0.5) -> float | None:
-    """Cores' worth of CPU that other processes used over the next `interval` seconds (Linux /proc/stat minus
-    this process's own CPU time); None where /proc/stat is not there."""
-    def busy() -> float | None:
+class OtherCPU:
+    """Cores' worth of CPU that other processes used between `start()` and `cores()`: the host's busy time
+    (Linux /proc/stat, steal included) minus this process's own CPU time, over the wall time. None where
+    /proc/stat is not there. In a container the host's other tenants count too (an over-estimate)."""
+
+    def start(self) -> OtherCPU:
+        self.t0, self.b0, self.o0 = time.perf_counter(), self._busy(), self._own()
+        return self
+
+    def cores(self) -> float | None:
+        b1, o1, dt = self._busy(), self._own(), time.perf_counter() - self.t0
+        if self.b0 is None or b1 is None or dt <= 0:
+            return None
+        return round(max(0.0, (b1 - self.b0) - (o1 - self.o0)) / dt, 2)
+
+    @staticmethod
+    def _busy() -> float | None:
         try:
             fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         except (OSError, ValueError):
@@ -295,16 +309,17 @@ def other_cpu(interval: float = 0.5) -> float | None:
         user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
         return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
-    def own() -> float:
+    @staticmethod
+    def _own() -> float:
         t = os.times()
         return t.user + t.system
 
-    b0, o0 = busy(), own()
-    if b0 is None:
-        return None
+
+def other_cpu(interval: float = 0.5) -> float | None:
+    """Cores' worth of CPU that other processes used over the next `interval` seconds (see `OtherCPU`)."""
+    probe = OtherCPU().start()
     time.sleep(interval)
-    b1, o1 = busy(), own()
-    return round(max(0.0, (b1 - b0) - (o1 - o0)) / interval, 2)
+    return probe.cores()
 
 
 def is_busy(record: dict) -> bool:
@@ -618,7 +633,9 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
                       per_device_batch=case.batch // n_dev) if want_torch else None
     fns = {"jaxtl": jx.step} | ({"torch": tr.step} if tr else {}) | ({"api": jx.api} if jx.api else {})
     warmup_times: dict[str, list[float]] = {}
+    during = OtherCPU().start()
     times = time_interleaved(fns, warmup, repeats, warmup_times)
+    other_during = during.cores()
 
     flops = case_flops(case.suite, case.channels, case.shape)
     rec: dict[str, Any] = {
@@ -663,7 +680,7 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
         rec["torch_skipped"] = "PyTorch not installed (pip install 'jaxtl[bench]')" if not torch_available() \
             else f"no PyTorch device matching JAX's {jax.default_backend()} backend"
     rec["load_avg"] = {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in os.getloadavg()]}
-    rec["other_cpu_cores"] = {"start": other_start, "end": other_cpu()}
+    rec["other_cpu_cores"] = {"start": other_start, "during": other_during, "end": other_cpu()}
     for key in ("vol_per_s", "vol_per_s_per_device", "gflop_per_s", "peak_gflop_per_s", "peak_fraction", "ratio",
                 "ratio_paired", "api_vol_per_s", "api_ratio"):
         if isinstance(rec.get(key), float):

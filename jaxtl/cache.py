@@ -123,11 +123,12 @@ def prepare_cache(
     shards = [_Shard(out, k, min(shard_size, len(cohort) - k * shard_size), shape, dtype)
               for k in range(math.ceil(len(cohort) / shard_size))]
     todo = [(shard, slot) for shard in shards for slot in shard.resume()]
-    for shard in shards:  # finished slots whose source file changed since: redo them
-        changed = [slot for slot, record in shard.done().items() if "source_stat" in record
-                   and _source_stat(str(cohort[shard.index * shard_size + slot].path)) != record["source_stat"]]
-        shard.redo(changed)
-        todo += [(shard, slot) for slot in changed]
+    redo = [(shard, _changed_slots(shard, cohort, shard_size)) for shard in shards]
+    if any(slots for _, slots in redo):
+        (out / "index.json").unlink(missing_ok=True)  # the cache reads as unfinished until the redo is done
+    for shard, slots in redo:
+        shard.redo(slots)
+        todo += [(shard, slot) for slot in slots]
     n_before = len(cohort) - len(todo)
     with tqdm(total=len(cohort), initial=n_before, unit="scan", disable=not progress, desc="prepare") as bar:
         n_failed = 0
@@ -140,6 +141,26 @@ def prepare_cache(
     failures, n_warned = _write_index(out, plan, cohort, records)
     return PrepareSummary(out, len(cohort), n_before, len(todo), failures, n_warned,
                           time.perf_counter() - start)
+
+
+def _changed_slots(shard: _Shard, cohort: Cohort, shard_size: int) -> list[int]:
+    """Processed slots whose source file changed since (size or mtime differ, and the content too where it was
+    hashed: a copy that only touched the mtime is recorded as it is now, not processed again). Records of caches
+    prepared before `source_stat` existed are not checked."""
+    changed = []
+    for slot, record in shard.done().items():
+        if "source_stat" not in record:
+            continue
+        path = str(cohort[shard.index * shard_size + slot].path)
+        stat = _source_stat(path)
+        if stat == record["source_stat"]:
+            continue
+        if stat is not None and record.get("sha256") and record["source_stat"] and stat[0] == record["source_stat"][0] \
+                and _sha256(path) == record["sha256"]:
+            shard.restat(slot, stat)
+            continue
+        changed.append(slot)
+    return changed
 
 
 def _check_or_write_plan(out: Path, plan: dict) -> None:
@@ -276,6 +297,14 @@ class _Shard:
     def done(self) -> dict[int, dict]:
         """The records of the slots processed so far, by slot."""
         return dict(self._records)
+
+    def restat(self, slot: int, stat: list[int]) -> None:
+        """Record a new `source_stat` for an unchanged file (persisted where the slot's record lives)."""
+        self._records[slot] = {**self._records[slot], "source_stat": stat}
+        if self.meta.exists() and self.path.exists():
+            _write_atomic(self.meta, _dumps({"slots": [self._records[s] for s in range(self.n)]}))
+        else:
+            self._rewrite_log()
 
     def redo(self, slots: list[int]) -> None:
         """Forget `slots` so that they are processed again (the progress log first holds the slots kept, so a

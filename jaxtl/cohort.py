@@ -366,6 +366,8 @@ def _check_coding(sex_coding: Mapping[str, str]) -> dict[str, float]:
         if math.isnan(value):
             raise ValueError(f"sex_coding {str(raw)!r}: {meaning!r} is not F/M (female/male)")
         out[str(raw).strip().lower()] = value
+    if sorted(set(out.values())) != [0.0, 1.0]:
+        raise ValueError(f"sex_coding {dict(sex_coding)}: name a value for each sex, e.g. {{'1': 'M', '2': 'F'}}")
     return out
 
 
@@ -392,14 +394,21 @@ def _row_sex(text: str, where: str, bad: list[tuple[str, str]], *, sex_required:
     """A row's sex: NaN (recorded in `bad`) or an error (`sex_required`) when unparseable or 1/2-coded; by
     `coding` when one is given (other values as `parse_sex`)."""
     t = text.strip().lower()
-    if coding:
+    if coding:  # a stated coding: its values, or missing; anything else is not understood
         t = t[:-2] if t.endswith(".0") and t[:-2] in coding else t
         if t in coding:
             return coding[t]
+        if t in _MISSING:
+            return math.nan
+        if sex_required:
+            raise ValueError(f"sex {text.strip()!r} is not in the stated coding ({', '.join(sorted(coding))})")
+        bad.append((where, text))
+        return math.nan
     if one_two and text.strip() in ("1", "1.0", "2", "2.0"):
         if sex_required:
             raise ValueError(f"sex {text.strip()!r}: the column codes sex as 1/2, which is ambiguous; state the "
-                             "coding (sex_coding={'1': 'M', '2': 'F'}, --sex-coding 1=M,2=F) or recode it as F/M")
+                             "coding (sex_coding={'1': 'M', '2': 'F'}, `jaxtl prepare --sex-coding 1=M,2=F`) or "
+                             "recode it as F/M")
         bad.append((where, text))
         return math.nan
     return parse_sex(text) if sex_required else _sex_or_nan(text, where, bad)
@@ -419,7 +428,8 @@ def _warn_bad_sex(path: Path, bad: list[tuple[str, str]]) -> None:
         return
     listing = ", ".join(f"{where} {value!r}" for where, value in bad[:10]) + (", ..." if len(bad) > 10 else "")
     hint = (" (a 1/2 coding is ambiguous, so its 1s are not read as male either: state it, e.g. "
-            "sex_coding={'1': 'M', '2': 'F'} / --sex-coding 1=M,2=F)" if any(v.strip() in ("2", "2.0") for _, v in bad)
+            "sex_coding={'1': 'M', '2': 'F'}, `jaxtl prepare --sex-coding 1=M,2=F`)"
+            if any(v.strip() in ("2", "2.0") for _, v in bad)
             else "")
     warnings.warn(
         f"{path}: {len(bad)} sex value(s) not understood, set to missing (NaN): {listing}{hint}. "

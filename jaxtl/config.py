@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -132,8 +133,10 @@ def _parse(raw: str, current: Any, key: str, hint: Any = None) -> Any:
                          f"one by one, --set {key}.FIELD=VALUE (fields: {fields})")
     if current is None:  # optional fields (e.g. data.split_seed): any literal; the user of the field checks it
         return value
-    if isinstance(current, tuple) and isinstance(value, str):  # --set tasks=age or tasks=age,sex
-        value = tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(current, tuple) and isinstance(value, str) and typing.get_args(hint) == (str, ...):
+        # --set tasks=age or tasks=age,sex: plain words only (an override string keeps its commas and brackets)
+        parts = [v.strip() for v in value.split(",")]
+        value = tuple(parts) if all(re.fullmatch(r"[\w.\-]+", v) for v in parts) else (value,)
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise ValueError(f"--set {key}={raw}: expected True or False")

@@ -455,18 +455,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _logged_validation(path: Path, epoch: int, val_name: str) -> bool:
-    """Whether metrics.jsonl holds the validation record of `epoch` (one process: the file is this run's)."""
+def _logged_validation(path: Path, epoch: int, val_name: str) -> float | None:
+    """The validation result of `epoch` in metrics.jsonl, None when not logged (one process: the file is this
+    run's)."""
     if not path.exists():
-        return False
+        return None
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict) and record.get("epoch") == epoch and val_name in record:
-            return True
-    return False
+            return float(record[val_name])
+    return None
 
 
 def _check_labels(source, indices, config: TrainConfig, cohort: str) -> None:
@@ -682,8 +683,11 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     result = {}
     try:
         with _PreemptionWatch(mngr) as watch:
-            if unvalidated is not None and _logged_validation(metrics_file, unvalidated, val_name):
-                unvalidated = None  # validated by an earlier resume whose run ended without a later checkpoint
+            logged = None if unvalidated is None else _logged_validation(metrics_file, unvalidated, val_name)
+            if logged is not None:  # validated by an earlier resume that wrote no later checkpoint
+                unvalidated = None
+                if best is None or (logged < best if config.task == "age" else logged > best):
+                    best = logged
             if unvalidated is not None and not validate(unvalidated, watch):  # preempted again
                 stop_preempted()
             while step < end:

@@ -200,6 +200,8 @@ def test_roofline_counts_each_activation_once(monkeypatch):
     # memory-bound block 0 at 1 FLOP/s peak vs 1 B/s: conv (384 + 768 B) + pool (768 + 96 B) unfused; fused 384 + 96
     b0 = rl.Block(flops=10, input=384, conv=768, pooled=96)
     assert b0.seconds(1, 1, fused=False) == 384 + 768 + 768 + 96 and b0.seconds(1, 1, fused=True) == 384 + 96
+    assert rl.device_for("NVIDIA H100 PCIe") == "H100 PCIe" and rl.device_for("NVIDIA H100 80GB HBM3") == "H100"
+    assert rl.device_for("Mystery") is None
     text = rl.table("peng", 1, "bfloat16", 989e12, 4.8e12)
     assert "131.7 GFLOP/volume" in text and text.count("| ") >= 6
 
@@ -220,6 +222,7 @@ def test_cli_runs_embed_and_train_and_fails_loudly(tiny, tmp_path, monkeypatch, 
             assert rec["peak_fraction"] == pytest.approx(rec["gflop_per_s"] * 1e9 / (rec["peak_gflop_per_s"] * 1e9),
                                                          rel=1e-3)
     assert embed["features_max_rel_diff"] < 1e-4 and train["weights"] == "PyTorch's"
+    assert set(embed["other_cpu_cores"]) == {"start", "during", "end"}
     case = bench.Case("train", "tiny", 4, 2, "float32")
     x, ages = bench._inputs(case)
     assert isinstance(bench.jaxtl_train(case, x, ages).step(), float)  # the step waited for its result

@@ -2,6 +2,7 @@
 
 import hashlib
 import itertools
+import json
 import os
 import pickle
 import signal
@@ -394,6 +395,14 @@ def test_rerun_redoes_scans_whose_file_changed(cohort_csv, tmp_path):
         expected = load_volume(root / name, downsample=DS).astype(np.float16)
         assert np.array_equal(by_id[scan], expected), scan
     assert prepare_cache(root / "cohort.csv", cache, downsample=DS, shard_size=SHARD).n_processed == 0
+    # a copy that only changes the modification time (cp without -p, a checkout): hashed, not processed again,
+    # and the index is left alone
+    index = (cache / "index.json").read_bytes()
+    os.utime(root / "s0.nii", ns=(1, 1))
+    assert prepare_cache(root / "cohort.csv", cache, downsample=DS, shard_size=SHARD).n_processed == 0
+    assert (cache / "index.json").read_bytes() == index
+    shard = json.loads((cache / "shard_00000.json").read_text())["slots"]
+    assert [r["source_stat"][1] for r in shard if r["slot"] == 0] == [1]
 
 
 def test_a_cohort_given_as_a_cache_gets_told_to_prepare_it(tmp_path):

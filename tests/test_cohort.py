@@ -251,11 +251,11 @@ def test_unrecognised_label_columns_warn_with_the_columns_seen(tmp_path):
 
 def test_explicit_column_names(tmp_path):
     _touch(tmp_path, "a.nii.gz", "b.nii.gz")
-    (tmp_path / "ixi.csv").write_text(IXI_HEADER + "2,1,35.8,Guys,a.nii.gz\n12,M,38.8,HH,b.nii.gz\n")
+    (tmp_path / "ixi.csv").write_text(IXI_HEADER + "2,1,35.8,Guys,a.nii.gz\n12,2,38.8,HH,b.nii.gz\n")
     cohort = read_cohort(tmp_path / "ixi.csv", age_column="Age (years)", sex_column="SEX_ID (1=m, 2=f)",
                          id_column="IXI_ID")
     assert cohort.ids.tolist() == ["2", "12"] and cohort.ages.tolist() == [35.8, 38.8]
-    assert cohort.sexes.tolist() == [1.0, 1.0] and cohort.sites.tolist() == ["Guys", "HH"]
+    assert cohort.sexes.tolist() == [1.0, 0.0] and cohort.sites.tolist() == ["Guys", "HH"]
     (tmp_path / "abide.csv").write_text("SUB_ID,SITE_ID,AGE_AT_SCAN,SEX,T1_brain_lin\n"
                                         "50002,PITT,16.77,M,a.nii.gz\n")
     cohort = read_cohort(tmp_path / "abide.csv", id_column="SUB_ID", path_column="T1_brain_lin")
@@ -427,6 +427,14 @@ def test_sex_coding_stated_or_spelled_in_the_column_name(tmp_path, capsys):
     np.testing.assert_array_equal(cohort.sexes, [0.0, 1.0, np.nan])
     with pytest.raises(ValueError, match="sex_coding '2': 'x' is not F/M"):
         read_cohort(tmp_path / "c.csv", sex_coding={"1": "F", "2": "x"})
+    with pytest.raises(ValueError, match="name a value for each sex"):
+        read_cohort(tmp_path / "c.csv", sex_coding={"1": "M", "2": "M"})
+    (tmp_path / "d.csv").write_text("path,age,sex\na.nii.gz,30,1\nb.nii.gz,40,0\nc.nii.gz,50,2\n")
+    with pytest.warns(UserWarning, match=r"1 sex value\(s\) not understood.*line 3 '0'"):  # 0: not in the coding
+        cohort = read_cohort(tmp_path / "d.csv", sex_coding={"1": "M", "2": "F"})
+    np.testing.assert_array_equal(cohort.sexes, [1.0, np.nan, 0.0])
+    with pytest.raises(CohortError, match="sex '0' is not in the stated coding"):
+        read_cohort(tmp_path / "d.csv", sex_coding={"1": "M", "2": "F"}, sex_required=True)
     assert parse_sex_coding("1=M, 2=F") == {"1": "M", "2": "F"}
     with pytest.raises(ValueError, match="expected VALUE=F|M pairs"):
         parse_sex_coding("1M")

@@ -494,6 +494,18 @@ def test_sigterm_during_validation_checkpoints_and_validates_on_resume(epoch, uk
         meta = mngr.restore(6 * epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     assert meta["unvalidated_epoch"] == epoch and (meta["best"] is None) == (epoch == 1)
     monkeypatch.setattr(train, "eval_dataset", original)
+    if epoch == 1:  # the resumed run validates epoch 1, then dies before its next checkpoint (step 12)
+        step = Trainer.step
+
+        def crash_at_7(self, images, labels, i):
+            if i == 6:
+                raise RuntimeError("killed")
+            return step(self, images, labels, i)
+
+        monkeypatch.setattr(Trainer, "step", crash_at_7)
+        with pytest.raises(RuntimeError, match="killed"):
+            pretrain(tiny_config(), ukb_cache, work, progress=False)
+        monkeypatch.setattr(Trainer, "step", step)  # rerun: epoch 1's logged result is the best to beat
     pretrain(tiny_config(), ukb_cache, work, progress=False)
 
     def val_records(workdir):
