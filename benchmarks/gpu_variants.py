@@ -11,6 +11,11 @@ Variants of `ConvBlock` on the XLA path (the one GPUs run):
              BatchNorm and the 2x2x2 max-pool (a max over the 8 positions); same result, 8x the first layer's
              FLOPs, but a GEMM with K = 216 and N = 256 instead of K = 27, N = 32 on the full-resolution grid.
              Not measured yet (written without a GPU at hand; numerics checked on CPU by tests/test_bench.py)
+  pool+direct the 1-channel first layer as 27 shifted multiply-adds (no convolution kernel): with BatchNorm's
+             eval affine map, the reshape max-pool and ReLU all elementwise or reductions over its output, XLA
+             can fuse the block into one kernel that reads the input and writes only the pooled tensor (what
+             benchmarks/roofline.py says the 40% target needs); 8.5 GFLOP per 1mm volume on CUDA cores instead
+             of tensor cores. Not measured yet (written without a GPU; numerics checked by tests/test_bench.py)
 Usage: python benchmarks/gpu_variants.py OUT.jsonl [variant,...] [dtype,...] [suite,...] [batch]
 """
 
@@ -22,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtl import bench
+from jaxtl import bench, train
 from jaxtl.conv import max_pool2
 from jaxtl.model import ConvBlock
 
@@ -81,7 +86,28 @@ def s2d_call(self: ConvBlock, x: jax.Array) -> jax.Array:
     return variant_call(False)(self, x)
 
 
-VARIANTS = {"base": base_call, "pool": variant_call(False), "pool+pad8": variant_call(True), "pool+s2d": s2d_call}
+def direct_first_layer(block: ConvBlock, x: jax.Array) -> jax.Array:
+    """conv (1 input channel, 3x3x3, padding 1) as a sum of 27 shifted products, then BN -> max-pool -> ReLU."""
+    n, d, h, w, _ = x.shape
+    k = block.conv.kernel[...].astype(block.conv.dtype)[:, :, :, 0, :]  # (3, 3, 3, O)
+    xp = jnp.pad(x.astype(k.dtype), [(0, 0), (1, 1), (1, 1), (1, 1), (0, 0)])
+    y = block.conv.bias[...].astype(k.dtype)
+    for a in range(3):
+        for b in range(3):
+            for c in range(3):
+                y = y + xp[:, a:a + d, b:b + h, c:c + w, :] * k[a, b, c]
+    x = block.bn(y)
+    return nnx.relu(max_pool2(x) if block.pool else x)
+
+
+def direct_call(self: ConvBlock, x: jax.Array) -> jax.Array:
+    if x.shape[-1] == 1:
+        return direct_first_layer(self, x)
+    return variant_call(False)(self, x)
+
+
+VARIANTS = {"base": base_call, "pool": variant_call(False), "pool+pad8": variant_call(True), "pool+s2d": s2d_call,
+            "pool+direct": direct_call}
 
 
 def main() -> None:
@@ -96,6 +122,10 @@ def main() -> None:
         for dtype in dtypes:
             for name in variants:
                 ConvBlock.__call__ = VARIANTS[name]
+                # the train step is cached per model shape (jaxtl.train._jitted_steps) and jit caches its trace:
+                # without clearing both, a variant after the first would rerun the first one's program
+                train._jitted_steps.cache_clear()
+                jax.clear_caches()
                 start = time.perf_counter()
                 try:
                     rec = bench.run_case(bench.Case(suite, config, res, batch, dtype), warmup=2, repeats=10,

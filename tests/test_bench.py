@@ -156,9 +156,10 @@ def test_cli_rejects_unknown_suite(capsys):
     assert "unknown suite nope" in capsys.readouterr().err
 
 
-def test_gpu_variant_space_to_depth_first_layer_is_exact():
-    """benchmarks/gpu_variants.py "pool+s2d": the first block on 2x2x2 space-to-depth blocks gives the plain
-    block's output, BatchNorm statistics and kernel gradient (train mode, float32)."""
+def test_gpu_variant_first_layers_are_exact():
+    """benchmarks/gpu_variants.py "pool+s2d" (the first block on 2x2x2 space-to-depth blocks) and "pool+direct"
+    (27 shifted multiply-adds) give the plain block's output, BatchNorm statistics and kernel gradient (train
+    mode, float32)."""
     import importlib.util
 
     import jax
@@ -173,13 +174,14 @@ def test_gpu_variant_space_to_depth_first_layer_is_exact():
     spec.loader.exec_module(gv)
     x = jax.random.normal(jax.random.key(0), (2, 8, 12, 10, 1))
     outs = []
-    for call in (gv.ORIGINAL, gv.s2d_call):
+    for call in (gv.ORIGINAL, gv.s2d_call, gv.direct_call):
         block = ConvBlock(1, 4, 3, pool=True, dtype=jnp.float32, rngs=nnx.Rngs(1), conv_impl="xla")
         grad = nnx.grad(lambda b, call=call: jnp.sum(jnp.sin(call(b, x))))(block)
         y = call(block, x)
         outs.append((y, block.bn.mean[...], block.bn.var[...], grad.conv.kernel[...]))
-    for a, b in zip(*outs, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_roofline_counts_each_activation_once(monkeypatch):
