@@ -881,7 +881,8 @@ def report_chart(records: Sequence[dict], path: str | os.PathLike) -> Path:
     if not rows:
         raise ValueError("no embed/train records to chart")
     labels = [f"{r['hardware']['id']} | {r['case']} {r['config']} {r['resolution_mm']}mm {r['dtype']} b{r['batch']}"
-              + (f" [{r['conv_impl']}]" if r.get("conv_impl") not in (None, "fast") else "") for r in rows]
+              + (f" [{r['conv_impl']}]" if r.get("conv_impl") not in (None, "fast") else "")
+              + (" (busy)" if is_busy(r) else "") for r in rows]
     jx = [r["vol_per_s"] for r in rows]
     pt = [(r.get("torch") or {}).get("vol_per_s") or 0 for r in rows]
     y = np.arange(len(rows))
@@ -896,8 +897,8 @@ def report_chart(records: Sequence[dict], path: str | os.PathLike) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("volumes / s (log scale)")
     ax.legend(loc="lower right")
-    ax.set_title("SFCN throughput: jaxtl vs PyTorch reference, measured in the same process")
-    fig.tight_layout()
+    fig.suptitle("SFCN throughput: jaxtl vs PyTorch reference, measured in the same process", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
