@@ -81,6 +81,10 @@ class Case:
     def shape(self) -> tuple[int, int, int]:
         return input_shape(self.resolution)
 
+    def slug(self) -> str:
+        """A file-name-safe label: 'train-peng-1mm-bfloat16-b8'."""
+        return f"{self.suite}-{self.config}-{self.resolution}mm-{self.dtype}-b{self.batch}"
+
     def label(self) -> str:
         return f"{self.suite} {self.config} {self.resolution}mm {self.dtype} batch {self.batch}"
 
@@ -610,8 +614,12 @@ def _inputs(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = "auto", use_torch: bool = True,
-             torch_memory_format: str = "auto", threads: int | None = None) -> dict[str, Any]:
-    """Measure one embed/train case (jaxtl and, if available, PyTorch interleaved); the case part of a record."""
+             torch_memory_format: str = "auto", threads: int | None = None,
+             profile: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Measure one embed/train case (jaxtl and, if available, PyTorch interleaved); the case part of a record.
+
+    `profile`: after the timed steps, trace `PROFILE_STEPS` more jaxtl steps with the JAX profiler into
+    `profile/<case>` (TensorBoard / Perfetto) and record the kernels that took the most time (`profile_top`)."""
     import jax
 
     n_dev = jax.device_count()
@@ -681,11 +689,69 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
             else f"no PyTorch device matching JAX's {jax.default_backend()} backend"
     rec["load_avg"] = {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in os.getloadavg()]}
     rec["other_cpu_cores"] = {"start": other_start, "during": other_during, "end": other_cpu()}
+    if profile is not None:
+        rec["profile_dir"], rec["profile_top"] = profile_steps(jx.step, Path(profile) / case.slug())
     for key in ("vol_per_s", "vol_per_s_per_device", "gflop_per_s", "peak_gflop_per_s", "peak_fraction", "ratio",
                 "ratio_paired", "api_vol_per_s", "api_ratio"):
         if isinstance(rec.get(key), float):
             rec[key] = float(f"{rec[key]:.5g}")
     return rec
+
+
+PROFILE_STEPS = 3
+
+
+def profile_steps(step: Callable[[], Any], out_dir: Path, steps: int = PROFILE_STEPS,
+                  top: int = 15) -> tuple[str, list[dict]]:
+    """Trace `steps` calls of `step` into `out_dir` (JAX profiler, with a Perfetto trace) and summarise it."""
+    import jax
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(str(out_dir), create_perfetto_trace=True):
+        for _ in range(steps):
+            step()
+    traces = sorted(out_dir.glob("**/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    return str(out_dir), (summarize_trace(traces[-1], steps, top) if traces else [])
+
+
+# Host-side frames of the trace that are not the computation itself (Python frames start with "$").
+_RUNTIME_EVENTS = ("ThunkExecutor", "PjitFunction", "SlinkyThreadPool", "block_until_ready", "TfrtCpu",
+                   "ExecuteHelper", "PjRt")
+
+
+def summarize_trace(path: str | os.PathLike, steps: int = 1, top: int = 15) -> list[dict]:
+    """The kernels / XLA ops that took the most time in a Perfetto trace written by `jax.profiler.trace`:
+    [{"where": process / thread, "name", "ms_per_step", "calls_per_step"}], most time first. Device events
+    ("/device:..." processes: GPU streams, TPU ops) when there are any, else the host's XLA ops."""
+    import gzip
+
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names: dict[tuple, str] = {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
+            key = (e.get("pid"),) if e["name"] == "process_name" else (e.get("pid"), e.get("tid"))
+            names[key] = str((e.get("args") or {}).get("name", ""))
+    device_pids = {k[0] for k, v in names.items() if len(k) == 1 and v.startswith("/device:")}
+    totals: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        pid, name = e.get("pid"), str(e.get("name", ""))
+        if device_pids and pid not in device_pids:
+            continue
+        if not device_pids and (name.startswith("$") or name.startswith(_RUNTIME_EVENTS) or "::" in name):
+            continue
+        where = str(names.get((pid,), pid))  # host: summed over its threads (thread time, can exceed the wall)
+        if device_pids:  # device: per line (streams, "XLA Ops", "XLA Modules", ...)
+            where += f" / {names.get((pid, e.get('tid')), e.get('tid'))}"
+        t = totals.setdefault((where, name), [0.0, 0])
+        t[0] += float(e["dur"])
+        t[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"where": where, "name": name, "ms_per_step": round(us / 1e3 / steps, 3),
+             "calls_per_step": round(n / steps, 2)} for (where, name), (us, n) in ranked]
 
 
 def _load_input_bench():
@@ -716,8 +782,10 @@ def run_input_case(case: Case, *, repeats: int = 3, n_cache: int = 16, work_dir:
 
 def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, warmup: int = 2, repeats: int = 5,
               conv_impl: str = "auto", use_torch: bool = True, torch_memory_format: str = "auto",
-              note: str | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Run `cases`, append one JSON record per case (per stage for `input`) to `out`; returns the records."""
+              note: str | None = None, log: Callable[[str], None] | None = None,
+              profile: str | os.PathLike | None = None) -> list[dict]:
+    """Run `cases`, append one JSON record per case (per stage for `input`) to `out`; returns the records.
+    `profile`: a directory for a JAX profiler trace of each embed/train case (see `run_case`)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     hw, vers, commit = hardware_info(), versions(), git_commit()
     if use_torch and not torch_available():
@@ -735,7 +803,7 @@ def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, wa
                 recs = run_input_case(case, repeats=repeats)
             else:
                 recs = [run_case(case, warmup=warmup, repeats=repeats, conv_impl=conv_impl, use_torch=use_torch,
-                                 torch_memory_format=torch_memory_format)]
+                                 torch_memory_format=torch_memory_format, profile=profile)]
         except Exception as e:  # noqa: BLE001 - e.g. out of device memory at a large batch: go on, fail at the end
             first = (str(e).splitlines() or [""])[0][:300]
             failures.append(f"{case.label()}: {type(e).__name__}: {first}")
@@ -745,6 +813,9 @@ def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, wa
             record = _base_record(hw, vers, commit, note) | r
             records.append(record)
             log("    " + summary_line(record))
+            for k in record.get("profile_top", [])[:8]:
+                log(f"      {k['ms_per_step']:9.3f} ms/step  x{k['calls_per_step']:<6g} {k['name'][:70]}  "
+                    f"[{k['where']}]")
             if out is not None:
                 append_records([record], out)
     if failures:

@@ -183,7 +183,8 @@ def _bench(args: argparse.Namespace) -> int:
     out = args.out or bench.default_output()
     try:
         records = bench.run_suite(cases, out, warmup=args.warmup, repeats=args.repeats, conv_impl=args.conv_impl,
-                                  use_torch=not args.no_torch, torch_memory_format=args.torch_format, note=args.note)
+                                  use_torch=not args.no_torch, torch_memory_format=args.torch_format, note=args.note,
+                                  profile=args.profile)
     except bench.SuiteFailed as e:
         print(f"wrote {len(e.records)} records to {out}; {len(e.failures)} case(s) FAILED:", file=sys.stderr)
         for f in e.failures:
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PyTorch memory format (default auto: the faster of the two)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--note", default=None, help="free text stored in every record (e.g. machine load)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace 3 jaxtl steps per case with the JAX profiler into DIR/<case> (TensorBoard / "
+                        "Perfetto) and print the kernels that took the most time")
     p.add_argument("--out", default=None, help="JSONL file to append to (default benchmarks/results/<hardware>.jsonl)")
     p.add_argument("--results", nargs="+", default=["benchmarks/results"],
                    help="report: .jsonl files or directories (default benchmarks/results)")

@@ -216,8 +216,12 @@ def test_cli_runs_embed_and_train_and_fails_loudly(tiny, tmp_path, monkeypatch, 
     out = tmp_path / "r.jsonl"
     argv = ["bench", "--suite", "embed,train", "--configs", "tiny", "--resolution", "4", "--batch", "2",
             "--warmup", "1", "--repeats", "2", "--out", str(out)]
-    assert main(argv) == 0
+    assert main([*argv, "--profile", str(tmp_path / "prof")]) == 0
     embed, train = bench.load_records([out])
+    for rec in (embed, train):  # a trace per case, and the XLA ops that took the most time
+        assert rec["profile_dir"].startswith(str(tmp_path / "prof")) and rec["profile_top"]
+        assert all(k["ms_per_step"] >= 0 and not k["name"].startswith("$") for k in rec["profile_top"])
+    assert (tmp_path / "prof" / "train-tiny-4mm-float32-b2").is_dir()
     for rec in (embed, train):
         assert rec["warmup_s"] and len(rec["torch"]["warmup_s"]) == 1 and rec["torch"]["vol_per_s"] > 0
         if rec["peak_fraction"] is not None:
@@ -242,6 +246,26 @@ def test_cli_runs_embed_and_train_and_fails_loudly(tiny, tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "1 case(s) FAILED" in err and "train tiny 4mm float32 batch 2: RuntimeError: out of memory" in err
     assert [r["case"] for r in bench.load_records([out])] == ["embed", "train", "embed"]
+
+
+def test_trace_summary_prefers_device_kernels(tmp_path):
+    import gzip
+
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+              {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13"}},
+              {"ph": "X", "pid": 1, "tid": 1, "name": "$bench.py:1 step", "dur": 9000},
+              {"ph": "X", "pid": 2, "tid": 7, "name": "loop_fusion", "dur": 300},
+              {"ph": "X", "pid": 2, "tid": 7, "name": "loop_fusion", "dur": 300},
+              {"ph": "X", "pid": 2, "tid": 7, "name": "cudnn_conv", "dur": 1000}]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    top = bench.summarize_trace(path, steps=2)
+    assert top == [{"where": "/device:GPU:0 / Stream #13", "name": "cudnn_conv", "ms_per_step": 0.5,
+                    "calls_per_step": 0.5},
+                   {"where": "/device:GPU:0 / Stream #13", "name": "loop_fusion", "ms_per_step": 0.3,
+                    "calls_per_step": 1.0}]
 
 
 @pytest.mark.parametrize("args, message", [(["--batch", "0"], "--batch: 0 is below 1"),
