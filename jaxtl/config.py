@@ -64,16 +64,27 @@ class TrainConfig:
 CHECKOUT = Path(__file__).resolve().parents[1]  # the jaxtl source tree (configs/ lives there)
 
 
+def shipped_configs() -> Path:
+    """The directory of jaxtl's shipped configs: `configs/` of a source checkout, else the installed package's
+    copy (`jaxtl.configs`, what a wheel holds)."""
+    if (CHECKOUT / "configs" / "sfcn_demo.py").is_file():
+        return CHECKOUT / "configs"
+    spec = importlib.util.find_spec("jaxtl.configs")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else CHECKOUT / "configs"
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None, expected: type | None = None) -> Any:
     """Load `get_config()` from a config file (a `TrainConfig`, or `expected`) and apply `section.field=value`
     overrides."""
     expected = expected or TrainConfig
     path = Path(path)
-    if not path.is_file() and not path.is_absolute() and (CHECKOUT / path).is_file():
-        path = CHECKOUT / path  # "configs/x.py" from outside the repository
+    if not path.is_file() and not path.is_absolute() and path.parts[:1] == ("configs",):
+        shipped = shipped_configs().joinpath(*path.parts[1:])  # "configs/x.py" from any working directory
+        path = shipped if shipped.is_file() else path
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file (a relative path is read from the working directory, "
-                                f"then from {CHECKOUT}; the jaxtl repository's configs/ has examples)")
+        raise FileNotFoundError(f"{path}: no such config file (a path configs/NAME.py is read from the working "
+                                f"directory, then from jaxtl's shipped configs in {shipped_configs()})")
     spec = importlib.util.spec_from_file_location(f"jaxtl_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtl.config import shipped_configs
 from jaxtl.experiment import (
     DEFAULT_METHODS,
     ExperimentConfig,
@@ -33,7 +34,7 @@ from jaxtl.experiment import (
     run_experiment,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = shipped_configs()
 
 
 # The comparison: every default method but `reinit` (the paper's control, kept in `jaxtl experiment`),

@@ -656,3 +656,27 @@ def test_resume_keeps_the_runs_own_split(ukb_cache, tmp_path):
     (tmp_path / "split.json").write_text(json.dumps({"train": ["nobody"], "val": [], "test": []}))
     with pytest.raises(ValueError, match="not in the cache"):
         _saved_split(tmp_path, source, computed)
+
+
+def test_the_wheel_ships_the_configs(tmp_path):
+    """A pip-installed jaxtl (a wheel, not a checkout) has configs/ as jaxtl.configs: `load_config("configs/...")`
+    and the demo find them."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "jaxtl", "configs"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src), "-w", str(tmp_path / "whl")],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "whl").glob("jaxtl-*.whl"))
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    assert (tmp_path / "site" / "jaxtl" / "configs" / "sfcn_demo.py").is_file()
+    code = ("import jaxtl, jaxtl.demo; from jaxtl.config import load_config; "
+            "print(jaxtl.__file__, jaxtl.demo.CONFIGS, load_config('configs/experiment_ixi.py', "
+            "expected=__import__('jaxtl.experiment').experiment.ExperimentConfig).name)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout.split()
+    assert out == [str(tmp_path / "site" / "jaxtl" / "__init__.py"), str(tmp_path / "site" / "jaxtl" / "configs"),
+                   "ixi"]
