@@ -755,9 +755,15 @@ def summarize_trace(path: str | os.PathLike, steps: int = 1, top: int = 15) -> l
 
 
 def _load_input_bench():
+    """benchmarks/bench_input.py of a checkout, else the installed package's copy (jaxtl.benchmarks)."""
     path = REPO / "benchmarks" / "bench_input.py"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: the input suite needs a jaxtl source checkout (benchmarks/bench_input.py)")
+        installed = importlib.util.find_spec("jaxtl.benchmarks")
+        locations = list(installed.submodule_search_locations or []) if installed else []
+        path = Path(locations[0]) / "bench_input.py" if locations else path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the input suite needs benchmarks/bench_input.py (a jaxtl checkout or "
+                                "an installed jaxtl)")
     spec = importlib.util.spec_from_file_location("jaxtl_bench_input", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

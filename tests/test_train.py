@@ -666,17 +666,19 @@ def test_the_wheel_ships_the_configs(tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "jaxtl", "configs"):
+    for name in ("pyproject.toml", "README.md", "jaxtl", "configs", "benchmarks"):
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src), "-w", str(tmp_path / "whl")],
                    check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "whl").glob("jaxtl-*.whl"))
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     assert (tmp_path / "site" / "jaxtl" / "configs" / "sfcn_demo.py").is_file()
-    code = ("import jaxtl, jaxtl.demo; from jaxtl.config import load_config; "
+    assert (tmp_path / "site" / "jaxtl" / "benchmarks" / "bench_input.py").is_file()  # `jaxtl bench --suite input`
+    code = ("import jaxtl, jaxtl.demo, jaxtl.bench; from jaxtl.config import load_config; "
             "print(jaxtl.__file__, jaxtl.demo.CONFIGS, load_config('configs/experiment_ixi.py', "
-            "expected=__import__('jaxtl.experiment').experiment.ExperimentConfig).name)")
+            "expected=__import__('jaxtl.experiment').experiment.ExperimentConfig).name, "
+            "jaxtl.bench._load_input_bench().__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout.split()
-    assert out == [str(tmp_path / "site" / "jaxtl" / "__init__.py"), str(tmp_path / "site" / "jaxtl" / "configs"),
-                   "ixi"]
+    site = tmp_path / "site" / "jaxtl"
+    assert out == [str(site / "__init__.py"), str(site / "configs"), "ixi", str(site / "benchmarks" / "bench_input.py")]
