@@ -690,7 +690,10 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
     rec["load_avg"] = {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in os.getloadavg()]}
     rec["other_cpu_cores"] = {"start": other_start, "during": other_during, "end": other_cpu()}
     if profile is not None:
-        rec["profile_dir"], rec["profile_top"] = profile_steps(jx.step, Path(profile) / case.slug())
+        try:
+            rec["profile_dir"], rec["profile_top"] = profile_steps(jx.step, Path(profile) / case.slug())
+        except Exception as e:  # noqa: BLE001 - e.g. no CUPTI on a GPU machine: keep the timings
+            rec["profile_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
     for key in ("vol_per_s", "vol_per_s_per_device", "gflop_per_s", "peak_gflop_per_s", "peak_fraction", "ratio",
                 "ratio_paired", "api_vol_per_s", "api_ratio"):
         if isinstance(rec.get(key), float):
@@ -819,6 +822,8 @@ def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, wa
             record = _base_record(hw, vers, commit, note) | r
             records.append(record)
             log("    " + summary_line(record))
+            if record.get("profile_error"):
+                log(f"    profile FAILED: {record['profile_error']}")
             for k in record.get("profile_top", [])[:8]:
                 log(f"      {k['ms_per_step']:9.3f} ms/step  x{k['calls_per_step']:<6g} {k['name'][:70]}  "
                     f"[{k['where']}]")

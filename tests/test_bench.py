@@ -248,6 +248,16 @@ def test_cli_runs_embed_and_train_and_fails_loudly(tiny, tmp_path, monkeypatch, 
     assert [r["case"] for r in bench.load_records([out])] == ["embed", "train", "embed"]
 
 
+def test_a_failing_profile_keeps_the_timings(tiny, tmp_path, monkeypatch):
+    def no_profiler(*args, **kwargs):
+        raise RuntimeError("CUPTI not found")
+
+    monkeypatch.setattr(bench, "profile_steps", no_profiler)
+    rec = bench.run_case(bench.Case("embed", "tiny", 4, 1, "float32"), warmup=0, repeats=1, use_torch=False,
+                         profile=tmp_path)
+    assert rec["vol_per_s"] > 0 and rec["profile_error"] == "RuntimeError: CUPTI not found"
+
+
 def test_trace_summary_prefers_device_kernels(tmp_path):
     import gzip
 
