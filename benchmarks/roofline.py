@@ -26,7 +26,7 @@ DEVICES = {"H200": (989e12, 494.7e12, 4.8e12), "H100": (989e12, 494.7e12, 3.35e1
 
 def device_for(kind: str) -> str | None:
     """The DEVICES entry of a JAX `device_kind` ("NVIDIA H100 PCIe" -> "H100 PCIe"), None when unknown."""
-    return next((d for d in sorted(DEVICES, key=len, reverse=True) if d.lower() in kind.lower()), None)
+    return bench.device_entry(kind, DEVICES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,12 @@ def hardware_id(hw: dict[str, Any]) -> str:
     return f"cpu-{slug(hw['cpu_model'] or 'unknown')}-{hw['cpu_cores']}core"
 
 
+def device_entry(kind: str, table: Mapping[str, Any]) -> str | None:
+    """The key of `table` that a device kind contains, the longest one ("NVIDIA H100 PCIe" -> "H100 PCIe", not
+    "H100"); None when none does."""
+    return next((k for k in sorted(table, key=len, reverse=True) if k.lower() in kind.lower()), None)
+
+
 def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
     """Peak FLOP/s of all devices in use and how it was derived (None when unknown).
 
@@ -219,15 +225,12 @@ def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
     /proc/cpuinfo's MHz (on virtual machines the nominal TSC clock: boost clocks make the true peak higher).
     """
     if hw.get("accelerator"):
-        for key in sorted(ACCELERATOR_PEAKS, key=len, reverse=True):
-            peaks = ACCELERATOR_PEAKS[key]
-            if key.lower() in hw["accelerator"].lower():
-                if not peaks.get(dtype):
-                    break
-                n = hw["accelerator_count"]
-                kind = "TF32 (float32)" if dtype == "float32" and hw["platform"] == "gpu" else dtype
-                return peaks[dtype] * n, f"{n} x {key} dense {kind} datasheet peak {peaks[dtype] / 1e12:g} TFLOP/s"
-        return None, f"no datasheet peak for {hw['accelerator']} {dtype}"
+        key = device_entry(hw["accelerator"], ACCELERATOR_PEAKS)
+        if key is None or not ACCELERATOR_PEAKS[key].get(dtype):
+            return None, f"no datasheet peak for {hw['accelerator']} {dtype}"
+        peak, n = ACCELERATOR_PEAKS[key][dtype], hw["accelerator_count"]
+        kind = "TF32 (float32)" if dtype == "float32" and hw["platform"] == "gpu" else dtype
+        return peak * n, f"{n} x {key} dense {kind} datasheet peak {peak / 1e12:g} TFLOP/s"
     flags, mhz = set(hw.get("cpu_flags", [])), hw.get("cpu_mhz")
     if not mhz:
         return None, "CPU clock unknown"
@@ -283,9 +286,8 @@ def git_commit() -> dict[str, Any]:
 
 
 # Other processes using more than this many cores' worth of CPU (before, during or after the timed steps) make a
-# record "busy": PyTorch's OpenMP threads
-# slow down far more than jaxtl's under contention (demo train on this project's 2-core VM: PyTorch 22x, jaxtl
-# 4.5x), so a busy record's ratio says little.
+# record "busy": PyTorch's OpenMP threads slow down far more than jaxtl's under contention (demo train on this
+# project's 2-core VM: PyTorch 22x, jaxtl 4.5x), so a busy record's ratio says little.
 BUSY_CORES = 0.25
 
 
@@ -446,10 +448,11 @@ def jaxtl_embed(case: Case, x: np.ndarray, conv_impl: str = "auto", torch_state:
     compile_s = time.perf_counter() - start
     from jaxtl.embed import embed
 
-    # np.asarray: the step ends when the features are on the host (64 floats per volume), never before
-    return Runner(step=lambda: np.asarray(compiled(state, xs)), compile_s=compile_s,
-                  memory=_compiled_memory(compiled), info={"conv_impl": resolve_impl(conv_impl)},
-                  output=lambda: np.asarray(compiled(state, xs)),
+    def step() -> np.ndarray:  # ends when the features are on the host (64 floats per volume), never before
+        return np.asarray(compiled(state, xs))
+
+    return Runner(step=step, compile_s=compile_s, memory=_compiled_memory(compiled),
+                  info={"conv_impl": resolve_impl(conv_impl)}, output=step,
                   api=lambda: embed(x, model, batch_size=case.batch, progress=False))
 
 
@@ -759,11 +762,9 @@ def summarize_trace(path: str | os.PathLike, steps: int = 1, top: int = 15) -> l
 
 def _load_input_bench():
     """benchmarks/bench_input.py of a checkout, else the installed package's copy (jaxtl.benchmarks)."""
-    path = REPO / "benchmarks" / "bench_input.py"
-    if not path.exists():
-        installed = importlib.util.find_spec("jaxtl.benchmarks")
-        locations = list(installed.submodule_search_locations or []) if installed else []
-        path = Path(locations[0]) / "bench_input.py" if locations else path
+    from jaxtl.config import shipped_dir
+
+    path = shipped_dir("benchmarks") / "bench_input.py"
     if not path.exists():
         raise FileNotFoundError(f"{path}: the input suite needs benchmarks/bench_input.py (a jaxtl checkout or "
                                 "an installed jaxtl)")

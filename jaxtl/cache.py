@@ -302,7 +302,7 @@ class _Shard:
         """Record a new `source_stat` for an unchanged file (persisted where the slot's record lives)."""
         self._records[slot] = {**self._records[slot], "source_stat": stat}
         if self.meta.exists() and self.path.exists():
-            _write_atomic(self.meta, _dumps({"slots": [self._records[s] for s in range(self.n)]}))
+            self._write_meta()
         else:
             self._rewrite_log()
 
@@ -359,9 +359,11 @@ class _Shard:
             self._open().flush()
             self._array = None
             os.replace(self.partial, self.path)
-        slots = [self._records[s] for s in range(self.n)]
-        _write_atomic(self.meta, _dumps({"slots": slots}))
+        self._write_meta()
         self.log.unlink(missing_ok=True)
+
+    def _write_meta(self) -> None:
+        _write_atomic(self.meta, _dumps({"slots": self.records()}))
 
     def records(self) -> list[dict]:
         return [self._records[s] for s in range(self.n)]

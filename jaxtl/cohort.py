@@ -347,6 +347,14 @@ def _warn_unrecognised(path: Path, raw: list[str], found: dict[str, int], fields
     )
 
 
+def _sex_reading(raw: Sequence[str], rows: Sequence[tuple[int, list[str]]], cols: Mapping[str, int],
+                 coding: dict[str, float] | None) -> tuple[dict[str, float] | None, bool]:
+    """How a table's sex column is read: (the stated coding, else one its name spells, else None; and, without a
+    coding, whether the column is 1/2-coded, i.e. ambiguous)."""
+    coding = coding or _declared_coding(raw, cols)
+    return coding, coding is None and _one_two_coded(rows, cols)
+
+
 def _one_two_coded(rows: Sequence[tuple[int, list[str]]], cols: Mapping[str, int]) -> bool:
     """Whether the sex column holds 2s: then it is a 1/2 coding (1=m, 2=f as IXI, or the reverse), and its 1s
     cannot be read as 0/1's male either."""
@@ -391,8 +399,8 @@ def _declared_coding(raw: Sequence[str], cols: Mapping[str, int]) -> dict[str, f
 
 def _row_sex(text: str, where: str, bad: list[tuple[str, str]], *, sex_required: bool, one_two: bool,
              coding: dict[str, float] | None = None) -> float:
-    """A row's sex: NaN (recorded in `bad`) or an error (`sex_required`) when unparseable or 1/2-coded; by
-    `coding` when one is given (other values as `parse_sex`)."""
+    """A row's sex: NaN (recorded in `bad`) or an error (`sex_required`) when unparseable or 1/2-coded; with a
+    `coding`, its values (missing markers give NaN; any other value is not understood)."""
     t = text.strip().lower()
     if coding:  # a stated coding: its values, or missing; anything else is not understood
         t = t[:-2] if t.endswith(".0") and t[:-2] in coding else t
@@ -485,8 +493,7 @@ def _read_table_cohort(
     paths = [_resolve(cells[cols["path"]], root) for _, cells in rows]
     fallback_ids = _ids_from_paths(paths, root)
     scans, bad_sex = [], []
-    coding = coding or _declared_coding(raw, cols)
-    one_two = coding is None and _one_two_coded(rows, cols)
+    coding, one_two = _sex_reading(raw, rows, cols, coding)
     for (line, cells), image, fallback in zip(rows, paths, fallback_ids, strict=True):
         where = f"line {line}"
         row = {field: cells[i] for field, i in cols.items()}
@@ -697,8 +704,7 @@ def _participants(
     bad: dict[str, str] = {}
     first: dict[str, int] = {}
     bad_sex: list[tuple[str, str]] = []
-    coding = coding or _declared_coding(raw, cols)
-    one_two = coding is None and _one_two_coded(rows, cols)
+    coding, one_two = _sex_reading(raw, rows, cols, coding)
     for line, cells in rows:
         where = f"{path.name} line {line}"
         row = {field: cells[i] for field, i in cols.items()}

@@ -64,14 +64,19 @@ class TrainConfig:
 CHECKOUT = Path(__file__).resolve().parents[1]  # the jaxtl source tree (configs/ lives there)
 
 
-def shipped_configs() -> Path:
-    """The directory of jaxtl's shipped configs: `configs/` of a source checkout, else the installed package's
-    copy (`jaxtl.configs`, what a wheel holds)."""
-    if (CHECKOUT / "configs" / "sfcn_demo.py").is_file():
-        return CHECKOUT / "configs"
-    spec = importlib.util.find_spec("jaxtl.configs")
+def shipped_dir(name: str) -> Path:
+    """A top-level directory that also ships inside the package (`configs`, `benchmarks`; pyproject.toml maps
+    them to `jaxtl.<name>`): the source checkout's, else the installed package's copy (what a wheel holds)."""
+    if (CHECKOUT / "pyproject.toml").is_file() and (CHECKOUT / name).is_dir():  # a checkout, not site-packages
+        return CHECKOUT / name
+    spec = importlib.util.find_spec(f"jaxtl.{name}")
     locations = list(spec.submodule_search_locations or []) if spec else []
-    return Path(locations[0]) if locations else CHECKOUT / "configs"
+    return Path(locations[0]) if locations else CHECKOUT / name
+
+
+def shipped_configs() -> Path:
+    """The directory of jaxtl's shipped configs (`shipped_dir("configs")`)."""
+    return shipped_dir("configs")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, expected: type | None = None) -> Any:
