@@ -39,14 +39,14 @@ from jax import lax
 
 TILE_BYTES = 4 << 20  # patch matrix + output of one tile; a few MB keeps both in L2/L3
 GROUP = 4  # first-layer output positions along W per matrix row (measured best of 2, 4, 8, 16)
-IMPLS = ("auto", "xla", "fast")
+IMPLS = ("auto", "xla", "fast", "pallas")
 
 
 def default_impl() -> str:
-    """What "auto" means: $JAXTL_CONV_IMPL ("xla" or "fast") if set, else "fast" on a single CPU device and
-    "xla" otherwise (GPU/TPU, where XLA's convolutions are the fast path, or several CPU devices)."""
+    """What "auto" means: $JAXTL_CONV_IMPL ("xla", "fast" or "pallas") if set, else "fast" on a single CPU device
+    and "xla" otherwise (GPU/TPU, where XLA's convolutions are the fast path, or several CPU devices)."""
     forced = os.environ.get("JAXTL_CONV_IMPL", "")
-    if forced in ("xla", "fast"):
+    if forced in IMPLS[1:]:
         return forced
     return "fast" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "xla"
 

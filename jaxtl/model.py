@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtl import first_block
 from jaxtl.conv import conv3d, conv_bn_pool_relu, conv_bn_pool_relu_train, fused_train_ok, max_pool2, resolve_impl
 
 PENG_CHANNELS = (32, 64, 128, 256, 256, 64)  # Peng's UKB age model
@@ -81,8 +82,9 @@ class ConvBlock(nnx.Module):
     """Conv3d -> BatchNorm -> [MaxPool 2] -> ReLU, in Peng's order.
 
     `conv_impl`: "xla" (`nnx.Conv`), "fast" (`jaxtl.conv`: tiled im2col matmuls; the whole block is fused,
-    in train mode when D, H, W are even) or "auto" (fast on a single CPU device, XLA elsewhere). Same parameters
-    either way.
+    in train mode when D, H, W are even), "pallas" (the XLA path, but the 1-channel first block in eval mode as one
+    fused GPU kernel, `jaxtl.first_block`; not yet measured on a GPU; interpreted, slowly, elsewhere) or "auto"
+    (fast on a single CPU device, XLA elsewhere). Same parameters either way.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, pool: bool, *, dtype, rngs: nnx.Rngs,
@@ -99,8 +101,14 @@ class ConvBlock(nnx.Module):
         self.conv_impl = conv_impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if resolve_impl(self.conv_impl) == "fast":
+        impl = resolve_impl(self.conv_impl)
+        if impl == "fast":
             return self._fast(x)
+        kernel, bn = self.conv.kernel[...], self.bn
+        if impl == "pallas" and bn.use_running_average and first_block.supported(x.shape, kernel.shape, self.pool):
+            mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+            add = bn.bias[...] - bn.mean[...] * mul
+            return first_block.first_block(x, kernel, self.conv.bias[...], mul, add, dtype=self.conv.dtype)
         x = self.bn(self.conv(x))
         if self.pool:
             # `max_pool2` = nnx.max_pool's values and gradient without XLA's select-and-scatter: measured on an

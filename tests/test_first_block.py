@@ -1,0 +1,115 @@
+"""The fused first block (jaxtl.first_block): values and gradients in Pallas' interpreter against XLA's unfused block,
+the model's `conv_impl="pallas"` wiring, and the Triton lowering for CUDA (exported on this CPU-only machine)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import export
+
+from jaxtl import first_block as fb
+from jaxtl.model import SFCN
+
+VARIANTS = [dict(window=False, voxel_major=True), dict(window=False, voxel_major=False),
+            dict(window=True, voxel_major=True), dict(window=True, voxel_major=False)]
+
+
+def _args(shape, c, seed=0, negative_scale=True):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 1, c)), jnp.float32)
+    bias, mul, add = (jnp.asarray(rng.standard_normal(c), jnp.float32) for _ in range(3))
+    if not negative_scale:
+        mul = jnp.abs(mul)
+    return x, kernel, bias, mul, add
+
+
+@pytest.mark.parametrize("options", VARIANTS)
+def test_values_match_unfused_block(options):
+    # odd D (floored by the pool), 28 channels (padded to a power of two inside), a last program that is part padding,
+    # negative BatchNorm scales (the pool must take the max after the affine map)
+    args = _args((2, 7, 6, 10, 1), 28)
+    want = fb.reference(*args)
+    got = fb.first_block(*args, tile=16, **options)
+    assert got.shape == want.shape == (2, 3, 3, 5, 28)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * float(jnp.abs(want).max()))
+    assert float(jnp.abs(want).max()) > 1 and 0 < float((want == 0).mean()) < 0.5  # the ReLU acts, not everywhere
+
+
+def test_bfloat16_within_rounding():
+    x, kernel, bias, mul, add = _args((1, 6, 6, 6, 1), 32, seed=1)
+    got = fb.first_block(x, kernel, bias, mul, add, dtype=jnp.bfloat16, tile=32)
+    want = fb.reference(x, kernel, bias, mul, add)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05 * float(jnp.abs(want).max()))
+
+
+def test_gradient_is_the_unfused_blocks():
+    args = _args((1, 4, 6, 4, 1), 16, seed=2)
+    ct = jnp.asarray(np.random.default_rng(3).standard_normal((1, 2, 3, 2, 16)), jnp.float32)
+    got = jax.grad(lambda *a: jnp.sum(fb.first_block(*a, tile=16) * ct), argnums=(0, 1, 2, 3, 4))(*args)
+    want = jax.grad(lambda *a: jnp.sum(fb.reference(*a) * ct), argnums=(0, 1, 2, 3, 4))(*args)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(got[1]).max()) > 0
+
+
+def test_supported_and_errors():
+    assert fb.supported((2, 160, 192, 160, 1), (3, 3, 3, 1, 32), True)
+    assert not fb.supported((2, 16, 16, 16, 1), (3, 3, 3, 1, 32), False)  # no pool
+    assert not fb.supported((2, 16, 16, 16, 8), (3, 3, 3, 8, 32), True)  # several input channels
+    assert not fb.supported((2, 16, 16, 16, 1), (1, 1, 1, 1, 32), True)
+    assert not fb.supported((500, 160, 192, 160, 1), (3, 3, 3, 1, 32), True)  # offsets past int32
+    args = _args((1, 4, 4, 4, 1), 16)
+    with pytest.raises(ValueError, match="power of two"):
+        fb.first_block(*args, tile=48)
+    with pytest.raises(ValueError, match="first_block needs"):
+        fb.first_block(args[0][..., 0], *args[1:])
+
+
+def test_model_uses_it_in_eval_mode_only():
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 12, 12, 12)), jnp.float32)
+    models = {impl: SFCN((8, 16, 16), num_outputs=5, rngs=nnx.Rngs(0), conv_impl=impl) for impl in ("xla", "pallas")}
+    calls = []
+    real = fb.first_block
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape)
+        return real(*a, **kw)
+
+    fb.first_block = spy
+    try:
+        for m in models.values():  # non-trivial running statistics
+            for blk in m.blocks:
+                blk.bn.mean[...] = jnp.linspace(-0.2, 0.2, blk.bn.mean.shape[0])
+                blk.bn.var[...] = jnp.linspace(0.5, 2.0, blk.bn.var.shape[0])
+            m.eval()
+        feats = {impl: m.features(x) for impl, m in models.items()}
+        assert calls == [(2, 12, 12, 12, 1)]  # the first block only
+        np.testing.assert_allclose(feats["pallas"], feats["xla"], rtol=1e-5, atol=1e-5)
+        calls.clear()
+        for m in models.values():
+            m.train()
+        out = {impl: m(x, rngs=nnx.Rngs(dropout=0)) for impl, m in models.items()}
+        assert calls == []  # train mode: XLA's block (batch statistics)
+        np.testing.assert_allclose(out["pallas"], out["xla"], rtol=1e-5, atol=1e-5)
+    finally:
+        fb.first_block = real
+
+
+@pytest.mark.parametrize("options", [VARIANTS[0], VARIANTS[2]])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_lowers_to_triton_for_cuda(options, dtype):
+    """The kernel lowers to Triton IR for a GPU (Pallas' lowering rules run at export, no GPU needed); that the
+    IR compiles to PTX and how fast it runs is only known on a GPU (benchmarks/gpu_first_block.py)."""
+    x = jax.ShapeDtypeStruct((8, 160, 192, 160, 1), dtype)
+    k = jax.ShapeDtypeStruct((3, 3, 3, 1, 32), jnp.float32)
+    v = jax.ShapeDtypeStruct((32,), jnp.float32)
+    f = jax.jit(lambda *a: fb.first_block(*a, interpret=False, **options))
+    exported = export.export(f, platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, k, v, v, v)
+    text = exported.mlir_module()
+    assert "__gpu$xla.gpu.triton" in text and 'name = "sfcn_first_block"' in text
+    assert "tensor<8x80x96x80x32x" in text  # the pooled output, nothing at full resolution
+    assert "tensor<8x160x192x160x32x" not in text
