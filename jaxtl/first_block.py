@@ -33,6 +33,7 @@ POSITIONS = [(pd, ph, pw) for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)]  #
 # The defaults of `first_block`'s tuning arguments (what the model uses). Not tuned yet: no GPU measurement exists;
 # benchmarks/gpu_first_block.py measures the alternatives.
 TUNING = dict(tile=128, window=False, voxel_major=True, num_warps=4, num_stages=2)
+DEBUG = False  # pallas_call(debug=...): print the kernel's jaxpr and Triton IR when lowering (benchmarks/triton_ptx.py)
 
 
 def supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], pool: bool) -> bool:
@@ -116,6 +117,7 @@ def _pallas_block(x, w, mul, add, *, tile, window, voxel_major, num_warps, num_s
         out_specs=pl.BlockSpec((tile, cp), lambda s: (s, 0)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
+        debug=DEBUG,
         name="sfcn_first_block",
     )(xp, wk, mul, add)
     if steps * tile != count or cp != c:

@@ -184,6 +184,37 @@ def test_gpu_variant_first_layers_are_exact():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+def test_gpu_first_block_sweep_plumbing(tmp_path, monkeypatch):
+    """benchmarks/gpu_first_block.py on CPU (tiny shape, Pallas' interpreter): a record per dtype with the XLA block,
+    the kernel variants (checked against the XLA block), PyTorch's block with the same weights, and the best variant."""
+    import importlib.util
+
+    from conftest import REPO
+
+    pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location("gpu_first_block", REPO / "benchmarks" / "gpu_first_block.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "fb.jsonl"
+    monkeypatch.setattr(sys, "argv", ["gpu_first_block.py", str(out), "float32", "2", "1"])
+    mod.main()
+    [rec] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["kind"] == "first_block" and rec["batch"] == 2 and not rec["errors"]
+    assert set(rec["ms"]) == {"xla", "torch", "window=False,tile=16", "window=True,tile=16"}
+    assert all(d < 1e-5 for d in rec["max_rel_diff"].values()) and rec["best"]["tile"] == 16
+    # PyTorch's block got the same weights: its output equals the XLA block's
+    import jax.numpy as jnp
+    import torch
+
+    block = mod.block0(4, jnp.float32)
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 4, 1)).astype(np.float32)
+    want = np.asarray(block(jnp.asarray(x)))
+    layers = mod.torch_block(block, x, jnp.float32).layers
+    with torch.no_grad():
+        got = layers(torch.tensor(np.moveaxis(x, -1, 1))).numpy()
+    np.testing.assert_allclose(np.moveaxis(got, 1, -1), want, rtol=1e-5, atol=1e-5)
+
+
 def test_roofline_counts_each_activation_once(monkeypatch):
     """benchmarks/roofline.py: per-block FLOPs are bench.layer_flops; bytes are the block's input, conv output and
     pooled output; fusing the pool never loses; the 1mm Peng forward is ~132 GFLOP."""
