@@ -27,25 +27,35 @@ from jax import export
 from jaxtl import first_block as fb
 
 
-def triton_ir(dtype, shape=(8, 160, 192, 160), channels=32, **tuning) -> str:
-    """The kernel's Triton IR (textual MLIR, locations stripped) for an export to CUDA."""
+def triton_modules(dtype, shape=(8, 160, 192, 160), channels=32, **tuning) -> dict[str, str]:
+    """The Triton IR (textual MLIR, locations stripped) of the kernels an export to CUDA lowers, by kernel name:
+    `first_block` (eval) and `first_block_train`'s forward and gradient kernels."""
     x = jax.ShapeDtypeStruct((*shape, 1), dtype)
     k = jax.ShapeDtypeStruct((3, 3, 3, 1, channels), jnp.float32)
     v = jax.ShapeDtypeStruct((channels,), jnp.float32)
-    f = jax.jit(lambda *a: fb.first_block(*a, interpret=False, **tuning))
+
+    def train_loss(k, b, s, beta, x):
+        out, mean, var = fb.first_block_train(x, k, b, s, beta, interpret=False, **tuning)
+        return out.astype(jnp.float32).sum() + mean.sum() + var.sum()
+
+    fns = [(jax.jit(lambda *a: fb.first_block(*a, interpret=False, **tuning)), (x, k, v, v, v)),
+           (jax.jit(jax.grad(train_loss, argnums=(0, 1, 2, 3))), (k, v, v, v, x))]
     fb.DEBUG, out = True, io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            export.export(f, platforms=["cuda"], disabled_checks=[
-                export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, k, v, v, v)
+            for f, args in fns:
+                export.export(f, platforms=["cuda"], disabled_checks=[
+                    export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     finally:
         fb.DEBUG = False
-    text = out.getvalue()
-    text = text[text.index("\n", text.index("The Triton module")) + 1:]
-    text = text[:text.index("\n}") + 2]
-    text = re.sub(r"^#loc.*\n", "", text, flags=re.M)
-    text = re.sub(r' "[^"\n]*"\(#loc\d*\)| \[unknown\]| loc\([^\n]*\)$| #loc\d*', "", text, flags=re.M)
-    return text
+    modules = {}
+    for part in out.getvalue().split("The Triton module")[1:]:
+        text = part[part.index("\n") + 1:]
+        text = text[:text.index("\n}") + 2]
+        text = re.sub(r"^#loc.*\n", "", text, flags=re.M)
+        text = re.sub(r' "[^"\n]*"\(#loc\d*\)| \[unknown\]| loc\([^\n]*\)$| #loc\d*', "", text, flags=re.M)
+        modules[re.search(r"module @(\w+)", text).group(1)] = text
+    return modules
 
 
 def main() -> None:
@@ -64,21 +74,27 @@ def main() -> None:
     for dtype in args.dtype.split(","):
         for values in itertools.product(*grid.values()):
             tuning = dict(zip(grid, values, strict=True))
-            name = f"{dtype}-" + "-".join(f"{k}{int(v)}" for k, v in tuning.items())
-            path = out / f"{name}.ttir"
-            path.write_text(triton_ir(jnp.dtype(dtype), **tuning))
-            for warps in (4, 8):
-                try:
-                    kernel = triton.compile(str(path), target=GPUTarget("cuda", args.capability, 32),
-                                            options={"num_warps": warps, "num_stages": 2})
-                except Exception as e:  # noqa: BLE001
-                    print(f"{name} warps={warps}: FAILED {str(e)[:300]}")
-                    continue
-                ptx = kernel.asm["ptx"]
-                (out / f"{name}-w{warps}.ptx").write_text(ptx)
-                print(f"{name} warps={warps}: shared {kernel.metadata.shared} B, "
-                      f"mma.sync {ptx.count('mma.sync')}, wgmma {ptx.count('wgmma.mma_async')}, "
-                      f"ld.global {len(re.findall(r'ld[.]global', ptx))}, spills {'yes' if '.local' in ptx else 'no'}")
+            for kernel_name, ir in triton_modules(jnp.dtype(dtype), **tuning).items():
+                name = f"{kernel_name}-{dtype}-" + "-".join(f"{k}{int(v)}" for k, v in tuning.items())
+                path = out / f"{name}.ttir"
+                path.write_text(ir)
+                for warps in (4, 8):
+                    compile_one(triton, GPUTarget, path, warps, args.capability)
+
+
+def compile_one(triton, target, path: Path, warps: int, capability: int) -> None:
+    name = f"{path.stem} warps={warps}"
+    try:
+        kernel = triton.compile(str(path), target=target("cuda", capability, 32),
+                                options={"num_warps": warps, "num_stages": 2})
+    except Exception as e:  # noqa: BLE001
+        print(f"{name}: FAILED {str(e)[:300]}")
+        return
+    ptx = kernel.asm["ptx"]
+    path.with_name(f"{path.stem}-w{warps}.ptx").write_text(ptx)
+    print(f"{name}: shared {kernel.metadata.shared} B, "
+          f"mma.sync {ptx.count('mma.sync')}, wgmma {ptx.count('wgmma.mma_async')}, "
+          f"ld.global {len(re.findall(r'ld[.]global', ptx))}, spills {'yes' if '.local' in ptx else 'no'}")
 
 
 if __name__ == "__main__":

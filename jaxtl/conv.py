@@ -286,7 +286,7 @@ def _pool_fwd(x):
     return y, (x, y)
 
 
-def _pool_grad(y: jax.Array, sel: jax.Array, g: jax.Array) -> jax.Array:
+def pool_grad(y: jax.Array, sel: jax.Array, g: jax.Array) -> jax.Array:
     """Gradient of a 2x2x2 max-pool that selected `sel` from `y` (b,2t,2h,2w,o): `g` (b,t,h,w,o) goes to each
     window's first voxel equal to `sel` in reduce_window's order (as XLA's select-and-scatter), zero elsewhere."""
     n, d, h, w, c = y.shape
@@ -301,7 +301,7 @@ def _pool_grad(y: jax.Array, sel: jax.Array, g: jax.Array) -> jax.Array:
 def _pool_bwd(res, g):
     x, y = res
     n, d, h, w, c = x.shape
-    dx = _pool_grad(x[:, :d // 2 * 2, :h // 2 * 2, :w // 2 * 2], y, g)
+    dx = pool_grad(x[:, :d // 2 * 2, :h // 2 * 2, :w // 2 * 2], y, g)
     return (jnp.pad(dx, ((0, 0), (0, d % 2), (0, h % 2), (0, w % 2), (0, 0))).astype(x.dtype),)
 
 
@@ -429,7 +429,7 @@ def _bn_train_bwd(eps, tile_bytes, res, cts):
             y = (tile(b0, d0, h0) + b.astype(f32)).astype(dtype)
         at, size = (b0, d0 // 2, h0 // 2, 0, 0), (bc, t // 2, th // 2, wd // 2, o)
         s, rt = _unbits(lax.dynamic_slice(_bits(sel), at, size), dtype), lax.dynamic_slice(r, at, size)
-        dy = (_pool_grad(y, s, rt) + c0 + c1 * y.astype(f32)).astype(dtype)
+        dy = (pool_grad(y, s, rt) + c0 + c1 * y.astype(f32)).astype(dtype)
         return (_bits(dy),), acc + _tn_dot(patches(b0, d0, h0), dy.reshape(-1, o))
 
     (dy,), dw = _for_tiles(fn, tiles, counts, jnp.zeros((k**3 * c, o), f32))

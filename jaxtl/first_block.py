@@ -24,9 +24,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from jaxtl.conv import max_pool2
 
 TAPS = 32  # 27 kernel taps padded to a tensor-core friendly K
 POSITIONS = [(pd, ph, pw) for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)]  # in the 2x2x2 pooling window
@@ -45,16 +48,36 @@ def supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], pool: boo
     return min(d, h, w) >= 2 and b * (d + 2) * (h + 2) * (w + 2) < 2**31
 
 
-def _kernel(x_ref, w_ref, mul_ref, add_ref, o_ref, *, dims, count, tile, window, voxel_major):
-    dp, hp, wp, sb, sd, sh = dims
-    q = jnp.minimum(pl.program_id(0) * tile + jnp.arange(tile, dtype=jnp.int32), count - 1)  # pooled voxels
-    col, row = q % wp, q // wp
-    j, row = row % hp, row // hp
-    i, n = row % dp, row // dp
-    base = n * sb + 2 * i * sd + 2 * j * sh + 2 * col  # padded-input offset of the pooling window's first tap
+class _Grid:
+    """Static geometry of one launch: the padded input flattened, `tile` pooled voxels per program."""
+
+    def __init__(self, shape: tuple[int, ...], tile: int):
+        b, d, h, w = shape[:4]
+        self.tile, self.pooled = tile, (b, d // 2, h // 2, w // 2)
+        self.count = b * (d // 2) * (h // 2) * (w // 2)  # pooled voxels
+        self.steps = pl.cdiv(self.count, tile)
+        self.strides = ((d + 2) * (h + 2) * (w + 2), (h + 2) * (w + 2), w + 2)  # batch, depth, height
+
+    def windows(self):
+        """In a kernel: the padded-input offset of each of this program's pooling windows' first tap, and whether
+        the pooled voxel exists (the last program's tail repeats the last voxel)."""
+        _, dp, hp, wp = self.pooled
+        sb, sd, sh = self.strides
+        q = pl.program_id(0) * self.tile + jnp.arange(self.tile, dtype=jnp.int32)
+        exists = q < self.count
+        q = jnp.minimum(q, self.count - 1)
+        col, row = q % wp, q // wp
+        j, row = row % hp, row // hp
+        i, n = row % dp, row // dp
+        return n * sb + 2 * i * sd + 2 * j * sh + 2 * col, exists
+
+
+def _conv_outputs(x_ref, w_ref, grid: _Grid, base, *, window: bool, voxel_major: bool):
+    """In a kernel: for each pooling position (POSITIONS order), the gathered patches and the conv output
+    (float32, no bias): (C, tile) if voxel_major else (tile, C)."""
+    _, sd, sh = grid.strides
 
     def gather(offsets, valid):
-        """The (K, tile) or (tile, K) matrix x[base + offsets] (0 where not `valid`)."""
         if voxel_major:  # a warp's lanes run along neighbouring voxels: addresses 2 apart, 1-2 cache lines
             idx, valid = base[None, :] + offsets[:, None], valid[:, None]
         else:
@@ -66,21 +89,128 @@ def _kernel(x_ref, w_ref, mul_ref, add_ref, o_ref, *, dims, count, tile, window,
             return jnp.dot(w, patches, preferred_element_type=jnp.float32)
         return jnp.dot(patches, w, preferred_element_type=jnp.float32)
 
-    mul, add = mul_ref[...], add_ref[...]
     if window:  # the 4x4x4 input neighbourhood of the pooling window, gathered once
         k = jnp.arange(64, dtype=jnp.int32)
         patches = gather((k // 16) * sd + (k // 4 % 4) * sh + k % 4, k >= 0)
     else:  # the 27 taps of one conv output, padded to 32
         k = jnp.arange(TAPS, dtype=jnp.int32)
         taps = (k // 9) * sd + (k // 3 % 3) * sh + k % 3
-    best = None
     for p, (pd, ph, pw) in enumerate(POSITIONS):
         if not window:
             patches = gather(taps + (pd * sd + ph * sh + pw), k < 27)
-        y = conv(patches, w_ref[p if window else 0]) * mul + add
+        yield patches, conv(patches, w_ref[p if window else 0])
+
+
+def _eval_kernel(x_ref, w_ref, mul_ref, add_ref, o_ref, *, grid, window, voxel_major):
+    base, _ = grid.windows()
+    mul, add = mul_ref[...], add_ref[...]
+    best = None
+    for _, y in _conv_outputs(x_ref, w_ref, grid, base, window=window, voxel_major=voxel_major):
+        y = y * mul + add
         best = y if best is None else jnp.maximum(best, y)
     best = jnp.maximum(best, 0).astype(o_ref.dtype)
     o_ref[...] = best.T if voxel_major else best
+
+
+def _train_kernel(x_ref, w_ref, b_ref, max_ref, min_ref, argmax_ref, argmin_ref, mean_ref, m2_ref, *, grid, window,
+                  voxel_major):
+    """Train forward: per pooled voxel the max and min of the conv output over its window and their positions (the
+    first one, as XLA's max-pool gradient), per program the mean and sum of squared deviations of the conv output
+    over its windows (BatchNorm's batch statistics, combined across programs outside)."""
+    base, exists = grid.windows()
+    axis = 1 if voxel_major else 0
+    exists = exists[None, :] if voxel_major else exists[:, None]
+    n = 8 * jnp.sum(exists.astype(jnp.float32))
+    dtype, b = max_ref.dtype, b_ref[...]
+    for p, (_, y) in enumerate(_conv_outputs(x_ref, w_ref, grid, base, window=window, voxel_major=voxel_major)):
+        y = (y + b).astype(dtype).astype(jnp.float32)  # as stored: statistics and pooling see the same values
+        if p == 0:  # shift by the first position's mean: the sums below then lose nothing to cancellation
+            shift = 8 * jnp.sum(jnp.where(exists, y, 0), axis=axis, keepdims=True) / n
+            s1 = s2 = 0.0
+            ymax = ymin = y
+            amax = amin = jnp.zeros(y.shape, jnp.int32)
+        else:
+            amax, amin = jnp.where(y > ymax, p, amax), jnp.where(y < ymin, p, amin)
+            ymax, ymin = jnp.maximum(ymax, y), jnp.minimum(ymin, y)
+        dev = jnp.where(exists, y - shift, 0)
+        s1 = s1 + jnp.sum(dev, axis=axis, keepdims=True)
+        s2 = s2 + jnp.sum(dev * dev, axis=axis, keepdims=True)
+    mean, m2 = shift + s1 / n, s2 - s1 * s1 / n
+    if voxel_major:
+        ymax, ymin, amax, amin, mean, m2 = ymax.T, ymin.T, amax.T, amin.T, mean.T, m2.T
+    max_ref[...], min_ref[...] = ymax.astype(dtype), ymin.astype(dtype)
+    argmax_ref[...], argmin_ref[...] = amax.astype(jnp.int8), amin.astype(jnp.int8)
+    mean_ref[...], m2_ref[...] = mean, m2
+
+
+def _grad_kernel(x_ref, w_ref, b_ref, c0_ref, c1_ref, pos_ref, r_ref, dw_ref, *, grid, voxel_major):
+    """Train backward: the kernel gradient of this program's windows, sum over voxels of patch x dL/dy, with
+    dL/dy = r at the window position the pool selected (`pos`) + c0 + c1 y (BatchNorm's); the conv output is
+    recomputed, never stored."""
+    base, exists = grid.windows()
+    dtype, b, c0, c1 = x_ref.dtype, b_ref[...], c0_ref[...], c1_ref[...]
+    pos, r = pos_ref[...].astype(jnp.int32), r_ref[...]
+    if voxel_major:
+        pos, r, exists = pos.T, r.T, exists[None, :]
+    else:
+        exists = exists[:, None]
+    dw = None
+    for p, (patches, y) in enumerate(_conv_outputs(x_ref, w_ref, grid, base, window=False, voxel_major=voxel_major)):
+        y = (y + b).astype(dtype).astype(jnp.float32)
+        dy = jnp.where(exists, jnp.where(pos == p, r, 0) + c0 + c1 * y, 0).astype(dtype)
+        if voxel_major:  # (C, tile) x (tile, K)
+            g = jnp.dot(dy, patches.T, preferred_element_type=jnp.float32)
+        else:  # (K, tile) x (tile, C)
+            g = jnp.dot(patches.T, dy, preferred_element_type=jnp.float32)
+        dw = g if dw is None else dw + g
+    dw_ref[...] = dw[None]
+
+
+def _launch(kernel, grid: _Grid, x, whole, blocked, outputs, *, name, num_warps, num_stages, interpret, **params):
+    """pallas_call over `grid.steps` programs. Kernel arguments in order: `x` (the flattened padded input, read by
+    address), the `whole` arrays, the `blocked` ones ((array, block): each program gets block number s), the
+    `outputs` ((shape, dtype, block))."""
+    def rows(block):
+        zeros = (0,) * (len(block) - 1)
+        return pl.BlockSpec(block, lambda s: (s, *zeros))
+
+    def full(a):
+        zeros = (0,) * a.ndim
+        return pl.BlockSpec(a.shape, lambda s: zeros)
+
+    return pl.pallas_call(
+        functools.partial(kernel, grid=grid, **params),
+        out_shape=[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype, _ in outputs],
+        grid=(grid.steps,),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)] + [full(a) for a in whole] + [rows(b) for _, b in blocked],
+        out_specs=[rows(block) for _, _, block in outputs],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        debug=DEBUG,
+        name=name,
+    )(x, *whole, *(a for a, _ in blocked))
+
+
+def _padded_input(x):
+    return jnp.pad(x[..., 0], ((0, 0), (1, 1), (1, 1), (1, 1))).reshape(-1)
+
+
+def _kernel_matrix(w, cp, window, voxel_major, dtype):
+    """(3, 3, 3, C) -> (P, K, Cp) (or (P, Cp, K) voxel-major): the taps padded to 32 (P = 1), or each pooling
+    position's kernel in the 4x4x4 window neighbourhood (P = 8)."""
+    c = w.shape[-1]
+    wk = window_kernel(w) if window else jnp.pad(w.reshape(1, 27, c), ((0, 0), (0, TAPS - 27), (0, 0)))
+    wk = jnp.pad(wk, ((0, 0), (0, 0), (0, cp - c))).astype(dtype)
+    return wk.transpose(0, 2, 1) if voxel_major else wk
+
+
+def _channel_vector(v, cp, voxel_major):
+    v = jnp.pad(v.astype(jnp.float32), (0, cp - v.shape[0])).reshape(1, cp)
+    return v.T if voxel_major else v
+
+
+def _channels(c):
+    return max(16, pl.next_power_of_2(c))  # Triton tiles are powers of two (Peng's sex model has 28 channels)
 
 
 def window_kernel(w: jax.Array) -> jax.Array:
@@ -93,46 +223,51 @@ def window_kernel(w: jax.Array) -> jax.Array:
 
 def _pallas_block(x, w, mul, add, *, tile, window, voxel_major, num_warps, num_stages, interpret):
     """x (B, D, H, W, 1) in the compute dtype; w (3, 3, 3, C); mul, add (C,) float32 (conv bias folded into add)."""
-    b, d, h, wd, _ = x.shape
     c = w.shape[-1]
-    cp = max(16, pl.next_power_of_2(c))  # Triton tiles are powers of two (Peng's sex model has 28 channels)
-    dp, hp, wp = d // 2, h // 2, wd // 2
-    count = b * dp * hp * wp
-    steps = pl.cdiv(count, tile)
-    xp = jnp.pad(x[..., 0], ((0, 0), (1, 1), (1, 1), (1, 1))).reshape(-1)
-    wk = window_kernel(w) if window else jnp.pad(w.reshape(1, 27, c), ((0, 0), (0, TAPS - 27), (0, 0)))
-    wk = jnp.pad(wk, ((0, 0), (0, 0), (0, cp - c))).astype(x.dtype)
-    mul, add = (jnp.pad(v, (0, cp - c)).reshape(1, cp) for v in (mul, add))
-    if voxel_major:
-        wk, mul, add = wk.transpose(0, 2, 1), mul.T, add.T
-    dims = (dp, hp, wp, (d + 2) * (h + 2) * (wd + 2), (h + 2) * (wd + 2), wd + 2)
-    out = pl.pallas_call(
-        functools.partial(_kernel, dims=dims, count=count, tile=tile, window=window, voxel_major=voxel_major),
-        out_shape=jax.ShapeDtypeStruct((steps * tile, cp), x.dtype),
-        grid=(steps,),
-        in_specs=[pl.BlockSpec(memory_space=pl.ANY),
-                  pl.BlockSpec(wk.shape, lambda s: (0, 0, 0)),
-                  pl.BlockSpec(mul.shape, lambda s: (0, 0)),
-                  pl.BlockSpec(add.shape, lambda s: (0, 0))],
-        out_specs=pl.BlockSpec((tile, cp), lambda s: (s, 0)),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        debug=DEBUG,
-        name="sfcn_first_block",
-    )(xp, wk, mul, add)
-    if steps * tile != count or cp != c:
-        out = out[:count, :c]
-    return out.reshape(b, dp, hp, wp, c)
+    cp, grid = _channels(c), _Grid(x.shape, tile)
+    vec = functools.partial(_channel_vector, cp=cp, voxel_major=voxel_major)
+    [out] = _launch(_eval_kernel, grid, _padded_input(x),
+                    [_kernel_matrix(w, cp, window, voxel_major, x.dtype), vec(mul), vec(add)], [],
+                    [((grid.steps * tile, cp), x.dtype, (tile, cp))],
+                    name="sfcn_first_block", window=window, voxel_major=voxel_major, num_warps=num_warps,
+                    num_stages=num_stages, interpret=interpret)
+    return out[:grid.count, :c].reshape(*grid.pooled, c)
+
+
+def _conv(x, kernel):
+    """XLA's convolution, float32 output."""
+    return lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1, 1), [(1, 1)] * 3,
+                                    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), preferred_element_type=jnp.float32)
 
 
 def reference(x: jax.Array, kernel: jax.Array, bias: jax.Array, mul: jax.Array, add: jax.Array) -> jax.Array:
     """The same block unfused, on XLA's convolution (what `first_block` computes; its gradient)."""
-    y = lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1, 1), [(1, 1)] * 3,
-                                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), preferred_element_type=jnp.float32)
-    y = (y + bias) * mul + add
-    b, d, h, w, c = y.shape
-    y = y[:, :d // 2 * 2, :h // 2 * 2, :w // 2 * 2].reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c).max(axis=(2, 4, 6))
-    return jnp.maximum(y, 0).astype(x.dtype)
+    return jnp.maximum(max_pool2((_conv(x, kernel) + bias) * mul + add), 0).astype(x.dtype)
+
+
+def train_reference(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, beta: jax.Array, *,
+                    epsilon: float = 1e-5) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The train-mode block unfused (what `first_block_train` computes): conv -> BatchNorm with batch statistics
+    (as `jaxtl.model.BatchNorm`) -> max-pool -> ReLU; returns (output, batch mean, biased batch variance)."""
+    y = (_conv(x, kernel) + bias).astype(x.dtype).astype(jnp.float32)
+    mean = y.mean(axis=(0, 1, 2, 3))
+    var = jnp.square(y - mean).mean(axis=(0, 1, 2, 3))
+    mul = scale * lax.rsqrt(var + epsilon)
+    return jnp.maximum(max_pool2(y * mul + (beta - mean * mul)), 0).astype(x.dtype), mean, var
+
+
+def _options(tuning: dict, interpret: bool | None) -> tuple:
+    unknown = set(tuning) - set(TUNING)
+    if unknown:
+        raise TypeError(f"unknown tuning arguments {sorted(unknown)}; known: {sorted(TUNING)}")
+    tuning = TUNING | tuning
+    tile = tuning["tile"]
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"tile must be a power of two >= 16, got {tile}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return (int(tile), bool(tuning["window"]), bool(tuning["voxel_major"]), int(tuning["num_warps"]),
+            int(tuning["num_stages"]), bool(interpret))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -170,17 +305,118 @@ def first_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, mul: jax.Array
     if not supported(x.shape, kernel.shape, True):
         raise ValueError(f"first_block needs a (B, D, H, W, 1) input with D, H, W >= 2 and a (3, 3, 3, 1, C) kernel, "
                          f"got {x.shape} and {kernel.shape}")
-    unknown = set(tuning) - set(TUNING)
-    if unknown:
-        raise TypeError(f"first_block got unknown tuning arguments {sorted(unknown)}; known: {sorted(TUNING)}")
-    tuning = TUNING | tuning
-    tile = tuning["tile"]
-    if tile < 16 or tile & (tile - 1):
-        raise ValueError(f"tile must be a power of two >= 16, got {tile}")
-    dtype = jnp.dtype(dtype or x.dtype)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    options = _options(tuning, interpret)
     f32 = jnp.float32
-    return _block(x.astype(dtype), kernel.astype(f32), bias.astype(f32), mul.astype(f32), add.astype(f32),
-                  (int(tile), bool(tuning["window"]), bool(tuning["voxel_major"]), int(tuning["num_warps"]),
-                   int(tuning["num_stages"]), bool(interpret)))
+    return _block(x.astype(dtype or x.dtype), kernel.astype(f32), bias.astype(f32), mul.astype(f32), add.astype(f32),
+                  options)
+
+
+# ------------------------------------------------------------------------------------------------
+# Train mode: BatchNorm with batch statistics. Forward: one kernel gives each window's max and min of the conv
+# output and per-program statistics; BatchNorm's per-channel affine map is monotone, so the pooled output is
+# the max (or, where the scale is negative, the min) mapped, at pooled size. Backward: only each window's
+# selected voxel gets the pool's gradient, so BatchNorm's reductions over the full-resolution gradient are sums
+# over pooled-size arrays, and a second kernel recomputes the conv output and accumulates the kernel gradient
+# (the math of jaxtl.conv.conv_bn_pool_relu_train, the CPU version).
+
+
+def _train_forward(x, kernel, bias, scale, beta, epsilon, options):
+    tile, window, voxel_major, num_warps, num_stages, interpret = options
+    c = kernel.shape[-1]
+    cp, grid = _channels(c), _Grid(x.shape, tile)
+    vec = functools.partial(_channel_vector, cp=cp, voxel_major=voxel_major)
+    rows = grid.steps * tile
+    ymax, ymin, amax, amin, means, m2s = _launch(
+        _train_kernel, grid, _padded_input(x), [_kernel_matrix(kernel[:, :, :, 0], cp, window, voxel_major, x.dtype),
+                                                vec(bias)], [],
+        [((rows, cp), x.dtype, (tile, cp))] * 2 + [((rows, cp), jnp.int8, (tile, cp))] * 2
+        + [((grid.steps, cp), jnp.float32, (1, cp))] * 2,
+        name="sfcn_first_block_train", window=window, voxel_major=voxel_major, num_warps=num_warps,
+        num_stages=num_stages, interpret=interpret)
+    # Chan et al.'s parallel combination of the programs' (count, mean, M2)
+    counts = 8 * np.clip(grid.count - tile * np.arange(grid.steps), 0, tile).astype(np.float32)[:, None]
+    total = 8 * grid.count
+    means, m2s = means[:, :c], m2s[:, :c]
+    mean = jnp.sum(counts * means, axis=0) / total
+    var = (jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)) / total
+    mul = scale * lax.rsqrt(var + epsilon)
+    sel = jnp.where(mul >= 0, ymax[:grid.count, :c], ymin[:grid.count, :c]).reshape(*grid.pooled, c)
+    pos = jnp.where(mul >= 0, amax[:grid.count, :c], amin[:grid.count, :c]).reshape(*grid.pooled, c)
+    out = jnp.maximum(sel.astype(jnp.float32) * mul + (beta - mean * mul), 0).astype(x.dtype)
+    return (out, mean, var), (x, kernel, bias, sel, pos, mean, var, scale, beta)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _train_block(x, kernel, bias, scale, beta, epsilon, options):
+    return _train_forward(x, kernel, bias, scale, beta, epsilon, options)[0]
+
+
+def _train_backward(epsilon, options, res, cts):
+    x, kernel, bias, sel, pos, mean, var, scale, beta = res
+    g_out, g_mean, g_var = cts
+    tile, _, voxel_major, num_warps, num_stages, interpret = options
+    f32, dtype = jnp.float32, x.dtype
+    c = kernel.shape[-1]
+    cp, grid = _channels(c), _Grid(x.shape, tile)
+    count = 8 * grid.count  # conv outputs (D, H, W even)
+    inv = lax.rsqrt(var + epsilon)
+    mul = scale * inv
+    sf = sel.astype(f32)
+    axes = (0, 1, 2, 3)
+    dr = jnp.where(sf * mul + (beta - mean * mul) > 0, g_out.astype(f32), 0)
+    s_dz, s_dzy = dr.sum(axes), (dr * (sf - mean) * inv).sum(axes)
+    # dL/dy = mul * dz + c0 + c1 * y (dz: the pool's sparse gradient), plus the cotangents of mean and var
+    c1 = -mul * inv * s_dzy / count + 2 * g_var / count
+    c0 = -mul * s_dz / count + mul * inv * mean * s_dzy / count + g_mean / count - 2 * g_var * mean / count
+    r = dr * mul
+    vec = functools.partial(_channel_vector, cp=cp, voxel_major=voxel_major)
+    pad = ((0, grid.steps * tile - grid.count), (0, cp - c))
+    [dw] = _launch(
+        _grad_kernel, grid, _padded_input(x),
+        [_kernel_matrix(kernel[:, :, :, 0], cp, False, voxel_major, dtype), vec(bias), vec(c0), vec(c1)],
+        [(jnp.pad(pos.reshape(-1, c), pad), (tile, cp)), (jnp.pad(r.reshape(-1, c), pad), (tile, cp))],
+        [((grid.steps, cp, TAPS) if voxel_major else (grid.steps, TAPS, cp), f32,
+          (1, cp, TAPS) if voxel_major else (1, TAPS, cp))],
+        name="sfcn_first_block_grad", voxel_major=voxel_major, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret)
+    dw = dw.sum(0)
+    dw = (dw.T if voxel_major else dw)[:27, :c].reshape(kernel.shape)
+    # The input's gradient, on XLA (XLA drops it when the input needs none, as for the network's input)
+    def windows(a):  # (B, D/2, H/2, W/2, C) -> broadcastable against the windows of the conv output
+        return a[:, :, None, :, None, :, None, :]
+
+    y = (_conv(x, kernel) + bias).astype(dtype).astype(f32)
+    at = np.arange(8).reshape(2, 2, 2)[None, None, :, None, :, None, :, None]  # POSITIONS order
+    dz = jnp.where(at == windows(pos.astype(jnp.int32)), windows(r), 0).reshape(y.shape)
+    dy = (dz + c0 + c1 * y).astype(dtype)
+    dx = jax.vjp(lambda x: _conv(x, kernel.astype(dtype)), x)[1](dy.astype(f32))[0]
+    return dx.astype(x.dtype), dw, g_mean.astype(f32), s_dzy, s_dz
+
+
+_train_block.defvjp(lambda *a: _train_forward(*a), _train_backward)
+
+
+def train_supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], pool: bool) -> bool:
+    """Whether `first_block_train` computes this block: as `supported`, with even D, H, W (the batch statistics
+    cover every voxel, so none may fall outside the pooling windows)."""
+    return supported(x_shape, kernel_shape, pool) and all(s % 2 == 0 for s in x_shape[1:4])
+
+
+def first_block_train(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax.Array, beta: jax.Array, *,
+                      epsilon: float = 1e-5, dtype=None, interpret: bool | None = None, **tuning
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The train-mode first block, fused: relu(maxpool2(BatchNorm(conv3d(x) + bias))) with batch statistics.
+
+    Returns (output, batch mean, biased batch variance), the statistics for the running averages, as
+    `train_reference`. The full-resolution conv output is never stored: the forward kernel writes each window's
+    max and min and per-program statistics; the backward kernel recomputes the conv output to accumulate the
+    kernel gradient. D, H, W must be even (`train_supported`). Differentiable in all array arguments (the input's
+    gradient is XLA's, and dropped when not needed). `tuning` as `first_block` (the backward always gathers taps).
+    """
+    if not train_supported(x.shape, kernel.shape, True):
+        raise ValueError(f"first_block_train needs a (B, D, H, W, 1) input with even D, H, W and a (3, 3, 3, 1, C) "
+                         f"kernel, got {x.shape} and {kernel.shape}")
+    options = _options(tuning, interpret)
+    f32 = jnp.float32
+    return _train_block(x.astype(dtype or x.dtype), kernel.astype(f32), bias.astype(f32), scale.astype(f32),
+                        beta.astype(f32), float(epsilon), options)

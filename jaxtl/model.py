@@ -82,8 +82,9 @@ class ConvBlock(nnx.Module):
     """Conv3d -> BatchNorm -> [MaxPool 2] -> ReLU, in Peng's order.
 
     `conv_impl`: "xla" (`nnx.Conv`), "fast" (`jaxtl.conv`: tiled im2col matmuls; the whole block is fused,
-    in train mode when D, H, W are even), "pallas" (the XLA path, but the 1-channel first block in eval mode as one
-    fused GPU kernel, `jaxtl.first_block`; not yet measured on a GPU; interpreted, slowly, elsewhere) or "auto"
+    in train mode when D, H, W are even), "pallas" (the XLA path, but the 1-channel first block as fused GPU kernels,
+    `jaxtl.first_block`, in eval and, for even D, H, W, train mode; not yet measured on a GPU; interpreted, slowly,
+    elsewhere) or "auto"
     (fast on a single CPU device, XLA elsewhere). Same parameters either way.
     """
 
@@ -104,11 +105,16 @@ class ConvBlock(nnx.Module):
         impl = resolve_impl(self.conv_impl)
         if impl == "fast":
             return self._fast(x)
-        kernel, bn = self.conv.kernel[...], self.bn
+        kernel, bias, bn = self.conv.kernel[...], self.conv.bias[...], self.bn
         if impl == "pallas" and bn.use_running_average and first_block.supported(x.shape, kernel.shape, self.pool):
             mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
             add = bn.bias[...] - bn.mean[...] * mul
-            return first_block.first_block(x, kernel, self.conv.bias[...], mul, add, dtype=self.conv.dtype)
+            return first_block.first_block(x, kernel, bias, mul, add, dtype=self.conv.dtype)
+        if impl == "pallas" and first_block.train_supported(x.shape, kernel.shape, self.pool):
+            y, mean, var = first_block.first_block_train(x, kernel, bias, bn.scale[...], bn.bias[...],
+                                                         epsilon=bn.epsilon, dtype=self.conv.dtype)
+            bn.update_statistics(mean, var, math.prod(x.shape[:-1]))
+            return y
         x = self.bn(self.conv(x))
         if self.pool:
             # `max_pool2` = nnx.max_pool's values and gradient without XLA's select-and-scatter: measured on an

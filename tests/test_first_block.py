@@ -68,41 +68,91 @@ def test_supported_and_errors():
         fb.first_block(args[0][..., 0], *args[1:])
 
 
-def test_model_uses_it_in_eval_mode_only():
-    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 12, 12, 12)), jnp.float32)
-    models = {impl: SFCN((8, 16, 16), num_outputs=5, rngs=nnx.Rngs(0), conv_impl=impl) for impl in ("xla", "pallas")}
+@pytest.mark.parametrize("options", VARIANTS)
+def test_train_block_matches_unfused_block(options):
+    """Output, batch statistics and the gradients of all inputs (cotangents on the statistics too, as the running
+    averages are not differentiated but a caller may) against conv -> BatchNorm -> max-pool -> ReLU on XLA. 28
+    channels, a last program that is part padding, negative scales, an input with a large mean."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 6, 4, 8, 1)) + 3.0, jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 1, 28)) * 0.3, jnp.float32)
+    bias, scale, beta = (jnp.asarray(rng.standard_normal(28), jnp.float32) for _ in range(3))
+    args = (x, kernel, bias, scale, beta)
+    want = fb.train_reference(*args)
+    got = fb.first_block_train(*args, tile=16, **options)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
+    cts = [jnp.asarray(rng.standard_normal(w.shape), jnp.float32) for w in want]
+
+    def loss(f):
+        return lambda *a: sum(jnp.sum(o * ct) for o, ct in zip(f(*a), cts, strict=True))
+
+    grads = jax.grad(loss(lambda *a: fb.first_block_train(*a, tile=16, **options)), argnums=range(5))(*args)
+    expected = jax.grad(loss(fb.train_reference), argnums=range(5))(*args)
+    for g, w in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
+        assert float(jnp.abs(w).max()) > 0
+
+
+def test_train_block_needs_even_sizes():
+    assert fb.train_supported((2, 6, 4, 8, 1), (3, 3, 3, 1, 8), True)
+    assert not fb.train_supported((2, 5, 4, 8, 1), (3, 3, 3, 1, 8), True)
+    x, kernel, bias, scale, beta = _args((1, 5, 4, 4, 1), 16)
+    with pytest.raises(ValueError, match="even D, H, W"):
+        fb.first_block_train(x, kernel, bias, scale, beta)
+
+
+def _spy(monkeypatch):
     calls = []
-    real = fb.first_block
+    for name in ("first_block", "first_block_train"):
+        real = getattr(fb, name)
+        monkeypatch.setattr(fb, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
+    return calls
 
-    def spy(*a, **kw):
-        calls.append(a[0].shape)
-        return real(*a, **kw)
 
-    fb.first_block = spy
-    try:
-        for m in models.values():  # non-trivial running statistics
-            for blk in m.blocks:
-                blk.bn.mean[...] = jnp.linspace(-0.2, 0.2, blk.bn.mean.shape[0])
-                blk.bn.var[...] = jnp.linspace(0.5, 2.0, blk.bn.var.shape[0])
-            m.eval()
-        feats = {impl: m.features(x) for impl, m in models.items()}
-        assert calls == [(2, 12, 12, 12, 1)]  # the first block only
-        np.testing.assert_allclose(feats["pallas"], feats["xla"], rtol=1e-5, atol=1e-5)
-        calls.clear()
-        for m in models.values():
-            m.train()
-        out = {impl: m(x, rngs=nnx.Rngs(dropout=0)) for impl, m in models.items()}
-        assert calls == []  # train mode: XLA's block (batch statistics)
-        np.testing.assert_allclose(out["pallas"], out["xla"], rtol=1e-5, atol=1e-5)
-    finally:
-        fb.first_block = real
+def test_model_uses_the_kernels_for_the_first_block(monkeypatch):
+    """`conv_impl="pallas"`: eval and train mode give what the XLA path gives (features, log-probabilities,
+    gradients, BatchNorm running statistics), with the kernels for the first block only."""
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 12, 12, 12)) + 1.0, jnp.float32)
+    models = {impl: SFCN((8, 16, 16), num_outputs=5, rngs=nnx.Rngs(0), conv_impl=impl) for impl in ("xla", "pallas")}
+    for m in models.values():  # non-trivial running statistics
+        for blk in m.blocks:
+            blk.bn.mean[...] = jnp.linspace(-0.2, 0.2, blk.bn.mean.shape[0])
+            blk.bn.var[...] = jnp.linspace(0.5, 2.0, blk.bn.var.shape[0])
+        m.eval()
+    calls = _spy(monkeypatch)
+    feats = {impl: m.features(x) for impl, m in models.items()}
+    assert calls == ["first_block"]
+    np.testing.assert_allclose(feats["pallas"], feats["xla"], rtol=1e-5, atol=1e-5)
+    calls.clear()
+
+    def loss(m):
+        return jnp.sum(m(x, rngs=nnx.Rngs(dropout=0))[:, 0])
+
+    grads = {}
+    for impl, m in models.items():
+        m.train()
+        grads[impl] = nnx.grad(loss)(m)
+    assert calls == ["first_block_train"]
+    for impl in ("xla", "pallas"):  # running statistics updated alike
+        models[impl].eval()
+    np.testing.assert_allclose(models["pallas"].blocks[0].bn.var[...], models["xla"].blocks[0].bn.var[...], rtol=1e-5)
+    np.testing.assert_allclose(models["pallas"].blocks[0].bn.mean[...], models["xla"].blocks[0].bn.mean[...],
+                               rtol=1e-5, atol=1e-6)
+    for g, w in zip(jax.tree.leaves(grads["pallas"]), jax.tree.leaves(grads["xla"]), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    calls.clear()
+    models["pallas"].train()
+    models["pallas"](x[:, :11], rngs=nnx.Rngs(dropout=0))  # odd depth: XLA's train block
+    assert calls == []
 
 
 @pytest.mark.parametrize("options", [VARIANTS[0], VARIANTS[2]])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_lowers_to_triton_for_cuda(options, dtype):
-    """The kernel lowers to Triton IR for a GPU (Pallas' lowering rules run at export, no GPU needed); that the
-    IR compiles to PTX and how fast it runs is only known on a GPU (benchmarks/gpu_first_block.py)."""
+    """The kernels lower to Triton IR for a GPU (Pallas' lowering rules run at export, no GPU needed), and no
+    full-resolution activation is left in the program; how fast they run is only known on a GPU
+    (benchmarks/gpu_first_block.py; benchmarks/triton_ptx.py compiles the IR to PTX)."""
     x = jax.ShapeDtypeStruct((8, 160, 192, 160, 1), dtype)
     k = jax.ShapeDtypeStruct((3, 3, 3, 1, 32), jnp.float32)
     v = jax.ShapeDtypeStruct((32,), jnp.float32)
@@ -113,3 +163,13 @@ def test_lowers_to_triton_for_cuda(options, dtype):
     assert "__gpu$xla.gpu.triton" in text and 'name = "sfcn_first_block"' in text
     assert "tensor<8x80x96x80x32x" in text  # the pooled output, nothing at full resolution
     assert "tensor<8x160x192x160x32x" not in text
+
+    def train_loss(k, b, s, beta, x):
+        out, mean, var = fb.first_block_train(x, k, b, s, beta, interpret=False, **options)
+        return out.astype(jnp.float32).sum() + mean.sum() + var.sum()
+
+    exported = export.export(jax.jit(jax.grad(train_loss, argnums=(0, 1, 2, 3))), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(k, v, v, v, x)
+    text = exported.mlir_module()
+    assert 'name = "sfcn_first_block_train"' in text and 'name = "sfcn_first_block_grad"' in text
+    assert "tensor<8x160x192x160x32x" not in text  # the input needs no gradient: XLA's dx path is dropped
