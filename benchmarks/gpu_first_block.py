@@ -1,17 +1,20 @@
-"""GPU experiment for issue #7's embed target: SFCN's first block as one fused Pallas kernel (`jaxtl.first_block`)
-against the XLA path's block and PyTorch's, then the whole embed with the fastest kernel settings.
+"""GPU experiment for issue #7: SFCN's first block as fused Pallas kernels (`jaxtl.first_block`, eval mode, and
+`first_block_train`) against the XLA path's block and PyTorch's, then the whole embed / train step with the fastest.
 
-1. Block 0 alone in eval mode (conv 1 -> 32 at 160x192x160, BatchNorm, 2x2x2 max-pool, ReLU), batch B: the XLA path
-   (`ConvBlock(conv_impl="xla")`), PyTorch (cuDNN autotuning, channels-last, autocast for bfloat16), and
-   `first_block` for every combination of `window`, `voxel_major`, `tile` and `num_warps`; each checked against the
-   XLA block (`max_abs_diff` relative to the output's largest value) and timed interleaved. Also the block's fused
-   roofline bound (benchmarks/roofline.py). One record per (dtype, variant) -> OUT.jsonl ("kind": "first_block").
-2. With `first_block.TUNING` set to the fastest correct variant of each dtype: `jaxtl bench`'s embed case for Peng's
-   SFCN at 1mm, batch B, `conv_impl="pallas"`, PyTorch beside it -> OUT.jsonl (ordinary bench records, plus
-   "first_block_tuning").
+1. Block 0 alone (conv 1 -> 32 at 160x192x160, BatchNorm, 2x2x2 max-pool, ReLU), batch B, in eval mode (forward)
+   and in train mode (forward + backward: the gradients of the block's parameters, as in the train step, where
+   the data needs none): the XLA path (`ConvBlock(conv_impl="xla")`), PyTorch (cuDNN autotuning, channels-last,
+   autocast for bfloat16) and the kernels in each tuning of the grid; each checked against the XLA block (largest
+   difference relative to the largest value: eval output, train kernel gradient) and timed interleaved. Also the
+   block's fused roofline bound (benchmarks/roofline.py, eval). One record per (mode, dtype) -> OUT.jsonl
+   ("kind": "first_block").
+2. With `first_block.TUNING` / `TRAIN_TUNING` set to the fastest correct tuning of each dtype: `jaxtl bench`'s embed
+   and train cases for Peng's SFCN at 1mm, batch B, `conv_impl="pallas"`, PyTorch beside them -> OUT.jsonl
+   (ordinary bench records, plus "first_block_tuning").
 
-On a CPU (no Triton) it runs a tiny shape in Pallas' interpreter, two variants, no embed: plumbing only.
-Usage: python benchmarks/gpu_first_block.py OUT.jsonl [dtype,...] [batch] [repeats]
+On a CPU (no Triton) it runs a tiny shape in Pallas' interpreter, two tunings, no whole-network cases: plumbing
+only.
+Usage: python benchmarks/gpu_first_block.py OUT.jsonl [mode,...] [dtype,...] [batch] [repeats]   (mode: eval, train)
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ roofline = importlib.util.module_from_spec(_spec)
 sys.modules["roofline"] = roofline
 _spec.loader.exec_module(roofline)
 
-GRID = dict(window=(False, True), voxel_major=(True, False), tile=(64, 128, 256), num_warps=(4, 8))
+GRID = {"eval": dict(window=(False, True), voxel_major=(True, False), tile=(64, 128, 256), num_warps=(4, 8)),
+        "train": dict(window=(False, True), voxel_major=(True, False), tile=(128, 256), num_warps=(4, 8))}
 
 
-def variants(gpu: bool) -> list[dict]:
+def variants(gpu: bool, mode: str) -> list[dict]:
     if not gpu:
-        return [dict(window=False, tile=16), dict(window=True, tile=16)]
-    return [dict(zip(GRID, values, strict=True)) for values in itertools.product(*GRID.values())]
+        return [dict(window=False, tile=16), dict(window=True, voxel_major=False, tile=16)]
+    grid = GRID[mode]
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
 def block0(channels: int, dtype, seed: int = 0) -> ConvBlock:
@@ -58,8 +63,9 @@ def block0(channels: int, dtype, seed: int = 0) -> ConvBlock:
     return block
 
 
-def torch_block(block: ConvBlock, x_np: np.ndarray, dtype):
-    """PyTorch's block 0 with the same weights, eval mode; a blocking callable (the module: its `.layers`)."""
+def torch_block(block: ConvBlock, x_np: np.ndarray, dtype, mode: str = "eval"):
+    """PyTorch's block 0 with the same weights; a blocking callable running it in `mode` (train: forward and
+    backward to the parameters), the module as its `.layers`."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
@@ -74,14 +80,22 @@ def torch_block(block: ConvBlock, x_np: np.ndarray, dtype):
         for name, src in (("weight", block.bn.scale), ("bias", block.bn.bias), ("running_mean", block.bn.mean),
                           ("running_var", block.bn.var)):
             getattr(layers[1], name).copy_(torch.tensor(np.asarray(src[...])))
-    layers = layers.to(device).to(memory_format=torch.channels_last_3d).eval()
+    layers = layers.to(device).to(memory_format=torch.channels_last_3d).train(mode == "train")
     x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x_np, -1, 1))).to(device)
     x = x.contiguous(memory_format=torch.channels_last_3d)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
+    def autocast():
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == jnp.bfloat16)
+
     def run():
-        with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == jnp.bfloat16):
-            layers(x)
+        if mode == "train":
+            with autocast():
+                out = layers(x)
+            out.float().sum().backward()
+        else:
+            with torch.inference_mode(), autocast():
+                layers(x)
         sync()
 
     run.layers = layers
@@ -92,86 +106,108 @@ def _name(variant: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in variant.items())
 
 
-def measure_block(dtype_name: str, x_np: np.ndarray, gpu: bool, repeats: int) -> dict:
-    """Block 0 on the XLA path, each `first_block` variant and PyTorch, timed interleaved: the record's fields."""
+def block_fns(block: ConvBlock, x: jax.Array, dtype, mode: str):
+    """(XLA block, kernel function of a tuning) for `mode`, each returning what is compared: the eval output, or the
+    train-mode gradient of the conv kernel (of sum(output), parameters only)."""
+    bn = block.bn
+    if mode == "eval":
+        gdef, state = nnx.split(block)
+        xla = jax.jit(lambda s, x: nnx.merge(gdef, s)(x))
+        mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+        args = (x, block.conv.kernel[...], block.conv.bias[...], mul, bn.bias[...] - bn.mean[...] * mul)
+        return (lambda: xla(state, x)), (lambda v: jax.jit(lambda *a: fb.first_block(*a, dtype=dtype, **v)), args)
+    block.train()
+    gdef, state = nnx.split(block)
+    grad = nnx.grad(lambda blk, x: jnp.sum(blk(x).astype(jnp.float32)))
+    xla = jax.jit(lambda s, x: grad(nnx.merge(gdef, s), x).conv.kernel[...])
+
+    def kernel_fn(v):
+        def loss(k, b, s, beta, x):
+            return jnp.sum(fb.first_block_train(x, k, b, s, beta, epsilon=bn.epsilon, dtype=dtype, **v)[0]
+                           .astype(jnp.float32))
+        return jax.jit(lambda k, b, s, beta, x: jax.grad(loss)(k, b, s, beta, x))
+
+    args = (block.conv.kernel[...], block.conv.bias[...], bn.scale[...], bn.bias[...], x)
+    return (lambda: xla(state, x)), (kernel_fn, args)
+
+
+def measure_block(mode: str, dtype_name: str, x_np: np.ndarray, gpu: bool, repeats: int) -> dict:
+    """Block 0 on the XLA path, the kernels in each tuning and PyTorch, timed interleaved: the record's fields."""
     dtype = jnp.dtype(dtype_name)
     block = block0(bench.CONFIGS["peng"][0], dtype)
-    gdef, state = nnx.split(block)
     x = jnp.asarray(x_np, dtype)
-    xla = jax.jit(lambda s, x: nnx.merge(gdef, s)(x))
-    want = np.asarray(xla(state, x), np.float32)
+    xla, (kernel_fn, args) = block_fns(block, x, dtype, mode)
+    want = np.asarray(xla(), np.float32)
     scale = float(np.abs(want).max())
-    bn = block.bn
-    mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
-    args = (x, block.conv.kernel[...], block.conv.bias[...], mul, bn.bias[...] - bn.mean[...] * mul)
-    sides = {"xla": lambda: jax.block_until_ready(xla(state, x))}
+    sides = {"xla": lambda: jax.block_until_ready(xla())}
     compile_s, errors, checks = {}, {}, {}
-    for v in variants(gpu):
-        fn = jax.jit(lambda *a, v=v: fb.first_block(*a, dtype=dtype, **v))
+    for v in variants(gpu, mode):
         start = time.perf_counter()
         try:
-            compiled = fn.lower(*args).compile()
+            compiled = kernel_fn(v).lower(*args).compile()
             got = np.asarray(compiled(*args), np.float32)
-        except Exception as e:  # noqa: BLE001  (a variant Triton rejects is a result too)
+        except Exception as e:  # noqa: BLE001  (a tuning Triton rejects is a result too)
             errors[_name(v)] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(f"{dtype_name} first_block {_name(v)}: FAILED {errors[_name(v)]}", flush=True)
+            print(f"{mode} {dtype_name} {_name(v)}: FAILED {errors[_name(v)]}", flush=True)
             continue
         compile_s[_name(v)] = time.perf_counter() - start
         checks[_name(v)] = float(np.abs(got - want).max()) / scale
         sides[_name(v)] = lambda c=compiled: jax.block_until_ready(c(*args))
     if bench.torch_available():
-        sides["torch"] = torch_block(block, x_np, dtype)
+        sides["torch"] = torch_block(block, x_np, dtype, mode)
     times = bench.time_interleaved(sides, warmup=3, repeats=repeats)
     ms = {n: 1e3 * float(np.median(t)) for n, t in times.items()}
     # within bfloat16 / TF32 rounding of the XLA block (a wrong kernel is off by O(1))
     tol = 3e-2 if dtype_name == "bfloat16" else 1e-2
-    correct = [v for v in variants(gpu) if checks.get(_name(v), 1.0) < tol]
+    correct = [v for v in variants(gpu, mode) if checks.get(_name(v), 1.0) < tol]
     best = min(correct, key=lambda v: ms[_name(v)]) if correct else None
     for name, t in sorted(ms.items(), key=lambda kv: kv[1]):
         diff = f"  max|diff|/max {checks[name]:.1e}" if name in checks else ""
-        print(f"{dtype_name} block 0 batch {len(x_np)}: {name:55s} {t:8.3f} ms{diff}", flush=True)
+        print(f"{mode} {dtype_name} block 0 batch {len(x_np)}: {name:55s} {t:8.3f} ms{diff}", flush=True)
     return {"ms": ms, "max_rel_diff": checks, "compile_s": compile_s, "errors": errors, "best": best}
 
 
 def main() -> None:
     out = Path(sys.argv[1])
-    dtypes = sys.argv[2].split(",") if len(sys.argv) > 2 else ["bfloat16", "float32"]
+    modes = sys.argv[2].split(",") if len(sys.argv) > 2 else ["eval", "train"]
+    dtypes = sys.argv[3].split(",") if len(sys.argv) > 3 else ["bfloat16", "float32"]
     gpu = jax.default_backend() == "gpu"
-    batch = int(sys.argv[3]) if len(sys.argv) > 3 else (8 if gpu else 1)
-    repeats = int(sys.argv[4]) if len(sys.argv) > 4 else (20 if gpu else 2)
+    batch = int(sys.argv[4]) if len(sys.argv) > 4 else (8 if gpu else 1)
+    repeats = int(sys.argv[5]) if len(sys.argv) > 5 else (20 if gpu else 2)
     shape = bench.input_shape(1) if gpu else (8, 10, 6)
     hw, vers, commit = bench.hardware_info(), bench.versions(), bench.git_commit()
     device = roofline.device_for(jax.devices()[0].device_kind)
     x_np = np.random.default_rng(1).standard_normal((batch, *shape, 1), np.float32)
-    best = {}
-    for dtype_name in dtypes:
-        rec = bench._base_record(hw, vers, commit, "gpu_first_block.py") | {
-            "kind": "first_block", "config": "peng", "dtype": dtype_name, "batch": batch, "input_shape": list(shape),
-            **measure_block(dtype_name, x_np, gpu, repeats)}
-        if device is not None:
-            bf16, tf32, bandwidth = roofline.DEVICES[device]
-            peak = bf16 if dtype_name == "bfloat16" else tf32
-            rb = roofline.blocks(bench.CONFIGS["peng"], shape, jnp.dtype(dtype_name).itemsize)[0]
-            rec["bound_ms"] = {"fused": 1e3 * batch * rb.seconds(peak, bandwidth, True),
-                               "unfused": 1e3 * batch * rb.seconds(peak, bandwidth, False), "datasheet": device}
-            print(f"{dtype_name} block 0 roofline bound ({device}): fused {rec['bound_ms']['fused']:.3f} ms, "
-                  f"unfused {rec['bound_ms']['unfused']:.3f} ms", flush=True)
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if rec["best"]:
-            best[dtype_name] = rec["best"]
-    if not gpu:
-        return
-    for dtype_name, tuning in best.items():
-        fb.TUNING.update(tuning)
-        rec = bench.run_case(bench.Case("embed", "peng", 1, batch, dtype_name), warmup=3, repeats=repeats,
-                             conv_impl="pallas")
-        rec = bench._base_record(hw, vers, commit, "gpu_first_block.py: embed with conv_impl=pallas") | rec
-        rec["first_block_tuning"] = dict(fb.TUNING)
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(f"{dtype_name} {bench.summary_line(rec)} [first_block {fb.TUNING}]", flush=True)
-
+    for mode in modes:
+        best = {}
+        for dtype_name in dtypes:
+            rec = bench._base_record(hw, vers, commit, "gpu_first_block.py") | {
+                "kind": "first_block", "mode": mode, "config": "peng", "dtype": dtype_name, "batch": batch,
+                "input_shape": list(shape), **measure_block(mode, dtype_name, x_np, gpu, repeats)}
+            if device is not None and mode == "eval":
+                bf16, tf32, bandwidth = roofline.DEVICES[device]
+                peak = bf16 if dtype_name == "bfloat16" else tf32
+                rb = roofline.blocks(bench.CONFIGS["peng"], shape, jnp.dtype(dtype_name).itemsize)[0]
+                rec["bound_ms"] = {"fused": 1e3 * batch * rb.seconds(peak, bandwidth, True),
+                                   "unfused": 1e3 * batch * rb.seconds(peak, bandwidth, False), "datasheet": device}
+                print(f"eval {dtype_name} block 0 roofline bound ({device}): fused {rec['bound_ms']['fused']:.3f} ms,"
+                      f" unfused {rec['bound_ms']['unfused']:.3f} ms", flush=True)
+            with out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if rec["best"]:
+                best[dtype_name] = rec["best"]
+        if gpu:  # the whole network with the fastest tuning, beside PyTorch
+            for dtype_name, tuning in best.items():
+                defaults = fb.TUNING if mode == "eval" else fb.TRAIN_TUNING
+                defaults.update(tuning)
+                suite = "embed" if mode == "eval" else "train"
+                rec = bench.run_case(bench.Case(suite, "peng", 1, batch, dtype_name), warmup=3, repeats=repeats,
+                                     conv_impl="pallas")
+                rec = bench._base_record(hw, vers, commit, f"gpu_first_block.py: {suite} with conv_impl=pallas") | rec
+                rec["first_block_tuning"] = dict(defaults)
+                with out.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"{dtype_name} {bench.summary_line(rec)} [first_block {defaults}]", flush=True)
 
 if __name__ == "__main__":
     main()

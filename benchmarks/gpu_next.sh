@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What issues #7 and #8 still need measured on a GPU, prepared without one, most important first. Stages:
-#   first_block  gpu_first_block.py: the fused Pallas first block (jaxtl.first_block) in all its tunings beside the XLA
-#                path's block and PyTorch's, then Peng's embed at 1mm with the fastest (`conv_impl="pallas"`) beside
-#                PyTorch (records -> $OUT/first_block.jsonl)                                               ~3-4 min
+#   first_block  gpu_first_block.py: the fused Pallas first block (jaxtl.first_block, eval and train mode) in each
+#                tuning beside the XLA path's block and PyTorch's, then Peng's embed and train step at 1mm with the
+#                fastest (`conv_impl="pallas"`) beside PyTorch (records -> $OUT/first_block.jsonl)         <= 6 min
 #   blocks       gpu_blocks.py: each conv block alone (conv / eval / train), XLA path beside PyTorch, with its roofline
 #                bound (records -> $OUT/blocks.jsonl)                                                      <= 2 min
 #   profile      `jaxtl bench --profile`, Peng 1mm bfloat16 batch 8, embed and train: the kernels that take the time
@@ -11,20 +11,20 @@
 #                (`pool`, `pool+s2d`, `pool+direct`; records -> $OUT/variants.jsonl)                       <= 2.5 min
 #   train        the train step of the transfer and demo configs (timed out compiling in the first GPU run)  <= 1.5 min
 #   demo         `jaxtl demo` end to end (#8's "works when a GPU is present"), own empty JAXTL_HOME, if >= 200 s left
-# One device call runs at most 10 minutes: STAGES picks (default: first_block blocks profile, ~8 min; then
-# STAGES="variants train demo" in a second call).
+# One device call runs at most 10 minutes: STAGES picks (default: first_block blocks, <= 8 min; then
+# STAGES="profile variants train demo" in a second call).
 # Setup: benchmarks/gpu_env.sh (the machine's JAX/flax/optax/orbax/PyTorch, the other wheels from .whl/).
 # Usage: OUT=dir [STAGES="..."] bash benchmarks/gpu_next.sh   (inspect $OUT/log; commit the .jsonl records)
 set -u
 source benchmarks/gpu_env.sh
-STAGES=${STAGES:-first_block blocks profile}
+STAGES=${STAGES:-first_block blocks}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
 start=$SECONDS
 stage() { echo "== $1 (t=$((SECONDS - start)) s)" | tee -a "$OUT/log"; }
 
 first_block() {
-  timeout 240 python3 benchmarks/gpu_first_block.py "$OUT/first_block.jsonl" bfloat16,float32 8 20 2>&1 \
-    | tee -a "$OUT/log"
+  timeout 360 python3 benchmarks/gpu_first_block.py "$OUT/first_block.jsonl" eval,train bfloat16,float32 8 20 \
+    2>&1 | tee -a "$OUT/log"
 }
 blocks() {
   timeout 120 python3 benchmarks/gpu_blocks.py "$OUT/blocks.jsonl" bfloat16,float32 8 20 2>&1 | tee -a "$OUT/log"

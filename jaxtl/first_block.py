@@ -1,5 +1,5 @@
-"""SFCN's first block in one GPU kernel (Pallas, Triton backend): conv 3x3x3 (1 -> C channels) -> BatchNorm
-(running statistics) -> 2x2x2 max-pool -> ReLU, writing only the pooled output.
+"""SFCN's first block as fused GPU kernels (Pallas, Triton backend): conv 3x3x3 (1 -> C channels) -> BatchNorm ->
+2x2x2 max-pool -> ReLU without storing the full-resolution conv output.
 
 Why: the first block's convolution output is the largest tensor of the network (C x the input, 315 MB per 1mm
 volume in bfloat16 for C = 32). With the convolution and the pooling as separate kernels (XLA's and cuDNN's way)
@@ -7,15 +7,19 @@ it is written and read back, which alone bounds the forward at 46% of an H200's 
 (`benchmarks/roofline.py`); fused, the block moves only its input and pooled output.
 
 How: each program takes `tile` consecutive pooled voxels. For each of the 8 positions of the 2x2x2 pooling window
-it gathers the (tile, 32) patch matrix of those voxels' conv inputs straight from the padded input (27 taps,
-padded to 32 with zeros), multiplies it with the (32, C) kernel on the tensor cores (float32 accumulation;
-TF32 for float32 inputs, as XLA's GPU convolutions), applies BatchNorm's affine map and keeps the running
-maximum; the ReLU'd maximum is the output. The gradient (for fine-tuning with frozen BatchNorm) is the unfused
-XLA composition's.
+it gathers the patch matrix of those voxels' conv inputs straight from the padded input (27 taps padded to 32, or
+once per window its 4x4x4 neighbourhood) and multiplies it with the kernel on the tensor cores (float32
+accumulation; TF32 for float32 inputs, as XLA's GPU convolutions).
+- `first_block` (eval, BatchNorm's running statistics): the affine map and a running max in registers; only the
+  pooled output is written. Its gradient (fine-tuning with frozen BatchNorm) is the unfused XLA block's.
+- `first_block_train` (batch statistics): one kernel writes each window's max and min and their positions and each
+  program's statistics; the pooled output follows at pooled size. The backward kernel recomputes the conv output
+  and accumulates the kernel gradient; BatchNorm's reductions are over pooled-size arrays.
 
-STATUS: written and checked without a GPU at hand. Values are tested in Pallas' interpreter on CPU and the
-Triton lowering is tested by exporting for CUDA (`tests/test_first_block.py`); its speed has NOT been measured
-yet (`conv_impl="pallas"`, `benchmarks/gpu_next.sh`).
+STATUS: written and checked without a GPU at hand. Values and gradients are tested in Pallas' interpreter on CPU,
+the Triton lowering by exporting for CUDA (`tests/test_first_block.py`), PTX compilation with the standalone
+Triton (`benchmarks/triton_ptx.py`); the speed has NOT been measured yet (`conv_impl="pallas"`,
+`benchmarks/gpu_next.sh`). JAX 0.11 deprecates Pallas' Triton backend (Mosaic GPU is its successor).
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from jaxtl.conv import max_pool2
 
 TAPS = 32  # 27 kernel taps padded to a tensor-core friendly K
 POSITIONS = [(pd, ph, pw) for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)]  # in the 2x2x2 pooling window
-# The defaults of `first_block`'s tuning arguments (what the model uses). Not tuned yet: no GPU measurement exists;
-# benchmarks/gpu_first_block.py measures the alternatives.
+# The defaults of `first_block`'s and `first_block_train`'s tuning arguments (what the model uses). Not tuned yet:
+# no GPU measurement exists; benchmarks/gpu_first_block.py measures the alternatives.
 TUNING = dict(tile=128, window=False, voxel_major=True, num_warps=4, num_stages=2)
+TRAIN_TUNING = dict(TUNING)
 DEBUG = False  # pallas_call(debug=...): print the kernel's jaxpr and Triton IR when lowering (benchmarks/triton_ptx.py)
 
 
@@ -256,11 +261,11 @@ def train_reference(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: jax
     return jnp.maximum(max_pool2(y * mul + (beta - mean * mul)), 0).astype(x.dtype), mean, var
 
 
-def _options(tuning: dict, interpret: bool | None) -> tuple:
-    unknown = set(tuning) - set(TUNING)
+def _options(tuning: dict, interpret: bool | None, defaults: dict) -> tuple:
+    unknown = set(tuning) - set(defaults)
     if unknown:
-        raise TypeError(f"unknown tuning arguments {sorted(unknown)}; known: {sorted(TUNING)}")
-    tuning = TUNING | tuning
+        raise TypeError(f"unknown tuning arguments {sorted(unknown)}; known: {sorted(defaults)}")
+    tuning = defaults | tuning
     tile = tuning["tile"]
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"tile must be a power of two >= 16, got {tile}")
@@ -305,7 +310,7 @@ def first_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, mul: jax.Array
     if not supported(x.shape, kernel.shape, True):
         raise ValueError(f"first_block needs a (B, D, H, W, 1) input with D, H, W >= 2 and a (3, 3, 3, 1, C) kernel, "
                          f"got {x.shape} and {kernel.shape}")
-    options = _options(tuning, interpret)
+    options = _options(tuning, interpret, TUNING)
     f32 = jnp.float32
     return _block(x.astype(dtype or x.dtype), kernel.astype(f32), bias.astype(f32), mul.astype(f32), add.astype(f32),
                   options)
@@ -411,12 +416,13 @@ def first_block_train(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: j
     `train_reference`. The full-resolution conv output is never stored: the forward kernel writes each window's
     max and min and per-program statistics; the backward kernel recomputes the conv output to accumulate the
     kernel gradient. D, H, W must be even (`train_supported`). Differentiable in all array arguments (the input's
-    gradient is XLA's, and dropped when not needed). `tuning` as `first_block` (the backward always gathers taps).
+    gradient is XLA's, and dropped when not needed). `tuning` overrides `TRAIN_TUNING`, as for `first_block` (the
+    backward kernel always gathers taps).
     """
     if not train_supported(x.shape, kernel.shape, True):
         raise ValueError(f"first_block_train needs a (B, D, H, W, 1) input with even D, H, W and a (3, 3, 3, 1, C) "
                          f"kernel, got {x.shape} and {kernel.shape}")
-    options = _options(tuning, interpret)
+    options = _options(tuning, interpret, TRAIN_TUNING)
     f32 = jnp.float32
     return _train_block(x.astype(dtype or x.dtype), kernel.astype(f32), bias.astype(f32), scale.astype(f32),
                         beta.astype(f32), float(epsilon), options)
