@@ -41,7 +41,7 @@ sys.modules["roofline"] = roofline
 _spec.loader.exec_module(roofline)
 
 GRID = {"eval": dict(window=(False, True), voxel_major=(True, False), tile=(64, 128, 256), num_warps=(4, 8)),
-        "train": dict(window=(False, True), voxel_major=(True, False), tile=(128, 256), num_warps=(4, 8))}
+        "train": dict(window=(False, True), voxel_major=(True, False), tile=(64, 128), num_warps=(4, 8))}
 
 
 def variants(gpu: bool, mode: str) -> list[dict]:

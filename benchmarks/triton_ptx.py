@@ -1,11 +1,11 @@
-"""Compile `jaxtl.first_block`'s Triton kernel to PTX for an NVIDIA GPU on a machine without one.
+"""Compile `jaxtl.first_block`'s Triton kernels to PTX and SASS for an NVIDIA GPU on a machine without one.
 
-Pallas lowers the kernel to Triton IR when the jitted function is exported for CUDA (no GPU needed); this script
-captures that IR (pallas_call's debug print) and compiles it with the standalone `triton` package (`pip install
-triton`, not a jaxtl dependency) for the given compute capability, then reports per tuning: shared memory, tensor-core
-instructions (Ampere-style mma.sync or Hopper wgmma), global loads per thread and whether registers spill. It
-catches kernels Triton rejects before a GPU is lent; it says nothing about speed (XLA compiles the IR with its own
-Triton build on the GPU).
+Pallas lowers the kernels to Triton IR when the jitted function is exported for CUDA (no GPU needed); this script
+captures that IR (pallas_call's debug print), compiles it with the standalone `triton` package (`pip install
+triton`, not a jaxtl dependency) for the given compute capability and reports per kernel and tuning: shared memory,
+tensor-core instructions (Ampere-style mma.sync or Hopper wgmma), global loads per thread, and registers and
+spill bytes (Triton's ptxas, `-v`). It catches kernels Triton rejects, and register spills, before a GPU is lent;
+it says nothing about speed (XLA compiles the IR with its own Triton build on the GPU).
 
 Usage: python benchmarks/triton_ptx.py [--capability 90] [--dtype bfloat16,float32] [--out DIR]
 """
@@ -16,7 +16,9 @@ import argparse
 import contextlib
 import io
 import itertools
+import os
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -82,6 +84,21 @@ def main() -> None:
                     compile_one(triton, GPUTarget, path, warps, args.capability)
 
 
+def resources(ptx_path: Path, capability: int) -> str:
+    """Registers per thread and spill bytes, from the ptxas Triton itself uses (`ptxas -v`): spills are decided
+    there, after the PTX is written."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    info = subprocess.run([get_ptxas(capability).path, f"-arch={arch}", "-v", str(ptx_path), "-o", os.devnull],
+                          capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    if not regs:
+        return f"ptxas: {info.strip()[-200:]}"
+    return f"{regs.group(1)} registers, {spills.group(1) if spills else '?'} B spilled"
+
+
 def compile_one(triton, target, path: Path, warps: int, capability: int) -> None:
     name = f"{path.stem} warps={warps}"
     try:
@@ -91,10 +108,11 @@ def compile_one(triton, target, path: Path, warps: int, capability: int) -> None
         print(f"{name}: FAILED {str(e)[:300]}")
         return
     ptx = kernel.asm["ptx"]
-    path.with_name(f"{path.stem}-w{warps}.ptx").write_text(ptx)
+    ptx_path = path.with_name(f"{path.stem}-w{warps}.ptx")
+    ptx_path.write_text(ptx)
     print(f"{name}: shared {kernel.metadata.shared} B, "
           f"mma.sync {ptx.count('mma.sync')}, wgmma {ptx.count('wgmma.mma_async')}, "
-          f"ld.global {len(re.findall(r'ld[.]global', ptx))}, spills {'yes' if '.local' in ptx else 'no'}")
+          f"ld.global {len(re.findall(r'ld[.]global', ptx))}, {resources(ptx_path, capability)}", flush=True)
 
 
 if __name__ == "__main__":

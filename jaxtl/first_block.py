@@ -37,20 +37,25 @@ from jaxtl.conv import max_pool2
 
 TAPS = 32  # 27 kernel taps padded to a tensor-core friendly K
 POSITIONS = [(pd, ph, pw) for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)]  # in the 2x2x2 pooling window
-# The defaults of `first_block`'s and `first_block_train`'s tuning arguments (what the model uses). Not tuned yet:
-# no GPU measurement exists; benchmarks/gpu_first_block.py measures the alternatives.
-TUNING = dict(tile=128, window=False, voxel_major=True, num_warps=4, num_stages=2)
-TRAIN_TUNING = dict(TUNING)
+# The defaults of `first_block`'s and `first_block_train`'s tuning arguments (what the model uses). Not measured on a
+# GPU yet (benchmarks/gpu_first_block.py will); chosen from compiling for sm_90 without one (benchmarks/triton_ptx.py,
+# Triton 3.9): no register spills and few registers per thread (eval 80, train forward 75, backward 132), so that
+# many warps can hide the gathers' latency.
+TUNING = dict(tile=128, window=False, voxel_major=True, num_warps=8, num_stages=2)
+TRAIN_TUNING = dict(tile=64, window=False, voxel_major=False, num_warps=8, num_stages=2)
 DEBUG = False  # pallas_call(debug=...): print the kernel's jaxpr and Triton IR when lowering (benchmarks/triton_ptx.py)
 
 
 def supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], pool: bool) -> bool:
-    """Whether `first_block` computes this block: 1 input channel, 3x3x3 kernel, pooling, even-or-odd sizes >= 2,
-    and a padded input small enough for 32-bit offsets."""
+    """Whether `first_block` computes this block: 1 input channel, 3x3x3 kernel, pooling, sizes >= 2 (odd ones
+    floored by the pool), and arrays small enough for Triton's 32-bit offsets (the padded input, and the
+    pooled-size outputs at channels padded to a power of two)."""
     if len(x_shape) != 5 or x_shape[-1] != 1 or tuple(kernel_shape[:4]) != (3, 3, 3, 1) or not pool:
         return False
     b, d, h, w, _ = x_shape
-    return min(d, h, w) >= 2 and b * (d + 2) * (h + 2) * (w + 2) < 2**31
+    pooled = b * (d // 2) * (h // 2) * (w // 2)
+    return min(d, h, w) >= 2 and b * (d + 2) * (h + 2) * (w + 2) < 2**31 and (pooled + 256) * _channels(
+        kernel_shape[-1]) < 2**31
 
 
 class _Grid:
@@ -77,74 +82,87 @@ class _Grid:
         return n * sb + 2 * i * sd + 2 * j * sh + 2 * col, exists
 
 
-def _conv_outputs(x_ref, w_ref, grid: _Grid, base, *, window: bool, voxel_major: bool):
-    """In a kernel: for each pooling position (POSITIONS order), the gathered patches and the conv output
-    (float32, no bias): (C, tile) if voxel_major else (tile, C)."""
-    _, sd, sh = grid.strides
+class _Conv:
+    """In a kernel: the conv outputs (float32, no bias) of this program's pooling windows at one position at a
+    time, (C, tile) if voxel_major else (tile, C). The kernels loop over the 8 positions with `lax.fori_loop`
+    rather than unrolled: unrolled, Triton hoists all 8 gathers and runs out of registers (spills in most tunings,
+    benchmarks/triton_ptx.py)."""
 
-    def gather(offsets, valid):
-        if voxel_major:  # a warp's lanes run along neighbouring voxels: addresses 2 apart, 1-2 cache lines
-            idx, valid = base[None, :] + offsets[:, None], valid[:, None]
+    def __init__(self, x_ref, w_ref, grid: _Grid, base, *, window: bool, voxel_major: bool):
+        self.x_ref, self.w_ref, self.base, self.window, self.voxel_major = x_ref, w_ref, base, window, voxel_major
+        _, self.sd, self.sh = grid.strides
+        if window:  # the 4x4x4 input neighbourhood of the pooling window, gathered once
+            k = jnp.arange(64, dtype=jnp.int32)
+            self.patches = self.gather((k // 16) * self.sd + (k // 4 % 4) * self.sh + k % 4, k >= 0)
+
+    def gather(self, offsets, valid):
+        """x[base + offsets] as (K, tile) or (tile, K), 0 where not `valid`."""
+        if self.voxel_major:  # a warp's lanes run along neighbouring voxels: addresses 2 apart, 1-2 cache lines
+            idx, valid = self.base[None, :] + offsets[:, None], valid[:, None]
         else:
-            idx, valid = base[:, None] + offsets[None, :], valid[None, :]
-        return plgpu.load(x_ref.at[idx], mask=jnp.broadcast_to(valid, idx.shape), other=0)
+            idx, valid = self.base[:, None] + offsets[None, :], valid[None, :]
+        return plgpu.load(self.x_ref.at[idx], mask=jnp.broadcast_to(valid, idx.shape), other=0)
 
-    def conv(patches, w):  # w: (C, K) if voxel_major else (K, C); float32 accumulation
-        if voxel_major:
-            return jnp.dot(w, patches, preferred_element_type=jnp.float32)
-        return jnp.dot(patches, w, preferred_element_type=jnp.float32)
-
-    if window:  # the 4x4x4 input neighbourhood of the pooling window, gathered once
-        k = jnp.arange(64, dtype=jnp.int32)
-        patches = gather((k // 16) * sd + (k // 4 % 4) * sh + k % 4, k >= 0)
-    else:  # the 27 taps of one conv output, padded to 32
+    def taps(self, p):
+        """The 27 taps (padded to 32) of each window's conv output at position p (POSITIONS order)."""
         k = jnp.arange(TAPS, dtype=jnp.int32)
-        taps = (k // 9) * sd + (k // 3 % 3) * sh + k % 3
-    for p, (pd, ph, pw) in enumerate(POSITIONS):
-        if not window:
-            patches = gather(taps + (pd * sd + ph * sh + pw), k < 27)
-        yield patches, conv(patches, w_ref[p if window else 0])
+        # lax.div / lax.rem: p >= 0, and Pallas' Triton lowering of jnp's floor division fails on a scalar
+        at = lax.div(p, 4) * self.sd + lax.rem(lax.div(p, 2), 2) * self.sh + lax.rem(p, 2)
+        return self.gather((k // 9) * self.sd + (k // 3 % 3) * self.sh + k % 3 + at, k < 27)
+
+    def __call__(self, p):
+        """The conv output at position p, and the patches it was computed from."""
+        patches, w = (self.patches, self.w_ref[p]) if self.window else (self.taps(p), self.w_ref[0])
+        if self.voxel_major:  # w: (C, K) if voxel_major else (K, C); float32 accumulation
+            return jnp.dot(w, patches, preferred_element_type=jnp.float32), patches
+        return jnp.dot(patches, w, preferred_element_type=jnp.float32), patches
 
 
 def _eval_kernel(x_ref, w_ref, mul_ref, add_ref, o_ref, *, grid, window, voxel_major):
     base, _ = grid.windows()
+    conv = _Conv(x_ref, w_ref, grid, base, window=window, voxel_major=voxel_major)
     mul, add = mul_ref[...], add_ref[...]
-    best = None
-    for _, y in _conv_outputs(x_ref, w_ref, grid, base, window=window, voxel_major=voxel_major):
-        y = y * mul + add
-        best = y if best is None else jnp.maximum(best, y)
+
+    def position(p, best):
+        return jnp.maximum(best, conv(p)[0] * mul + add)
+
+    best = lax.fori_loop(1, 8, position, conv(0)[0] * mul + add)
     best = jnp.maximum(best, 0).astype(o_ref.dtype)
     o_ref[...] = best.T if voxel_major else best
 
 
-def _train_kernel(x_ref, w_ref, b_ref, max_ref, min_ref, argmax_ref, argmin_ref, mean_ref, m2_ref, *, grid, window,
-                  voxel_major):
-    """Train forward: per pooled voxel the max and min of the conv output over its window and their positions (the
-    first one, as XLA's max-pool gradient), per program the mean and sum of squared deviations of the conv output
-    over its windows (BatchNorm's batch statistics, combined across programs outside)."""
+def _train_kernel(x_ref, w_ref, b_ref, sign_ref, sel_ref, pos_ref, mean_ref, m2_ref, *, grid, window, voxel_major):
+    """Train forward: per pooled voxel the conv output the pool selects and its window position, per program the
+    mean and sum of squared deviations of the conv output over its windows (BatchNorm's batch statistics, combined
+    across programs outside). BatchNorm's per-channel affine map is monotone, so the pool selects the maximum of
+    the conv output, or the minimum where the scale is negative (`sign` -1); ties go to the first position, as
+    XLA's max-pool gradient."""
     base, exists = grid.windows()
+    conv = _Conv(x_ref, w_ref, grid, base, window=window, voxel_major=voxel_major)
     axis = 1 if voxel_major else 0
     exists = exists[None, :] if voxel_major else exists[:, None]
-    n = 8 * jnp.sum(exists.astype(jnp.float32))
-    dtype, b = max_ref.dtype, b_ref[...]
-    for p, (_, y) in enumerate(_conv_outputs(x_ref, w_ref, grid, base, window=window, voxel_major=voxel_major)):
-        y = (y + b).astype(dtype).astype(jnp.float32)  # as stored: statistics and pooling see the same values
-        if p == 0:  # shift by the first position's mean: the sums below then lose nothing to cancellation
-            shift = 8 * jnp.sum(jnp.where(exists, y, 0), axis=axis, keepdims=True) / n
-            s1 = s2 = 0.0
-            ymax = ymin = y
-            amax = amin = jnp.zeros(y.shape, jnp.int32)
-        else:
-            amax, amin = jnp.where(y > ymax, p, amax), jnp.where(y < ymin, p, amin)
-            ymax, ymin = jnp.maximum(ymax, y), jnp.minimum(ymin, y)
+    n = 8 * jnp.minimum(grid.tile, grid.count - pl.program_id(0) * grid.tile).astype(jnp.float32)
+    dtype, b, sign = sel_ref.dtype, b_ref[...], sign_ref[...]
+
+    def output(p):  # as stored: statistics and pooling see the same values
+        return (conv(p)[0] + b).astype(dtype).astype(jnp.float32)
+
+    def position(p, carry):
+        s1, s2, best, at = carry
+        y = output(p)
         dev = jnp.where(exists, y - shift, 0)
-        s1 = s1 + jnp.sum(dev, axis=axis, keepdims=True)
-        s2 = s2 + jnp.sum(dev * dev, axis=axis, keepdims=True)
-    mean, m2 = shift + s1 / n, s2 - s1 * s1 / n
+        return s1 + dev, s2 + dev * dev, jnp.maximum(best, sign * y), jnp.where(sign * y > best, p, at)
+
+    y = output(0)
+    # shift by the first position's mean: the sums lose nothing to cancellation
+    shift = 8 * jnp.sum(jnp.where(exists, y, 0), axis=axis, keepdims=True) / n
+    dev = jnp.where(exists, y - shift, 0)
+    s1, s2, best, at = lax.fori_loop(1, 8, position, (dev, dev * dev, sign * y, jnp.zeros(y.shape, jnp.int32)))
+    s1, s2 = jnp.sum(s1, axis=axis, keepdims=True), jnp.sum(s2, axis=axis, keepdims=True)
+    sel, mean, m2 = sign * best, shift + s1 / n, s2 - s1 * s1 / n
     if voxel_major:
-        ymax, ymin, amax, amin, mean, m2 = ymax.T, ymin.T, amax.T, amin.T, mean.T, m2.T
-    max_ref[...], min_ref[...] = ymax.astype(dtype), ymin.astype(dtype)
-    argmax_ref[...], argmin_ref[...] = amax.astype(jnp.int8), amin.astype(jnp.int8)
+        sel, at, mean, m2 = sel.T, at.T, mean.T, m2.T
+    sel_ref[...], pos_ref[...] = sel.astype(dtype), at.astype(jnp.int8)
     mean_ref[...], m2_ref[...] = mean, m2
 
 
@@ -153,22 +171,23 @@ def _grad_kernel(x_ref, w_ref, b_ref, c0_ref, c1_ref, pos_ref, r_ref, dw_ref, *,
     dL/dy = r at the window position the pool selected (`pos`) + c0 + c1 y (BatchNorm's); the conv output is
     recomputed, never stored."""
     base, exists = grid.windows()
+    conv = _Conv(x_ref, w_ref, grid, base, window=False, voxel_major=voxel_major)
     dtype, b, c0, c1 = x_ref.dtype, b_ref[...], c0_ref[...], c1_ref[...]
-    pos, r = pos_ref[...].astype(jnp.int32), r_ref[...]
+    pos, r = pos_ref[...].astype(jnp.int32), r_ref[...].astype(jnp.float32)
     if voxel_major:
         pos, r, exists = pos.T, r.T, exists[None, :]
     else:
         exists = exists[:, None]
-    dw = None
-    for p, (patches, y) in enumerate(_conv_outputs(x_ref, w_ref, grid, base, window=False, voxel_major=voxel_major)):
+
+    def position(p, dw):
+        y, patches = conv(p)
         y = (y + b).astype(dtype).astype(jnp.float32)
         dy = jnp.where(exists, jnp.where(pos == p, r, 0) + c0 + c1 * y, 0).astype(dtype)
         if voxel_major:  # (C, tile) x (tile, K)
-            g = jnp.dot(dy, patches.T, preferred_element_type=jnp.float32)
-        else:  # (K, tile) x (tile, C)
-            g = jnp.dot(patches.T, dy, preferred_element_type=jnp.float32)
-        dw = g if dw is None else dw + g
-    dw_ref[...] = dw[None]
+            return dw + jnp.dot(dy, patches.T, preferred_element_type=jnp.float32)
+        return dw + jnp.dot(patches.T, dy, preferred_element_type=jnp.float32)  # (K, tile) x (tile, C)
+
+    dw_ref[...] = lax.fori_loop(0, 8, position, jnp.zeros(dw_ref.shape[1:], jnp.float32))[None]
 
 
 def _launch(kernel, grid: _Grid, x, whole, blocked, outputs, *, name, num_warps, num_stages, interpret, **params):
@@ -331,11 +350,13 @@ def _train_forward(x, kernel, bias, scale, beta, epsilon, options):
     cp, grid = _channels(c), _Grid(x.shape, tile)
     vec = functools.partial(_channel_vector, cp=cp, voxel_major=voxel_major)
     rows = grid.steps * tile
-    ymax, ymin, amax, amin, means, m2s = _launch(
-        _train_kernel, grid, _padded_input(x), [_kernel_matrix(kernel[:, :, :, 0], cp, window, voxel_major, x.dtype),
-                                                vec(bias)], [],
-        [((rows, cp), x.dtype, (tile, cp))] * 2 + [((rows, cp), jnp.int8, (tile, cp))] * 2
-        + [((grid.steps, cp), jnp.float32, (1, cp))] * 2,
+    # sel_rows, pos_rows: (rows, cp), the layout the backward kernel reads back
+    sel_rows, pos_rows, means, m2s = _launch(
+        _train_kernel, grid, _padded_input(x),
+        [_kernel_matrix(kernel[:, :, :, 0], cp, window, voxel_major, x.dtype), vec(bias),
+         vec(jnp.where(scale < 0, -1.0, 1.0))], [],
+        [((rows, cp), x.dtype, (tile, cp)), ((rows, cp), jnp.int8, (tile, cp)),
+         ((grid.steps, cp), jnp.float32, (1, cp)), ((grid.steps, cp), jnp.float32, (1, cp))],
         name="sfcn_first_block_train", window=window, voxel_major=voxel_major, num_warps=num_warps,
         num_stages=num_stages, interpret=interpret)
     # Chan et al.'s parallel combination of the programs' (count, mean, M2)
@@ -345,10 +366,9 @@ def _train_forward(x, kernel, bias, scale, beta, epsilon, options):
     mean = jnp.sum(counts * means, axis=0) / total
     var = (jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)) / total
     mul = scale * lax.rsqrt(var + epsilon)
-    sel = jnp.where(mul >= 0, ymax[:grid.count, :c], ymin[:grid.count, :c]).reshape(*grid.pooled, c)
-    pos = jnp.where(mul >= 0, amax[:grid.count, :c], amin[:grid.count, :c]).reshape(*grid.pooled, c)
+    sel = sel_rows[:grid.count, :c].reshape(*grid.pooled, c)
     out = jnp.maximum(sel.astype(jnp.float32) * mul + (beta - mean * mul), 0).astype(x.dtype)
-    return (out, mean, var), (x, kernel, bias, sel, pos, mean, var, scale, beta)
+    return (out, mean, var), (x, kernel, bias, sel, pos_rows, mean, var, scale, beta)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -357,7 +377,7 @@ def _train_block(x, kernel, bias, scale, beta, epsilon, options):
 
 
 def _train_backward(epsilon, options, res, cts):
-    x, kernel, bias, sel, pos, mean, var, scale, beta = res
+    x, kernel, bias, sel, pos_rows, mean, var, scale, beta = res
     g_out, g_mean, g_var = cts
     tile, _, voxel_major, num_warps, num_stages, interpret = options
     f32, dtype = jnp.float32, x.dtype
@@ -373,13 +393,13 @@ def _train_backward(epsilon, options, res, cts):
     # dL/dy = mul * dz + c0 + c1 * y (dz: the pool's sparse gradient), plus the cotangents of mean and var
     c1 = -mul * inv * s_dzy / count + 2 * g_var / count
     c0 = -mul * s_dz / count + mul * inv * mean * s_dzy / count + g_mean / count - 2 * g_var * mean / count
-    r = dr * mul
+    r = (dr * mul).astype(dtype)  # the kernel rounds dL/dy to dtype anyway
     vec = functools.partial(_channel_vector, cp=cp, voxel_major=voxel_major)
     pad = ((0, grid.steps * tile - grid.count), (0, cp - c))
     [dw] = _launch(
         _grad_kernel, grid, _padded_input(x),
         [_kernel_matrix(kernel[:, :, :, 0], cp, False, voxel_major, dtype), vec(bias), vec(c0), vec(c1)],
-        [(jnp.pad(pos.reshape(-1, c), pad), (tile, cp)), (jnp.pad(r.reshape(-1, c), pad), (tile, cp))],
+        [(pos_rows, (tile, cp)), (jnp.pad(r.reshape(-1, c), pad), (tile, cp))],
         [((grid.steps, cp, TAPS) if voxel_major else (grid.steps, TAPS, cp), f32,
           (1, cp, TAPS) if voxel_major else (1, TAPS, cp))],
         name="sfcn_first_block_grad", voxel_major=voxel_major, num_warps=num_warps, num_stages=num_stages,
@@ -391,14 +411,15 @@ def _train_backward(epsilon, options, res, cts):
         return a[:, :, None, :, None, :, None, :]
 
     y = (_conv(x, kernel) + bias).astype(dtype).astype(f32)
+    pos = pos_rows[:grid.count, :c].reshape(*grid.pooled, c).astype(jnp.int32)
     at = np.arange(8).reshape(2, 2, 2)[None, None, :, None, :, None, :, None]  # POSITIONS order
-    dz = jnp.where(at == windows(pos.astype(jnp.int32)), windows(r), 0).reshape(y.shape)
+    dz = jnp.where(at == windows(pos), windows(r.astype(f32)), 0).reshape(y.shape)
     dy = (dz + c0 + c1 * y).astype(dtype)
     dx = jax.vjp(lambda x: _conv(x, kernel.astype(dtype)), x)[1](dy.astype(f32))[0]
     return dx.astype(x.dtype), dw, g_mean.astype(f32), s_dzy, s_dz
 
 
-_train_block.defvjp(lambda *a: _train_forward(*a), _train_backward)
+_train_block.defvjp(_train_forward, _train_backward)
 
 
 def train_supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], pool: bool) -> bool:

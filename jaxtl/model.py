@@ -7,6 +7,7 @@ Layout is NDHWC: `(B, D, H, W, 1)` or `(B, D, H, W)`; spatial axes stay in nibab
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -83,8 +84,8 @@ class ConvBlock(nnx.Module):
 
     `conv_impl`: "xla" (`nnx.Conv`), "fast" (`jaxtl.conv`: tiled im2col matmuls; the whole block is fused,
     in train mode when D, H, W are even), "pallas" (the XLA path, but the 1-channel first block as fused GPU kernels,
-    `jaxtl.first_block`, in eval and, for even D, H, W, train mode; not yet measured on a GPU; interpreted, slowly,
-    elsewhere) or "auto"
+    `jaxtl.first_block`, in eval and, for even D, H, W, train mode, on a single device; not yet measured on a GPU;
+    interpreted, slowly, elsewhere) or "auto"
     (fast on a single CPU device, XLA elsewhere). Same parameters either way.
     """
 
@@ -106,6 +107,11 @@ class ConvBlock(nnx.Module):
         if impl == "fast":
             return self._fast(x)
         kernel, bias, bn = self.conv.kernel[...], self.conv.bias[...], self.bn
+        if impl == "pallas" and jax.device_count() > 1:
+            # a Triton kernel has no sharding rule: XLA would gather the batch onto every device (not written yet:
+            # a shard_map with the BatchNorm statistics combined across devices)
+            warnings.warn("conv_impl='pallas' runs on a single device only; using XLA's first block", stacklevel=2)
+            impl = "xla"
         if impl == "pallas" and bn.use_running_average and first_block.supported(x.shape, kernel.shape, self.pool):
             mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
             add = bn.bias[...] - bn.mean[...] * mul
