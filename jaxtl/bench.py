@@ -434,6 +434,7 @@ def jaxtl_embed(case: Case, x: np.ndarray, conv_impl: str = "auto", torch_state:
     from jax.sharding import PartitionSpec as P
 
     from jaxtl.conv import resolve_impl
+    from jaxtl.model import on_mesh
     from jaxtl.train import make_mesh
 
     model = _make_model(case, conv_impl, torch_state)
@@ -442,7 +443,7 @@ def jaxtl_embed(case: Case, x: np.ndarray, conv_impl: str = "auto", torch_state:
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state).features(x))
+    fn = jax.jit(on_mesh(lambda state, x: nnx.merge(graphdef, state).features(x), mesh))
     start = time.perf_counter()
     compiled = fn.lower(state, xs).compile()
     compile_s = time.perf_counter() - start

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxtl.model import SFCN, WEIGHTS
+from jaxtl.model import SFCN, WEIGHTS, on_mesh
 from jaxtl.weights import JaxtlModel, load_model
 
 LAYERS = ("features", "logits", "probs")  # plus "block0".."block{n-1}": pooled output of each conv block
@@ -76,12 +76,11 @@ def _check_layer(model: SFCN, layer: str) -> None:
 
 
 @functools.cache
-def _jitted(layer: str):
-    @jax.jit
+def _jitted(layer: str, mesh: jax.sharding.Mesh):
     def apply(graphdef, state, x):
         return _layer_output(nnx.merge(graphdef, state), x, layer)
 
-    return apply
+    return jax.jit(on_mesh(apply, mesh))
 
 
 def _data_mesh() -> jax.sharding.Mesh:
@@ -297,7 +296,7 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     x_sharding = NamedSharding(mesh, P("data"))
-    fn = _jitted(layer)
+    fn = _jitted(layer, mesh)
     outs = []
     starts = list(range(0, n, batch_size))
     bar = tqdm(total=n, unit="vol", desc=f"embed ({layer})", disable=not progress or n <= batch_size)

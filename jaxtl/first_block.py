@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
 
 from jaxtl.conv import max_pool2
 
@@ -294,22 +295,55 @@ def _options(tuning: dict, interpret: bool | None, defaults: dict) -> tuple:
             int(tuning["num_stages"]), bool(interpret))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _block(x, kernel, bias, mul, add, options):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _block(x, kernel, bias, mul, add, options, axis):
     tile, window, voxel_major, num_warps, num_stages, interpret = options
     return _pallas_block(x, kernel[:, :, :, 0], mul, bias * mul + add, tile=tile, window=window,
                          voxel_major=voxel_major, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
-def _block_fwd(x, kernel, bias, mul, add, options):
-    return _block(x, kernel, bias, mul, add, options), (x, kernel, bias, mul, add)
+def _block_fwd(x, kernel, bias, mul, add, options, axis):
+    return _block(x, kernel, bias, mul, add, options, axis), (x, kernel, bias, mul, add)
 
 
-def _block_bwd(options, res, ct):
+def _block_bwd(options, axis, res, ct):
+    # per device under a data mesh: shard_map sums the parameters' cotangents over the devices afterwards
     return jax.vjp(reference, *res)[1](ct)
 
 
 _block.defvjp(_block_fwd, _block_bwd)
+
+
+def _psum(v, axis):
+    """Sum over the devices of the data mesh (inside `shard_map`); `axis` None: one device, nothing to sum. The
+    train block's forward sums BatchNorm's statistics, its backward the sums its coefficients need."""
+    return v if axis is None else lax.psum(v, axis)
+
+
+def data_mesh():
+    """The mesh the caller traces under (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`) if it is a 1-D "data"
+    mesh over several devices, as jaxtl's train and embed steps use: the kernels then run per device on the
+    batch shard (`shard_map`), BatchNorm's statistics and the parameter gradients summed across devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or tuple(mesh.axis_names) != ("data",) or mesh.shape["data"] == 1:
+        return None
+    return mesh
+
+
+def runs_here() -> bool:
+    """Whether the kernels can run where the caller is: one device, or under a data mesh (`data_mesh`). A Triton
+    kernel has no sharding rule, so without the mesh XLA would gather the batch onto every device."""
+    return jax.device_count() == 1 or data_mesh() is not None
+
+
+def _on_devices(fn, n_args: int, out_specs):
+    """`fn(x, *params)` per device on the batch shard when tracing under a data mesh, else as it is."""
+    mesh = data_mesh()
+    if mesh is None:
+        return functools.partial(fn, axis=None)
+    # check_vma=False: pallas_call's outputs carry no varying-axes type
+    return jax.shard_map(functools.partial(fn, axis="data"), mesh=mesh, in_specs=(P("data"),) + (P(),) * (n_args - 1),
+                         out_specs=out_specs, check_vma=False)
 
 
 def first_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, mul: jax.Array, add: jax.Array, *, dtype=None,
@@ -331,8 +365,8 @@ def first_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, mul: jax.Array
                          f"got {x.shape} and {kernel.shape}")
     options = _options(tuning, interpret, TUNING)
     f32 = jnp.float32
-    return _block(x.astype(dtype or x.dtype), kernel.astype(f32), bias.astype(f32), mul.astype(f32), add.astype(f32),
-                  options)
+    call = _on_devices(lambda *a, axis: _block(*a, options, axis), 5, P("data"))
+    return call(x.astype(dtype or x.dtype), kernel.astype(f32), bias.astype(f32), mul.astype(f32), add.astype(f32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,7 +378,7 @@ def first_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, mul: jax.Array
 # (the math of jaxtl.conv.conv_bn_pool_relu_train, the CPU version).
 
 
-def _train_forward(x, kernel, bias, scale, beta, epsilon, options):
+def _train_forward(x, kernel, bias, scale, beta, epsilon, options, axis):
     tile, window, voxel_major, num_warps, num_stages, interpret = options
     c = kernel.shape[-1]
     cp, grid = _channels(c), _Grid(x.shape, tile)
@@ -361,35 +395,41 @@ def _train_forward(x, kernel, bias, scale, beta, epsilon, options):
         num_stages=num_stages, interpret=interpret)
     # Chan et al.'s parallel combination of the programs' (count, mean, M2)
     counts = 8 * np.clip(grid.count - tile * np.arange(grid.steps), 0, tile).astype(np.float32)[:, None]
-    total = 8 * grid.count
+    total = _psum(jnp.float32(8 * grid.count), axis)
     means, m2s = means[:, :c], m2s[:, :c]
-    mean = jnp.sum(counts * means, axis=0) / total
-    var = (jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0)) / total
+    mean = _psum(jnp.sum(counts * means, axis=0), axis) / total
+    var = _psum(jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - mean), axis=0), axis) / total
     mul = scale * lax.rsqrt(var + epsilon)
     sel = sel_rows[:grid.count, :c].reshape(*grid.pooled, c)
     out = jnp.maximum(sel.astype(jnp.float32) * mul + (beta - mean * mul), 0).astype(x.dtype)
     return (out, mean, var), (x, kernel, bias, sel, pos_rows, mean, var, scale, beta)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _train_block(x, kernel, bias, scale, beta, epsilon, options):
-    return _train_forward(x, kernel, bias, scale, beta, epsilon, options)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _train_block(x, kernel, bias, scale, beta, epsilon, options, axis):
+    return _train_forward(x, kernel, bias, scale, beta, epsilon, options, axis)[0]
 
 
-def _train_backward(epsilon, options, res, cts):
+def _train_backward(epsilon, options, axis, res, cts):
     x, kernel, bias, sel, pos_rows, mean, var, scale, beta = res
-    g_out, g_mean, g_var = cts
+    # Per device under a data mesh (shard_map with check_vma=False): the cotangents of the replicated outputs (mean,
+    # var) arrive divided by the device count, and the parameters' cotangents returned here are summed over the
+    # devices afterwards. So BatchNorm's coefficients use sums over all devices; the gradients returned are this
+    # device's share.
+    g_out, g_mean_share, g_var_share = cts
+    g_mean, g_var = _psum(g_mean_share, axis), _psum(g_var_share, axis)
     tile, _, voxel_major, num_warps, num_stages, interpret = options
     f32, dtype = jnp.float32, x.dtype
     c = kernel.shape[-1]
     cp, grid = _channels(c), _Grid(x.shape, tile)
-    count = 8 * grid.count  # conv outputs (D, H, W even)
+    count = _psum(jnp.float32(8 * grid.count), axis)  # conv outputs (D, H, W even)
     inv = lax.rsqrt(var + epsilon)
     mul = scale * inv
     sf = sel.astype(f32)
     axes = (0, 1, 2, 3)
     dr = jnp.where(sf * mul + (beta - mean * mul) > 0, g_out.astype(f32), 0)
-    s_dz, s_dzy = dr.sum(axes), (dr * (sf - mean) * inv).sum(axes)
+    dz_share, dzy_share = dr.sum(axes), (dr * (sf - mean) * inv).sum(axes)
+    s_dz, s_dzy = _psum(dz_share, axis), _psum(dzy_share, axis)
     # dL/dy = mul * dz + c0 + c1 * y (dz: the pool's sparse gradient), plus the cotangents of mean and var
     c1 = -mul * inv * s_dzy / count + 2 * g_var / count
     c0 = -mul * s_dz / count + mul * inv * mean * s_dzy / count + g_mean / count - 2 * g_var * mean / count
@@ -416,7 +456,7 @@ def _train_backward(epsilon, options, res, cts):
     dz = jnp.where(at == windows(pos), windows(r.astype(f32)), 0).reshape(y.shape)
     dy = (dz + c0 + c1 * y).astype(dtype)
     dx = jax.vjp(lambda x: _conv(x, kernel.astype(dtype)), x)[1](dy.astype(f32))[0]
-    return dx.astype(x.dtype), dw, g_mean.astype(f32), s_dzy, s_dz
+    return dx.astype(x.dtype), dw, g_mean_share.astype(f32), dzy_share, dz_share
 
 
 _train_block.defvjp(_train_forward, _train_backward)
@@ -445,5 +485,6 @@ def first_block_train(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: j
                          f"kernel, got {x.shape} and {kernel.shape}")
     options = _options(tuning, interpret, TRAIN_TUNING)
     f32 = jnp.float32
-    return _train_block(x.astype(dtype or x.dtype), kernel.astype(f32), bias.astype(f32), scale.astype(f32),
-                        beta.astype(f32), float(epsilon), options)
+    call = _on_devices(lambda *a, axis: _train_block(*a, float(epsilon), options, axis), 5, (P("data"), P(), P()))
+    return call(x.astype(dtype or x.dtype), kernel.astype(f32), bias.astype(f32), scale.astype(f32),
+                beta.astype(f32))

@@ -6,6 +6,7 @@ Layout is NDHWC: `(B, D, H, W, 1)` or `(B, D, H, W)`; spatial axes stay in nibab
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -84,8 +85,8 @@ class ConvBlock(nnx.Module):
 
     `conv_impl`: "xla" (`nnx.Conv`), "fast" (`jaxtl.conv`: tiled im2col matmuls; the whole block is fused,
     in train mode when D, H, W are even), "pallas" (the XLA path, but the 1-channel first block as fused GPU kernels,
-    `jaxtl.first_block`, in eval and, for even D, H, W, train mode, on a single device; not yet measured on a GPU;
-    interpreted, slowly, elsewhere) or "auto"
+    `jaxtl.first_block`, in eval and, for even D, H, W, train mode, on one device or per device under a "data"
+    mesh; not yet measured on a GPU; interpreted, slowly, elsewhere) or "auto"
     (fast on a single CPU device, XLA elsewhere). Same parameters either way.
     """
 
@@ -107,20 +108,19 @@ class ConvBlock(nnx.Module):
         if impl == "fast":
             return self._fast(x)
         kernel, bias, bn = self.conv.kernel[...], self.conv.bias[...], self.bn
-        if impl == "pallas" and jax.device_count() > 1:
-            # a Triton kernel has no sharding rule: XLA would gather the batch onto every device (not written yet:
-            # a shard_map with the BatchNorm statistics combined across devices)
-            warnings.warn("conv_impl='pallas' runs on a single device only; using XLA's first block", stacklevel=2)
-            impl = "xla"
-        if impl == "pallas" and bn.use_running_average and first_block.supported(x.shape, kernel.shape, self.pool):
-            mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
-            add = bn.bias[...] - bn.mean[...] * mul
-            return first_block.first_block(x, kernel, bias, mul, add, dtype=self.conv.dtype)
-        if impl == "pallas" and first_block.train_supported(x.shape, kernel.shape, self.pool):
-            y, mean, var = first_block.first_block_train(x, kernel, bias, bn.scale[...], bn.bias[...],
-                                                         epsilon=bn.epsilon, dtype=self.conv.dtype)
-            bn.update_statistics(mean, var, math.prod(x.shape[:-1]))
-            return y
+        if impl == "pallas" and first_block.supported(x.shape, kernel.shape, self.pool):
+            if not first_block.runs_here():
+                warnings.warn("conv_impl='pallas' runs on one device or under a 1-D 'data' mesh (jax.set_mesh, as "
+                              "jaxtl's train and embed steps trace); using XLA's first block", stacklevel=2)
+            elif bn.use_running_average:
+                mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+                add = bn.bias[...] - bn.mean[...] * mul
+                return first_block.first_block(x, kernel, bias, mul, add, dtype=self.conv.dtype)
+            elif first_block.train_supported(x.shape, kernel.shape, self.pool):
+                y, mean, var = first_block.first_block_train(x, kernel, bias, bn.scale[...], bn.bias[...],
+                                                             epsilon=bn.epsilon, dtype=self.conv.dtype)
+                bn.update_statistics(mean, var, math.prod(x.shape[:-1]))
+                return y
         x = self.bn(self.conv(x))
         if self.pool:
             # `max_pool2` = nnx.max_pool's values and gradient without XLA's select-and-scatter: measured on an
@@ -204,6 +204,18 @@ class SFCN(nnx.Module):
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Log-probabilities `(B, num_outputs)`, float32."""
         return self.head_logits(self.features(x), rngs)
+
+
+def on_mesh(fn, mesh: jax.sharding.Mesh):
+    """`fn` traced under `mesh` (as its abstract mesh): what jaxtl's jitted train, eval and embed steps run, so that
+    layers computed per device (`conv_impl="pallas"`'s first block, `jaxtl.first_block.data_mesh`) find the batch's
+    "data" mesh."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def conv_flops(channels: Sequence[int], input_shape: Sequence[int]) -> int:

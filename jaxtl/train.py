@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from jaxtl.cache import CacheSource, make_dataset, read_index
 from jaxtl.config import OptimConfig, TrainConfig, to_dict
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
-from jaxtl.model import SFCN, WEIGHTS
+from jaxtl.model import SFCN, WEIGHTS, on_mesh
 from jaxtl.weights import DEFAULT_PREPROCESSING, load_model, save_model
 
 
@@ -163,11 +163,11 @@ def _jitted_steps(graphdef, task, trainable, mesh):
     """The jitted train and eval steps, one pair per network structure, task, trainable filter and mesh:
     trainers of the same shape reuse the compiled steps."""
     replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    train_fn = jax.jit(functools.partial(train_step, graphdef, task=task, trainable=trainable),
+    train_fn = jax.jit(on_mesh(functools.partial(train_step, graphdef, task=task, trainable=trainable), mesh),
                        donate_argnums=(0,),
                        in_shardings=(replicated, batch, batch, replicated, replicated),
                        out_shardings=(replicated, replicated, replicated))
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef, task=task),
+    eval_fn = jax.jit(on_mesh(functools.partial(eval_step, graphdef, task=task), mesh),
                       in_shardings=(replicated, batch, batch, batch), out_shardings=(replicated, replicated))
     return train_fn, eval_fn
 

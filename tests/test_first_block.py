@@ -167,11 +167,11 @@ def test_model_uses_the_kernels_for_the_first_block(monkeypatch):
     models["pallas"](x[:, :11], rngs=nnx.Rngs(dropout=0))  # odd depth: XLA's train block
     assert calls == []
     models["xla"].train()
-    monkeypatch.setattr(jax, "device_count", lambda: 2)  # no sharding rule for a Triton kernel: XLA's block
-    with pytest.warns(UserWarning, match="single device only"):
+    monkeypatch.setattr(jax, "device_count", lambda: 2)  # several devices and no data mesh: XLA's block
+    with pytest.warns(UserWarning, match="runs on one device or under a 1-D 'data' mesh") as caught:
         np.testing.assert_allclose(models["pallas"](x, rngs=nnx.Rngs(dropout=0)),
                                    models["xla"](x, rngs=nnx.Rngs(dropout=0)), rtol=1e-5, atol=1e-5)
-    assert calls == []
+    assert calls == [] and len(caught) == 1  # for the first block only
 
 
 @pytest.mark.parametrize("options", [VARIANTS[0], VARIANTS[2]])
@@ -200,3 +200,42 @@ def test_lowers_to_triton_for_cuda(options, dtype):
     text = exported.mlir_module()
     assert 'name = "sfcn_first_block_train"' in text and 'name = "sfcn_first_block_grad"' in text
     assert "tensor<8x160x192x160x32x" not in text  # the input needs no gradient: XLA's dx path is dropped
+
+
+def test_data_parallel_matches_xla_path():
+    """On a 2-device "data" mesh (jaxtl's train and embed steps): the kernels run per device on the batch shard
+    (shard_map), BatchNorm's statistics and the parameter gradients summed across devices, so a train step and
+    `jaxtl.embed` give what the XLA path gives (a kernel on the whole gathered batch would too, but the kernels
+    must see the mesh: the call is recorded)."""
+    from conftest import run_python
+
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+import jaxtl
+from jaxtl import first_block as fb
+from jaxtl.config import load_config
+from jaxtl.labels import make_task
+from jaxtl.train import Trainer
+assert jax.device_count() == 2
+seen = []
+real = fb._on_devices
+fb._on_devices = lambda *a: seen.append(fb.data_mesh() is not None) or real(*a)
+cfg = load_config("configs/sfcn_demo.py", ["model.channels=(4,8,8)", "batch_size=4"])
+task = make_task(cfg.task, cfg.bin_range, cfg.sigma)
+rng = np.random.default_rng(0)
+x = (rng.standard_normal((4, 12, 12, 12)) + 1).astype(np.float32)
+ages = np.linspace(cfg.bin_range[0] + 5, cfg.bin_range[1] - 5, 4).astype(np.float32)
+out = {}
+for impl in ("xla", "pallas"):
+    model = jaxtl.SFCN((4, 8, 8), task.num_outputs, rngs=nnx.Rngs(0), conv_impl=impl)
+    tr = Trainer.create(cfg, 10, model=model)
+    losses = [float(tr.step(tr.global_batch(x), tr.global_batch(ages), s)[0]) for s in range(2)]
+    m = tr.model()
+    out[impl] = (losses, m.blocks[0].conv.kernel[...], m.blocks[0].bn.var[...], jaxtl.embed(x, m, progress=False))
+assert seen == [True, True], seen  # train step (traced once), embed: per device
+for a, b in zip(out["xla"], out["pallas"]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+print("ok")
+"""
+    assert "ok" in run_python(code, devices=2).stdout
