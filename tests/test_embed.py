@@ -147,11 +147,13 @@ assert jax.local_device_count() == 4
 import importlib; E = importlib.import_module("jaxtl.embed")
 m = load_model({str(tiny_models["age"])!r})
 x = np.load({str(tmp_path / "x.npy")!r})
-shards, jitted = [], E._jitted("features")
-def spy(graphdef, state, batch):
-    shards.append(len({{s.device for s in batch.addressable_shards}}))
-    return jitted(graphdef, state, batch)
-E._jitted = lambda layer: spy
+shards, jitted = [], E._jitted
+def spy(layer, mesh):
+    def apply(graphdef, state, batch):
+        shards.append(len({{s.device for s in batch.addressable_shards}}))
+        return jitted(layer, mesh)(graphdef, state, batch)
+    return apply
+E._jitted = spy
 sharded = embed(x, m, batch_size=4, progress=False)   # 2 batches of 4 (last padded), one row per device
 assert shards == [4, 4], shards
 single = np.asarray(nnx.jit(lambda mdl, v: mdl.features(v))(m.model, jax.device_put(x, jax.devices()[0])))
