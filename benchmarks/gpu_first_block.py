@@ -9,13 +9,15 @@
    tuning is correct within 3x the XLA block's own difference) and timed interleaved. Also the
    block's fused roofline bound (benchmarks/roofline.py, eval). One record per (mode, dtype) -> OUT.jsonl
    ("kind": "first_block").
-2. With `first_block.TUNING` / `TRAIN_TUNING` set to the fastest correct tuning of each dtype: `jaxtl bench`'s embed
-   and train cases for Peng's SFCN at 1mm, batch B, `conv_impl="pallas"`, PyTorch beside them -> OUT.jsonl
-   (ordinary bench records, plus "first_block_tuning").
+   Stage `blocks`.
+2. Stage `network`: with `first_block.TUNING` / `TRAIN_TUNING` set to the fastest correct tuning of each mode and
+   dtype in OUT.jsonl's block records: `jaxtl bench`'s embed and train cases for Peng's SFCN at 1mm, batch B,
+   `conv_impl="pallas"`, PyTorch beside them, and the XLA path's embed -> OUT.jsonl (ordinary bench records, plus
+   "first_block_tuning").
 
-On a CPU (no Triton) it runs a tiny shape in Pallas' interpreter, two tunings, no whole-network cases: plumbing
-only.
-Usage: python benchmarks/gpu_first_block.py OUT.jsonl [mode,...] [dtype,...] [batch] [repeats]   (mode: eval, train)
+On a CPU (no Triton) the blocks stage runs a tiny shape in Pallas' interpreter, two tunings: plumbing only.
+Usage: python benchmarks/gpu_first_block.py OUT.jsonl [blocks|network] [mode,...] [dtype,...] [batch] [repeats]
+(mode: eval, train)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtl import bench
+from jaxtl import bench, train
 from jaxtl import first_block as fb
 from jaxtl.model import ConvBlock
 
@@ -174,20 +176,63 @@ def measure_block(mode: str, dtype_name: str, x_np: np.ndarray, gpu: bool, repea
             "best": best}
 
 
+def network(out: Path, modes: list[str], dtypes: list[str], batch: int, repeats: int, hw, vers, commit,
+            config: str = "peng", resolution: int = 1) -> None:
+    """The embed / train step (Peng's SFCN at 1mm) with `conv_impl="pallas"` beside PyTorch, each with the fastest
+    correct tuning of the block records in `out` (the defaults where there is none), and the XLA path's embed."""
+    best = {}
+    for line in out.read_text().splitlines() if out.exists() else []:
+        rec = json.loads(line)
+        if rec.get("kind") == "first_block" and rec.get("best") and rec.get("batch") == batch:
+            best[rec["mode"], rec["dtype"]] = rec["best"]  # the latest record of each wins
+    for mode in modes:
+        for dtype_name in dtypes:
+            tuning = dict(fb.TUNING if mode == "eval" else fb.TRAIN_TUNING) | best.get((mode, dtype_name), {})
+            suite = "embed" if mode == "eval" else "train"
+            start = time.perf_counter()
+            (fb.TUNING if mode == "eval" else fb.TRAIN_TUNING).update(tuning)  # what the model's kernels use
+            # the steps read the tuning when traced: no step compiled with another tuning may be reused
+            jax.clear_caches()
+            train._jitted_steps.cache_clear()
+            rec = bench.run_case(bench.Case(suite, config, resolution, batch, dtype_name), warmup=3,
+                                 repeats=repeats, conv_impl="pallas")
+            rec = bench._base_record(hw, vers, commit, f"gpu_first_block.py: {suite} with conv_impl=pallas") | rec
+            rec["first_block_tuning"] = tuning
+            with out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"{dtype_name} {bench.summary_line(rec)} [first_block {tuning}; {time.perf_counter() - start:.0f} s]",
+                  flush=True)
+            if mode == "eval":  # the XLA path's embed on the same machine, for the kernel's whole-network gain
+                rec = bench.run_case(bench.Case(suite, config, resolution, batch, dtype_name), warmup=3,
+                                     repeats=repeats, conv_impl="xla", use_torch=False)
+                rec = bench._base_record(hw, vers, commit, "gpu_first_block.py: embed with conv_impl=xla") | rec
+                with out.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"{dtype_name} {bench.summary_line(rec)} [XLA path]", flush=True)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
-    modes = sys.argv[2].split(",") if len(sys.argv) > 2 else ["eval", "train"]
-    dtypes = sys.argv[3].split(",") if len(sys.argv) > 3 else ["bfloat16", "float32"]
+    stage = sys.argv[2] if len(sys.argv) > 2 else "blocks"
+    modes = sys.argv[3].split(",") if len(sys.argv) > 3 else ["eval", "train"]
+    dtypes = sys.argv[4].split(",") if len(sys.argv) > 4 else ["bfloat16", "float32"]
     gpu = jax.default_backend() == "gpu"
-    batch = int(sys.argv[4]) if len(sys.argv) > 4 else (8 if gpu else 1)
-    repeats = int(sys.argv[5]) if len(sys.argv) > 5 else (20 if gpu else 2)
-    shape = bench.input_shape(1) if gpu else (8, 10, 6)
+    batch = int(sys.argv[5]) if len(sys.argv) > 5 else (8 if gpu else 1)
+    repeats = int(sys.argv[6]) if len(sys.argv) > 6 else (20 if gpu else 2)
+    if stage not in ("blocks", "network"):
+        raise SystemExit(f"stage must be blocks or network, got {stage!r}")
     hw, vers, commit = bench.hardware_info(), bench.versions(), bench.git_commit()
+    if stage == "network":
+        if not gpu:
+            raise SystemExit("the network stage runs Peng's SFCN at 1mm: on a GPU only")
+        network(out, modes, dtypes, batch, repeats, hw, vers, commit)
+        return
+    shape = bench.input_shape(1) if gpu else (8, 10, 6)
     device = roofline.device_for(jax.devices()[0].device_kind)
     x_np = np.random.default_rng(1).standard_normal((batch, *shape, 1), np.float32)
     for mode in modes:
-        best = {}
         for dtype_name in dtypes:
+            start = time.perf_counter()
             rec = bench._base_record(hw, vers, commit, "gpu_first_block.py") | {
                 "kind": "first_block", "mode": mode, "config": "peng", "dtype": dtype_name, "batch": batch,
                 "input_shape": list(shape), **measure_block(mode, dtype_name, x_np, gpu, repeats)}
@@ -201,20 +246,8 @@ def main() -> None:
                       f" unfused {rec['bound_ms']['unfused']:.3f} ms", flush=True)
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
-            if rec["best"]:
-                best[dtype_name] = rec["best"]
-        if gpu:  # the whole network with the fastest tuning, beside PyTorch
-            for dtype_name, tuning in best.items():
-                defaults = fb.TUNING if mode == "eval" else fb.TRAIN_TUNING
-                defaults.update(tuning)
-                suite = "embed" if mode == "eval" else "train"
-                rec = bench.run_case(bench.Case(suite, "peng", 1, batch, dtype_name), warmup=3, repeats=repeats,
-                                     conv_impl="pallas")
-                rec = bench._base_record(hw, vers, commit, f"gpu_first_block.py: {suite} with conv_impl=pallas") | rec
-                rec["first_block_tuning"] = dict(defaults)
-                with out.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                print(f"{dtype_name} {bench.summary_line(rec)} [first_block {defaults}]", flush=True)
+            print(f"{mode} {dtype_name}: {time.perf_counter() - start:.0f} s", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed steps per side after compilation, timed apart (default 2)")
     p.add_argument("--conv-impl", choices=["auto", "xla", "fast", "pallas"], default="auto",
                    help="jaxtl convolution (default auto: fast on a single CPU device, XLA elsewhere; pallas: XLA with "
-                        "the first block as one fused GPU kernel, unmeasured)")
+                        "the first block as fused GPU kernels, unmeasured)")
     p.add_argument("--torch-format", choices=["auto", "channels_last", "contiguous"], default="auto",
                    help="PyTorch memory format (default auto: the faster of the two)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")

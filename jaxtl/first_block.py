@@ -12,8 +12,9 @@ once per window its 4x4x4 neighbourhood) and multiplies it with the kernel on th
 accumulation; TF32 for float32 inputs, as XLA's GPU convolutions).
 - `first_block` (eval, BatchNorm's running statistics): the affine map and a running max in registers; only the
   pooled output is written. Its gradient (fine-tuning with frozen BatchNorm) is the unfused XLA block's.
-- `first_block_train` (batch statistics): one kernel writes each window's max and min and their positions and each
-  program's statistics; the pooled output follows at pooled size. The backward kernel recomputes the conv output
+- `first_block_train` (batch statistics): one kernel writes, per window, the conv output the pool selects (the
+  maximum, or the minimum where the BatchNorm scale is negative) and its position, and each program's statistics;
+  the pooled output follows at pooled size. The backward kernel recomputes the conv output
   and accumulates the kernel gradient; BatchNorm's reductions are over pooled-size arrays.
 
 STATUS: written and checked without a GPU at hand. Values and gradients are tested in Pallas' interpreter on CPU,
@@ -40,8 +41,8 @@ TAPS = 32  # 27 kernel taps padded to a tensor-core friendly K
 POSITIONS = [(pd, ph, pw) for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)]  # in the 2x2x2 pooling window
 # The defaults of `first_block`'s and `first_block_train`'s tuning arguments (what the model uses). Not measured on a
 # GPU yet (benchmarks/gpu_first_block.py will); chosen from compiling for sm_90 without one (benchmarks/triton_ptx.py,
-# Triton 3.9): no register spills and few registers per thread (eval 80, train forward 75, backward 132), so that
-# many warps can hide the gathers' latency.
+# Triton 3.9): no register spills and few registers per thread (bfloat16: eval 80, train forward 75, backward 132;
+# float32 134 / 120 / 164), so that many warps can hide the gathers' latency.
 TUNING = dict(tile=128, window=False, voxel_major=True, num_warps=8, num_stages=2)
 TRAIN_TUNING = dict(tile=64, window=False, voxel_major=False, num_warps=8, num_stages=2)
 DEBUG = False  # pallas_call(debug=...): print the kernel's jaxpr and Triton IR when lowering (benchmarks/triton_ptx.py)
@@ -287,8 +288,8 @@ def _options(tuning: dict, interpret: bool | None, defaults: dict) -> tuple:
         raise TypeError(f"unknown tuning arguments {sorted(unknown)}; known: {sorted(defaults)}")
     tuning = defaults | tuning
     tile = tuning["tile"]
-    if tile < 16 or tile & (tile - 1):
-        raise ValueError(f"tile must be a power of two >= 16, got {tile}")
+    if tile < 16 or tile > 256 or tile & (tile - 1):
+        raise ValueError(f"tile must be a power of two from 16 to 256, got {tile}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     return (int(tile), bool(tuning["window"]), bool(tuning["voxel_major"]), int(tuning["num_warps"]),
@@ -331,9 +332,13 @@ def data_mesh():
 
 
 def runs_here() -> bool:
-    """Whether the kernels can run where the caller is: one device, or under a data mesh (`data_mesh`). A Triton
-    kernel has no sharding rule, so without the mesh XLA would gather the batch onto every device."""
-    return jax.device_count() == 1 or data_mesh() is not None
+    """Whether the kernels can run where the caller is: under a mesh of one device or a data mesh (`data_mesh`), or
+    with no mesh on a one-device machine. A Triton kernel has no sharding rule, so on several devices without the
+    mesh XLA would gather the batch onto every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return jax.device_count() == 1
+    return mesh.size == 1 or data_mesh() is not None
 
 
 def _on_devices(fn, n_args: int, out_specs):
@@ -370,9 +375,9 @@ def first_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, mul: jax.Array
 
 
 # ------------------------------------------------------------------------------------------------
-# Train mode: BatchNorm with batch statistics. Forward: one kernel gives each window's max and min of the conv
-# output and per-program statistics; BatchNorm's per-channel affine map is monotone, so the pooled output is
-# the max (or, where the scale is negative, the min) mapped, at pooled size. Backward: only each window's
+# Train mode: BatchNorm with batch statistics. Forward: BatchNorm's per-channel affine map is monotone, so one kernel
+# gives each window's maximum of the conv output (the minimum where the scale is negative), its position and
+# per-program statistics, and the pooled output is that value mapped, at pooled size. Backward: only each window's
 # selected voxel gets the pool's gradient, so BatchNorm's reductions over the full-resolution gradient are sums
 # over pooled-size arrays, and a second kernel recomputes the conv output and accumulates the kernel gradient
 # (the math of jaxtl.conv.conv_bn_pool_relu_train, the CPU version).
@@ -475,10 +480,10 @@ def first_block_train(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: j
 
     Returns (output, batch mean, biased batch variance), the statistics for the running averages, as
     `train_reference`. The full-resolution conv output is never stored: the forward kernel writes each window's
-    max and min and per-program statistics; the backward kernel recomputes the conv output to accumulate the
-    kernel gradient. D, H, W must be even (`train_supported`). Differentiable in all array arguments (the input's
-    gradient is XLA's, and dropped when not needed). `tuning` overrides `TRAIN_TUNING`, as for `first_block` (the
-    backward kernel always gathers taps).
+    selected value, its position and per-program statistics; the backward kernel recomputes the conv output to
+    accumulate the kernel gradient. D, H, W must be even (`train_supported`). Differentiable in all array arguments
+    (the input's gradient is XLA's, and dropped when not needed). `tuning` overrides `TRAIN_TUNING`, as for
+    `first_block` (the backward kernel always gathers taps).
     """
     if not train_supported(x.shape, kernel.shape, True):
         raise ValueError(f"first_block_train needs a (B, D, H, W, 1) input with even D, H, W and a (3, 3, 3, 1, C) "

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtl import first_block
 from jaxtl.conv import conv3d, conv_bn_pool_relu, conv_bn_pool_relu_train, fused_train_ok, max_pool2, resolve_impl
 
 PENG_CHANNELS = (32, 64, 128, 256, 256, 64)  # Peng's UKB age model
@@ -107,19 +106,9 @@ class ConvBlock(nnx.Module):
         impl = resolve_impl(self.conv_impl)
         if impl == "fast":
             return self._fast(x)
-        kernel, bias, bn = self.conv.kernel[...], self.conv.bias[...], self.bn
-        if impl == "pallas" and first_block.supported(x.shape, kernel.shape, self.pool):
-            if not first_block.runs_here():
-                warnings.warn("conv_impl='pallas' runs on one device or under a 1-D 'data' mesh (jax.set_mesh, as "
-                              "jaxtl's train and embed steps trace); using XLA's first block", stacklevel=2)
-            elif bn.use_running_average:
-                mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
-                add = bn.bias[...] - bn.mean[...] * mul
-                return first_block.first_block(x, kernel, bias, mul, add, dtype=self.conv.dtype)
-            elif first_block.train_supported(x.shape, kernel.shape, self.pool):
-                y, mean, var = first_block.first_block_train(x, kernel, bias, bn.scale[...], bn.bias[...],
-                                                             epsilon=bn.epsilon, dtype=self.conv.dtype)
-                bn.update_statistics(mean, var, math.prod(x.shape[:-1]))
+        if impl == "pallas":
+            y = self._pallas(x)
+            if y is not None:
                 return y
         x = self.bn(self.conv(x))
         if self.pool:
@@ -128,6 +117,29 @@ class ConvBlock(nnx.Module):
             # measured on TPU
             x = max_pool2(x)
         return nnx.relu(x)
+
+    def _pallas(self, x: jax.Array) -> jax.Array | None:
+        """The first block by `jaxtl.first_block`'s kernels; None where they do not apply (other blocks, odd sizes in
+        train mode, several devices without a data mesh)."""
+        from jaxtl import first_block  # here: Pallas' Triton backend is deprecated, the default paths never need it
+
+        kernel, bias, bn = self.conv.kernel[...], self.conv.bias[...], self.bn
+        if not first_block.supported(x.shape, kernel.shape, self.pool):
+            return None
+        if not first_block.runs_here():
+            warnings.warn("conv_impl='pallas' runs on one device or under a 1-D 'data' mesh (jax.set_mesh, as "
+                          "jaxtl's train and embed steps trace); using XLA's first block", stacklevel=3)
+            return None
+        if bn.use_running_average:
+            mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+            add = bn.bias[...] - bn.mean[...] * mul
+            return first_block.first_block(x, kernel, bias, mul, add, dtype=self.conv.dtype)
+        if not first_block.train_supported(x.shape, kernel.shape, self.pool):
+            return None
+        y, mean, var = first_block.first_block_train(x, kernel, bias, bn.scale[...], bn.bias[...],
+                                                     epsilon=bn.epsilon, dtype=self.conv.dtype)
+        bn.update_statistics(mean, var, math.prod(x.shape[:-1]))
+        return y
 
     def _fast(self, x: jax.Array) -> jax.Array:
         kernel, bias, bn = self.conv.kernel[...], self.conv.bias[...], self.bn

@@ -197,7 +197,7 @@ def test_gpu_first_block_sweep_plumbing(tmp_path, monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "fb.jsonl"
-    monkeypatch.setattr(sys, "argv", ["gpu_first_block.py", str(out), "eval,train", "float32", "2", "1"])
+    monkeypatch.setattr(sys, "argv", ["gpu_first_block.py", str(out), "blocks", "eval,train", "float32", "2", "1"])
     mod.main()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["mode"] for r in records] == ["eval", "train"]
@@ -205,6 +205,16 @@ def test_gpu_first_block_sweep_plumbing(tmp_path, monkeypatch):
         assert rec["kind"] == "first_block" and rec["batch"] == 2 and not rec["errors"]
         assert set(rec["ms"]) == {"xla", "torch", "window=False,tile=16", "window=True,voxel_major=False,tile=16"}
         assert all(d < 1e-4 for d in rec["max_rel_diff"].values()) and rec["best"]["tile"] == 16
+    # the network stage (on a GPU: Peng's SFCN at 1mm) with the demo config: the block records' best tunings used
+    from jaxtl import first_block as fb
+
+    monkeypatch.setattr(fb, "TUNING", dict(fb.TUNING))
+    monkeypatch.setattr(fb, "TRAIN_TUNING", dict(fb.TRAIN_TUNING))
+    mod.network(out, ["eval", "train"], ["float32"], 2, 1, {}, {}, {}, config="demo", resolution=4)
+    embed, xla, step = [json.loads(line) for line in out.read_text().splitlines()][2:]
+    assert (embed["case"], embed["conv_impl"], xla["conv_impl"], step["case"]) == ("embed", "pallas", "xla", "train")
+    assert embed["first_block_tuning"] | records[0]["best"] == embed["first_block_tuning"]
+    assert step["first_block_tuning"]["tile"] == 16 and embed["torch"] and not xla.get("torch")
     # PyTorch's block got the same weights: its output equals the XLA block's
     import jax.numpy as jnp
     import torch

@@ -236,6 +236,29 @@ for impl in ("xla", "pallas"):
 assert seen == [True, True], seen  # train step (traced once), embed: per device
 for a, b in zip(out["xla"], out["pallas"]):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+# the train block itself, per device, with cotangents on the batch statistics too (not reached from the model)
+from jaxtl.model import on_mesh
+from jaxtl.train import make_mesh
+rng = np.random.default_rng(1)
+args = [jnp.asarray(rng.standard_normal((4, 6, 4, 10, 1)) + 2, jnp.float32),
+        jnp.asarray(rng.standard_normal((3, 3, 3, 1, 12)) * 0.3, jnp.float32)]
+args += [jnp.asarray(rng.standard_normal(12), jnp.float32) for _ in range(3)]
+want = fb.train_reference(*args)
+cts = [jnp.asarray(rng.standard_normal(w.shape), jnp.float32) for w in want]
+mesh = make_mesh()  # the inputs on the mesh, as the train step has them
+from jax.sharding import NamedSharding, PartitionSpec as P
+args = [jax.device_put(a, NamedSharding(mesh, P("data") if i == 0 else P())) for i, a in enumerate(args)]
+def loss(f):
+    return lambda *a: sum(jnp.sum(o * ct) for o, ct in zip(f(*a), cts))
+seen.clear()
+got = jax.jit(on_mesh(lambda *a: fb.first_block_train(*a, tile=16), mesh))(*args)
+grads = jax.jit(on_mesh(jax.grad(loss(lambda *a: fb.first_block_train(*a, tile=16)), argnums=range(5)), mesh))(*args)
+expected = jax.grad(loss(fb.train_reference), argnums=range(5))(*args)
+assert seen == [True, True], seen
+for g, w in zip([*got, *grads], [*want, *expected]):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
+assert jax.jit(on_mesh(lambda: jnp.asarray(fb.runs_here()), make_mesh(jax.devices()[:1])))()  # a 1-device mesh
+assert not fb.runs_here()  # 2 devices, no mesh: XLA's block
 print("ok")
 """
     assert "ok" in run_python(code, devices=2).stdout
