@@ -399,25 +399,37 @@ def _bn_train(x, w, b, scale, beta, eps, tile_bytes):
     return _bn_train_fwd(x, w, b, scale, beta, eps, tile_bytes)[0]
 
 
+def bn_pool_backward(sel, g_out, mean, var, scale, beta, g_mean, g_var, *, eps, count, total=lambda v: v):
+    """BatchNorm's backward through the fused train block, from pooled-size arrays: `sel` (the conv output the pool
+    selected), `g_out` (the block output's cotangent), the batch statistics over `count` conv outputs and their
+    cotangents `g_mean`, `g_var`. Only each window's selected voxel gets a gradient from the pool, so BatchNorm's
+    reductions over the full-resolution gradient are sums over pooled-size arrays.
+
+    Returns (r, c0, c1, dz, dzy): dL/dy = r at each window's selected voxel (0 elsewhere) + c0 + c1 * y; dz and dzy
+    are the sums over these arrays (the gradients of BatchNorm's bias and scale); `total` sums them over devices
+    where the batch is split (for c0 and c1)."""
+    f32 = jnp.float32
+    inv = lax.rsqrt(var + eps)
+    mul = scale * inv
+    sf = sel.astype(f32)
+    axes = (0, 1, 2, 3)
+    dr = jnp.where(sf * mul + (beta - mean * mul) > 0, g_out.astype(f32), 0)
+    dz, dzy = dr.sum(axes), (dr * (sf - mean) * inv).sum(axes)
+    s_dz, s_dzy = total(dz), total(dzy)
+    # plus the cotangents of mean and var
+    c1 = -mul * inv * s_dzy / count + 2 * g_var / count
+    c0 = -mul * s_dz / count + mul * inv * mean * s_dzy / count + g_mean / count - 2 * g_var * mean / count
+    return dr * mul, c0, c1, dz, dzy
+
+
 def _bn_train_bwd(eps, tile_bytes, res, cts):
     x, w, b, kept, sel, mean, var, scale, beta = res
     g_out, g_mean, g_var = cts
     dtype, f32 = x.dtype, jnp.float32
     n, d, h, wd, c = x.shape
     k, o = w.shape[0], w.shape[-1]
-    count = n * d * h * wd
-    inv = lax.rsqrt(var + eps)
-    mul = scale * inv
-    self = sel.astype(f32)
-    axes = (0, 1, 2, 3)
-    # Only each window's selected voxel gets a gradient from the pool, so BatchNorm's reductions over
-    # the full-resolution gradient are sums over pooled-size arrays.
-    dr = jnp.where(self * mul + (beta - mean * mul) > 0, g_out.astype(f32), 0)
-    s_dz, s_dzy = dr.sum(axes), (dr * (self - mean) * inv).sum(axes)
-    # dL/dy = mul * dz + c0 + c1 * y (dz: the pool's sparse gradient), plus the cotangents of mean and var
-    c1 = -mul * inv * s_dzy / count + 2 * g_var / count
-    c0 = -mul * s_dz / count + mul * inv * mean * s_dzy / count + g_mean / count - 2 * g_var * mean / count
-    r = dr * mul
+    r, c0, c1, s_dz, s_dzy = bn_pool_backward(sel, g_out, mean, var, scale, beta, g_mean, g_var, eps=eps,
+                                              count=n * d * h * wd)
     tile, tiles, counts = _conv_tiles(x, w, unit=2, tile_bytes=tile_bytes)
     bc, t, th = tiles
     patches = _patches(x, k, tiles)

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
-from jaxtl.conv import max_pool2
+from jaxtl.conv import bn_pool_backward, max_pool2
 
 TAPS = 32  # 27 kernel taps padded to a tensor-core friendly K
 POSITIONS = [(pd, ph, pw) for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)]  # in the 2x2x2 pooling window
@@ -427,18 +427,10 @@ def _train_backward(epsilon, options, axis, res, cts):
     f32, dtype = jnp.float32, x.dtype
     c = kernel.shape[-1]
     cp, grid = _channels(c), _Grid(x.shape, tile)
-    count = _psum(jnp.float32(8 * grid.count), axis)  # conv outputs (D, H, W even)
-    inv = lax.rsqrt(var + epsilon)
-    mul = scale * inv
-    sf = sel.astype(f32)
-    axes = (0, 1, 2, 3)
-    dr = jnp.where(sf * mul + (beta - mean * mul) > 0, g_out.astype(f32), 0)
-    dz_share, dzy_share = dr.sum(axes), (dr * (sf - mean) * inv).sum(axes)
-    s_dz, s_dzy = _psum(dz_share, axis), _psum(dzy_share, axis)
-    # dL/dy = mul * dz + c0 + c1 * y (dz: the pool's sparse gradient), plus the cotangents of mean and var
-    c1 = -mul * inv * s_dzy / count + 2 * g_var / count
-    c0 = -mul * s_dz / count + mul * inv * mean * s_dzy / count + g_mean / count - 2 * g_var * mean / count
-    r = (dr * mul).astype(dtype)  # the kernel rounds dL/dy to dtype anyway
+    r, c0, c1, dz_share, dzy_share = bn_pool_backward(
+        sel, g_out, mean, var, scale, beta, g_mean, g_var, eps=epsilon,
+        count=_psum(jnp.float32(8 * grid.count), axis), total=functools.partial(_psum, axis=axis))  # D, H, W even
+    r = r.astype(dtype)  # the kernel rounds dL/dy to dtype anyway
     vec = functools.partial(_channel_vector, cp=cp, voxel_major=voxel_major)
     pad = ((0, grid.steps * tile - grid.count), (0, cp - c))
     [dw] = _launch(
