@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -123,8 +124,6 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from jaxtl.simulate import calibrate, calibration_report, preview, simulate
 
     if args.preview or args.calibrate:
@@ -181,6 +180,8 @@ def _bench(args: argparse.Namespace) -> int:
     cases = bench.plan_cases(bench.parse_list(args.suite), bench.parse_list(args.configs), resolutions,
                              bench.parse_list(args.dtype), args.batch, devices=jax.device_count())
     out = args.out or bench.default_output()
+    if args.profile and Path(args.profile).exists() and not Path(args.profile).is_dir():
+        raise ValueError(f"--profile {args.profile}: is a file; give a directory (the traces go to DIR/<case>)")
     try:
         records = bench.run_suite(cases, out, warmup=args.warmup, repeats=args.repeats, conv_impl=args.conv_impl,
                                   use_torch=not args.no_torch, torch_memory_format=args.torch_format, note=args.note,

@@ -260,6 +260,9 @@ def test_cli_runs_embed_and_train_and_fails_loudly(tiny, tmp_path, monkeypatch, 
     out = tmp_path / "r.jsonl"
     argv = ["bench", "--suite", "embed,train", "--configs", "tiny", "--resolution", "4", "--batch", "2",
             "--warmup", "1", "--repeats", "2", "--out", str(out)]
+    (tmp_path / "a_file").write_text("")
+    assert main([*argv, "--profile", str(tmp_path / "a_file")]) == 2  # refused before any case runs
+    assert "a_file: is a file" in capsys.readouterr().err and not out.exists()
     assert main([*argv, "--profile", str(tmp_path / "prof")]) == 0
     embed, train = bench.load_records([out])
     for rec in (embed, train):  # a trace per case, and the XLA ops that took the most time
