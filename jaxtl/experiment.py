@@ -2,16 +2,18 @@
 "brain manifold" plots.
 
 `run_experiment(config)` (CLI: `jaxtl experiment --config configs/experiment_ixi.py`) writes to
-`config.out_dir`: results.jsonl (one line per run; a rerun skips runs already there, so an interrupted
-experiment resumes), table.md (mean +- sd per method, in the layout of paper-spec section 8, with the
-paper's numbers on the real cohort for reference), scarcity.csv/.md/.png, manifold.png/.csv and
-report.md. With the default configs everything is simulated: the target cohort and the pretraining
-cohort are generated with `jaxtl.simulate`, and missing pretrained models are pretrained first.
+`config.out_dir`: results.jsonl (one line per run; a rerun skips runs already made under the same setup,
+`RUN_SETUP`, so an interrupted or extended experiment resumes), table.md (mean +- sd per method, in the
+layout of paper-spec section 8, with the paper's numbers on the real cohort for reference),
+scarcity.csv/.md/.png, manifold.png/.csv and report.md. With the default configs everything is simulated:
+the target cohort and the pretraining cohort are generated with `jaxtl.simulate`, and missing pretrained
+models are pretrained first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -191,6 +193,8 @@ def paper_reference(dataset: str, task: str, label: str) -> str:
     key = label.replace("features", "ft_final").split(" [")[0]
     if " [" in label:
         key += label[label.index("]") + 1:]
+    if key.startswith("direct transfer"):  # the paper's direct transfer always used the same-task model
+        key = "direct transfer"
     return table.get(key, "")
 
 
@@ -253,16 +257,39 @@ def _run_key(task: str, label: str, repeat: int, share: float) -> str:
     return f"{task}|{label}|{repeat}|{share:g}"
 
 
-def _read_runs(path: Path) -> dict[str, dict]:
-    runs = {}
+# Config fields that change what a run computes (the others only choose which runs are made or where to write).
+RUN_SETUP = ("data_dir", "target", "age_model", "sex_model", "paper_dataset", "split", "seed", "epoch_scale", "cv")
+
+
+def run_setup(config: ExperimentConfig) -> str:
+    """A fingerprint of the `RUN_SETUP` fields: a finished run is reused only under the same one."""
+    fields = {k: v for k, v in _asdict(config).items() if k in RUN_SETUP}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_runs(path: Path, setup: str) -> tuple[dict[str, dict], int]:
+    """The finished runs of `path` made under `setup`, by key; and how many lines were made under another."""
+    runs, other = {}, 0
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 r = json.loads(line)
             except ValueError:
                 continue
-            runs[r["key"]] = r
-    return runs
+            if r.get("setup") == setup:
+                runs[r["key"]] = r
+            else:
+                other += 1
+    return runs, other
+
+
+def _changed_setup(config_json: Path, config: ExperimentConfig) -> list[str]:
+    try:
+        before = json.loads(config_json.read_text())
+    except (OSError, ValueError):
+        return []
+    now = _asdict(config)
+    return [k for k in RUN_SETUP if before.get(k) != now.get(k)]
 
 
 def _one_run(models: dict[str, JaxtlModel], target: Target, cfg: ExperimentConfig, task: str, spec: MethodSpec,
@@ -295,14 +322,20 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    setup, runs_path = run_setup(config), out / "results.jsonl"
+    done, other = _read_runs(runs_path, setup)
+    if other:
+        changed = _changed_setup(out / "config.json", config)
+        warnings.warn(f"{runs_path}: {other} earlier runs were made with another setup"
+                      + (f" ({', '.join(changed)} differed)" if changed else "")
+                      + "; they are kept in the file but not reused or reported (a new out_dir keeps them apart)",
+                      stacklevel=2)
     (out / "config.json").write_text(json.dumps(_asdict(config), indent=2) + "\n")
     target_path = ensure_cohort(config.target, config.data_dir, progress)
     models = {"age": ensure_model(config.age_model, config.data_dir, progress),
               "sex": ensure_model(config.sex_model, config.data_dir, progress)}
     downsample = int(models["age"].preprocessing.get("downsample", 1))
     target = open_target(target_path, downsample)
-    runs_path = out / "results.jsonl"
-    done = _read_runs(runs_path)
 
     todo = [(task, spec, r, 1.0) for task in config.tasks for r in range(config.repeats)
             for spec in config.methods if task in spec.tasks]
@@ -320,7 +353,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
         if key in done:
             continue
         bar.set_postfix_str(key)
-        record = {"key": key, **_one_run(models, target, config, task, spec, r, share, progress)}
+        record = {"key": key, "setup": setup, **_one_run(models, target, config, task, spec, r, share, progress)}
         done[key] = record
         with runs_path.open("a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
@@ -412,7 +445,7 @@ def scarcity_outputs(runs: list[dict], config: ExperimentConfig, out: Path) -> s
             means, sds, ns = [], [], []
             for share in shares:
                 sel = [r for r in runs if r["task"] == task and r["label"] == label and r["share"] == share
-                       and (share == 1.0 or r["repeat"] < sc.repeats)]
+                       and r["repeat"] < sc.repeats]  # every point over the same splits
                 m, s, k = _stats([r.get("test") for r in sel])
                 means.append(m)
                 sds.append(s)
@@ -493,11 +526,13 @@ def _means(runs: list[dict], task: str) -> dict[str, float | None]:
     return {k: float(np.mean(v)) if v else None for k, v in labels.items()}
 
 
-def findings(exp: ExperimentConfig) -> list[str]:
+def findings(exp: ExperimentConfig, runs: list[dict] | None = None) -> list[str]:
     """The paper's qualitative findings (paper-spec section 8), checked on this experiment's mean test metrics:
     markdown table rows | target | task | finding | holds / does not hold / n/a |, for the methods that were run
-    (n/a: one of the two has no result, e.g. its fit failed; see results.jsonl)."""
-    runs = [json.loads(line) for line in (Path(exp.out_dir) / "results.jsonl").read_text().splitlines()]
+    (n/a: one of the two has no result, e.g. its fit failed; see results.jsonl). `runs`: the finished runs
+    (default: those of `exp.out_dir`/results.jsonl made under `exp`'s setup)."""
+    if runs is None:
+        runs = list(_read_runs(Path(exp.out_dir) / "results.jsonl", run_setup(exp))[0].values())
     lines = []
     for task in exp.tasks:
         m = _means(runs, task)
@@ -540,7 +575,7 @@ def _report(config: ExperimentConfig, target: Target, runs: list[dict], parts: l
         head += ["**Simulated data** (`jaxtl.simulate`): these numbers are not results on the real cohort; the "
                  "paper's column is there only to compare the ordering of methods.", ""]
     checked = ["## Findings of the paper, checked here", "", "| target | task | finding | on this run |",
-               "|---|---|---|---|", *findings(config), ""]
+               "|---|---|---|---|", *findings(config, runs), ""]
     return "\n".join(head + checked + ["## Results", ""] + parts) + "\n"
 
 

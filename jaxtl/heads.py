@@ -3,7 +3,8 @@ elastic-net baseline on voxels, and brain-age bias correction.
 
 `make_pipeline(SFCNEmbedder(model), StandardScaler(), RidgeCV())` works like any scikit-learn pipeline
 (`clone`, `get_params`, `cross_val_score`). Heads choose their hyper-parameters by inner cross-validation
-on the data they are fitted on (the training split only).
+on the data they are fitted on (the training split only); where a participant has several scans, the folds
+keep each participant's scans together (`grouped=True` / `groups=`, `fit_grouped`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any
 
 import joblib
 import numpy as np
+import sklearn
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.decomposition import PCA
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.linear_model import ElasticNetCV, LogisticRegressionCV, RidgeCV
-from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold
+from sklearn.model_selection import GridSearchCV, GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVR
@@ -103,12 +105,32 @@ class SFCNEmbedder(TransformerMixin, BaseEstimator):
 # Read-out heads on frozen features (the paper's ft_final idea with scikit-learn)
 
 
-def make_feature_head(task: str, head: str | None = None, *, cv: int = 5, seed: int = 0) -> BaseEstimator:
+def inner_cv(task: str, cv: int, seed: int, grouped: bool = False):
+    """The shuffled K-fold splitter of an inner CV: stratified by class for sex; with `grouped`, each group
+    (participant) wholly in one fold, so repeated sessions of a person cannot sit on both sides."""
+    if grouped:
+        return (StratifiedGroupKFold if task == "sex" else GroupKFold)(cv, shuffle=True, random_state=seed)
+    return (StratifiedKFold if task == "sex" else KFold)(cv, shuffle=True, random_state=seed)
+
+
+def fit_grouped(estimator: BaseEstimator, X, y, groups=None) -> BaseEstimator:
+    """`estimator.fit(X, y)`, passing `groups` (e.g. participant ids) to every grouped inner CV splitter by
+    scikit-learn's metadata routing (enabled for this call only)."""
+    if groups is None:
+        return estimator.fit(X, y)
+    with sklearn.config_context(enable_metadata_routing=True):
+        return estimator.fit(X, y, groups=np.asarray(groups))
+
+
+def make_feature_head(task: str, head: str | None = None, *, cv: int = 5, seed: int = 0,
+                      grouped: bool = False) -> BaseEstimator:
     """A standardise -> linear/kernel model pipeline whose hyper-parameters are set by inner CV.
 
     Age: "ridge" (default; RidgeCV, leave-one-out over alphas), "elasticnet" (ElasticNetCV over alpha
     and l1_ratio), "svr" and "kernelridge" (RBF kernels, GridSearchCV; targets centred and scaled).
     Sex: "logistic" (LogisticRegressionCV over C, L2, balanced class weights).
+    `grouped=True`: every inner CV (ridge's too, instead of leave-one-out) keeps each group's rows in one
+    fold; fit it with `fit_grouped(head, X, y, groups)`.
     """
     head = head or ("ridge" if task == "age" else "logistic")
     valid = AGE_HEADS if task == "age" else SEX_HEADS if task == "sex" else None
@@ -116,9 +138,9 @@ def make_feature_head(task: str, head: str | None = None, *, cv: int = 5, seed: 
         raise ValueError(f"unknown task {task!r}: use 'age' or 'sex'")
     if head not in valid:
         raise ValueError(f"head {head!r} is not available for task {task!r}; choose from {', '.join(valid)}")
-    kfold = KFold(cv, shuffle=True, random_state=seed)
+    kfold = inner_cv(task, cv, seed, grouped)
     if head == "ridge":
-        model = RidgeCV(alphas=np.logspace(-3, 5, 17))
+        model = RidgeCV(alphas=np.logspace(-3, 5, 17), cv=kfold if grouped else None)
     elif head == "elasticnet":
         model = ElasticNetCV(l1_ratio=[0.1, 0.5, 0.7, 0.9, 0.95, 1.0], alphas=40, cv=kfold, max_iter=20000,
                              random_state=seed)
@@ -130,9 +152,9 @@ def make_feature_head(task: str, head: str | None = None, *, cv: int = 5, seed: 
                                             {"alpha": np.logspace(-3, 1, 5), "gamma": [1e-3, 3e-3, 1e-2, 3e-2]},
                                             cv=kfold))
     else:
-        model = LogisticRegressionCV(Cs=np.logspace(-3, 3, 7), l1_ratios=(0.0,), cv=StratifiedKFold(
-            cv, shuffle=True, random_state=seed), scoring="balanced_accuracy", class_weight="balanced",
-            max_iter=5000, use_legacy_attributes=False)
+        model = LogisticRegressionCV(Cs=np.logspace(-3, 3, 7), l1_ratios=(0.0,), cv=kfold,
+                                     scoring="balanced_accuracy", class_weight="balanced", max_iter=5000,
+                                     use_legacy_attributes=False)
     return make_pipeline(StandardScaler(), model)
 
 
@@ -193,38 +215,40 @@ class ElasticBaseline(BaseEstimator):
         self.cv = cv
         self.seed = seed
 
-    def _pipeline(self, n: int, memory: str | None = None) -> Pipeline:
-        inner = KFold(self.cv, shuffle=True, random_state=self.seed)
+    def _pipeline(self, n: int, memory: str | None = None, grouped: bool = False) -> Pipeline:
+        inner = inner_cv(self.task, self.cv, self.seed, grouped)
         if self.task == "age":
             model = ElasticNetCV(l1_ratio=list(self.l1_ratios), alphas=30, cv=inner, max_iter=20000,
                                  random_state=self.seed)
         elif self.task == "sex":
             model = LogisticRegressionCV(
                 Cs=np.logspace(-3, 3, 7), l1_ratios=tuple(self.l1_ratios), solver="saga", max_iter=5000,
-                cv=StratifiedKFold(self.cv, shuffle=True, random_state=self.seed), scoring="balanced_accuracy",
-                class_weight="balanced", random_state=self.seed, use_legacy_attributes=False)
+                cv=inner, scoring="balanced_accuracy", class_weight="balanced", random_state=self.seed,
+                use_legacy_attributes=False)
         else:
             raise ValueError(f"unknown task {self.task!r}: use 'age' or 'sex'")
         ncomp = n - 1 if self.n_components is None else min(self.n_components, n - 1)
         return Pipeline([("pca", PCA(ncomp, random_state=self.seed)), ("select", CorrelationSelector()),
                          ("scale", StandardScaler()), ("model", model)], memory=memory)
 
-    def fit(self, X, y):
+    def fit(self, X, y, groups=None):
+        """`groups` (e.g. participant ids): every CV level keeps each group's scans in one fold."""
         X = np.asarray(X, np.float32).reshape(len(X), -1)
         y = np.asarray(y, np.float64)
-        outer_train = len(X) * (self.cv - 1) // self.cv  # training size inside the outer CV folds
+        grouped = groups is not None
+        folds = list(inner_cv(self.task, self.cv, self.seed, grouped).split(X, y, groups))
+        outer_train = min(len(train) for train, _ in folds)  # the smallest training size inside the folds
         grid = {"select__k": [k for k in self.n_features if k < outer_train] or [min(self.n_features)]}
-        splitter = (StratifiedKFold if self.task == "sex" else KFold)(self.cv, shuffle=True, random_state=self.seed)
         with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="jaxtl-pca-") as cache:
             warnings.filterwarnings("ignore", message=".*(converge|did not converge).*")
             # each fold's PCA is fitted once and reused for every k (the SVD is most of the search)
-            search = GridSearchCV(self._pipeline(outer_train, memory=cache), grid, cv=splitter,
+            search = GridSearchCV(self._pipeline(outer_train, memory=cache, grouped=grouped), grid, cv=folds,
                                   scoring="balanced_accuracy" if self.task == "sex" else "neg_mean_absolute_error",
                                   refit=False, n_jobs=self.n_jobs)
-            search.fit(X, y)
+            fit_grouped(search, X, y, groups)
             self.best_params_ = search.best_params_
-            final = self._pipeline(len(X)).set_params(**search.best_params_)
-            self.pipeline_ = final.fit(X, y)
+            final = self._pipeline(len(X), grouped=grouped).set_params(**search.best_params_)
+            self.pipeline_ = fit_grouped(final, X, y, groups)
         self.classes_ = getattr(self.pipeline_, "classes_", None)
         return self
 

@@ -46,12 +46,20 @@ from flax import nnx
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import balanced_accuracy_score, r2_score, roc_auc_score
-from sklearn.model_selection import KFold, cross_val_predict
 from tqdm.auto import tqdm
 
 from jaxtl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxtl.embed import VolumeReader, apply_batched, embed, model_downsample, resolve_model, warn_skipped
-from jaxtl.heads import BiasCorrection, load_estimator, make_elastic, make_feature_head, predict_head, save_estimator
+from jaxtl.heads import (
+    BiasCorrection,
+    fit_grouped,
+    inner_cv,
+    load_estimator,
+    make_elastic,
+    make_feature_head,
+    predict_head,
+    save_estimator,
+)
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
 from jaxtl.model import SFCN, WEIGHTS
 from jaxtl.weights import JaxtlModel, load_model, save_model
@@ -311,7 +319,7 @@ def open_target(cohort: Any, downsample: int = 1, *, sex_required: bool = False,
         src = CacheSource(cohort)
         scans = index["scans"]
         col = lambda k: np.array([s.get(k) or "" for s in scans], dtype=str)
-        return Target(src, src.ids, col("participant_id"), col("session"), col("site"),
+        return Target(src, src.ids, src.participant_ids, col("session"), col("site"),
                       src.ages.astype(np.float64), src.sexes.astype(np.float64), downsample, name)
     if isinstance(cohort, str | os.PathLike):
         if not Path(cohort).exists():
@@ -642,6 +650,7 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
                          "the warnings read_cohort gave)")
     common = dict(downsample=target.downsample, input_shape=target.shape)
     meta = {"seed": seed, "cohort": target.name}
+    groups = training_groups(target.participant_ids[train])
 
     if method == "direct":
         if backbone.task.name != task_name:
@@ -660,11 +669,11 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
 
     if method == "features":
         F = target.features(backbone, config.layer, config.batch_size, progress)
-        est = make_feature_head(task_name, config.head, cv=config.cv, seed=seed)
+        est = make_feature_head(task_name, config.head, cv=config.cv, seed=seed, grouped=groups is not None)
         head = TransferHead(method, task_name, "features", backbone, est, config.layer,
                             meta={**meta, "head": config.head or ("ridge" if task_name == "age" else "logistic")},
                             **common)
-        pred = _fit_sklearn(est, F, y, train, task_name, config)
+        pred = _fit_sklearn(est, F, y, train, task_name, config, groups)
         return head, pred
 
     if method == "elastic":
@@ -674,7 +683,7 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
         est = make_elastic(task_name, n_features=config.elastic_features, cv=config.cv, seed=seed,
                            n_jobs=min(config.cv, cores))  # the grid search's folds in parallel: 1.5-2x on 2 cores
         head = TransferHead(method, task_name, "elastic", None, est, voxel_factor=factor, meta=meta, **common)
-        pred = _fit_sklearn(est, X, y, train, task_name, config)
+        pred = _fit_sklearn(est, X, y, train, task_name, config, groups)
         return head, pred
 
     # network methods
@@ -749,18 +758,31 @@ def phase_seed(seed: int, phase: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(phase)]).generate_state(1)[0] >> 1)
 
 
-def _fit_sklearn(est, X: np.ndarray, y: np.ndarray, train: np.ndarray, task: str, config: TransferConfig) -> np.ndarray:
+def training_groups(participant_ids: np.ndarray) -> np.ndarray | None:
+    """The training scans' participant ids when some participant has several scans (sessions), else None:
+    the inner CV of scikit-learn heads then keeps each participant's scans in one fold."""
+    ids = np.asarray(participant_ids, dtype=str)
+    return ids if len(np.unique(ids)) < len(ids) else None
+
+
+def _fit_sklearn(est, X: np.ndarray, y: np.ndarray, train: np.ndarray, task: str, config: TransferConfig,
+                 groups: np.ndarray | None = None) -> np.ndarray:
     """Fit on the training split and predict every scan; when the age-bias correction is fitted on the
-    training split, its scans get out-of-fold predictions (in-sample ones would hide the bias)."""
+    training split, its scans get out-of-fold predictions (in-sample ones would hide the bias). `groups`:
+    participant ids of the training scans, kept within one fold by every CV."""
     with warnings.catch_warnings():
         # tiny CV folds: ill-defined scores and unconverged solvers on some grid points are expected
         warnings.simplefilter("ignore", UserWarning)
         warnings.filterwarnings("ignore", category=ConvergenceWarning)
-        est.fit(X[train], y[train] if task == "age" else y[train].astype(int))
+        fit_grouped(est, X[train], y[train] if task == "age" else y[train].astype(int), groups)
         pred = np.asarray(predict_head(est, X, task), np.float64)
         if task == "age" and config.bias_fit_split() == "train":
-            cv = KFold(min(config.cv, len(train)), shuffle=True, random_state=config.seed + 1)
-            pred[train] = cross_val_predict(clone(est), X[train], y[train], cv=cv)
+            n = len(train) if groups is None else len(np.unique(groups))
+            cv = inner_cv(task, min(config.cv, n), config.seed + 1, groups is not None)
+            for fit_rows, held_out in cv.split(train, groups=groups):
+                fold = fit_grouped(clone(est), X[train[fit_rows]], y[train[fit_rows]],
+                                   None if groups is None else groups[fit_rows])
+                pred[train[held_out]] = predict_head(fold, X[train[held_out]], task)
     return pred
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -42,6 +43,7 @@ def test_method_labels_and_paper_numbers():
     assert paper_reference("oasis", "age", "features (sex-pretr.)") == "6.907±0.010"
     assert paper_reference("ixi", "sex", "TL ft_full (sex-pretr.)") == "0.903±0.013"
     assert paper_reference("ixi", "age", "features [svr] (age-pretr.)") == "5.346±0.101"
+    assert paper_reference("oasis", "age", MethodSpec("direct").name("age")) == "4.175±0.071"
 
 
 def test_tiny_experiment_end_to_end_and_resume(tiny_models, ixi_tiny, tmp_path):
@@ -74,6 +76,9 @@ def test_tiny_experiment_end_to_end_and_resume(tiny_models, ixi_tiny, tmp_path):
     for name in ("scarcity.png", "scarcity.csv", "manifold.png", "manifold.csv", "report.md"):
         assert (out / name).stat().st_size > 100, name
     assert "0.5" in (out / "scarcity.md").read_text() and "Simulated" not in report.read_text()  # real-path target
+    # every point of the scarcity curve over the same splits (scarcity.repeats = 1, not the table's 2 repeats)
+    curve = [line.split(",") for line in (out / "scarcity.csv").read_text().splitlines()[1:]]
+    assert curve and all(row[-1] == "1" for row in curve), curve
     # the paper's findings that these methods can check (same- vs other-task features), nothing else
     rows = re.findall(r"\| tiny \| (age|sex) \| (.*) \| (holds|\*\*does not hold\*\*) \|", report.read_text())
     assert [(task, finding) for task, finding, _ in rows] == [
@@ -85,6 +90,15 @@ def test_tiny_experiment_end_to_end_and_resume(tiny_models, ixi_tiny, tmp_path):
         warnings.simplefilter("ignore")
         run_experiment(cfg, progress=False)
     assert (out / "results.jsonl").read_text() == before
+    # a changed setup (here the paper's hyper-parameters) reuses nothing and reports only its own runs
+    changed = dataclasses.replace(cfg, paper_dataset="oasis", tasks=("age",), methods=(MethodSpec("direct"),),
+                                  repeats=1, scarcity=None, manifold=None)
+    with pytest.warns(UserWarning, match=r"14 earlier runs were made with another setup \(paper_dataset differed\)"):
+        run_experiment(changed, progress=False)
+    runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(runs) == 15 and runs[-1]["label"] == "direct transfer (age-pretr.)"
+    table = (out / "table.md").read_text()
+    assert "features (sex-pretr.)" not in table and "4.175±0.071" in table  # OASIS's direct transfer
 
 
 def test_overrides_take_the_documented_alternatives(tmp_path, monkeypatch):
@@ -126,8 +140,7 @@ def test_findings_verdicts(tmp_path):
     rows = [{"task": task, "label": label, "share": 1.0, "test": v + d}
             for (task, label), v in means.items() for d in (-0.1, 0.1)]
     rows.append({"task": "sex", "label": "elastic net", "share": 1.0, "test": None, "error": "fit failed"})
-    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    lines = findings(ExperimentConfig(name="t", out_dir=str(tmp_path)))
+    lines = findings(ExperimentConfig(name="t", out_dir=str(tmp_path)), rows)
     verdict = {line.split(" | ")[2]: line.split(" | ")[3].rstrip(" |") for line in lines}
     assert verdict == {
         "same-task frozen features (age-pretr.) beat elastic net": "**does not hold**",

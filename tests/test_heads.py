@@ -12,6 +12,7 @@ from sklearn.model_selection import KFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from jaxtl import heads
 from jaxtl.cache import CacheSource
 from jaxtl.embed import embed
 from jaxtl.heads import (
@@ -19,6 +20,7 @@ from jaxtl.heads import (
     BiasCorrection,
     CorrelationSelector,
     SFCNEmbedder,
+    fit_grouped,
     load_estimator,
     make_elastic,
     make_feature_head,
@@ -94,6 +96,39 @@ def test_sex_head_and_unknown_heads():
         make_feature_head("sex", "ridge")
     with pytest.raises(ValueError, match="unknown task"):
         make_feature_head("handedness")
+
+
+@pytest.mark.parametrize("head", [*AGE_HEADS, "logistic", "elastic"])
+def test_grouped_inner_cv_keeps_each_participant_in_one_fold(head, monkeypatch):
+    """With groups (participant ids), every inner CV of every head (the elastic baseline's nested ones too)
+    splits by group: no participant's scans on both sides of a fold."""
+    splits = []
+
+    def recording(base):
+        class Recording(base):
+            def split(self, X, y=None, groups=None):
+                assert groups is not None, "a grouped splitter was called without groups"
+                for train, test in super().split(X, y, groups):
+                    splits.append(set(np.asarray(groups)[train]) & set(np.asarray(groups)[test]))
+                    yield train, test
+        return Recording
+
+    monkeypatch.setattr(heads, "GroupKFold", recording(heads.GroupKFold))
+    monkeypatch.setattr(heads, "StratifiedGroupKFold", recording(heads.StratifiedGroupKFold))
+    rng = np.random.default_rng(4)
+    people = np.repeat(np.arange(24), 3)  # 3 sessions each
+    task = "age" if head in AGE_HEADS else "sex"
+    X = rng.normal(size=(24, 80))[people] + 0.01 * rng.normal(size=(72, 80))
+    y = rng.uniform(40, 80, 24)[people] if task == "age" else (np.arange(24) % 2)[people]
+    if head == "elastic":
+        est = make_elastic(task, cv=3, n_features=(5, 10))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est.fit(X, y, groups=people)
+    else:
+        est = fit_grouped(make_feature_head(task, head, cv=3, grouped=True), X, y, people)
+    assert splits and all(not shared for shared in splits), splits
+    assert predict_head(est, X[:2], task).shape == (2,)
 
 
 def test_correlation_selector_keeps_the_most_correlated_columns():

@@ -12,6 +12,7 @@ from conftest import TINY_CHANNELS
 from flax import nnx
 
 from jaxtl import cli
+from jaxtl import transfer as transfer_module
 from jaxtl.cohort import read_cohort
 from jaxtl.heads import BiasCorrection
 from jaxtl.model import SFCN
@@ -221,6 +222,38 @@ def test_bias_correction_is_fitted_on_the_training_split_only(tiny_models, targe
     in_sample = a.head.predict_features(target.features(backbone, progress=False)[train])
     assert not np.allclose(a.predictions["prediction"][train], in_sample)
     assert a.metrics["bias_correction"] == a.head.bias.to_dict()
+
+
+def test_repeated_sessions_stay_in_one_fold_of_the_inner_cv():
+    """Scans of one participant (sessions) never sit on both sides of an inner CV fold: near-duplicate
+    scans with no real age signal give out-of-fold predictions no better than the mean, where folds over
+    scans would let each scan be predicted from its own participant's other sessions."""
+    rng = np.random.default_rng(0)
+    people = np.repeat(np.arange(40), 3).astype(str)
+    X = rng.normal(size=(40, 60))[np.arange(120) // 3] + 0.01 * rng.normal(size=(120, 60))
+    y = rng.uniform(40, 80, 40)[np.arange(120) // 3]
+    train = np.arange(120)
+    cfg = dataclasses.replace(FAST, task="age", method="features", cv=5)
+    groups = transfer_module.training_groups(people)
+    assert groups is not None and transfer_module.training_groups(np.arange(5).astype(str)) is None
+    pred = transfer_module._fit_sklearn(transfer_module.make_feature_head("age", cv=5, grouped=True), X, y, train,
+                                        "age", cfg, groups)
+    mean_mae = np.mean(np.abs(y - y.mean()))
+    assert np.mean(np.abs(pred - y)) > 0.9 * mean_mae
+    leaky = transfer_module._fit_sklearn(transfer_module.make_feature_head("age", cv=5), X, y, train, "age", cfg)
+    assert np.mean(np.abs(leaky - y)) < 0.8 * mean_mae  # what the grouping prevents
+
+
+def test_transfer_groups_the_inner_cv_by_participant(tiny_models, target):
+    backbone = load_model(tiny_models["age"])
+    twice = np.array([f"p{i // 2}" for i in range(len(target.ids))])  # pairs of scans as sessions of one person
+    split = split_cohort(twice, target.sites, target.ages, "age", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = transfer(backbone, dataclasses.replace(target, participant_ids=twice),
+                       dataclasses.replace(FAST, task="age", method="features"), split=split, progress=False)
+    assert type(res.head.estimator[-1].cv).__name__ == "GroupKFold"
+    assert res.head.bias.split == "train (out-of-fold)"
 
 
 def test_network_bias_correction_is_fitted_on_the_validation_split(monkeypatch, tiny_models, target):
