@@ -34,12 +34,15 @@ DEFAULT_PREPROCESSING = {
 PUBLISHED = {
     "peng2021-age": {
         "file": "brain_age/run_20190719_00_epoch_best_mae.p",
+        "where": "github.com/ha-ha-ha-han/UKBiobank_deep_pretrain",
         "task": "age",
         "bins": (42, 82),
         "note": "SFCN [32,64,128,256,256,64], trained on 12,949 UK Biobank subjects, test MAE 2.14 (Peng's README)",
     },
     "peng2021-sex": {
         "file": "run_20191008_00_epoch_last.p",
+        # [UNVERIFIED] paper-spec calls it public, but Peng's repository README lists only the age model
+        "where": "the SFCN authors (not listed in github.com/ha-ha-ha-han/UKBiobank_deep_pretrain's README)",
         "task": "sex",
         "bins": None,
         "note": "SFCN [28,58,128,256,256,64], 2 classes (0 = female, 1 = male)",
@@ -115,7 +118,7 @@ def _resolve(name_or_dir: str | os.PathLike) -> Path:
         bins = f" --bins {info['bins'][0]} {info['bins'][1]}" if info["bins"] else ""
         raise FileNotFoundError(
             f"'{name}' is not in {jaxtl_home()} (set $JAXTL_HOME to change that). jaxtl downloads nothing: get "
-            f"{info['file']} from github.com/ha-ha-ha-han/UKBiobank_deep_pretrain and run "
+            f"{info['file']} from {info['where']} and run "
             f"`jaxtl convert {Path(info['file']).name} {path} --task {info['task']}{bins}`"
         )
     if path.exists():
