@@ -281,6 +281,7 @@ def train_dataset(source, indices: np.ndarray, config: TrainConfig, start_batch:
 
 
 EVAL_IN_FLIGHT = 2  # evaluation batches queued on the device while the host prepares the next one
+TRAIN_IN_FLIGHT = 2  # train steps queued on the device (async dispatch) while the host prepares the next batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,7 +506,8 @@ class _TrainClock:
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - t
+            if self.start is not None:  # a pause before the clock started (a resume's validation) is outside it
+                self.paused_s += time.perf_counter() - t
 
     def rate(self, step: int) -> float | None:
         """Volumes/s over the timed steps so far; None before any step was timed."""
@@ -628,6 +630,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
             _write_json(workdir / "config.json", to_dict(config))  # the run's config now (resumable changes)
         _truncate_metrics(metrics_file, step)
     pending = []  # losses not yet checked for finiteness
+    in_flight = []  # losses of the last steps dispatched, possibly still running
     clock = _TrainClock(config.batch_size)
     saved = latest  # step of the newest checkpoint (restored or written)
 
@@ -697,6 +700,9 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                 step += 1
                 clock.step_done(step, loss)
                 pending.append((step, loss, finite))
+                in_flight.append(loss)
+                if len(in_flight) > TRAIN_IN_FLIGHT:  # bound the steps (and their batches) queued on the device
+                    jax.block_until_ready(in_flight.pop(0))
                 bar.update(1)
                 preempted = watch.reached(step)  # every step, on every process: the same answer everywhere
                 if step % config.log_every_steps == 0 or step % steps_per_epoch == 0 or preempted:

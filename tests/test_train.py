@@ -330,6 +330,39 @@ def test_throughput_clock_times_train_steps_only():
     for step in (2, 3):
         clock.step_done(step, jnp.zeros(()))
     assert clock.rate(3) > 2 * 100 / 0.5  # the paused second is not counted
+    clock = _TrainClock(batch_size=100)
+    with clock.paused():  # before the first step (a resume validating an interrupted epoch first)
+        time.sleep(0.3)
+    clock.step_done(1, jnp.zeros(()))
+    time.sleep(0.05)
+    clock.step_done(2, jnp.zeros(()))
+    assert 0 < clock.rate(2) <= 100 / 0.05
+
+
+def test_train_steps_queued_on_the_device_are_bounded(ukb_cache, tmp_path, monkeypatch):
+    """Async dispatch: before step N + TRAIN_IN_FLIGHT + 1 is dispatched, step N has finished (its batch freed),
+    also between log points (here a log only at the epoch's end)."""
+    from jaxtl import train
+
+    dispatched, waited = [], set()
+    real_step, real_wait = train.Trainer.step, jax.block_until_ready
+
+    def step(self, *args):
+        n = len(dispatched)
+        if n > train.TRAIN_IN_FLIGHT:
+            assert id(dispatched[n - train.TRAIN_IN_FLIGHT - 1]) in waited, f"step {n + 1} dispatched too early"
+        out = real_step(self, *args)
+        dispatched.append(out[0])
+        return out
+
+    def wait(x):
+        waited.update(id(leaf) for leaf in jax.tree.leaves(x))
+        return real_wait(x)
+
+    monkeypatch.setattr(train.Trainer, "step", step)
+    monkeypatch.setattr(jax, "block_until_ready", wait)
+    pretrain(tiny_config("log_every_steps=100", "epochs=1"), ukb_cache, tmp_path / "run", progress=False)
+    assert len(dispatched) > train.TRAIN_IN_FLIGHT + 2
 
 
 def test_missing_labels_are_listed_with_what_to_do():
