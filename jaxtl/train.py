@@ -134,14 +134,15 @@ def _loss_fn(model: SFCN, task, images, labels, key):
 def train_step(graphdef, state, images, labels, key, lr, *, task, trainable):
     """One SGD step with learning rate `lr` on a (sharded) global batch.
 
-    Returns the new state, the batch loss and whether the loss and all new parameters are finite.
+    Returns the new state, the batch loss and whether the loss, all new parameters and BatchNorm statistics
+    are finite.
     """
     model, optimizer = nnx.merge(graphdef, state)
     optimizer.opt_state.hyperparams["learning_rate"][...] = lr
     grad_fn = nnx.value_and_grad(_loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
     (loss, _), grads = grad_fn(model, task, images, labels, key)
     optimizer.update(model, grads)
-    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    params = jax.tree.leaves(nnx.state(model, (nnx.Param, nnx.BatchStat)))
     finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(p).all() for p in params]))
     return nnx.state((model, optimizer)), loss, finite
 

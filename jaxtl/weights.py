@@ -82,6 +82,8 @@ def save_model(model: SFCN, out_dir: str | os.PathLike, task: AgeTask | SexTask,
     if (out / "model.json").exists() and not overwrite:
         raise ValueError(f"{out} already holds a jaxtl model; remove it or pass overwrite=True")
     out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # overwriting: the directory reads as no model until the new one is complete
+        (out / "model.json").unlink(missing_ok=True)
     state = nnx.to_pure_dict(nnx.state(model, WEIGHTS))
     with ocp.StandardCheckpointer() as ckptr:  # collective: every process of a multi-host run calls it
         ckptr.save(out / "state", state, force=overwrite)

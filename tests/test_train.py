@@ -204,6 +204,16 @@ def test_few_steps_lower_the_loss(ukb_cache):
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
 
 
+def test_step_flags_non_finite_batchnorm_statistics():
+    """A batch of huge values (e.g. an unnormalised scan) overflows BatchNorm's running variance while the loss and
+    the parameters stay finite: the step reports it, so the run stops before checkpointing a broken model."""
+    trainer = Trainer.create(tiny_config("model.dropout=0.0"), steps_per_epoch=10)
+    x = np.random.default_rng(0).normal(size=(4, 40, 48, 40)).astype(np.float32)
+    y = trainer.global_batch(np.full(4, 60.0, np.float32))
+    loss, finite = trainer.step(trainer.global_batch(x * 1e18), y, 0)
+    assert np.isfinite(float(loss)) and not bool(finite)
+
+
 @pytest.mark.parametrize("task", ["age", "sex"])
 def test_evaluate_equals_numpy_and_ignores_the_padding(ukb_cache, task):
     """Validation through the grain pipeline (10 scans: batches of 4, 4 and 2 + 2 masked padding) equals val

@@ -222,3 +222,25 @@ def test_saved_sigma_zero_survives_loading(tmp_path):
         path = jaxtl.save_model(model, tmp_path / f"sigma{sigma}", make_task("age", (42, 82), sigma),
                                 input_shape=(40, 48, 40))
         assert jaxtl.load_model(path).task.sigma == sigma  # 0 (one-hot labels) is not replaced by 1
+
+
+def test_an_interrupted_overwrite_leaves_no_model(tmp_path, monkeypatch):
+    """Overwriting a model directory (e.g. best/ at each better epoch): if writing the new weights fails, the
+    directory must not read as the old model with partly replaced weights."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from jaxtl.labels import make_task
+    from jaxtl.model import SFCN
+
+    model, task = SFCN((4, 8, 8, 8, 8, 8), 40, rngs=nnx.Rngs(0)), make_task("age", (42, 82))
+    path = jaxtl.save_model(model, tmp_path / "best", task, input_shape=(40, 48, 40))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        jaxtl.save_model(model, path, task, input_shape=(40, 48, 40), overwrite=True)
+    with pytest.raises(FileNotFoundError, match="not a jaxtl model directory"):
+        jaxtl.load_model(path)
