@@ -773,8 +773,8 @@ def _raise_if_non_finite(losses: list, mngr: ocp.CheckpointManager) -> None:
             last = mngr.latest_step()
             kept = f"the last good checkpoint (step {last}) is intact" if last is not None else "no checkpoint yet"
             raise NonFiniteLossError(
-                f"loss or parameters became non-finite at step {s}; stopping ({kept}). Lower optim.lr, or check "
-                "the inputs for NaN/Inf, then rerun the same command to resume")
+                f"loss, parameters or BatchNorm statistics became non-finite at step {s}; stopping ({kept}). Lower "
+                "optim.lr, or check the inputs for NaN/Inf, then rerun the same command to resume")
 
 
 def _export(trainer: Trainer, path: Path, source: CacheSource, config: TrainConfig, meta: dict) -> Path:
