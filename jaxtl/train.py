@@ -119,11 +119,19 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     return path
 
 
+def process_major(devices) -> list:
+    """`devices` ordered by (process, id): each process's devices hold one contiguous block of the batch axis,
+    the block `HostBlock` gives that process. (`jax.make_mesh` orders TPU devices by physical topology, where a
+    host's chips need not be neighbours on a 1-D axis.)"""
+    return sorted(devices, key=lambda d: (d.process_index, d.id))
+
+
 def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """1-D "data" mesh over all devices of all processes (or `devices`). Auto axes: the compiler propagates
-    the batch sharding through the network, so reshapes inside the model need no sharding annotations."""
-    devices = jax.devices() if devices is None else devices
-    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    """1-D "data" mesh over all devices of all processes (or `devices`), process-major. Auto axes: the compiler
+    propagates the batch sharding through the network, so reshapes inside the model need no sharding
+    annotations. The only collectives are all-reduces over every device, which the order does not change."""
+    devices = process_major(jax.devices() if devices is None else devices)
+    return jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _loss_fn(model: SFCN, task, images, labels, key):

@@ -193,6 +193,19 @@ def test_trainers_of_one_shape_share_compiled_steps():
 # ---- training -------------------------------------------------------------------------------------------
 
 
+def test_mesh_is_process_major():
+    """Each process's devices form one contiguous block of the data axis (HostBlock's block of the batch),
+    whatever order the devices come in (TPU topologies interleave hosts)."""
+    from types import SimpleNamespace
+
+    from jaxtl.train import make_mesh, process_major
+
+    devs = [SimpleNamespace(process_index=p, id=i) for i, p in [(5, 1), (0, 0), (4, 1), (2, 0), (7, 1), (1, 0)]]
+    assert [(d.process_index, d.id) for d in process_major(devs)] == [(0, 0), (0, 1), (0, 2), (1, 4), (1, 5), (1, 7)]
+    mesh = make_mesh(jax.devices()[::-1])
+    assert mesh.axis_names == ("data",) and list(mesh.devices) == sorted(jax.devices(), key=lambda d: d.id)
+
+
 def test_few_steps_lower_the_loss(ukb_cache):
     source = CacheSource(ukb_cache)
     cfg = tiny_config("model.dropout=0.0", "optim.lr=0.05")
