@@ -21,7 +21,8 @@ from jaxtl import bench
 
 # Dense bf16 / TF32 peak and memory bandwidth (datasheets); the longest name that a device kind contains wins.
 DEVICES = {"H200": (989e12, 494.7e12, 4.8e12), "H100": (989e12, 494.7e12, 3.35e12),
-           "H100 PCIe": (756e12, 378e12, 2.0e12), "H100 NVL": (835e12, 417.5e12, 3.9e12)}
+           "H100 PCIe": (756e12, 378e12, 2.0e12), "H100 NVL": (835e12, 417.5e12, 3.9e12),
+           "H200 NVL": (835e12, 417.5e12, 4.8e12)}  # [UNVERIFIED] NVL figures: half the datasheet's sparse ones
 
 
 def device_for(kind: str) -> str | None:

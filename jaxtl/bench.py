@@ -54,6 +54,7 @@ SCHEMA = 1
 # The longest matching key wins ("H100 PCIe" before "H100"); JAX names a v5p "TPU v5" and a v5e "TPU v5 lite".
 ACCELERATOR_PEAKS = {
     "H200": {"float32": 494.7e12, "bfloat16": 989e12},
+    "H200 NVL": {"float32": 417.5e12, "bfloat16": 835e12},  # [UNVERIFIED] half the datasheet's sparse figures
     "H100": {"float32": 494.7e12, "bfloat16": 989e12},
     "H100 PCIe": {"float32": 378e12, "bfloat16": 756e12},
     "H100 NVL": {"float32": 417.5e12, "bfloat16": 835e12},
@@ -200,13 +201,17 @@ def hardware_info() -> dict[str, Any]:
 
 
 def hardware_id(hw: dict[str, Any]) -> str:
-    """'cpu-amd-epyc-2core', 'gpu-nvidia-h100-80gb-hbm3-x8': a file-name-safe label of the hardware."""
+    """'cpu-amd-epyc-fam26-2core', 'gpu-nvidia-h100-80gb-hbm3-x8': a file-name-safe label of the hardware. A CPU
+    model name without a model number (VMs report "AMD EPYC" for several generations) gets the CPU family."""
     def slug(s: str) -> str:
         return "-".join("".join(c if c.isalnum() else " " for c in s.lower()).split())
 
     if hw.get("accelerator"):
         return f"{hw['platform']}-{slug(hw['accelerator'])}-x{hw['accelerator_count']}"
-    return f"cpu-{slug(hw['cpu_model'] or 'unknown')}-{hw['cpu_cores']}core"
+    model = hw.get("cpu_model") or "unknown"
+    family = hw.get("cpu_family")
+    generation = f"-fam{family}" if family is not None and not any(c.isdigit() for c in model) else ""
+    return f"cpu-{slug(model)}{generation}-{hw['cpu_cores']}core"
 
 
 def device_entry(kind: str, table: Mapping[str, Any]) -> str | None:
@@ -901,7 +906,7 @@ def load_records(paths: Sequence[str | os.PathLike]) -> list[dict]:
 
 
 def _key(r: dict) -> tuple:
-    return (r["hardware"]["id"], r["case"], r["config"], r.get("resolution_mm"), r.get("dtype"), r.get("batch"),
+    return (hardware_id(r["hardware"]), r["case"], r["config"], r.get("resolution_mm"), r.get("dtype"), r.get("batch"),
             r.get("conv_impl"))
 
 
@@ -915,7 +920,7 @@ def latest(records: Sequence[dict]) -> list[dict]:
         if k not in best or rank >= (not is_busy(best[k]), best[k].get("time", "")):
             best[k] = r
     order = {s: i for i, s in enumerate(SUITES)}
-    return sorted(best.values(), key=lambda r: (r["hardware"]["id"], order.get(r["case"], 9), r["config"],
+    return sorted(best.values(), key=lambda r: (hardware_id(r["hardware"]), order.get(r["case"], 9), r["config"],
                                                  r.get("resolution_mm") or 0, str(r.get("dtype")), r.get("batch") or 0))
 
 
@@ -931,8 +936,9 @@ def _commit(r: dict) -> str:
 def report_markdown(records: Sequence[dict]) -> str:
     """A markdown table of the latest record per case and hardware."""
     rows = latest(records)
-    lines = ["| hardware | case | config | input | dtype | batch | jaxtl vol/s | PyTorch vol/s | jaxtl/PyTorch "
-             "| GFLOP/s | % peak | compile s | load (1 min) | others' CPU (cores) | commit |",
+    lines = ["| hardware | case | config | input | dtype | batch | jaxtl vol/s (all devices) | PyTorch vol/s (one "
+             "device) | jaxtl/PyTorch per device | GFLOP/s | % peak | compile s | load (1 min) | others' CPU (cores) "
+             "| commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hw = r["hardware"]
@@ -954,6 +960,18 @@ def report_markdown(records: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chart_rows(records: Sequence[dict]) -> tuple[list[str], list[float], list[float]]:
+    """The chart's bars: a label per embed/train case, jaxtl's and PyTorch's volumes/s per device (PyTorch runs on
+    one device; 0 where it did not run)."""
+    rows = [r for r in latest(records) if r["case"] in ("embed", "train")]
+    labels = [f"{hardware_id(r['hardware'])} | {r['case']} {r['config']} {r['resolution_mm']}mm {r['dtype']} "
+              f"b{r['batch']}" + (f" [{r['conv_impl']}]" if r.get("conv_impl") not in (None, "fast") else "")
+              + (" (busy)" if is_busy(r) else "") for r in rows]
+    jx = [r.get("vol_per_s_per_device") or r["vol_per_s"] for r in rows]
+    pt = [(r.get("torch") or {}).get("vol_per_s") or 0 for r in rows]
+    return labels, jx, pt
+
+
 def report_chart(records: Sequence[dict], path: str | os.PathLike) -> Path:
     """Horizontal bars, jaxtl vs PyTorch volumes/s (log scale), per embed/train case and hardware."""
     import matplotlib
@@ -961,14 +979,10 @@ def report_chart(records: Sequence[dict], path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in latest(records) if r["case"] in ("embed", "train")]
-    if not rows:
+    labels, jx, pt = chart_rows(records)
+    if not labels:
         raise ValueError("no embed/train records to chart")
-    labels = [f"{r['hardware']['id']} | {r['case']} {r['config']} {r['resolution_mm']}mm {r['dtype']} b{r['batch']}"
-              + (f" [{r['conv_impl']}]" if r.get("conv_impl") not in (None, "fast") else "")
-              + (" (busy)" if is_busy(r) else "") for r in rows]
-    jx = [r["vol_per_s"] for r in rows]
-    pt = [(r.get("torch") or {}).get("vol_per_s") or 0 for r in rows]
+    rows = labels
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
     ax.barh(y - 0.2, jx, 0.4, label="jaxtl", color="#1f77b4")
@@ -979,7 +993,7 @@ def report_chart(records: Sequence[dict], path: str | os.PathLike) -> Path:
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("volumes / s (log scale)")
+    ax.set_xlabel("volumes / s per device (log scale)")
     ax.legend(loc="lower right")
     fig.suptitle("SFCN throughput: jaxtl vs PyTorch reference, measured in the same process", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
@@ -995,7 +1009,7 @@ def write_report(results: Sequence[str | os.PathLike], out_md: str | os.PathLike
     records = load_records(results)
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    hws = sorted({r["hardware"]["id"] for r in records})
+    hws = sorted({hardware_id(r["hardware"]) for r in records})
     commits = sorted({(r.get("git") or {}).get("commit") or "unknown" for r in records})
     text = ("# jaxtl benchmark results\n\n"
             f"Generated by `jaxtl bench report` from {len(records)} records ({', '.join(hws)}); latest record per "

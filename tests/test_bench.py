@@ -72,6 +72,12 @@ def test_peak_flops():
     assert bench.hardware_id({"accelerator": "NVIDIA H100 80GB HBM3", "accelerator_count": 8,
                               "platform": "gpu"}) == "gpu-nvidia-h100-80gb-hbm3-x8"
     assert bench.hardware_id({"accelerator": None, "cpu_model": "AMD EPYC", "cpu_cores": 2}) == "cpu-amd-epyc-2core"
+    # a VM's generic model name: CPU generations apart by family (Zen 4 = 25, Zen 5 = 26)
+    assert bench.hardware_id({"accelerator": None, "cpu_model": "AMD EPYC", "cpu_family": 26,
+                              "cpu_cores": 2}) == "cpu-amd-epyc-fam26-2core"
+    assert bench.hardware_id({"accelerator": None, "cpu_model": "AMD EPYC 9B14 96-Core Processor", "cpu_family": 25,
+                              "cpu_cores": 4}) == "cpu-amd-epyc-9b14-96-core-processor-4core"
+    assert bench.peak_flops(gpu | {"accelerator": "NVIDIA H200 NVL"}, "bfloat16")[0] == 8 * 835e12
 
 
 def test_step_stats_and_interleaving():
@@ -112,8 +118,12 @@ def test_run_case_without_torch(tiny, monkeypatch):
 
 
 def _fake_record(hw_id, case="embed", vol=10.0, torch_vol=5.0, when="2026-01-01T00:00:00+00:00"):
-    return {"schema": 1, "time": when, "hardware": {"id": hw_id, "accelerator": None, "cpu_model": "Test CPU",
-                                                    "cpu_cores": 2},
+    hw = {"id": hw_id, "platform": "cpu", "accelerator": None, "cpu_model": "Test", "cpu_cores": 2}  # cpu-test-2core
+    if hw_id.startswith("gpu-"):  # e.g. gpu-fake-x1
+        _, name, count = hw_id.split("-")
+        hw |= {"platform": "gpu", "accelerator": name.title(), "accelerator_count": int(count[1:])}
+    assert bench.hardware_id(hw) == hw_id
+    return {"schema": 1, "time": when, "hardware": hw,
             "git": {"commit": "abc123"}, "case": case, "config": "peng", "resolution_mm": 2,
             "input_shape": [80, 96, 80], "dtype": "float32", "batch": 4, "conv_impl": "fast", "vol_per_s": vol,
             "gflop_per_s": 100.0, "peak_fraction": 0.3, "compile_s": 1.0,
@@ -139,10 +149,15 @@ def test_run_suite_input_records_and_report(tmp_path, monkeypatch, capsys):
     assert len(loaded) == 5
     md, png = bench.write_report([out.parent], tmp_path / "report" / "report.md")
     text = md.read_text()
-    assert "| 2.00 |" in text and "memcpy" in text and "Test CPU (2 cores)" in text
+    assert "| 2.00 |" in text and "memcpy" in text and "Fake x1" in text
     assert text.count("| embed |") == 1 and "| train |" in text  # the older duplicate is dropped
     assert "| 200 |" in text and "| 1 |" not in text
     assert png.exists() and png.stat().st_size > 1000
+    # 8 devices: jaxtl's bars per device beside PyTorch's one device (the ratio of the record, not 8x it)
+    multi = _fake_record("gpu-fake-x8", vol=800.0, torch_vol=100.0) | {"vol_per_s_per_device": 100.0, "ratio": 1.0}
+    labels, jx, pt = bench.chart_rows([multi])
+    assert labels[0].startswith("gpu-fake-x8 | embed") and jx == [100.0] and pt == [100.0]
+    assert "| 800 | 100 | 1.00 |" in bench.report_markdown([multi])
     assert main(["bench", "report", "--results", str(out.parent), "--report-out", str(tmp_path / "r2.md")]) == 0
     assert (tmp_path / "r2.png").exists()
     (tmp_path / "bad").mkdir()
@@ -342,7 +357,7 @@ def test_cli_names_a_bad_resolution_and_batch(capsys):
 
 
 def test_report_of_input_records_only_and_of_foreign_records(tmp_path, capsys):
-    rec = _fake_record("cpu-test") | {"case": "input", "config": "memcpy", "torch": None, "ratio": None}
+    rec = _fake_record("cpu-test-2core") | {"case": "input", "config": "memcpy", "torch": None, "ratio": None}
     bench.append_records([rec], tmp_path / "in" / "a.jsonl")
     md, png = bench.write_report([tmp_path / "in"], tmp_path / "report.md")
     assert png is None and "memcpy" in md.read_text() and "abc123" in md.read_text()
@@ -362,11 +377,11 @@ def test_other_processes_cpu_marks_records_busy_and_the_report_prefers_quiet_one
     finally:
         spin.kill()
         spin.wait()
-    quiet = _fake_record("cpu-test", vol=10.0, when="2026-01-01T00:00:00+00:00") | {
+    quiet = _fake_record("cpu-test-2core", vol=10.0, when="2026-01-01T00:00:00+00:00") | {
         "other_cpu_cores": {"start": 0.0, "end": 0.1}}
-    busy = _fake_record("cpu-test", vol=99.0, when="2026-02-01T00:00:00+00:00") | {
+    busy = _fake_record("cpu-test-2core", vol=99.0, when="2026-02-01T00:00:00+00:00") | {
         "other_cpu_cores": {"start": 1.2, "end": 0.0}}
-    old_loaded = _fake_record("cpu-test", case="train") | {"load_avg": {"end": [9.0, 9.0, 9.0]}}
+    old_loaded = _fake_record("cpu-test-2core", case="train") | {"load_avg": {"end": [9.0, 9.0, 9.0]}}
     assert not bench.is_busy(quiet) and bench.is_busy(busy) and bench.is_busy(old_loaded)
     assert [r["vol_per_s"] for r in bench.latest([quiet, busy])] == [10.0]  # the newer one was busy
     assert [r["vol_per_s"] for r in bench.latest([busy])] == [99.0]  # nothing quiet: the busy one, marked
