@@ -104,6 +104,8 @@ def torch_fns(cin, cout, k, pool, x_np, dtype, first):
 
     def train():
         block.train()
+        block.zero_grad(set_to_none=True)  # fresh gradients each call, as jaxtl's step returns them
+        xg.grad = None
         with autocast():
             y = block(xg)
         y.float().sum().backward()
