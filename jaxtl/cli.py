@@ -13,7 +13,8 @@ from pathlib import Path
 def _convert(args: argparse.Namespace) -> int:
     from jaxtl.weights import convert_torch_checkpoint
 
-    out = convert_torch_checkpoint(args.checkpoint, args.out_dir, task=args.task, bin_range=tuple(args.bins))
+    out = convert_torch_checkpoint(args.checkpoint, args.out_dir, task=args.task, bin_range=tuple(args.bins),
+                                   overwrite=args.overwrite)
     print(f"wrote jaxtl model directory {out}")
     return 0
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["age", "sex"], default="age")
     p.add_argument("--bins", type=float, nargs=2, default=[42, 82], metavar=("MIN", "MAX"),
                    help="age bin range [MIN, MAX) of the model's output (default: 42 82, Peng's UKB model)")
+    p.add_argument("--overwrite", action="store_true", help="replace a jaxtl model already in OUT_DIR")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("prepare", help="conform every scan of a cohort once into a fast, resumable cache")

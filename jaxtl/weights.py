@@ -40,9 +40,10 @@ PUBLISHED = {
         "note": "SFCN [32,64,128,256,256,64], trained on 12,949 UK Biobank subjects, test MAE 2.14 (Peng's README)",
     },
     "peng2021-sex": {
-        "file": "run_20191008_00_epoch_last.p",
-        # [UNVERIFIED] paper-spec calls it public, but Peng's repository README lists only the age model
-        "where": "the SFCN authors (not listed in github.com/ha-ha-ha-han/UKBiobank_deep_pretrain's README)",
+        # [UNVERIFIED] the path other projects cite; the README of Peng's repository that we could read lists only
+        # the age model
+        "file": "sex_prediction/run_20191008_00_epoch_last.p",
+        "where": "github.com/ha-ha-ha-han/UKBiobank_deep_pretrain",
         "task": "sex",
         "bins": None,
         "note": "SFCN [28,58,128,256,256,64], 2 classes (0 = female, 1 = male)",
@@ -80,7 +81,8 @@ def save_model(model: SFCN, out_dir: str | os.PathLike, task: AgeTask | SexTask,
     """Write `model` (parameters + BatchNorm statistics) as a jaxtl model directory."""
     out = Path(out_dir).absolute()
     if (out / "model.json").exists() and not overwrite:
-        raise ValueError(f"{out} already holds a jaxtl model; remove it or pass overwrite=True")
+        raise ValueError(f"{out} already holds a jaxtl model; remove it, choose another directory or overwrite it "
+                         "(overwrite=True, `jaxtl convert --overwrite`)")
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # overwriting: the directory reads as no model until the new one is complete
         (out / "model.json").unlink(missing_ok=True)
@@ -165,8 +167,10 @@ def _load_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a PyTorch state_dict readable with weights_only=True ({msg[:200]})") from e
+        # PyTorch's own text suggests weights_only=False, i.e. running code from the file: not repeated here
+        raise ValueError(f"{path}: not a PyTorch state_dict of tensors (a .p/.pt file saved with "
+                         f"torch.save(model.state_dict(), ...)); torch.load(weights_only=True) failed with "
+                         f"{type(e).__name__}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
@@ -239,7 +243,12 @@ def convert_torch_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
     task_obj = make_task(task, bin_range)
     head_w = sd.get("classifier.conv_6.weight")
     if head_w is not None and head_w.shape[0] != task_obj.num_outputs:
-        hint = f"--bins MIN MAX with MAX - MIN = {head_w.shape[0]}" if task == "age" else "--task age"
+        if task == "sex":
+            hint = f"--task age (with --bins MIN MAX, MAX - MIN = {head_w.shape[0]})"
+        elif head_w.shape[0] == 2:
+            hint = "--task sex (a 2-output head is a sex model)"
+        else:
+            hint = f"--bins MIN MAX with MAX - MIN = {head_w.shape[0]}"
         raise ValueError(f"{path}: the head has {head_w.shape[0]} outputs but task '{task}' "
                          f"{'with bins ' + str(tuple(bin_range)) if task == 'age' else ''} needs "
                          f"{task_obj.num_outputs}; use {hint}")

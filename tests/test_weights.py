@@ -119,7 +119,7 @@ def test_error_not_a_torch_file(tmp_path, capsys):
     bad.write_bytes(b"this is not a checkpoint\n" * 10)
     code, err = _run_cli(["convert", str(bad), str(tmp_path / "out")], capsys)
     assert code == 2 and len(err.splitlines()) == 1
-    assert "notes.p" in err and "not a PyTorch state_dict" in err
+    assert "notes.p" in err and "not a PyTorch state_dict" in err and "weights_only=False" not in err
 
 
 def test_error_pickle_with_code_is_refused(tmp_path, capsys):
@@ -159,6 +159,9 @@ def test_error_head_does_not_match_task(tmp_path, capsys):
     assert code == 2 and "40 outputs" in err and "age.p" in err
     code, err = _run_cli(["convert", str(path), str(tmp_path / "out"), "--bins", "37", "96"], capsys)
     assert code == 2 and "MAX - MIN = 40" in err
+    sex = _save_sd(tmp_path / "sex.p", PengSFCN(TRANSFER_CHANNELS, 2).state_dict())
+    code, err = _run_cli(["convert", str(sex), str(tmp_path / "out")], capsys)  # --task sex forgotten
+    assert code == 2 and "use --task sex" in err
 
 
 def test_error_missing_file(tmp_path, capsys):
@@ -172,6 +175,9 @@ def test_cli_convert_then_load(tmp_path, capsys):
     m = jaxtl.load_model(tmp_path / "m")
     assert m.task.bin_range == (37.0, 96.0) and m.task.num_outputs == 59
     assert cli.main(["convert", str(path), str(tmp_path / "m"), "--bins", "37", "96"]) == 2  # no silent overwrite
+    assert "jaxtl convert --overwrite" in capsys.readouterr().err
+    assert cli.main(["convert", str(path), str(tmp_path / "m"), "--bins", "40", "99", "--overwrite"]) == 0
+    assert jaxtl.load_model(tmp_path / "m").task.bin_range == (40.0, 99.0)
 
 
 def test_relative_model_paths(tmp_path, monkeypatch):
