@@ -116,12 +116,16 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from jaxtl.experiment import load_experiment_config, run_experiment
+    from jaxtl.experiment import failed_runs, load_experiment_config, run_experiment
 
     config = load_experiment_config(args.config, args.set)
     report = run_experiment(config)
     print(f"report: {report}")
-    return 0
+    failed = failed_runs(config)
+    if failed:
+        print(f"jaxtl experiment: {len(failed)} run(s) failed; their errors are in "
+              f"{Path(config.out_dir) / 'results.jsonl'} (rerun the same command to try them again)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _simulate(args: argparse.Namespace) -> int:

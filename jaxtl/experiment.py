@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxtl.config import load_config
+from jaxtl.embed import model_downsample
 from jaxtl.transfer import (
     NonFiniteError,
     Target,
@@ -317,8 +318,37 @@ def _one_run(models: dict[str, JaxtlModel], target: Target, cfg: ExperimentConfi
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def check_experiment(config: ExperimentConfig) -> None:
+    """Refuse a config whose tasks are not the paper's."""
+    for field, tasks in (("tasks", config.tasks), ("scarcity.tasks", config.scarcity.tasks if config.scarcity else ())):
+        unknown = [t for t in tasks if t not in ("age", "sex")]
+        if unknown:
+            raise ValueError(f"{field}: unknown task(s) {', '.join(map(repr, unknown))}; use age and/or sex")
+    if not config.tasks:
+        raise ValueError("tasks is empty; use age and/or sex (e.g. --set tasks=age,sex)")
+
+
+def check_models(models: dict[str, JaxtlModel]) -> None:
+    """Both source models must take the same input (one cohort, prepared once, is embedded by both)."""
+    shapes = {task: (model_downsample(m), tuple(m.input_shape)) for task, m in models.items()}
+    if len(set(shapes.values())) > 1:
+        said = "; ".join(f"the {task} model ({models[task].path}) takes {d}mm inputs of shape {s}"
+                         for task, (d, s) in shapes.items())
+        raise ValueError(f"{said}: an experiment embeds one cohort with both, so they must match (pretrain or convert "
+                         "them at the same resolution)")
+
+
+def failed_runs(config: ExperimentConfig) -> list[dict]:
+    """The runs of `config` (its setup) recorded as failed in results.jsonl."""
+    runs, _ = _read_runs(Path(config.out_dir) / "results.jsonl", run_setup(config))
+    return [r for r in runs.values() if r.get("error")]
+
+
 def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
-    """Run (or resume) the experiment; returns the path of report.md."""
+    """Run (or resume) the experiment; returns the path of report.md. Runs that failed before are tried again;
+    runs that fail (e.g. too few scans of a class) are recorded with their error, reported as failed in the table
+    and listed in one warning."""
+    check_experiment(config)
     t0 = time.perf_counter()
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +364,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
     target_path = ensure_cohort(config.target, config.data_dir, progress)
     models = {"age": ensure_model(config.age_model, config.data_dir, progress),
               "sex": ensure_model(config.sex_model, config.data_dir, progress)}
-    downsample = int(models["age"].preprocessing.get("downsample", 1))
+    check_models(models)
+    downsample = model_downsample(models["age"])
     target = open_target(target_path, downsample)
 
     todo = [(task, spec, r, 1.0) for task in config.tasks for r in range(config.repeats)
@@ -350,7 +381,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
     bar = tqdm(todo, desc=f"experiment {config.name}", unit="run", disable=not progress)
     for task, spec, r, share in bar:
         key = _run_key(task, spec.name(task), r, share)
-        if key in done:
+        if key in done and not done[key].get("error"):
             continue
         bar.set_postfix_str(key)
         record = {"key": key, "setup": setup, **_one_run(models, target, config, task, spec, r, share, progress)}
@@ -358,6 +389,12 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
         with runs_path.open("a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
     bar.close()
+    failed = [r for r in done.values() if r.get("error")]
+    if failed:
+        listed = "; ".join(f"{r['label']} ({r['task']}, repeat {r['repeat']}, share {r['share']:g}): {r['error']}"
+                           for r in failed[:3])
+        warnings.warn(f"{len(failed)} of {len(done)} runs failed (results.jsonl has each error; a rerun tries them "
+                      f"again): {listed}{' ...' if len(failed) > 3 else ''}", stacklevel=2)
 
     runs = list(done.values())
     table = results_table(runs, config)

@@ -120,6 +120,46 @@ def test_overrides_take_the_documented_alternatives(tmp_path, monkeypatch):
         load_experiment_config("configs/nope.py")
 
 
+def test_failed_runs_are_reported_and_tried_again(tiny_models, ixi_tiny, tmp_path, monkeypatch, capsys):
+    from jaxtl import experiment
+
+    cfg = ExperimentConfig(name="tiny", out_dir=str(tmp_path / "exp"), data_dir=str(tmp_path / "data"),
+                           target=str(ixi_tiny[1]), age_model=str(tiny_models["age"]),
+                           sex_model=str(tiny_models["sex"]), tasks=("age",), methods=(MethodSpec("direct"),),
+                           repeats=1, scarcity=None, manifold=None)
+    real = experiment.transfer
+
+    def broken(*args, **kwargs):
+        raise ValueError("only 1 labelled training scans")
+
+    monkeypatch.setattr(experiment, "transfer", broken)
+    with pytest.warns(UserWarning, match=r"1 of 1 runs failed .*direct transfer \(age-pretr.\) \(age, repeat 0"):
+        run_experiment(cfg, progress=False)
+    assert [r["error"] for r in experiment.failed_runs(cfg)] == ["only 1 labelled training scans"]
+    assert "| failed |" in (tmp_path / "exp" / "table.md").read_text()
+    monkeypatch.setattr(experiment, "transfer", real)  # fixed: the rerun tries the failed run again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*outside the model's bins")
+        run_experiment(cfg, progress=False)
+    assert not experiment.failed_runs(cfg) and "| failed |" not in (tmp_path / "exp" / "table.md").read_text()
+
+
+def test_experiment_refuses_unknown_tasks_and_models_of_different_resolutions(tiny_models, tmp_path):
+    from jaxtl.experiment import check_experiment, check_models
+    from jaxtl.weights import load_model
+
+    with pytest.raises(ValueError, match=r"tasks: unknown task\(s\) 'sexx'; use age and/or sex"):
+        check_experiment(ExperimentConfig(tasks=("age", "sexx")))
+    with pytest.raises(ValueError, match="tasks is empty"):
+        check_experiment(ExperimentConfig(tasks=()))
+    age, sex = load_model(tiny_models["age"]), load_model(tiny_models["sex"])
+    check_models({"age": age, "sex": sex})
+    one_mm = dataclasses.replace(sex, input_shape=(160, 192, 160), preprocessing={**sex.preprocessing, "downsample": 1})
+    with pytest.raises(ValueError, match=r"the sex model .* takes 1mm inputs of shape \(160, 192, 160\)"):
+        check_models({"age": age, "sex": one_mm})
+
+
 def test_cli_experiment_reports_user_errors(tmp_path, capsys):
     assert cli.main(["experiment", "--config", str(tmp_path / "missing.py")]) == 2
     assert "no such config file" in capsys.readouterr().err
