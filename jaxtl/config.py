@@ -61,6 +61,33 @@ class TrainConfig:
     data: DataConfig = DataConfig()
 
 
+def check_train_config(config: TrainConfig) -> None:
+    """Refuse values that would fail later (or train something else), naming the field and what to use."""
+    def bad(field: str, value: Any, use: str) -> ValueError:
+        return ValueError(f"{field}={value!r}: {use} (--set {field}=...)")
+
+    if config.task not in ("age", "sex"):
+        raise bad("task", config.task, "use age or sex")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise bad("model.dtype", config.model.dtype, "use float32 or bfloat16")
+    if not config.bin_range[0] < config.bin_range[1]:
+        raise bad("bin_range", config.bin_range, "give (MIN, MAX) with MIN < MAX")
+    for field in ("batch_size", "epochs", "log_every_steps", "optim.step_epochs"):
+        value = config.optim.step_epochs if field == "optim.step_epochs" else getattr(config, field)
+        if value < 1:
+            raise bad(field, value, "give a positive integer")
+    if not config.model.channels or min(config.model.channels) < 1:
+        raise bad("model.channels", config.model.channels, "give positive channel counts, e.g. (32,64,128,256,256,64)")
+    if not 0 <= config.model.dropout < 1:
+        raise bad("model.dropout", config.model.dropout, "give a rate in [0, 1)")
+    if config.optim.lr <= 0:
+        raise bad("optim.lr", config.optim.lr, "give a positive learning rate")
+    data = config.data
+    if data.val_fraction < 0 or data.test_fraction < 0 or data.val_fraction + data.test_fraction >= 1:
+        raise bad("data.val_fraction", data.val_fraction,
+                  f"give val and test fractions >= 0 that leave a training split (test_fraction={data.test_fraction})")
+
+
 CHECKOUT = Path(__file__).resolve().parents[1]  # the jaxtl source tree (configs/ lives there)
 
 

@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxtl.cache import CacheSource, make_dataset, read_index
-from jaxtl.config import OptimConfig, TrainConfig, to_dict
+from jaxtl.config import OptimConfig, TrainConfig, check_train_config, to_dict
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
 from jaxtl.model import SFCN, WEIGHTS, on_mesh
 from jaxtl.weights import DEFAULT_PREPROCESSING, load_model, save_model
@@ -584,6 +584,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     Returns the exported final model directory (`workdir/model`); its meta has `complete` False when
     `max_steps` (smoke runs, tests) stopped the run before its last step.
     """
+    check_train_config(config)  # before anything is written to workdir
     workdir = Path(workdir)
     source = CacheSource(cohort)
     n_proc = jax.process_count()

@@ -388,6 +388,17 @@ def test_train_steps_queued_on_the_device_are_bounded(ukb_cache, tmp_path, monke
     assert len(dispatched) > train.TRAIN_IN_FLIGHT + 2
 
 
+def test_bad_config_values_are_refused_before_the_workdir_is_written(ukb_cache, tmp_path):
+    """A typo (model.dtype=bf16) fails at once, naming the field, and leaves no config.json behind, so the
+    corrected command starts the run instead of being refused as a changed config."""
+    for bad, match in (("model.dtype=bf16", r"model.dtype='bf16': use float32 or bfloat16"),
+                       ("task=sex2", r"task='sex2': use age or sex"),
+                       ("data.val_fraction=0.9", "leave a training split"), ("epochs=0", "positive integer")):
+        with pytest.raises(ValueError, match=match):
+            pretrain(tiny_config(bad), ukb_cache, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
+
+
 def test_missing_labels_are_listed_with_what_to_do():
     from types import SimpleNamespace
 
