@@ -171,6 +171,9 @@ def read_cohort(
         raise ValueError(f"{path}: bids_filter applies to BIDS directories, not to tables")
     if path.is_dir():
         scans, problems = _read_bids(path, named, dict(bids_filter or {}), sex_required, coding)
+    elif path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise CohortError(f"{path}: an image, not a cohort; give a BIDS directory, a CSV/TSV with a 'path' column or "
+                          "a .txt list of image paths (one image: jaxtl.load_volume, or jaxtl.embed([path], model))")
     elif path.is_file() and not named and _is_path_list(path):
         scans, problems = _read_path_list(path)
     elif path.is_file():
@@ -228,7 +231,8 @@ def _report(path: Path, problems: list[tuple[str, str]], on_error: str) -> None:
     if on_error == "raise":
         raise CohortError(
             f"{path}: {n} problem{'s' * (n > 1)} (fix {'them' if n > 1 else 'it'}, or skip those rows: "
-            f"read_cohort(..., on_error='skip'), `jaxtl prepare --skip-bad-rows`):\n{listing}"
+            f"read_cohort(..., on_error='skip'), `jaxtl prepare --skip-bad-rows`, `jaxtl predict --on-error skip`):"
+            f"\n{listing}"
         )
     warnings.warn(f"{path}: skipping {n} row(s) with problems:\n{listing}", stacklevel=3)
 
@@ -486,7 +490,8 @@ def _read_table_cohort(
     if "path" not in cols:
         hint = ("; a list of image paths without a header? save it as .txt, or add a first line 'path'"
                 if len(raw) == 1 and raw[0].lower().endswith(NIFTI_SUFFIXES) else
-                "; add one with the image paths, or name it with path_column=")
+                "; add one with the image paths, or name it (read_cohort(..., path_column=NAME), `jaxtl prepare "
+                "--path-column NAME`, then use the cache)")
         raise CohortError(f"{path}: no 'path' column (columns: {', '.join(raw)}){hint}")
     _warn_unrecognised(path, raw, cols)
     root = path.parent

@@ -140,8 +140,11 @@ def test_skip_mode_drops_bad_rows_with_a_warning(tmp_path):
 
 def test_table_without_path_column_or_rows(tmp_path):
     (tmp_path / "c.csv").write_text("subject,age\ns1,40\n")
-    with pytest.raises(CohortError, match="no 'path' column"):
+    with pytest.raises(CohortError, match=r"no 'path' column.*`jaxtl prepare --path-column NAME`"):
         read_cohort(tmp_path / "c.csv")
+    (tmp_path / "scan.nii.gz").write_bytes(b"\x1f\x8b\x08\x00")  # an image given where a cohort is expected
+    with pytest.raises(CohortError, match=r"scan.nii.gz: an image, not a cohort; give a BIDS directory"):
+        read_cohort(tmp_path / "scan.nii.gz")
     (tmp_path / "e.csv").write_text("")
     with pytest.raises(CohortError, match="empty file"):
         read_cohort(tmp_path / "e.csv")
