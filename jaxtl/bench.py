@@ -808,9 +808,9 @@ def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, wa
         log("jaxtl bench: PyTorch not installed, measuring jaxtl only (pip install 'jaxtl[bench]')")
     other = other_cpu()
     if other is not None and other > BUSY_CORES:
-        log(f"jaxtl bench: WARNING other processes are using {other:g} cores: PyTorch's OpenMP threads slow down far "
-            "more than jaxtl's under contention, so the jaxtl/PyTorch ratios will not be reliable; measure on a "
-            "quiet machine")
+        why = ("PyTorch's OpenMP threads slow down far more than jaxtl's under contention, so the jaxtl/PyTorch "
+               "ratios will not be reliable" if use_torch and torch_available() else "timings will vary")
+        log(f"jaxtl bench: WARNING other processes are using {other:g} cores: {why}; measure on a quiet machine")
     records, failures = [], []
     for i, case in enumerate(cases, 1):
         log(f"[{i}/{len(cases)}] {case.label()} ...")
@@ -879,6 +879,9 @@ def load_records(paths: Sequence[str | os.PathLike]) -> list[dict]:
     """Records from .jsonl files (or directories of them)."""
     files: list[Path] = []
     for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file or directory (the default is a checkout's benchmarks/results; "
+                                    "pass --results DIR_OR_FILE)")
         files += sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
     if not files:
         raise FileNotFoundError(f"no .jsonl benchmark results in {', '.join(map(str, paths))}")

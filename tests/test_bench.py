@@ -371,6 +371,8 @@ def test_report_of_input_records_only_and_of_foreign_records(tmp_path, capsys):
     (tmp_path / "foreign" / "x.jsonl").write_text(json.dumps({"loss": 1.0}) + "\n")
     assert main(["bench", "report", "--results", str(tmp_path / "foreign")]) == 2
     assert "x.jsonl:1: not a `jaxtl bench` record (no hardware, case, config)" in capsys.readouterr().err
+    assert main(["bench", "report", "--results", str(tmp_path / "nope")]) == 2  # e.g. outside a checkout
+    assert "nope: no such file or directory" in capsys.readouterr().err
 
 
 def test_other_processes_cpu_marks_records_busy_and_the_report_prefers_quiet_ones(tmp_path):
