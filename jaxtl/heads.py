@@ -113,6 +113,15 @@ def inner_cv(task: str, cv: int, seed: int, grouped: bool = False):
     return (StratifiedKFold if task == "sex" else KFold)(cv, shuffle=True, random_state=seed)
 
 
+def fold_count(cv: int, y) -> int:
+    """Folds for a stratified CV over class labels `y`: `cv`, or fewer when a class has fewer members (a
+    stratified split needs one of each class per fold); at least 2."""
+    counts = np.unique(np.asarray(y), return_counts=True)[1]
+    if len(counts) < 2 or counts.min() < 2:
+        raise ValueError(f"a stratified CV needs at least 2 scans of each class; class counts: {counts.tolist()}")
+    return int(min(cv, counts.min()))
+
+
 def fit_grouped(estimator: BaseEstimator, X, y, groups=None) -> BaseEstimator:
     """`estimator.fit(X, y)`, passing `groups` (e.g. participant ids) to every grouped inner CV splitter by
     scikit-learn's metadata routing (enabled for this call only)."""
@@ -215,8 +224,9 @@ class ElasticBaseline(BaseEstimator):
         self.cv = cv
         self.seed = seed
 
-    def _pipeline(self, n: int, memory: str | None = None, grouped: bool = False) -> Pipeline:
-        inner = inner_cv(self.task, self.cv, self.seed, grouped)
+    def _pipeline(self, n: int, memory: str | None = None, grouped: bool = False, folds: int | None = None
+                  ) -> Pipeline:
+        inner = inner_cv(self.task, folds or self.cv, self.seed, grouped)
         if self.task == "age":
             model = ElasticNetCV(l1_ratio=list(self.l1_ratios), alphas=30, cv=inner, max_iter=20000,
                                  random_state=self.seed)
@@ -236,20 +246,27 @@ class ElasticBaseline(BaseEstimator):
         X = np.asarray(X, np.float32).reshape(len(X), -1)
         y = np.asarray(y, np.float64)
         grouped = groups is not None
-        folds = list(inner_cv(self.task, self.cv, self.seed, grouped).split(X, y, groups))
+        sex = self.task == "sex"
+        folds = list(inner_cv(self.task, fold_count(self.cv, y) if sex else self.cv, self.seed, grouped)
+                     .split(X, y, groups))
         outer_train = min(len(train) for train, _ in folds)  # the smallest training size inside the folds
+        # a small class: as many inner folds as the smallest training fold has members of it
+        inner = min(fold_count(self.cv, y[train]) for train, _ in folds) if sex else None
         grid = {"select__k": [k for k in self.n_features if k < outer_train] or [min(self.n_features)]}
         with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="jaxtl-pca-") as cache:
             warnings.filterwarnings("ignore", message=".*(converge|did not converge).*")
             # each fold's PCA is fitted once and reused for every k (the SVD is most of the search)
-            search = GridSearchCV(self._pipeline(outer_train, memory=cache, grouped=grouped), grid, cv=folds,
-                                  scoring="balanced_accuracy" if self.task == "sex" else "neg_mean_absolute_error",
-                                  refit=False, n_jobs=self.n_jobs)
+            pipeline = self._pipeline(outer_train, memory=cache, grouped=grouped, folds=inner)
+            search = GridSearchCV(pipeline, grid, cv=folds, refit=False, n_jobs=self.n_jobs,
+                                  scoring="balanced_accuracy" if sex else "neg_mean_absolute_error")
             fit_grouped(search, X, y, groups)
             self.best_params_ = search.best_params_
-            final = self._pipeline(len(X), grouped=grouped).set_params(**search.best_params_)
+            final = self._pipeline(len(X), grouped=grouped, folds=fold_count(self.cv, y) if sex else None)
+            final = final.set_params(**search.best_params_)
             self.pipeline_ = fit_grouped(final, X, y, groups)
-        self.classes_ = getattr(self.pipeline_, "classes_", None)
+        if sex:
+            self.classes_ = self.pipeline_.classes_
+        self.n_features_in_ = X.shape[1]
         return self
 
     def predict(self, X) -> np.ndarray:

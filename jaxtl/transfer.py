@@ -53,6 +53,7 @@ from jaxtl.embed import VolumeReader, apply_batched, embed, model_downsample, re
 from jaxtl.heads import (
     BiasCorrection,
     fit_grouped,
+    fold_count,
     inner_cv,
     load_estimator,
     make_elastic,
@@ -669,7 +670,8 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
 
     if method == "features":
         F = target.features(backbone, config.layer, config.batch_size, progress)
-        est = make_feature_head(task_name, config.head, cv=config.cv, seed=seed, grouped=groups is not None)
+        cv = fold_count(config.cv, y[train]) if task_name == "sex" else config.cv
+        est = make_feature_head(task_name, config.head, cv=cv, seed=seed, grouped=groups is not None)
         head = TransferHead(method, task_name, "features", backbone, est, config.layer,
                             meta={**meta, "head": config.head or ("ridge" if task_name == "age" else "logistic")},
                             **common)

@@ -131,6 +131,21 @@ def test_grouped_inner_cv_keeps_each_participant_in_one_fold(head, monkeypatch):
     assert predict_head(est, X[:2], task).shape == (2,)
 
 
+def test_sex_heads_with_a_small_class_use_fewer_folds():
+    """A training split with 4 scans of one sex: 5-fold stratified CVs cannot be built, fewer folds can (the
+    elastic baseline's nested CV inside its outer folds too)."""
+    rng = np.random.default_rng(5)
+    y = np.array([0] * 4 + [1] * 20)
+    X = rng.normal(size=(24, 6, 5, 4)) + 0.8 * (y[:, None, None, None] - 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = make_elastic("sex", cv=5, n_features=(5, 10)).fit(X, y)
+    assert est.predict_proba(X).shape == (24, 2) and list(est.classes_) == [0, 1] and est.n_features_in_ == 120
+    assert heads.fold_count(5, y) == 4 and heads.fold_count(3, y) == 3
+    with pytest.raises(ValueError, match=r"at least 2 scans of each class; class counts: \[1, 20\]"):
+        heads.fold_count(5, y[3:])
+
+
 def test_correlation_selector_keeps_the_most_correlated_columns():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(50, 6))
