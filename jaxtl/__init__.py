@@ -8,7 +8,7 @@ target cohort, brain-age outputs) / `run_experiment` (the paper's table).
 from jaxtl.cache import CacheSource, NiftiSource, prepare_cache
 from jaxtl.cohort import Cohort, read_cohort
 from jaxtl.data import InputError, load_volume
-from jaxtl.embed import SkippedScansWarning, embed, predict
+from jaxtl.embed import SkippedScan, SkippedScansWarning, embed, predict
 from jaxtl.experiment import ExperimentConfig, run_experiment
 from jaxtl.heads import BiasCorrection, ElasticBaseline, SFCNEmbedder, make_feature_head
 from jaxtl.labels import AgeTask, SexTask, make_task
@@ -36,6 +36,7 @@ __all__ = [
     "predict",
     "embed",
     "SkippedScansWarning",
+    "SkippedScan",
     "save_model",
     "SFCNEmbedder",
     "make_feature_head",

@@ -48,6 +48,8 @@ def default_impl() -> str:
     forced = os.environ.get("JAXTL_CONV_IMPL", "")
     if forced in IMPLS[1:]:
         return forced
+    if forced:
+        raise ValueError(f"JAXTL_CONV_IMPL={forced!r}: use one of {', '.join(IMPLS[1:])} (or unset it)")
     return "fast" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "xla"
 
 

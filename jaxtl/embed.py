@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from jaxtl.conv import default_impl
 from jaxtl.model import SFCN, WEIGHTS, on_mesh
 from jaxtl.weights import JaxtlModel, load_model
 
@@ -75,8 +77,13 @@ def _check_layer(model: SFCN, layer: str) -> None:
         raise ValueError(f"unknown layer {layer!r}; use one of {', '.join(names)}")
 
 
-@functools.cache
 def _jitted(layer: str, mesh: jax.sharding.Mesh):
+    # keyed on what conv_impl="auto" means now ($JAXTL_CONV_IMPL may change between calls; it is read when traced)
+    return _jitted_for(layer, mesh, default_impl())
+
+
+@functools.cache
+def _jitted_for(layer: str, mesh: jax.sharding.Mesh, auto_impl: str):
     def apply(graphdef, state, x):
         return _layer_output(nnx.merge(graphdef, state), x, layer)
 
@@ -133,6 +140,10 @@ class VolumeReader:
                 arr = arr[..., 0]
             if arr.ndim == 3:
                 arr = arr[None]
+            if arr.ndim == 4 and arr.shape[-1] == 1 and min(arr.shape[1:3]) > 1:
+                raise ValueError(f"an array of shape {arr.shape} reads as {arr.shape[0]} volumes of shape "
+                                 f"{arr.shape[1:]}; one volume with a channel axis is (1, D, H, W, 1): add the "
+                                 "batch axis (x[None])")
             if arr.ndim != 4:
                 raise ValueError(f"expected preprocessed volumes of shape (N, D, H, W), (N, 1, D, H, W) or "
                                  f"(N, D, H, W, 1), got {arr.shape}")
@@ -220,7 +231,14 @@ class VolumeReader:
 
     def read(self, start: int, stop: int, pool: concurrent.futures.Executor | None = None) -> np.ndarray:
         if self._kind == "array":
-            return np.asarray(self._array[start:stop], dtype=np.float32)
+            batch = np.asarray(self._array[start:stop], dtype=np.float32)
+            bad = ~np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
+            if bad.any():  # the network would not say: max-pooling on CPU drops NaN
+                from jaxtl.data import InputError
+
+                raise InputError(f"volume {start + int(np.argmax(bad))} of the array has NaN or infinite voxels; "
+                                 "fix the input (e.g. np.nan_to_num) or leave that volume out")
+            return batch
         idx = range(start, stop)
         vols = list(pool.map(self._try, idx)) if pool is not None and len(idx) > 1 else [self._try(i) for i in idx]
         loaded = [v for v in vols if isinstance(v, np.ndarray)]
@@ -288,6 +306,8 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     n_dev = jax.local_device_count()
     batch_size = batch_size or max(8, 2 * n_dev)
     batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
+    if n < batch_size:  # few volumes: a power-of-two batch per device, not a mostly padded full one
+        batch_size = min(batch_size, n_dev * (1 << max(0, math.ceil(math.log2(-(-n // n_dev))))))
     mesh = _data_mesh()
     model = nnx.merge(*nnx.split(model))  # the same arrays in new modules: eval mode leaves the caller's as it was
     model.eval()
@@ -297,7 +317,7 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     state = jax.device_put(state, NamedSharding(mesh, P()))
     x_sharding = NamedSharding(mesh, P("data"))
     fn = _jitted(layer, mesh)
-    outs = []
+    outs, in_flight = [], None  # in_flight: the last batch dispatched and its size, fetched after the next dispatch
     starts = list(range(0, n, batch_size))
     bar = tqdm(total=n, unit="vol", desc=f"embed ({layer})", disable=not progress or n <= batch_size)
     with concurrent.futures.ThreadPoolExecutor(reader.workers) as pool, \
@@ -314,9 +334,13 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
             m = batch.shape[0]
             if m < batch_size:  # pad instead of recompiling for the last batch
                 batch = np.concatenate([batch, np.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
-            out = fn(graphdef, state, jax.device_put(batch, x_sharding))
-            outs.append(np.asarray(out)[:m])
-            bar.update(m)
+            out = fn(graphdef, state, jax.device_put(batch, x_sharding))  # asynchronous
+            if in_flight is not None:  # the previous batch's result, while this one runs
+                outs.append(np.asarray(in_flight[0])[:in_flight[1]])
+                bar.update(in_flight[1])
+            in_flight = (out, m)
+        outs.append(np.asarray(in_flight[0])[:in_flight[1]])
+        bar.update(in_flight[1])
     bar.close()
     out = np.concatenate(outs)
     skipped = [f.index for f in reader.failures]
@@ -417,6 +441,8 @@ def predict(volumes: Any, model: JaxtlModel | str | os.PathLike, *, batch_size: 
     if isinstance(model, str | os.PathLike) and (Path(model) / "head.json").exists():
         from jaxtl.transfer import load_head
 
+        if dtype is not None or not check:
+            raise ValueError(f"{model} is a transfer head: dtype= and check= apply to models only; leave them out")
         return load_head(model).predict(volumes, progress=progress, batch_size=batch_size, on_error=on_error)
     model = resolve_model(model)
     if not isinstance(model, JaxtlModel):

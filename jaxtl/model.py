@@ -191,6 +191,10 @@ class SFCN(nnx.Module):
             x = x[..., None]
         if x.ndim != 5 or x.shape[-1] != 1:
             raise ValueError(f"SFCN expects (B, D, H, W) or (B, D, H, W, 1) volumes, got shape {x.shape}")
+        smallest = 2 ** sum(block.pool for block in self.blocks)  # each pooling block halves D, H and W
+        if min(x.shape[1:4]) < smallest:
+            raise ValueError(f"volumes of shape {x.shape[1:4]} are too small for {len(self.blocks)} blocks: each "
+                             f"side must be at least {smallest} voxels (160x192x160 at 1mm, 40x48x40 at 4mm)")
         return x.astype(self.dtype)
 
     def block_outputs(self, x: jax.Array) -> list[jax.Array]:

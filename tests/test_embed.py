@@ -85,6 +85,54 @@ def test_padding_the_last_batch_changes_nothing(age_model, volumes):
     np.testing.assert_array_equal(one_by_one, full[:2])
 
 
+def test_few_volumes_run_in_a_small_batch_and_bad_arrays_are_refused(age_model, volumes, monkeypatch):
+    """One volume is not padded to a batch of 8 (a power of two per device instead); NaN volumes and a single
+    (D, H, W, 1) volume without its batch axis are refused, naming what is wrong."""
+    import importlib
+
+    E = importlib.import_module("jaxtl.embed")  # the module (jaxtl.embed is also the function)
+    shapes, jitted = [], E._jitted
+
+    def spy(layer, mesh):
+        fn = jitted(layer, mesh)
+        return lambda graphdef, state, x: shapes.append(x.shape) or fn(graphdef, state, x)
+
+    monkeypatch.setattr(E, "_jitted", spy)
+    for n, batch in ((1, 1), (3, 4), (6, 8)):
+        assert embed(volumes[:n], age_model, progress=False).shape == (n, TINY_CHANNELS[-1])
+        assert shapes.pop()[0] == batch
+    bad = volumes[:3].copy()
+    bad[1, 5, 5, 5] = np.nan
+    with pytest.raises(InputError, match="volume 1 of the array has NaN or infinite voxels"):
+        embed(bad, age_model, progress=False)
+    with pytest.raises(ValueError, match=r"reads as 40 volumes .* add the batch axis"):
+        embed(volumes[0][..., None], age_model, progress=False)
+
+
+def test_conv_impl_from_the_environment_is_read_at_each_call(age_model, volumes, monkeypatch):
+    from jaxtl.embed import _data_mesh, _jitted
+
+    monkeypatch.setenv("JAXTL_CONV_IMPL", "fast")
+    fast = _jitted("features", _data_mesh())
+    monkeypatch.setenv("JAXTL_CONV_IMPL", "xla")
+    assert _jitted("features", _data_mesh()) is not fast  # a new trace: "auto" now means XLA's convolution
+    np.testing.assert_allclose(embed(volumes[:2], age_model, progress=False),
+                               embed(volumes[:2], load_model(age_model.path), progress=False), rtol=1e-5)
+    monkeypatch.setenv("JAXTL_CONV_IMPL", "XLA")
+    with pytest.raises(ValueError, match="JAXTL_CONV_IMPL='XLA': use one of xla, fast, pallas"):
+        embed(volumes[:2], age_model, progress=False)
+
+
+def test_a_bare_sfcn_refuses_volumes_smaller_than_its_pooling():
+    from flax import nnx
+
+    from jaxtl.model import SFCN
+
+    model = SFCN(TINY_CHANNELS, 40, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"too small for 6 blocks: each side must be at least 32 voxels"):
+        model.features(jnp.ones((1, 16, 40, 40)))
+
+
 def test_layers(age_model, volumes):
     x = volumes[:3]
     names = layer_names(age_model)

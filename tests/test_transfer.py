@@ -405,6 +405,8 @@ def test_cli_transfer_then_predict(tiny_models, ixi_tiny, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         np.testing.assert_allclose(predict(list(paths), out / "head", progress=False), new["prediction"], rtol=1e-4)
+    with pytest.raises(ValueError, match="is a transfer head: dtype= and check= apply to models only"):
+        predict(list(paths), out / "head", dtype="bfloat16", progress=False)
     assert cli.main(["transfer", "--model", str(tmp_path / "nope"), "--cohort", str(ixi_tiny[1]),
                      "--out", str(tmp_path / "x")]) == 2
     assert "no jaxtl model" in capsys.readouterr().err
