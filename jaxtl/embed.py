@@ -84,8 +84,8 @@ def _jitted(layer: str, mesh: jax.sharding.Mesh):
 
 @functools.cache
 def _jitted_for(layer: str, mesh: jax.sharding.Mesh, auto_impl: str):
-    def apply(graphdef, state, x):
-        return _layer_output(nnx.merge(graphdef, state), x, layer)
+    def apply(graphdef, state, x):  # also whether each volume is finite (max-pooling on CPU would hide NaN)
+        return _layer_output(nnx.merge(graphdef, state), x, layer), jnp.isfinite(x).reshape(len(x), -1).all(axis=1)
 
     return jax.jit(on_mesh(apply, mesh))
 
@@ -231,14 +231,7 @@ class VolumeReader:
 
     def read(self, start: int, stop: int, pool: concurrent.futures.Executor | None = None) -> np.ndarray:
         if self._kind == "array":
-            batch = np.asarray(self._array[start:stop], dtype=np.float32)
-            bad = ~np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
-            if bad.any():  # the network would not say: max-pooling on CPU drops NaN
-                from jaxtl.data import InputError
-
-                raise InputError(f"volume {start + int(np.argmax(bad))} of the array has NaN or infinite voxels; "
-                                 "fix the input (e.g. np.nan_to_num) or leave that volume out")
-            return batch
+            return np.asarray(self._array[start:stop], dtype=np.float32)
         idx = range(start, stop)
         vols = list(pool.map(self._try, idx)) if pool is not None and len(idx) > 1 else [self._try(i) for i in idx]
         loaded = [v for v in vols if isinstance(v, np.ndarray)]
@@ -334,19 +327,30 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
             m = batch.shape[0]
             if m < batch_size:  # pad instead of recompiling for the last batch
                 batch = np.concatenate([batch, np.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
-            out = fn(graphdef, state, jax.device_put(batch, x_sharding))  # asynchronous
+            result = fn(graphdef, state, jax.device_put(batch, x_sharding))  # asynchronous
             if in_flight is not None:  # the previous batch's result, while this one runs
-                outs.append(np.asarray(in_flight[0])[:in_flight[1]])
-                bar.update(in_flight[1])
-            in_flight = (out, m)
-        outs.append(np.asarray(in_flight[0])[:in_flight[1]])
-        bar.update(in_flight[1])
+                outs.append(_fetch(*in_flight))
+                bar.update(in_flight[2])
+            in_flight = (result, starts[k], m)
+        outs.append(_fetch(*in_flight))
+        bar.update(in_flight[2])
     bar.close()
     out = np.concatenate(outs)
     skipped = [f.index for f in reader.failures]
     if skipped:
         out[skipped] = np.nan
     return out
+
+
+def _fetch(result: tuple[jax.Array, jax.Array], start: int, m: int) -> np.ndarray:
+    """The first `m` rows of a batch's output, on the host; an `InputError` if one of its volumes was not finite."""
+    out, finite = jax.device_get(result)
+    if not finite[:m].all():
+        from jaxtl.data import InputError
+
+        raise InputError(f"volume {start + int(np.argmin(finite[:m]))} has NaN or infinite voxels; fix the input "
+                         "(e.g. np.nan_to_num) or leave that volume out")
+    return np.asarray(out)[:m]
 
 
 def warn_skipped(reader: VolumeReader, stacklevel: int = 2) -> None:

@@ -103,7 +103,7 @@ def test_few_volumes_run_in_a_small_batch_and_bad_arrays_are_refused(age_model, 
         assert shapes.pop()[0] == batch
     bad = volumes[:3].copy()
     bad[1, 5, 5, 5] = np.nan
-    with pytest.raises(InputError, match="volume 1 of the array has NaN or infinite voxels"):
+    with pytest.raises(InputError, match="volume 1 has NaN or infinite voxels"):
         embed(bad, age_model, progress=False)
     with pytest.raises(ValueError, match=r"reads as 40 volumes .* add the batch axis"):
         embed(volumes[0][..., None], age_model, progress=False)
