@@ -8,7 +8,8 @@ Layout of a cache directory:
   index.json                the finished cache: options, shards, one entry per usable scan, failures
   failures.tsv, warnings.tsv  id, path, reason
 
-Slots of failed scans stay zero and are not in the index. float16/float32 caches store the
+Slots of failed scans are not in the index (never read; a scan that fails on a re-run keeps its slot's old
+bytes). float16/float32 caches store the
 normalised volumes; uint8 stores round((x - offset) / scale) with a per-volume scale and offset.
 Also here: grain data sources over the cache and over NIfTI files, and the shift + mirror augmentation.
 """

@@ -416,7 +416,7 @@ def _row_sex(text: str, where: str, bad: list[tuple[str, str]], *, sex_required:
             raise ValueError(f"sex {text.strip()!r} is not in the stated coding ({', '.join(sorted(coding))})")
         bad.append((where, text))
         return math.nan
-    if one_two and text.strip() in ("1", "1.0", "2", "2.0"):
+    if one_two and text.strip() in ("0", "0.0", "1", "1.0", "2", "2.0"):  # in a 1/2 column 0 may mean unknown
         if sex_required:
             raise ValueError(f"sex {text.strip()!r}: the column codes sex as 1/2, which is ambiguous; state the "
                              "coding (sex_coding={'1': 'M', '2': 'F'}, `jaxtl prepare --sex-coding 1=M,2=F`) or "
@@ -514,7 +514,8 @@ def _read_table_cohort(
         if not image.is_file():
             problems.append((where, f"{FILE_NOT_FOUND}: {image}"))
         if row.get("participant_id"):
-            participant, session = row["participant_id"], row.get("session", "")
+            participant = row["participant_id"]
+            session = row.get("session") or _bids_entity(image, "ses") or ""
             scan_id = f"{participant}_{session}" if session else participant
         else:  # ids from the file name (BIDS entities) or, when names collide, the relative path
             participant = _bids_entity(image, "sub") or fallback
@@ -598,7 +599,8 @@ def _read_bids(
     labels, bad_subjects, problems = _participants(root, named or {}, sex_required, coding)
     session_ages = {}
     for subject in sorted({p.relative_to(root).parts[0] for p in images}):
-        ages, session_problems = _session_ages(root / subject / f"{subject}_sessions.tsv")
+        ages, session_problems = _session_ages(_labels_file(root, f"{subject}/{subject}_sessions.tsv"),
+                                               (named or {}).get("age"))
         session_ages[subject] = ages
         problems += session_problems
     scans, unlabelled = [], []
@@ -682,11 +684,17 @@ def _format_entities(values: dict[str, list[str]]) -> str:
     return "; ".join(f"{k}: {', '.join(v)}" for k, v in values.items()) or "no entities besides sub"
 
 
-def _participants_file(root: Path) -> Path | None:
-    candidates = [root / "participants.tsv"]
-    if root.parent.name == "derivatives":  # a derivatives pipeline folder: labels live in the raw dataset
-        candidates.append(root.parent.parent / "participants.tsv")
+def _labels_file(root: Path, name: str) -> Path | None:
+    """`root/name`, else (a derivatives pipeline folder: labels live in the raw dataset) `raw/name`."""
+    candidates = [root / name]
+    resolved = root.resolve()  # "." has no parent name
+    if resolved.parent.name == "derivatives":
+        candidates.append(resolved.parent.parent / name)
     return next((c for c in candidates if c.is_file()), None)
+
+
+def _participants_file(root: Path) -> Path | None:
+    return _labels_file(root, "participants.tsv")
 
 
 def _participants(
@@ -735,21 +743,26 @@ def _participants(
     return labels, bad, problems
 
 
-def _session_ages(path: Path) -> tuple[dict[str, float], list[tuple[str, str]]]:
-    """Per-session ages from `sub-X/sub-X_sessions.tsv` (BIDS longitudinal), if present."""
-    if not path.is_file():
+def _session_ages(path: Path | None, age_column: str | None = None) -> tuple[dict[str, float], list[tuple[str, str]]]:
+    """Per-session ages ("ses-X" -> years) from `sub-X/sub-X_sessions.tsv` (BIDS longitudinal), if present; the
+    age column by `age_column` or the usual aliases, session ids with or without their "ses-" prefix."""
+    if path is None:
         return {}, []
     header, rows, problems = read_table(path)
     problems = [(f"{path.name} {where}", msg) for where, msg in problems]
-    if "session_id" not in header or "age" not in header:
+    session = next((header.index(c) for c in ("session_id", "session", "ses") if c in header), None)
+    ages_at = [_normalise_column(age_column)] if age_column else list(_COLUMNS["age"])
+    age = next((header.index(c) for c in ages_at if c in header), None)
+    if session is None or age is None:
         return {}, problems
     ages = {}
     for line, cells in rows:
         try:
-            age = parse_age(cells[header.index("age")])
+            value = parse_age(cells[age])
         except ValueError as e:
             problems.append((f"{path.name} line {line}", str(e)))
             continue
-        if not math.isnan(age):
-            ages[cells[header.index("session_id")]] = age
+        sid = cells[session]
+        if not math.isnan(value) and sid:
+            ages[sid if sid.startswith("ses-") else f"ses-{sid}"] = value
     return ages, problems

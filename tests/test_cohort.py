@@ -412,6 +412,31 @@ def test_one_two_coded_sex_column_is_not_half_read(tmp_path):
         read_cohort(tmp_path / "c.csv", sex_required=True)
     (tmp_path / "d.csv").write_text("path,age,sex\na.nii.gz,30,1\nb.nii.gz,40,0\n")  # 0/1: read as before
     assert read_cohort(tmp_path / "d.csv").sexes.tolist() == [1.0, 0.0]
+    (tmp_path / "e.csv").write_text("path,age,sex\na.nii.gz,30,1\nb.nii.gz,40,2\nc.nii.gz,50,0\n")  # 0: unknown?
+    with pytest.warns(UserWarning, match="1/2 coding is ambiguous"):
+        assert np.isnan(read_cohort(tmp_path / "e.csv").sexes).all()  # the 0 is not read as female either
+
+
+def test_longitudinal_labels_sessions_and_derivatives(tmp_path, monkeypatch):
+    """Per-session ages of the raw dataset reach a derivatives folder (also read as "."); sessions.tsv ids without
+    "ses-" and an age_at_scan column are understood; a table with participant ids takes sessions from BIDS names."""
+    _bids(tmp_path)
+    _touch(tmp_path, "derivatives/lin/sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz",
+           "derivatives/lin/sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz")
+    with pytest.warns(UserWarning):
+        cohort = read_cohort(tmp_path / "derivatives" / "lin")
+    assert cohort.ages.tolist() == [30.5, 32.0]  # not participants.tsv's 30.5 for both
+    monkeypatch.chdir(tmp_path / "derivatives" / "lin")
+    with pytest.warns(UserWarning):
+        assert read_cohort(".").ages.tolist() == [30.5, 32.0]
+    (tmp_path / "sub-02" / "sub-02_sessions.tsv").write_text("session_id\tage_at_scan\n1\t31\n2\t33.5\n")
+    with pytest.warns(UserWarning):
+        assert read_cohort(tmp_path).ages.tolist() == [89.0, 31.0, 33.5, 33.5]
+    (tmp_path / "t.csv").write_text("participant_id,path,age\n"
+                                    "sub-02,sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz,31\n"
+                                    "sub-02,sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz,33\n")
+    table = read_cohort(tmp_path / "t.csv")
+    assert table.ids.tolist() == ["sub-02_ses-1", "sub-02_ses-2"] and table.sessions.tolist() == ["ses-1", "ses-2"]
 
 
 def test_sex_coding_stated_or_spelled_in_the_column_name(tmp_path, capsys):
