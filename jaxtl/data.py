@@ -227,24 +227,28 @@ def _non_finite_message(data: np.ndarray, name: str) -> str:
             "nib.Nifti1Image(np.nan_to_num(img.get_fdata(), nan=0, posinf=0, neginf=0), img.affine, img.header)")
 
 
+def _unoriented(name: str, shape: tuple[int, ...], why: str) -> np.ndarray:
+    """The header has no orientation (nibabel would make one up, centred on the volume): the MNI grid's affine
+    when the shape is the MNI grid's, with a warning, else an `InputError`."""
+    if shape == MNI_SHAPE:
+        warnings.warn(f"{name}: no orientation in the header ({why}); assuming the voxels are already on the "
+                      "MNI152 1mm grid", InputWarning, stacklevel=5)
+        return MNI_AFFINE.copy()
+    raise InputError(f"{name}: no orientation in the header ({why}); save the registration output as NIfTI with "
+                     "the sform set to the MNI152 affine")
+
+
 def _affine(img: nib.spatialimages.SpatialImage, name: str, shape: tuple[int, ...]) -> np.ndarray:
     header = img.header
     if isinstance(header, nib.Nifti1Header):  # also Nifti2Header
         sform, s_code = header.get_sform(coded=True)
         qform, q_code = header.get_qform(coded=True)
         if s_code == 0 and q_code == 0:  # nibabel would fall back to a made-up affine
-            if shape == MNI_SHAPE:
-                warnings.warn(
-                    f"{name}: no orientation in the header (qform_code = sform_code = 0); "
-                    "assuming the voxels are already on the MNI152 1mm grid",
-                    InputWarning,
-                    stacklevel=4,
-                )
-                return MNI_AFFINE.copy()
-            raise InputError(
-                f"{name}: no orientation in the header (qform_code = sform_code = 0); "
-                "set the sform to the MNI152 affine of the registration output"
-            )
+            return _unoriented(name, shape, "qform_code = sform_code = 0")
+    elif isinstance(header, nib.analyze.AnalyzeHeader):  # Analyze 7.5: an origin only in SPM's variant
+        if "origin" not in header or not np.any(header["origin"][:3]):
+            return _unoriented(name, shape, "an Analyze header without an origin")
+    if isinstance(header, nib.Nifti1Header):
         if s_code > 0 and q_code > 0 and _finite(sform) and _finite(qform):
             if not np.allclose(sform, qform, atol=1e-3):
                 warnings.warn(

@@ -346,3 +346,16 @@ def test_axis_aligned_grids_resample_like_scipy(scales, perm):
     got = _to_reference_grid(data, affine)
     assert (expected != 0).sum() > 1e5
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_analyze_without_an_origin_is_not_placed_where_nibabel_guesses(tmp_path):
+    """A plain Analyze 7.5 header has no orientation; nibabel centres a made-up affine on the volume (half a voxel
+    and ~18 mm off the MNI grid). On the MNI grid's shape it is taken as that grid, with a warning; else refused."""
+    vol = np.random.default_rng(0).random(MNI_SHAPE).astype(np.float32) + 1
+    nib.save(nib.AnalyzeImage(vol, MNI_AFFINE), tmp_path / "a.img")
+    with pytest.warns(InputWarning, match="an Analyze header without an origin"):
+        got = load_volume(tmp_path / "a.img", check=False)
+    np.testing.assert_array_equal(got, load_volume(nib.Nifti1Image(vol, MNI_AFFINE), check=False))
+    nib.save(nib.AnalyzeImage(vol[:120], MNI_AFFINE), tmp_path / "b.img")
+    with pytest.raises(InputError, match="b.img: no orientation in the header"):
+        load_volume(tmp_path / "b.img", check=False)
