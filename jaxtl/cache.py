@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxtl.cohort import Cohort, read_cohort
-from jaxtl.data import InputError, input_shape, load_volume
+from jaxtl.data import PREPROCESSING_VERSION, InputError, input_shape, load_volume
 
 FORMAT = "jaxtl-cache"
 VERSION = 1
@@ -114,11 +114,12 @@ def prepare_cache(
     plan = {
         "format": FORMAT,
         "version": VERSION,
+        "preprocessing": PREPROCESSING_VERSION,
         "dtype": dtype,
         "downsample": downsample,
         "shape": list(shape),
         "shard_size": shard_size,
-        "scans": [{"id": s.id, "path": str(s.path)} for s in cohort],
+        "scans": [{"id": s.id, "path": str(Path(s.path).absolute())} for s in cohort],  # resumable from anywhere
     }
     _check_or_write_plan(out, plan)
     shards = [_Shard(out, k, min(shard_size, len(cohort) - k * shard_size), shape, dtype)
@@ -171,12 +172,18 @@ def _check_or_write_plan(out: Path, plan: dict) -> None:
             old = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: unreadable ({e}); delete {out} and prepare again") from e
+        written = json.dumps(old, sort_keys=True)
+        old.setdefault("preprocessing", 1)  # plans written before the field existed
+        for scan in old.get("scans", []):  # ... and with paths relative to the working directory then
+            scan["path"] = str(Path(scan["path"]).absolute())
         if old != plan:
             differ = [k for k in plan if old.get(k) != plan[k]]
             raise ValueError(
                 f"{out} holds a cache for a different cohort or options ({', '.join(differ)} differ); "
                 "use another OUT_DIR or delete this one"
             )
+        if json.dumps(plan, sort_keys=True) != written:  # an older plan: written anew, with absolute paths
+            _write_atomic(path, _dumps(plan))
         return
     if any(out.glob("shard_*")) or (out / "index.json").exists():
         raise ValueError(f"{out} holds cache files but no plan.json; use another OUT_DIR or delete this one")
@@ -393,7 +400,7 @@ def _write_index(out: Path, plan: dict, cohort: Cohort, records: list[dict]) -> 
             "offset": record["offset"],
         })
     n_shards = math.ceil(len(cohort) / shard_size)
-    index = {k: plan[k] for k in ("format", "version", "dtype", "downsample", "shape", "shard_size")}
+    index = {k: plan[k] for k in ("format", "version", "preprocessing", "dtype", "downsample", "shape", "shard_size")}
     index |= {
         "shards": [f"shard_{k:05d}.npy" for k in range(n_shards)],
         "scans": scans,
@@ -457,6 +464,10 @@ def read_index(cache_dir: str | os.PathLike) -> dict:
     index = json.loads(path.read_text())
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise ValueError(f"{path}: not a jaxtl cache index of version {VERSION}")
+    if index.get("preprocessing", 1) != PREPROCESSING_VERSION:
+        raise ValueError(f"{cache_dir}: prepared with preprocessing version {index.get('preprocessing', 1)}; this "
+                         f"jaxtl conforms scans differently (version {PREPROCESSING_VERSION}): prepare the cache "
+                         "again into a new directory")
     return index
 
 

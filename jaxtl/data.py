@@ -32,6 +32,8 @@ MNI_AFFINE = np.array(
 )
 # Peng's centre crop of the 182x218x182 grid to the network's 160x192x160 input.
 CROP = (slice(11, 171), slice(13, 205), slice(11, 171))
+# Bump when load_volume's output for the same file changes: caches prepared before are then refused (prepare again).
+PREPROCESSING_VERSION = 1
 INPUT_SHAPE = (160, 192, 160)
 
 # World-space (mm) bounding box of the MNI152 brain mask that nilearn ships: x, y, z (lo, hi).

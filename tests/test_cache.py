@@ -115,6 +115,31 @@ def test_rerun_on_finished_cache_changes_nothing(reference_cache, cohort_csv):
     assert _snapshot(reference_cache) == before
 
 
+def test_rerun_from_another_directory_and_of_an_older_plan(reference_cache, cohort_csv, tmp_path, monkeypatch):
+    """The plan stores absolute paths: a cohort given relatively resumes from any working directory; a plan written
+    before (paths relative to the working directory, no preprocessing version) still matches. An index of another
+    preprocessing version is refused."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    plan = json.loads((cache / "plan.json").read_text())
+    monkeypatch.chdir(cohort_csv.parent)
+    del plan["preprocessing"]
+    for scan in plan["scans"]:
+        scan["path"] = os.path.relpath(scan["path"])
+    (cache / "plan.json").write_text(json.dumps(plan))
+    assert prepare_cache("cohort.csv", cache, downsample=DS, shard_size=SHARD).n_processed == 0
+    monkeypatch.chdir(tmp_path)
+    assert prepare_cache(cohort_csv, cache, downsample=DS, shard_size=SHARD).n_processed == 0
+    index = json.loads((cache / "index.json").read_text())
+    assert index["preprocessing"] == 1
+    text = (cache / "index.json").read_text()
+    (cache / "index.json").write_text(text.replace('"preprocessing": 1', '"preprocessing": 0'))
+    with pytest.raises(ValueError, match="prepared with preprocessing version 0.*prepare the cache again"):
+        read_index(cache)
+
+
 def test_rerun_with_other_options_is_refused(reference_cache, cohort_csv):
     with pytest.raises(ValueError, match="different cohort or options.*dtype"):
         prepare_cache(cohort_csv, reference_cache, downsample=DS, shard_size=SHARD, dtype="uint8")
