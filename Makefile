@@ -34,4 +34,4 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check jaxtl tests configs benchmarks
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out demo_ci .pytest_cache

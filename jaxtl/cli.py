@@ -50,6 +50,9 @@ def _init_distributed(args: argparse.Namespace) -> None:
 
     address = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not (address or args.distributed):
+        if args.num_processes is not None or args.process_id is not None:
+            raise ValueError("--num-processes/--process-id need --coordinator HOST:PORT (or $JAX_COORDINATOR_ADDRESS) "
+                             "or --distributed; without them every host would train alone")
         return
     from jaxtl.cache import GRAIN_WORKER_ENV
 
@@ -134,7 +137,13 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.preview or args.calibrate:
         if args.out_dir is not None:
             raise ValueError("OUT_DIR is not used with --preview/--calibrate")
+        unused = [flag for flag, given in (("--n", args.n is not None),
+                                           ("--workers", args.preview and args.workers is not None),
+                                           ("--no-progress", args.preview and args.no_progress)) if given]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} not used with {'--preview' if args.preview else '--calibrate'}")
         if args.preview:
+            Path(args.preview).parent.mkdir(parents=True, exist_ok=True)  # fails now, not after rendering
             out = preview(args.preview, preset=args.preset or "ixi", seed=args.seed, resolution=args.resolution or 1)
             print(f"wrote {out}")
         if args.calibrate:
@@ -200,6 +209,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not above 0")
+    return value
+
+
 def _at_least(low: int) -> Callable[[str], int]:
     """argparse type: an integer >= low (argparse names the option in its error)."""
     def parse(text: str) -> int:
@@ -255,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, best/, model/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.005 (repeatable)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    p.add_argument("--max-steps", type=_at_least(1), default=None, help="stop after this many steps (smoke tests)")
     g = p.add_argument_group("multi-host (run the same command on every host)")
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with auto-detection (TPU pods, SLURM)")
@@ -290,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-hps", choices=["oasis", "ixi", "abide"],
                    help="the paper's fine-tuning hyper-parameters and age bins for this dataset (default: OASIS's "
                         "hyper-parameters, bins from the data)")
-    p.add_argument("--epoch-scale", type=float, help="multiply the fine-tuning epochs (e.g. 0.1 on a CPU)")
+    p.add_argument("--epoch-scale", type=_positive_float, help="multiply the fine-tuning epochs (e.g. 0.1 on a CPU)")
     p.add_argument("--bias-split", choices=["auto", "train", "val"],
                    help="split the age-bias correction is fitted on (default auto: val for networks, out-of-fold "
                         "train predictions for scikit-learn heads)")
@@ -303,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", required=True, help="cache directory, BIDS directory or CSV/TSV cohort")
     p.add_argument("--out", required=True, help="CSV file to write; scans that fail to load go to "
                                                 "OUT_STEM.failures.tsv beside it (id, path, reason)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=_at_least(1), default=None)
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="a scan that cannot be loaded: skip (default: report it, predict the others; exit code 1 "
                         "only if every scan fails) or raise (stop at the first)")
@@ -321,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", nargs="?", choices=["ukb", "oasis", "ixi", "abide"],
                    help="cohort preset (see jaxtl.simulate.PRESETS)")
     p.add_argument("out_dir", nargs="?", help="BIDS dataset directory to write")
-    p.add_argument("--n", type=int, default=None, help="number of subjects (default: the preset's size)")
+    p.add_argument("--n", type=_at_least(1), default=None, help="number of subjects (default: the preset's size)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.add_argument("--resolution", type=int, choices=[1, 2, 4], default=None,
                    help="voxel size in mm: the MNI152 1mm grid or its 2/4 mm block averages (default 1; "
@@ -378,9 +398,16 @@ def main(argv: list[str] | None = None) -> int:
         enable_compilation_cache()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
+    except (ValueError, OSError) as e:  # user errors (and files: OSErrors name them): one line, no traceback
         print(f"jaxtl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from jaxtl.train import NonFiniteLossError
+
+        if not isinstance(e, NonFiniteLossError):
+            raise
+        print(f"jaxtl {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -233,16 +233,29 @@ def ensure_model(spec: PretrainSpec | str, data_dir: str | os.PathLike, progress
     # Only a final export marked `complete` is a finished run (a --max-steps run exports one too). Exports of
     # older versions lack the mark: they are finished when they trained the configured epochs.
     meta = json.loads(final.read_text()).get("meta", {}) if final.exists() else {}
+    cfg = load_config(spec.config, list(spec.overrides))
     complete = meta.get("complete")
     if complete is None and meta:
-        complete = meta.get("epochs") == load_config(spec.config, list(spec.overrides)).epochs
-    if complete is not True:
+        complete = meta.get("epochs") == cfg.epochs
+    cohort = _asdict(spec.cohort) if dataclasses.is_dataclass(spec.cohort) else str(spec.cohort)
+    recorded = Path(spec.workdir) / "pretrain_cohort.json"  # the cohort the run was made on (config.json: the rest)
+    if complete is True:  # a finished run is reused only for the same config and cohort
+        from jaxtl.train import config_changes
+
+        changes = config_changes(Path(spec.workdir), cfg)[1] if (Path(spec.workdir) / "config.json").exists() else []
+        if recorded.exists() and json.loads(recorded.read_text()) != cohort:
+            changes.append(f"cohort: {json.loads(recorded.read_text())} in the run, {cohort} now")
+        if changes:
+            raise ValueError(f"{spec.workdir} holds a model pretrained with another setup ({'; '.join(changes)}); "
+                             "use another directory (e.g. another demo --out) or delete this one")
+    else:
         from jaxtl.train import pretrain
 
         cache = ensure_cohort(spec.cohort, data_dir, progress)
-        cfg = load_config(spec.config, list(spec.overrides))
         if cfg.task != spec.task:
             raise ValueError(f"pretraining config {spec.config} trains {cfg.task!r}, the spec asks for {spec.task!r}")
+        Path(spec.workdir).mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps(cohort) + "\n")
         pretrain(cfg, cache, spec.workdir, progress=progress)
     model = load_model(model_dir)
     if model.task.name != spec.task:

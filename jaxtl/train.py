@@ -393,17 +393,23 @@ def _check_config(workdir: Path, config: TrainConfig) -> dict | None:
             workdir.mkdir(parents=True, exist_ok=True)
             _write_json(path, to_dict(config))
         return None
-    current = _flatten(to_dict(config))
-    # Fields added to the config since the run started take their defaults, which keep the old behaviour.
-    saved = _flatten(to_dict(TrainConfig())) | _flatten(json.loads(path.read_text()))
-    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    refused = [k for k in diff if k not in RESUMABLE_FIELDS]
+    saved, refused = config_changes(workdir, config)
     if refused:
-        what = "; ".join(f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in refused)
-        raise ValueError(f"{workdir} holds a run with a different config ({what}); only "
+        raise ValueError(f"{workdir} holds a run with a different config ({'; '.join(refused)}); only "
                          f"{', '.join(RESUMABLE_FIELDS)} may change on resume: use the run's config "
                          f"({path}), or a new --workdir")
     return saved
+
+
+def config_changes(workdir: Path, config: TrainConfig) -> tuple[dict, list[str]]:
+    """The config saved in `workdir/config.json` (flat `section.field` keys) and how `config` differs from it in
+    fields other than `RESUMABLE_FIELDS` ("field: saved in the run, now")."""
+    current = _flatten(to_dict(config))
+    # Fields added to the config since the run started take their defaults, which keep the old behaviour.
+    saved = _flatten(to_dict(TrainConfig())) | _flatten(json.loads((Path(workdir) / "config.json").read_text()))
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    return saved, [f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in diff
+                   if k not in RESUMABLE_FIELDS]
 
 
 def _check_resume(meta: dict, workdir: Path, config: TrainConfig, steps_per_epoch: int, n_proc: int) -> None:

@@ -51,6 +51,8 @@ from tqdm.auto import tqdm
 from jaxtl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxtl.embed import VolumeReader, apply_batched, embed, model_downsample, resolve_model, warn_skipped
 from jaxtl.heads import (
+    AGE_HEADS,
+    SEX_HEADS,
     BiasCorrection,
     fit_grouped,
     fold_count,
@@ -213,6 +215,16 @@ class TransferConfig:
             raise ValueError(f"bias_split must be 'auto', 'train' or 'val', got {self.bias_split!r}")
         if self.paper_hps is not None and self.paper_hps not in PAPER_BINS:
             raise ValueError(f"no paper hyper-parameters for {self.paper_hps!r}; datasets: oasis, ixi, abide")
+        if self.head is not None:
+            if self.method != "features":
+                raise ValueError(f"head {self.head!r} applies to method 'features' (scikit-learn heads), not "
+                                 f"{self.method!r}")
+            heads = AGE_HEADS if self.task == "age" else SEX_HEADS
+            if self.head not in heads:
+                raise ValueError(f"head {self.head!r} is not available for task {self.task!r}; choose from "
+                                 f"{', '.join(heads)}")
+        if not self.epoch_scale > 0:
+            raise ValueError(f"epoch_scale must be above 0, got {self.epoch_scale}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -438,6 +439,17 @@ def test_ensure_model_pretrains_until_the_final_export_is_complete(tiny_models, 
         set_meta(**meta)
         assert experiment.ensure_model(spec, tmp_path, progress=False).task.name == "age"
         assert len(calls) == n_calls, meta
+    # a finished run is not reused for another config or cohort (e.g. `demo --scale ci`, then `demo`, one --out)
+    from jaxtl.config import load_config, to_dict
+
+    (work / "config.json").write_text(json.dumps(to_dict(load_config(spec.config))))
+    assert experiment.ensure_model(spec, tmp_path, progress=False) and len(calls) == 2
+    with pytest.raises(ValueError, match=r"another setup \(model.channels: \[16, 32, 64, 64, 64, 64\] in the run"):
+        experiment.ensure_model(dataclasses.replace(spec, overrides=("model.channels=(4,8,8,8,8,8)",)), tmp_path)
+    cohort = json.loads((work / "pretrain_cohort.json").read_text())
+    assert cohort["n"] == spec.cohort.n
+    with pytest.raises(ValueError, match="another setup .*cohort: .* in the run"):
+        experiment.ensure_model(dataclasses.replace(spec, cohort=dataclasses.replace(spec.cohort, n=32)), tmp_path)
 
 
 def test_distributed_init_skips_only_marked_grain_workers(monkeypatch, capsys):
@@ -459,6 +471,29 @@ def test_distributed_init_skips_only_marked_grain_workers(monkeypatch, capsys):
     cli._init_distributed(args)
     assert len(calls) == 1
     assert "not calling jax.distributed.initialize() in grain data worker" in capsys.readouterr().err
+    monkeypatch.delenv(GRAIN_WORKER_ENV)  # ranks without a coordinator would each train alone: refused
+    with pytest.raises(ValueError, match="--num-processes/--process-id need --coordinator"):
+        cli._init_distributed(argparse.Namespace(coordinator=None, distributed=False, num_processes=2, process_id=1))
+
+
+def test_cli_refuses_meaningless_numbers_and_reports_os_errors_in_one_line(tmp_path, capsys):
+    from jaxtl import cli
+
+    for argv, said in ((["pretrain", "--config", "c.py", "--cohort", "x", "--workdir", "w", "--max-steps", "-1"],
+                        "--max-steps: -1 is below 1"),
+                       (["predict", "--model", "m", "--cohort", "c", "--out", "o.csv", "--batch-size", "0"],
+                        "--batch-size: 0 is below 1"),
+                       (["transfer", "--model", "m", "--cohort", "c", "--out", "o", "--epoch-scale", "-1"],
+                        "--epoch-scale: -1 is not above 0")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["simulate", "ixi", str(tmp_path / "afile" / "sub"), "--n", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxtl simulate: error:") and "afile" in err and "Traceback" not in err
+    assert cli.main(["simulate", "--preview", str(tmp_path / "p.png"), "--n", "3"]) == 2
+    assert "--n not used with --preview" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(ukb_cache, tmp_path):

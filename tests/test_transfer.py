@@ -111,6 +111,17 @@ def test_reinit_with_scaling_keeps_each_tensors_mean_and_sd():
     np.testing.assert_array_equal(np.asarray(r.blocks[0].bn.mean[...]), np.asarray(m.blocks[0].bn.mean[...]))
 
 
+def test_config_refuses_heads_that_would_fail_late_or_be_ignored():
+    """--head is checked before the cohort is embedded, and refused where the method does not use it."""
+    with pytest.raises(ValueError, match="head 'nope' is not available for task 'age'"):
+        TransferConfig(method="features", head="nope").check()
+    with pytest.raises(ValueError, match="head 'svr' applies to method 'features'"):
+        TransferConfig(method="ft_step", head="svr").check()
+    with pytest.raises(ValueError, match="epoch_scale must be above 0"):
+        TransferConfig(epoch_scale=0).check()
+    TransferConfig(task="sex", method="features", head="logistic").check()
+
+
 def test_paper_hyperparameters():
     cfg = paper_finetune("ixi", "age")
     assert (cfg.head.epochs, cfg.head.lr, cfg.head.batch_size) == (25, 0.1, 4)
