@@ -402,13 +402,15 @@ def sample_subject(
     # range of subjects matches the preset's age distribution, male share and site shares closely.
     start = np.random.default_rng(np.random.SeedSequence((zlib.crc32(p.name.encode()), int(seed)))).random(3)
     u = [(float(start[d]) + (index + 1) * _ALPHA[d]) % 1.0 for d in range(3)]
+    a, b = p.beta_params()
+    drawn_age = round(p.age_min + (p.age_max - p.age_min) * float(beta_dist.ppf(u[0], a, b)), 2)
     if age is None:
-        a, b = p.beta_params()
-        age = round(p.age_min + (p.age_max - p.age_min) * float(beta_dist.ppf(u[0], a, b)), 2)
+        age = drawn_age
     if sex is None:
         sex = int(u[1] < p.male_share)
-    if site is None:  # drawn given the age, so sites can recruit different age ranges (as ABIDE's do)
-        w = [s.share * (math.exp(-0.5 * (math.log(age / s.age_centre) / s.age_spread) ** 2)
+    if site is None:  # drawn given the (drawn) age, so sites can recruit different age ranges (as ABIDE's do);
+        # an overridden age keeps the individual's site
+        w = [s.share * (math.exp(-0.5 * (math.log(drawn_age / s.age_centre) / s.age_spread) ** 2)
                         if s.age_centre > 0 else 1.0) for s in p.sites]
         cum = np.cumsum(np.array(w) / sum(w))
         site = p.sites[min(int(np.searchsorted(cum, u[2], side="right")), len(p.sites) - 1)].name
@@ -1483,14 +1485,13 @@ def preview(path: str | os.PathLike, *, preset: str = "ixi", index: int = 0, see
 
     p = _preset(preset)
     base = sample_subject(p, index, seed)
-    sites = [s.name for s in p.sites][:2] if len(p.sites) > 1 else [p.sites[0].name] * 2
-    if p.name == "ixi":
-        sites = ["HH", "IOP"]
+    sites = ["HH", "IOP"] if p.name == "ixi" else [s.name for s in p.sites][:2]
     pairs = [
         ("age", [("age 20", {"age": 20.0, "sex": base.sex}), ("age 80", {"age": 80.0, "sex": base.sex})]),
         ("sex", [("female, 50", {"age": 50.0, "sex": 0}), ("male, 50", {"age": 50.0, "sex": 1})]),
-        ("site", [(f"site {sites[0]}", {"site": sites[0]}), (f"site {sites[1]}", {"site": sites[1]})]),
     ]
+    if len(sites) > 1:  # a single-site preset (ukb) has no site contrast
+        pairs.append(("site", [(f"site {sites[0]}", {"site": sites[0]}), (f"site {sites[1]}", {"site": sites[1]})]))
     inv = np.linalg.inv(output_affine(resolution))
     z_ax = int(round((inv @ [0.0, 0.0, 12.0, 1.0])[2]))
     y_co = int(round((inv @ [0.0, -10.0, 0.0, 1.0])[1]))
@@ -1501,7 +1502,7 @@ def preview(path: str | os.PathLike, *, preset: str = "ixi", index: int = 0, see
     def coronal(v):
         return v[::-1, y_co, :].T[::-1]
 
-    fig, ax = plt.subplots(3, 6, figsize=(18, 9.6), facecolor="black")
+    fig, ax = plt.subplots(3, 2 * len(pairs), figsize=(6 * len(pairs), 9.6), facecolor="black")
     for c, (_, pair) in enumerate(pairs):
         vols = []
         for j, (label, kw) in enumerate(pair):

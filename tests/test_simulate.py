@@ -89,6 +89,11 @@ def test_overrides_keep_the_individual():
     for key in ("gm", "wm", "csf", "ventricle_asym"):  # individual draws, independent of the labels
         assert a.latent[key] == b.latent[key]
     assert a.participant_id == b.participant_id
+    # ABIDE's sites recruit by age: an overridden age keeps the individual's scanner (the drawn one)
+    drawn = [sample_subject("abide", i) for i in range(40)]
+    assert len({s.site for s in drawn}) > 1
+    for i, s in enumerate(drawn):
+        assert sample_subject("abide", i, age=20.0).site == sample_subject("abide", i, age=80.0).site == s.site
     with pytest.raises(ValueError):
         sample_subject("ixi", 0, site="nowhere")
     with pytest.raises(ValueError):
@@ -260,6 +265,10 @@ def test_preview_and_cli(tmp_path):
 
     png = preview(tmp_path / "p.png", resolution=4)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    ukb = preview(tmp_path / "u.png", preset="ukb", resolution=4)  # one site: no (empty) site contrast
+    assert Image.open(ukb).size[0] < 0.8 * Image.open(png).size[0]
     assert main(["simulate", "oasis", str(tmp_path / "ds"), "--n", "2", "--resolution", "4", "--workers", "1",
                  "--no-progress"]) == 0
     assert len(list((tmp_path / "ds").rglob("*_T1w.nii.gz"))) == 2
