@@ -119,7 +119,7 @@ def prepare_cache(
         "downsample": downsample,
         "shape": list(shape),
         "shard_size": shard_size,
-        "scans": [{"id": s.id, "path": str(Path(s.path).absolute())} for s in cohort],  # resumable from anywhere
+        "scans": [{"id": s.id, "path": os.path.abspath(s.path)} for s in cohort],  # resumable from anywhere
     }
     _check_or_write_plan(out, plan)
     shards = [_Shard(out, k, min(shard_size, len(cohort) - k * shard_size), shape, dtype)
@@ -165,6 +165,18 @@ def _changed_slots(shard: _Shard, cohort: Cohort, shard_size: int) -> list[int]:
     return changed
 
 
+ANALYZE_SUFFIXES = (".img", ".hdr", ".img.gz", ".hdr.gz")
+
+
+def same_preprocessing(version: int, paths: Iterable[str]) -> bool:
+    """Whether a cache of preprocessing `version` holds what this jaxtl's `load_volume` gives for `paths`: version
+    1 differs from 2 only for Analyze files."""
+    if version == PREPROCESSING_VERSION:
+        return True
+    return version == 1 and PREPROCESSING_VERSION == 2 and not any(
+        str(p).lower().endswith(ANALYZE_SUFFIXES) for p in paths)
+
+
 def _check_or_write_plan(out: Path, plan: dict) -> None:
     path = out / "plan.json"
     if path.exists():
@@ -174,8 +186,10 @@ def _check_or_write_plan(out: Path, plan: dict) -> None:
             raise ValueError(f"{path}: unreadable ({e}); delete {out} and prepare again") from e
         written = json.dumps(old, sort_keys=True)
         old.setdefault("preprocessing", 1)  # plans written before the field existed
+        if same_preprocessing(old["preprocessing"], (scan["path"] for scan in old.get("scans", []))):
+            old["preprocessing"] = plan["preprocessing"]
         for scan in old.get("scans", []):  # ... and with paths relative to the working directory then
-            scan["path"] = str(Path(scan["path"]).absolute())
+            scan["path"] = os.path.abspath(scan["path"])
         if old != plan:
             differ = [k for k in plan if old.get(k) != plan[k]]
             raise ValueError(
@@ -464,7 +478,7 @@ def read_index(cache_dir: str | os.PathLike) -> dict:
     index = json.loads(path.read_text())
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise ValueError(f"{path}: not a jaxtl cache index of version {VERSION}")
-    if index.get("preprocessing", 1) != PREPROCESSING_VERSION:
+    if not same_preprocessing(index.get("preprocessing", 1), (scan["path"] for scan in index.get("scans", []))):
         raise ValueError(f"{cache_dir}: prepared with preprocessing version {index.get('preprocessing', 1)}; this "
                          f"jaxtl conforms scans differently (version {PREPROCESSING_VERSION}): prepare the cache "
                          "again into a new directory")

@@ -12,6 +12,7 @@ listing its columns. A `.txt` file with one image path per line (no header) is a
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import io
@@ -499,6 +500,8 @@ def _read_table_cohort(
     fallback_ids = _ids_from_paths(paths, root)
     scans, bad_sex = [], []
     coding, one_two = _sex_reading(raw, rows, cols, coding)
+    rows_of = collections.Counter(cells[cols["participant_id"]] for _, cells in rows) if "participant_id" in cols \
+        else collections.Counter()
     for (line, cells), image, fallback in zip(rows, paths, fallback_ids, strict=True):
         where = f"line {line}"
         row = {field: cells[i] for field, i in cols.items()}
@@ -515,7 +518,9 @@ def _read_table_cohort(
             problems.append((where, f"{FILE_NOT_FOUND}: {image}"))
         if row.get("participant_id"):
             participant = row["participant_id"]
-            session = row.get("session") or _bids_entity(image, "ses") or ""
+            session = row.get("session") or ""
+            if not session and rows_of[participant] > 1:  # several scans of one person: their BIDS sessions
+                session = _bids_entity(image, "ses") or ""
             scan_id = f"{participant}_{session}" if session else participant
         else:  # ids from the file name (BIDS entities) or, when names collide, the relative path
             participant = _bids_entity(image, "sub") or fallback
@@ -751,7 +756,7 @@ def _session_ages(path: Path | None, age_column: str | None = None) -> tuple[dic
     header, rows, problems = read_table(path)
     problems = [(f"{path.name} {where}", msg) for where, msg in problems]
     session = next((header.index(c) for c in ("session_id", "session", "ses") if c in header), None)
-    ages_at = [_normalise_column(age_column)] if age_column else list(_COLUMNS["age"])
+    ages_at = ([_normalise_column(age_column)] if age_column else []) + list(_COLUMNS["age"])
     age = next((header.index(c) for c in ages_at if c in header), None)
     if session is None or age is None:
         return {}, problems

@@ -45,7 +45,7 @@ IMPLS = ("auto", "xla", "fast", "pallas")
 def default_impl() -> str:
     """What "auto" means: $JAXTL_CONV_IMPL ("xla", "fast" or "pallas") if set, else "fast" on a single CPU device
     and "xla" otherwise (GPU/TPU, where XLA's convolutions are the fast path, or several CPU devices)."""
-    forced = os.environ.get("JAXTL_CONV_IMPL", "")
+    forced = os.environ.get("JAXTL_CONV_IMPL", "").replace("auto", "")
     if forced in IMPLS[1:]:
         return forced
     if forced:

@@ -33,7 +33,9 @@ MNI_AFFINE = np.array(
 # Peng's centre crop of the 182x218x182 grid to the network's 160x192x160 input.
 CROP = (slice(11, 171), slice(13, 205), slice(11, 171))
 # Bump when load_volume's output for the same file changes: caches prepared before are then refused (prepare again).
-PREPROCESSING_VERSION = 1
+# 2 (2026-11-26): Analyze files without an origin go on the MNI grid (version 1 placed them ~18 mm off); caches of
+# version 1 without Analyze sources are conformed as version 2 does (jaxtl.cache accepts them).
+PREPROCESSING_VERSION = 2
 INPUT_SHAPE = (160, 192, 160)
 
 # World-space (mm) bounding box of the MNI152 brain mask that nilearn ships: x, y, z (lo, hi).
@@ -248,7 +250,8 @@ def _affine(img: nib.spatialimages.SpatialImage, name: str, shape: tuple[int, ..
         if s_code == 0 and q_code == 0:  # nibabel would fall back to a made-up affine
             return _unoriented(name, shape, "qform_code = sform_code = 0")
     elif isinstance(header, nib.analyze.AnalyzeHeader):  # Analyze 7.5: an origin only in SPM's variant
-        if "origin" not in header or not np.any(header["origin"][:3]):
+        made_up = np.allclose(img.affine, header.get_best_affine())  # not an affine given to an in-memory image
+        if made_up and ("origin" not in header or not np.any(header["origin"][:3])):
             return _unoriented(name, shape, "an Analyze header without an origin")
     if isinstance(header, nib.Nifti1Header):
         if s_code > 0 and q_code > 0 and _finite(sform) and _finite(qform):

@@ -351,10 +351,28 @@ def check_models(models: dict[str, JaxtlModel]) -> None:
                          "them at the same resolution)")
 
 
+def planned_runs(config: ExperimentConfig) -> list[tuple[str, MethodSpec, int, float]]:
+    """The runs `config` makes: (task, method spec, repeat, share of the training split), without duplicates."""
+    todo = [(task, spec, r, 1.0) for task in config.tasks for r in range(config.repeats)
+            for spec in config.methods if task in spec.tasks]
+    if config.scarcity is not None:
+        for task in config.scarcity.tasks:
+            for method in config.scarcity.methods:
+                spec = next((s for s in config.methods if s.method == method and s.pretrained == "same"),
+                            MethodSpec(method))
+                todo += [(task, spec, r, share) for share in sorted(set(config.scarcity.shares) | {1.0})
+                         for r in range(config.scarcity.repeats)]
+    return list({_run_key(t, s.name(t), r, sh): (t, s, r, sh) for t, s, r, sh in todo}.values())
+
+
+def _failed(done: dict[str, dict], config: ExperimentConfig) -> list[dict]:
+    keys = {_run_key(t, s.name(t), r, sh) for t, s, r, sh in planned_runs(config)}
+    return [r for key, r in done.items() if key in keys and r.get("error")]
+
+
 def failed_runs(config: ExperimentConfig) -> list[dict]:
-    """The runs of `config` (its setup) recorded as failed in results.jsonl."""
-    runs, _ = _read_runs(Path(config.out_dir) / "results.jsonl", run_setup(config))
-    return [r for r in runs.values() if r.get("error")]
+    """The runs `config` makes (under its setup) that are recorded as failed in results.jsonl."""
+    return _failed(_read_runs(Path(config.out_dir) / "results.jsonl", run_setup(config))[0], config)
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
@@ -381,16 +399,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
     downsample = model_downsample(models["age"])
     target = open_target(target_path, downsample)
 
-    todo = [(task, spec, r, 1.0) for task in config.tasks for r in range(config.repeats)
-            for spec in config.methods if task in spec.tasks]
-    if config.scarcity is not None:
-        for task in config.scarcity.tasks:
-            for method in config.scarcity.methods:
-                spec = next((s for s in config.methods if s.method == method and s.pretrained == "same"),
-                            MethodSpec(method))
-                todo += [(task, spec, r, share) for share in sorted(set(config.scarcity.shares) | {1.0})
-                         for r in range(config.scarcity.repeats)]
-    todo = list({_run_key(t, s.name(t), r, sh): (t, s, r, sh) for t, s, r, sh in todo}.values())  # no duplicates
+    todo = planned_runs(config)
     bar = tqdm(todo, desc=f"experiment {config.name}", unit="run", disable=not progress)
     for task, spec, r, share in bar:
         key = _run_key(task, spec.name(task), r, share)
@@ -402,7 +411,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
         with runs_path.open("a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
     bar.close()
-    failed = [r for r in done.values() if r.get("error")]
+    failed = _failed(done, config)
     if failed:
         listed = "; ".join(f"{r['label']} ({r['task']}, repeat {r['repeat']}, share {r['share']:g}): {r['error']}"
                            for r in failed[:3])

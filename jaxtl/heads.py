@@ -9,6 +9,7 @@ keep each participant's scans together (`grouped=True` / `groups=`, `fit_grouped
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import tempfile
@@ -105,11 +106,32 @@ class SFCNEmbedder(TransformerMixin, BaseEstimator):
 # Read-out heads on frozen features (the paper's ft_final idea with scikit-learn)
 
 
+class _AtMostOneFoldPerGroup:
+    """For group K-fold splitters: at most as many folds as there are groups (an inner CV inside a small training
+    fold may see fewer participants than the folds asked for)."""
+
+    def get_n_splits(self, X=None, y=None, groups=None):
+        return self.n_splits if groups is None else max(2, min(self.n_splits, len(np.unique(groups))))
+
+    def split(self, X, y=None, groups=None):
+        fewer = copy.copy(self)
+        fewer.n_splits = self.get_n_splits(X, y, groups)
+        return super(_AtMostOneFoldPerGroup, fewer).split(X, y, groups)
+
+
+class GroupFolds(_AtMostOneFoldPerGroup, GroupKFold):
+    """`GroupKFold`, at most one fold per group."""
+
+
+class StratifiedGroupFolds(_AtMostOneFoldPerGroup, StratifiedGroupKFold):
+    """`StratifiedGroupKFold`, at most one fold per group."""
+
+
 def inner_cv(task: str, cv: int, seed: int, grouped: bool = False):
     """The shuffled K-fold splitter of an inner CV: stratified by class for sex; with `grouped`, each group
     (participant) wholly in one fold, so repeated sessions of a person cannot sit on both sides."""
     if grouped:
-        return (StratifiedGroupKFold if task == "sex" else GroupKFold)(cv, shuffle=True, random_state=seed)
+        return (StratifiedGroupFolds if task == "sex" else GroupFolds)(cv, shuffle=True, random_state=seed)
     return (StratifiedKFold if task == "sex" else KFold)(cv, shuffle=True, random_state=seed)
 
 
@@ -247,8 +269,8 @@ class ElasticBaseline(BaseEstimator):
         y = np.asarray(y, np.float64)
         grouped = groups is not None
         sex = self.task == "sex"
-        folds = list(inner_cv(self.task, fold_count(self.cv, y) if sex else self.cv, self.seed, grouped)
-                     .split(X, y, groups))
+        n_folds = fold_count(self.cv, y) if sex else self.cv  # grouped: at most one per participant (GroupFolds)
+        folds = list(inner_cv(self.task, n_folds, self.seed, grouped).split(X, y, groups))
         outer_train = min(len(train) for train, _ in folds)  # the smallest training size inside the folds
         # a small class: as many inner folds as the smallest training fold has members of it
         inner = min(fold_count(self.cv, y[train]) for train, _ in folds) if sex else None
@@ -261,7 +283,7 @@ class ElasticBaseline(BaseEstimator):
                                   scoring="balanced_accuracy" if sex else "neg_mean_absolute_error")
             fit_grouped(search, X, y, groups)
             self.best_params_ = search.best_params_
-            final = self._pipeline(len(X), grouped=grouped, folds=fold_count(self.cv, y) if sex else None)
+            final = self._pipeline(len(X), grouped=grouped, folds=n_folds)
             final = final.set_params(**search.best_params_)
             self.pipeline_ = fit_grouped(final, X, y, groups)
         if sex:

@@ -132,11 +132,17 @@ def test_rerun_from_another_directory_and_of_an_older_plan(reference_cache, coho
     assert prepare_cache("cohort.csv", cache, downsample=DS, shard_size=SHARD).n_processed == 0
     monkeypatch.chdir(tmp_path)
     assert prepare_cache(cohort_csv, cache, downsample=DS, shard_size=SHARD).n_processed == 0
-    index = json.loads((cache / "index.json").read_text())
-    assert index["preprocessing"] == 1
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # the same files through "..": the same plan
+    relative = os.path.relpath(cohort_csv)
+    assert ".." in relative and prepare_cache(relative, cache, downsample=DS, shard_size=SHARD).n_processed == 0
+    assert json.loads((cache / "index.json").read_text())["preprocessing"] == 2
     text = (cache / "index.json").read_text()
-    (cache / "index.json").write_text(text.replace('"preprocessing": 1', '"preprocessing": 0'))
-    with pytest.raises(ValueError, match="prepared with preprocessing version 0.*prepare the cache again"):
+    (cache / "index.json").write_text(text.replace('"preprocessing": 2', '"preprocessing": 1'))
+    assert read_index(cache)  # version 1 differs only for Analyze files: none here
+    (cache / "index.json").write_text(text.replace('"preprocessing": 2', '"preprocessing": 1').replace(
+        's1.nii.gz', 's1.img'))
+    with pytest.raises(ValueError, match="prepared with preprocessing version 1.*prepare the cache again"):
         read_index(cache)
 
 

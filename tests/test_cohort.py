@@ -437,6 +437,14 @@ def test_longitudinal_labels_sessions_and_derivatives(tmp_path, monkeypatch):
                                     "sub-02,sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz,33\n")
     table = read_cohort(tmp_path / "t.csv")
     assert table.ids.tolist() == ["sub-02_ses-1", "sub-02_ses-2"] and table.sessions.tolist() == ["ses-1", "ses-2"]
+    (tmp_path / "one.csv").write_text("participant_id,path,age\nsub-02,sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz,31\n")
+    assert read_cohort(tmp_path / "one.csv").ids.tolist() == ["sub-02"]  # one scan per person: ids as before
+    # a named participants.tsv age column does not hide sessions.tsv's standard one
+    (tmp_path / "sub-02" / "sub-02_sessions.tsv").write_text("session_id\tage\nses-1\t31\nses-2\t35\n")
+    tsv = (tmp_path / "participants.tsv").read_text().replace("participant_id\tage", "participant_id\tbaseline_age")
+    (tmp_path / "participants.tsv").write_text(tsv)
+    with pytest.warns(UserWarning):
+        assert read_cohort(tmp_path, age_column="baseline_age").ages.tolist() == [89.0, 31.0, 35.0, 35.0]
 
 
 def test_sex_coding_stated_or_spelled_in_the_column_name(tmp_path, capsys):

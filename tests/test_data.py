@@ -356,6 +356,10 @@ def test_analyze_without_an_origin_is_not_placed_where_nibabel_guesses(tmp_path)
     with pytest.warns(InputWarning, match="an Analyze header without an origin"):
         got = load_volume(tmp_path / "a.img", check=False)
     np.testing.assert_array_equal(got, load_volume(nib.Nifti1Image(vol, MNI_AFFINE), check=False))
+    two_mm = np.diag([-2.0, 2, 2, 1]) @ np.eye(4)
+    two_mm[:3, 3] = [90, -126, -72]
+    small = vol[::2, ::2, ::2][:91, :109, :91]  # an in-memory Analyze image with a real affine is taken as given
+    assert load_volume(nib.AnalyzeImage(small, two_mm), check=False).shape == (160, 192, 160)
     nib.save(nib.AnalyzeImage(vol[:120], MNI_AFFINE), tmp_path / "b.img")
     with pytest.raises(InputError, match="b.img: no orientation in the header"):
         load_volume(tmp_path / "b.img", check=False)

@@ -118,6 +118,8 @@ def test_conv_impl_from_the_environment_is_read_at_each_call(age_model, volumes,
     assert _jitted("features", _data_mesh()) is not fast  # a new trace: "auto" now means XLA's convolution
     np.testing.assert_allclose(embed(volumes[:2], age_model, progress=False),
                                embed(volumes[:2], load_model(age_model.path), progress=False), rtol=1e-5)
+    monkeypatch.setenv("JAXTL_CONV_IMPL", "auto")  # the default, said explicitly
+    assert _jitted("features", _data_mesh()) is fast
     monkeypatch.setenv("JAXTL_CONV_IMPL", "XLA")
     with pytest.raises(ValueError, match="JAXTL_CONV_IMPL='XLA': use one of xla, fast, pallas"):
         embed(volumes[:2], age_model, progress=False)

@@ -136,6 +136,7 @@ def test_failed_runs_are_reported_and_tried_again(tiny_models, ixi_tiny, tmp_pat
     with pytest.warns(UserWarning, match=r"1 of 1 runs failed .*direct transfer \(age-pretr.\) \(age, repeat 0"):
         run_experiment(cfg, progress=False)
     assert [r["error"] for r in experiment.failed_runs(cfg)] == ["only 1 labelled training scans"]
+    assert not experiment.failed_runs(dataclasses.replace(cfg, methods=(MethodSpec("features"),)))  # not planned
     assert "| failed |" in (tmp_path / "exp" / "table.md").read_text()
     monkeypatch.setattr(experiment, "transfer", real)  # fixed: the rerun tries the failed run again
     with warnings.catch_warnings():

@@ -113,8 +113,8 @@ def test_grouped_inner_cv_keeps_each_participant_in_one_fold(head, monkeypatch):
                     yield train, test
         return Recording
 
-    monkeypatch.setattr(heads, "GroupKFold", recording(heads.GroupKFold))
-    monkeypatch.setattr(heads, "StratifiedGroupKFold", recording(heads.StratifiedGroupKFold))
+    monkeypatch.setattr(heads, "GroupFolds", recording(heads.GroupFolds))
+    monkeypatch.setattr(heads, "StratifiedGroupFolds", recording(heads.StratifiedGroupFolds))
     rng = np.random.default_rng(4)
     people = np.repeat(np.arange(24), 3)  # 3 sessions each
     task = "age" if head in AGE_HEADS else "sex"
@@ -129,6 +129,20 @@ def test_grouped_inner_cv_keeps_each_participant_in_one_fold(head, monkeypatch):
         est = fit_grouped(make_feature_head(task, head, cv=3, grouped=True), X, y, people)
     assert splits and all(not shared for shared in splits), splits
     assert predict_head(est, X[:2], task).shape == (2,)
+
+
+def test_grouped_cv_with_fewer_participants_than_folds():
+    """4 participants x 3 sessions, 5 folds asked for: as many folds as participants (inner CVs of the bias
+    correction's out-of-fold fits see 3), for the feature head and the elastic baseline."""
+    rng = np.random.default_rng(6)
+    people = np.repeat(np.arange(4), 3)
+    X, y = rng.normal(size=(12, 60)), rng.uniform(40, 80, 4)[people]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for n in (4, 3):
+            est = fit_grouped(make_feature_head("age", cv=5, grouped=True), X[: 3 * n], y[: 3 * n], people[: 3 * n])
+            assert est[-1].cv.get_n_splits(groups=people[: 3 * n]) == n
+            make_elastic("age", cv=5, n_features=(5,)).fit(X[: 3 * n], y[: 3 * n], groups=people[: 3 * n])
 
 
 def test_sex_heads_with_a_small_class_use_fewer_folds():

@@ -263,7 +263,7 @@ def test_transfer_groups_the_inner_cv_by_participant(tiny_models, target):
         warnings.simplefilter("ignore")
         res = transfer(backbone, dataclasses.replace(target, participant_ids=twice),
                        dataclasses.replace(FAST, task="age", method="features"), split=split, progress=False)
-    assert type(res.head.estimator[-1].cv).__name__ == "GroupKFold"
+    assert type(res.head.estimator[-1].cv).__name__ == "GroupFolds"
     assert res.head.bias.split == "train (out-of-fold)"
 
 
