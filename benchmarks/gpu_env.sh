@@ -16,7 +16,7 @@ if [ -z "$JAXTL_GIT_COMMIT" ]; then
   echo "gpu_env.sh: no git here: pass JAXTL_GIT_COMMIT=<git rev-parse HEAD of the tree sent> (records need it)" >&2
   exit 1
 fi
-python3 -c "import grain, nibabel, nilearn" || {
+python3 -c "import grain, nibabel; from nilearn.datasets import load_mni152_template" || {
   echo "gpu_env.sh: grain/nibabel/nilearn missing: run benchmarks/gpu_wheels.sh here and carry .whl" >&2
   exit 1
 }

@@ -281,8 +281,9 @@ def run_setup(config: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_runs(path: Path, setup: str) -> tuple[dict[str, dict], int]:
-    """The finished runs of `path` made under `setup`, by key; and how many lines were made under another."""
+def _read_runs(path: Path, setup: str, legacy: bool = False) -> tuple[dict[str, dict], int]:
+    """The finished runs of `path` made under `setup`, by key; and how many lines were made under another.
+    `legacy`: lines written before runs carried their setup count as made under `setup`."""
     runs, other = {}, 0
     if path.exists():
         for line in path.read_text().splitlines():
@@ -290,11 +291,19 @@ def _read_runs(path: Path, setup: str) -> tuple[dict[str, dict], int]:
                 r = json.loads(line)
             except ValueError:
                 continue
-            if r.get("setup") == setup:
+            if r.get("setup", setup if legacy else None) == setup:
                 runs[r["key"]] = r
             else:
                 other += 1
     return runs, other
+
+
+def _recorded_runs(config: ExperimentConfig) -> tuple[dict[str, dict], int]:
+    """`_read_runs` of `config.out_dir`; runs recorded before they carried a setup were made under the config.json
+    beside them, so they count when its setup is `config`'s."""
+    out = Path(config.out_dir)
+    legacy = (out / "config.json").exists() and not _changed_setup(out / "config.json", config)
+    return _read_runs(out / "results.jsonl", run_setup(config), legacy)
 
 
 def _changed_setup(config_json: Path, config: ExperimentConfig) -> list[str]:
@@ -372,7 +381,7 @@ def _failed(done: dict[str, dict], config: ExperimentConfig) -> list[dict]:
 
 def failed_runs(config: ExperimentConfig) -> list[dict]:
     """The runs `config` makes (under its setup) that are recorded as failed in results.jsonl."""
-    return _failed(_read_runs(Path(config.out_dir) / "results.jsonl", run_setup(config))[0], config)
+    return _failed(_recorded_runs(config)[0], config)
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
@@ -384,7 +393,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup, runs_path = run_setup(config), out / "results.jsonl"
-    done, other = _read_runs(runs_path, setup)
+    done, other = _recorded_runs(config)
     if other:
         changed = _changed_setup(out / "config.json", config)
         warnings.warn(f"{runs_path}: {other} earlier runs were made with another setup"
@@ -591,7 +600,7 @@ def findings(exp: ExperimentConfig, runs: list[dict] | None = None) -> list[str]
     (n/a: one of the two has no result, e.g. its fit failed; see results.jsonl). `runs`: the finished runs
     (default: those of `exp.out_dir`/results.jsonl made under `exp`'s setup)."""
     if runs is None:
-        runs = list(_read_runs(Path(exp.out_dir) / "results.jsonl", run_setup(exp))[0].values())
+        runs = list(_recorded_runs(exp)[0].values())
     lines = []
     for task in exp.tasks:
         m = _means(runs, task)

@@ -90,6 +90,14 @@ def test_tiny_experiment_end_to_end_and_resume(tiny_models, ixi_tiny, tmp_path):
         warnings.simplefilter("ignore")
         run_experiment(cfg, progress=False)
     assert (out / "results.jsonl").read_text() == before
+    # results written before runs carried their setup are still reused under the config.json beside them
+    legacy = [{k: v for k, v in json.loads(line).items() if k != "setup"} for line in before.splitlines()]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_experiment(cfg, progress=False)
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(legacy)
+    (out / "results.jsonl").write_text(before)
     # a changed setup (here the paper's hyper-parameters) reuses nothing and reports only its own runs
     changed = dataclasses.replace(cfg, paper_dataset="oasis", tasks=("age",), methods=(MethodSpec("direct"),),
                                   repeats=1, scarcity=None, manifold=None)
