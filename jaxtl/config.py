@@ -72,8 +72,9 @@ def check_train_config(config: TrainConfig) -> None:
         raise bad("model.dtype", config.model.dtype, "use float32 or bfloat16")
     if not config.bin_range[0] < config.bin_range[1]:
         raise bad("bin_range", config.bin_range, "give (MIN, MAX) with MIN < MAX")
-    for field in ("batch_size", "epochs", "log_every_steps", "optim.step_epochs"):
-        value = config.optim.step_epochs if field == "optim.step_epochs" else getattr(config, field)
+    counts = {"batch_size": config.batch_size, "epochs": config.epochs, "log_every_steps": config.log_every_steps,
+              "optim.step_epochs": config.optim.step_epochs}
+    for field, value in counts.items():
         if value < 1:
             raise bad(field, value, "give a positive integer")
     if not config.model.channels or min(config.model.channels) < 1:

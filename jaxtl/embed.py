@@ -329,11 +329,9 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
                 batch = np.concatenate([batch, np.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
             result = fn(graphdef, state, jax.device_put(batch, x_sharding))  # asynchronous
             if in_flight is not None:  # the previous batch's result, while this one runs
-                outs.append(_fetch(*in_flight))
-                bar.update(in_flight[2])
+                outs.append(_fetch(*in_flight, bar))
             in_flight = (result, starts[k], m)
-        outs.append(_fetch(*in_flight))
-        bar.update(in_flight[2])
+        outs.append(_fetch(*in_flight, bar))
     bar.close()
     out = np.concatenate(outs)
     skipped = [f.index for f in reader.failures]
@@ -342,9 +340,11 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     return out
 
 
-def _fetch(result: tuple[jax.Array, jax.Array], start: int, m: int) -> np.ndarray:
-    """The first `m` rows of a batch's output, on the host; an `InputError` if one of its volumes was not finite."""
+def _fetch(result: tuple[jax.Array, jax.Array], start: int, m: int, bar: tqdm) -> np.ndarray:
+    """The first `m` rows of a batch's output, on the host (counted on `bar`); an `InputError` if one of its
+    volumes was not finite."""
     out, finite = jax.device_get(result)
+    bar.update(m)
     if not finite[:m].all():
         from jaxtl.data import InputError
 

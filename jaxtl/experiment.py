@@ -243,8 +243,9 @@ def ensure_model(spec: PretrainSpec | str, data_dir: str | os.PathLike, progress
         from jaxtl.train import config_changes
 
         changes = config_changes(Path(spec.workdir), cfg)[1] if (Path(spec.workdir) / "config.json").exists() else []
-        if recorded.exists() and json.loads(recorded.read_text()) != cohort:
-            changes.append(f"cohort: {json.loads(recorded.read_text())} in the run, {cohort} now")
+        before = json.loads(recorded.read_text()) if recorded.exists() else cohort
+        if before != cohort:
+            changes.append(f"cohort: {before} in the run, {cohort} now")
         if changes:
             raise ValueError(f"{spec.workdir} holds a model pretrained with another setup ({'; '.join(changes)}); "
                              "use another directory (e.g. another demo --out) or delete this one")
@@ -298,19 +299,20 @@ def _read_runs(path: Path, setup: str, legacy: bool = False) -> tuple[dict[str, 
     return runs, other
 
 
-def _recorded_runs(config: ExperimentConfig) -> tuple[dict[str, dict], int]:
-    """`_read_runs` of `config.out_dir`; runs recorded before they carried a setup were made under the config.json
-    beside them, so they count when its setup is `config`'s."""
+def _recorded_runs(config: ExperimentConfig) -> tuple[dict[str, dict], int, list[str] | None]:
+    """`_read_runs` of `config.out_dir`, and the `RUN_SETUP` fields in which the config.json there differs from
+    `config` (None without one). Runs recorded before they carried a setup were made under that config.json, so
+    they count when it has `config`'s setup."""
     out = Path(config.out_dir)
-    legacy = (out / "config.json").exists() and not _changed_setup(out / "config.json", config)
-    return _read_runs(out / "results.jsonl", run_setup(config), legacy)
+    changed = _changed_setup(out / "config.json", config)
+    return *_read_runs(out / "results.jsonl", run_setup(config), legacy=changed == []), changed
 
 
-def _changed_setup(config_json: Path, config: ExperimentConfig) -> list[str]:
+def _changed_setup(config_json: Path, config: ExperimentConfig) -> list[str] | None:
     try:
         before = json.loads(config_json.read_text())
     except (OSError, ValueError):
-        return []
+        return None
     now = _asdict(config)
     return [k for k in RUN_SETUP if before.get(k) != now.get(k)]
 
@@ -374,14 +376,15 @@ def planned_runs(config: ExperimentConfig) -> list[tuple[str, MethodSpec, int, f
     return list({_run_key(t, s.name(t), r, sh): (t, s, r, sh) for t, s, r, sh in todo}.values())
 
 
-def _failed(done: dict[str, dict], config: ExperimentConfig) -> list[dict]:
-    keys = {_run_key(t, s.name(t), r, sh) for t, s, r, sh in planned_runs(config)}
+def _failed(done: dict[str, dict], todo: list[tuple[str, MethodSpec, int, float]]) -> list[dict]:
+    """The runs of `todo` (`planned_runs`) that `done` records as failed."""
+    keys = {_run_key(t, s.name(t), r, sh) for t, s, r, sh in todo}
     return [r for key, r in done.items() if key in keys and r.get("error")]
 
 
 def failed_runs(config: ExperimentConfig) -> list[dict]:
     """The runs `config` makes (under its setup) that are recorded as failed in results.jsonl."""
-    return _failed(_recorded_runs(config)[0], config)
+    return _failed(_recorded_runs(config)[0], planned_runs(config))
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
@@ -393,9 +396,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup, runs_path = run_setup(config), out / "results.jsonl"
-    done, other = _recorded_runs(config)
+    done, other, changed = _recorded_runs(config)
     if other:
-        changed = _changed_setup(out / "config.json", config)
         warnings.warn(f"{runs_path}: {other} earlier runs were made with another setup"
                       + (f" ({', '.join(changed)} differed)" if changed else "")
                       + "; they are kept in the file but not reused or reported (a new out_dir keeps them apart)",
@@ -420,7 +422,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
         with runs_path.open("a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
     bar.close()
-    failed = _failed(done, config)
+    failed = _failed(done, todo)
     if failed:
         listed = "; ".join(f"{r['label']} ({r['task']}, repeat {r['repeat']}, share {r['share']:g}): {r['error']}"
                            for r in failed[:3])

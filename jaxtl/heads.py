@@ -106,25 +106,35 @@ class SFCNEmbedder(TransformerMixin, BaseEstimator):
 # Read-out heads on frozen features (the paper's ft_final idea with scikit-learn)
 
 
-class _AtMostOneFoldPerGroup:
-    """For group K-fold splitters: at most as many folds as there are groups (an inner CV inside a small training
-    fold may see fewer participants than the folds asked for)."""
+class _FewerFoldsForSmallData:
+    """For K-fold splitters: as many folds as the data allow when it is smaller than the folds asked for (an inner
+    CV inside a small training fold): at most one fold per group for group splitters, per member of the smallest
+    class for stratified ones (`fold_count`)."""
 
     def get_n_splits(self, X=None, y=None, groups=None):
-        return self.n_splits if groups is None else max(2, min(self.n_splits, len(np.unique(groups))))
+        n = self.n_splits
+        if groups is not None and isinstance(self, GroupKFold | StratifiedGroupKFold):
+            n = max(2, min(n, len(np.unique(groups))))
+        if y is not None and isinstance(self, StratifiedKFold | StratifiedGroupKFold):
+            n = fold_count(n, y)
+        return n
 
     def split(self, X, y=None, groups=None):
         fewer = copy.copy(self)
         fewer.n_splits = self.get_n_splits(X, y, groups)
-        return super(_AtMostOneFoldPerGroup, fewer).split(X, y, groups)
+        return super(_FewerFoldsForSmallData, fewer).split(X, y, groups)
 
 
-class GroupFolds(_AtMostOneFoldPerGroup, GroupKFold):
+class GroupFolds(_FewerFoldsForSmallData, GroupKFold):
     """`GroupKFold`, at most one fold per group."""
 
 
-class StratifiedGroupFolds(_AtMostOneFoldPerGroup, StratifiedGroupKFold):
-    """`StratifiedGroupKFold`, at most one fold per group."""
+class StratifiedFolds(_FewerFoldsForSmallData, StratifiedKFold):
+    """`StratifiedKFold`, at most one fold per member of the smallest class."""
+
+
+class StratifiedGroupFolds(_FewerFoldsForSmallData, StratifiedGroupKFold):
+    """`StratifiedGroupKFold`, at most one fold per group and per member of the smallest class."""
 
 
 def inner_cv(task: str, cv: int, seed: int, grouped: bool = False):
@@ -132,7 +142,7 @@ def inner_cv(task: str, cv: int, seed: int, grouped: bool = False):
     (participant) wholly in one fold, so repeated sessions of a person cannot sit on both sides."""
     if grouped:
         return (StratifiedGroupFolds if task == "sex" else GroupFolds)(cv, shuffle=True, random_state=seed)
-    return (StratifiedKFold if task == "sex" else KFold)(cv, shuffle=True, random_state=seed)
+    return (StratifiedFolds if task == "sex" else KFold)(cv, shuffle=True, random_state=seed)
 
 
 def fold_count(cv: int, y) -> int:
@@ -153,6 +163,17 @@ def fit_grouped(estimator: BaseEstimator, X, y, groups=None) -> BaseEstimator:
         return estimator.fit(X, y, groups=np.asarray(groups))
 
 
+def check_head(task: str, head: str | None) -> str:
+    """The feature head's name (`head`, or the task's default); a ValueError for a task or head not offered."""
+    head = head or ("ridge" if task == "age" else "logistic")
+    valid = AGE_HEADS if task == "age" else SEX_HEADS if task == "sex" else None
+    if valid is None:
+        raise ValueError(f"unknown task {task!r}: use 'age' or 'sex'")
+    if head not in valid:
+        raise ValueError(f"head {head!r} is not available for task {task!r}; choose from {', '.join(valid)}")
+    return head
+
+
 def make_feature_head(task: str, head: str | None = None, *, cv: int = 5, seed: int = 0,
                       grouped: bool = False) -> BaseEstimator:
     """A standardise -> linear/kernel model pipeline whose hyper-parameters are set by inner CV.
@@ -163,12 +184,7 @@ def make_feature_head(task: str, head: str | None = None, *, cv: int = 5, seed: 
     `grouped=True`: every inner CV (ridge's too, instead of leave-one-out) keeps each group's rows in one
     fold; fit it with `fit_grouped(head, X, y, groups)`.
     """
-    head = head or ("ridge" if task == "age" else "logistic")
-    valid = AGE_HEADS if task == "age" else SEX_HEADS if task == "sex" else None
-    if valid is None:
-        raise ValueError(f"unknown task {task!r}: use 'age' or 'sex'")
-    if head not in valid:
-        raise ValueError(f"head {head!r} is not available for task {task!r}; choose from {', '.join(valid)}")
+    head = check_head(task, head)
     kfold = inner_cv(task, cv, seed, grouped)
     if head == "ridge":
         model = RidgeCV(alphas=np.logspace(-3, 5, 17), cv=kfold if grouped else None)
@@ -269,11 +285,11 @@ class ElasticBaseline(BaseEstimator):
         y = np.asarray(y, np.float64)
         grouped = groups is not None
         sex = self.task == "sex"
-        n_folds = fold_count(self.cv, y) if sex else self.cv  # grouped: at most one per participant (GroupFolds)
-        folds = list(inner_cv(self.task, n_folds, self.seed, grouped).split(X, y, groups))
+        folds = list(inner_cv(self.task, self.cv, self.seed, grouped).split(X, y, groups))
         outer_train = min(len(train) for train, _ in folds)  # the smallest training size inside the folds
         # a small class: as many inner folds as the smallest training fold has members of it
-        inner = min(fold_count(self.cv, y[train]) for train, _ in folds) if sex else None
+        inner = min(inner_cv(self.task, self.cv, self.seed).get_n_splits(y=y[train]) for train, _ in folds) \
+            if sex else None
         grid = {"select__k": [k for k in self.n_features if k < outer_train] or [min(self.n_features)]}
         with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="jaxtl-pca-") as cache:
             warnings.filterwarnings("ignore", message=".*(converge|did not converge).*")
@@ -283,7 +299,7 @@ class ElasticBaseline(BaseEstimator):
                                   scoring="balanced_accuracy" if sex else "neg_mean_absolute_error")
             fit_grouped(search, X, y, groups)
             self.best_params_ = search.best_params_
-            final = self._pipeline(len(X), grouped=grouped, folds=n_folds)
+            final = self._pipeline(len(X), grouped=grouped)
             final = final.set_params(**search.best_params_)
             self.pipeline_ = fit_grouped(final, X, y, groups)
         if sex:

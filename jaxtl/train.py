@@ -17,6 +17,7 @@ are in the same one of train/val/test.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -646,7 +647,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
             _write_json(workdir / "config.json", to_dict(config))  # the run's config now (resumable changes)
         _truncate_metrics(metrics_file, step)
     pending = []  # losses not yet checked for finiteness
-    in_flight = []  # losses of the last steps dispatched, possibly still running
+    in_flight = collections.deque()  # losses of the last steps dispatched, possibly still running
     clock = _TrainClock(config.batch_size)
     saved = latest  # step of the newest checkpoint (restored or written)
 
@@ -718,7 +719,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                 pending.append((step, loss, finite))
                 in_flight.append(loss)
                 if len(in_flight) > TRAIN_IN_FLIGHT:  # bound the steps (and their batches) queued on the device
-                    jax.block_until_ready(in_flight.pop(0))
+                    jax.block_until_ready(in_flight.popleft())
                 bar.update(1)
                 preempted = watch.reached(step)  # every step, on every process: the same answer everywhere
                 if step % config.log_every_steps == 0 or step % steps_per_epoch == 0 or preempted:

@@ -51,11 +51,9 @@ from tqdm.auto import tqdm
 from jaxtl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxtl.embed import VolumeReader, apply_batched, embed, model_downsample, resolve_model, warn_skipped
 from jaxtl.heads import (
-    AGE_HEADS,
-    SEX_HEADS,
     BiasCorrection,
+    check_head,
     fit_grouped,
-    fold_count,
     inner_cv,
     load_estimator,
     make_elastic,
@@ -219,10 +217,7 @@ class TransferConfig:
             if self.method != "features":
                 raise ValueError(f"head {self.head!r} applies to method 'features' (scikit-learn heads), not "
                                  f"{self.method!r}")
-            heads = AGE_HEADS if self.task == "age" else SEX_HEADS
-            if self.head not in heads:
-                raise ValueError(f"head {self.head!r} is not available for task {self.task!r}; choose from "
-                                 f"{', '.join(heads)}")
+            check_head(self.task, self.head)
         if not self.epoch_scale > 0:
             raise ValueError(f"epoch_scale must be above 0, got {self.epoch_scale}")
 
@@ -682,8 +677,7 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
 
     if method == "features":
         F = target.features(backbone, config.layer, config.batch_size, progress)
-        cv = fold_count(config.cv, y[train]) if task_name == "sex" else config.cv
-        est = make_feature_head(task_name, config.head, cv=cv, seed=seed, grouped=groups is not None)
+        est = make_feature_head(task_name, config.head, cv=config.cv, seed=seed, grouped=groups is not None)
         head = TransferHead(method, task_name, "features", backbone, est, config.layer,
                             meta={**meta, "head": config.head or ("ridge" if task_name == "age" else "logistic")},
                             **common)
@@ -791,8 +785,7 @@ def _fit_sklearn(est, X: np.ndarray, y: np.ndarray, train: np.ndarray, task: str
         fit_grouped(est, X[train], y[train] if task == "age" else y[train].astype(int), groups)
         pred = np.asarray(predict_head(est, X, task), np.float64)
         if task == "age" and config.bias_fit_split() == "train":
-            n = len(train) if groups is None else len(np.unique(groups))
-            cv = inner_cv(task, min(config.cv, n), config.seed + 1, groups is not None)
+            cv = inner_cv(task, min(config.cv, len(train)), config.seed + 1, groups is not None)
             for fit_rows, held_out in cv.split(train, groups=groups):
                 fold = fit_grouped(clone(est), X[train[fit_rows]], y[train[fit_rows]],
                                    None if groups is None else groups[fit_rows])
