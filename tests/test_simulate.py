@@ -74,6 +74,14 @@ def test_presets_match_paper_cohorts():
     assert len({s.participant_id for s in subjects}) == len(subjects)
 
 
+def test_small_cohorts_have_the_presets_male_share():
+    # the CI demo's 32-subject source: R3's sex step (~2/3) gave 0.31-0.62 male over seeds for a share of 0.48
+    for seed in range(8):
+        for start in (0, 100):
+            sexes = [sample_subject("ukb", i, seed).sex for i in range(start, start + 32)]
+            assert abs(np.mean(sexes) - 0.48) <= 2 / 32, (seed, start, np.mean(sexes))
+
+
 def test_every_target_site_differs_from_ukb():
     ukb = PRESETS["ukb"].sites[0]
     fields = ("gm_wm", "csf_wm", "bias", "noise", "blur", "strip_mm", "shift_mm", "scale")
