@@ -1,7 +1,7 @@
 """The paper's OASIS-3 experiment (paper-spec sections 6-8) on a SIMULATED OASIS-3-like cohort.
 
 Target: `jaxtl.simulate` preset "oasis" (1132 scans simulated as independent
-subjects, one site, ages 43-96) at 4mm; pretrained models: demo-size SFCNs
+subjects, two sites, ages 43-96) at 4mm; pretrained models: demo-size SFCNs
 (configs/sfcn_demo.py) pretrained for age and for sex on 800 simulated UK Biobank-like subjects, created
 on the first run (shared with the other experiment configs). Fine-tuning uses the paper's OASIS-3
 hyper-parameters (section 6.1).

@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="write a simulated BIDS cohort (synthetic T1 brains with age, sex and "
                                         "scanner effects; presets mirror the paper's cohorts)")
     p.add_argument("preset", nargs="?", choices=["ukb", "oasis", "ixi", "abide"],
-                   help="cohort preset (see jaxtl.simulate.PRESETS)")
+                   help="cohort preset (defined in jaxtl/simulate.py, PRESETS)")
     p.add_argument("out_dir", nargs="?", help="BIDS dataset directory to write")
     p.add_argument("--n", type=_at_least(1), default=None, help="number of subjects (default: the preset's size)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")

@@ -1257,7 +1257,7 @@ def _write_metadata(out: Path, p: Preset, subjects: list[Subject], seed: int, re
     write(out / "participants.json", json.dumps({
         "age": {"Description": "age at scan (simulated)", "Units": "year"},
         "sex": {"Description": "sex (simulated)", "Levels": {"F": "female", "M": "male"}},
-        "site": {"Description": "simulated scanner / site, see jaxtl.simulate.PRESETS"},
+        "site": {"Description": "simulated scanner / site, see PRESETS in jaxtl/simulate.py"},
     }, indent=2, sort_keys=True) + "\n")
     write(out / "dataset_description.json", json.dumps({
         "Name": f"jaxtl simulated cohort '{p.name}' (SIMULATED DATA, not real participants)",
