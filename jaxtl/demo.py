@@ -46,7 +46,10 @@ DEMO_METHODS: tuple[MethodSpec, ...] = tuple(m for m in DEFAULT_METHODS if m.met
 class DemoConfig:
     out_dir: str = "demo_out"
     resolution: int = 4  # mm: 40x48x40 network input
-    source_n: int = 400  # simulated UK Biobank-like subjects for pretraining
+    # Simulated UK Biobank-like subjects for pretraining. The source models' quality limits every finding; 600
+    # instead of 400 costs ~100 s (measured 2026-11-26, 2-core VM: frozen same-task features on the four target /
+    # task pairs IXI age 11.23 -> 9.51 MAE, IXI sex 0.521 -> 0.593, OASIS age 6.10 -> 6.01, OASIS sex 0.650 -> 0.674).
+    source_n: int = 600
     targets: tuple[str, ...] = ("ixi", "oasis")
     target_n: int = 120
     pretrain: tuple[str, ...] = ("epochs=10", "optim.step_epochs=4")  # overrides of configs/sfcn_demo.py
