@@ -242,18 +242,58 @@ def _report(path: Path, problems: list[tuple[str, str]], on_error: str) -> None:
 # Value parsing
 
 
-def parse_age(text: str) -> float:
-    """Years as float; `89+` -> 89, `26,9` -> 26.9, `n/a` -> NaN. Raises ValueError."""
+def parse_age(text: str, years_per_unit: float = 1.0) -> float:
+    """Years as float; `89+` -> 89, `26,9` -> 26.9, `n/a` -> NaN. `years_per_unit` converts a table's unit
+    (e.g. 1/12 for months, from its BIDS sidecar: `age_unit`). Raises ValueError."""
     t = text.strip().lower()
     if t in _MISSING:
         return math.nan
     m = _AGE.match(t)
-    if m is None:
-        raise ValueError(f"age {text.strip()!r} is not a number of years")
-    age = float(m.group(1).replace(",", "."))
+    if m is None or (m.group(2) not in (None, "+") and years_per_unit != 1.0):
+        raise ValueError(f"age {text.strip()!r} is not a number of {_unit_name(years_per_unit)}")
+    age = float(m.group(1).replace(",", ".")) * years_per_unit
     if not 0 <= age <= 130:
-        raise ValueError(f"age {text.strip()!r} is implausible")
+        raise ValueError(f"age {text.strip()!r} is implausible"
+                         + (f" in {_unit_name(years_per_unit)}" if years_per_unit != 1.0 else ""))
     return age
+
+
+# BIDS sidecars give a column's unit as "Units" (the spec's example for age: "year"); CMIXF writes a year "a".
+_AGE_UNITS = {
+    1.0: ("year", "years", "yr", "yrs", "y", "a"),
+    1 / 12: ("month", "months", "mo", "mon"),
+    7 / 365.25: ("week", "weeks", "wk", "wks", "w"),
+    1 / 365.25: ("day", "days", "d"),
+}
+
+
+def _unit_name(years_per_unit: float) -> str:
+    return _AGE_UNITS.get(years_per_unit, ("units",))[1]
+
+
+def age_unit(table: Path, column: str, sidecars: Sequence[Path] = ()) -> float:
+    """Years per unit of `table`'s age `column`, from its BIDS JSON sidecar (`table` with .json, else the first of
+    `sidecars` that exists): its `{column: {"Units": ...}}`. 1.0 (years) without a sidecar or a unit."""
+    import json
+
+    for sidecar in (table.with_suffix(".json"), *sidecars):
+        if not sidecar.is_file():
+            continue
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError) as e:
+            raise CohortError(f"{sidecar}: not readable as JSON ({e}); fix or remove it") from None
+        meta = {k.lower(): v for k, v in meta.items()} | meta if isinstance(meta, dict) else {}
+        entry = meta.get(column, meta.get(column.lower()))
+        unit = entry.get("Units") if isinstance(entry, dict) else None
+        if unit is None:  # BIDS inheritance: a sidecar further up may define it
+            continue
+        for per_unit, names in _AGE_UNITS.items():
+            if str(unit).strip().lower() in names:
+                return per_unit
+        raise CohortError(f"{sidecar}: unit {unit!r} of the age column {column!r} is not understood; jaxtl reads "
+                          "ages in years, months, weeks or days (\"Units\": \"year\" / \"month\" / ...)")
+    return 1.0
 
 
 def parse_sex(text: str) -> float:
@@ -502,13 +542,14 @@ def _read_table_cohort(
     coding, one_two = _sex_reading(raw, rows, cols, coding)
     rows_of = collections.Counter(cells[cols["participant_id"]] for _, cells in rows) if "participant_id" in cols \
         else collections.Counter()
+    unit = age_unit(path, raw[cols["age"]]) if "age" in cols else 1.0
     for (line, cells), image, fallback in zip(rows, paths, fallback_ids, strict=True):
         where = f"line {line}"
         row = {field: cells[i] for field, i in cols.items()}
         try:
             if not row["path"]:
                 raise ValueError("empty path")
-            age = parse_age(row.get("age", ""))
+            age = parse_age(row.get("age", ""), unit)
             sex = _row_sex(row.get("sex", ""), where, bad_sex, sex_required=sex_required, one_two=one_two,
                            coding=coding)
         except ValueError as e:
@@ -723,6 +764,7 @@ def _participants(
     first: dict[str, int] = {}
     bad_sex: list[tuple[str, str]] = []
     coding, one_two = _sex_reading(raw, rows, cols, coding)
+    unit = age_unit(path, raw[cols["age"]]) if "age" in cols else 1.0
     for line, cells in rows:
         where = f"{path.name} line {line}"
         row = {field: cells[i] for field, i in cols.items()}
@@ -737,7 +779,7 @@ def _participants(
             continue
         first[subject] = line
         try:
-            age = parse_age(row.get("age", ""))
+            age = parse_age(row.get("age", ""), unit)
             sex = _row_sex(row.get("sex", ""), f"line {line}", bad_sex, sex_required=sex_required, one_two=one_two,
                            coding=coding)
             labels[subject] = (age, sex, row.get("site", ""))
@@ -753,17 +795,18 @@ def _session_ages(path: Path | None, age_column: str | None = None) -> tuple[dic
     age column by `age_column` or the usual aliases, session ids with or without their "ses-" prefix."""
     if path is None:
         return {}, []
-    header, rows, problems = read_table(path)
+    raw, header, rows, problems = _read_table(path)
     problems = [(f"{path.name} {where}", msg) for where, msg in problems]
     session = next((header.index(c) for c in ("session_id", "session", "ses") if c in header), None)
     ages_at = ([_normalise_column(age_column)] if age_column else []) + list(_COLUMNS["age"])
     age = next((header.index(c) for c in ages_at if c in header), None)
     if session is None or age is None:
         return {}, problems
+    unit = age_unit(path, raw[age], [path.parent.parent / "sessions.json"])  # sub-X/sub-X_sessions.tsv, dataset level
     ages = {}
     for line, cells in rows:
         try:
-            value = parse_age(cells[age])
+            value = parse_age(cells[age], unit)
         except ValueError as e:
             problems.append((f"{path.name} line {line}", str(e)))
             continue

@@ -487,3 +487,32 @@ def test_sex_transfer_needs_both_classes(tmp_path):
                     np.array([""] * n), np.array([""] * n), np.full(n, 50.0), np.ones(n), 4, "males.csv")
     with pytest.raises(ValueError, match="males.csv: every training scan has sex 1"):
         fit_method(None, target, np.array(["train"] * n), TransferConfig(task="sex"))
+
+
+def test_age_units_from_bids_sidecars(tmp_path):
+    """Ages in months / days (pediatric datasets) are converted with the unit their JSON sidecar states."""
+    import json
+
+    _touch(tmp_path, "sub-01/anat/sub-01_T1w.nii.gz", "sub-02/ses-a/anat/sub-02_ses-a_T1w.nii.gz",
+           "sub-02/ses-b/anat/sub-02_ses-b_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tAge\tsex\nsub-01\t90\tF\nsub-02\t120\tM\n")
+    (tmp_path / "participants.json").write_text(json.dumps({"Age": {"Description": "age", "Units": "months"}}))
+    (tmp_path / "sub-02" / "sub-02_sessions.tsv").write_text("session_id\tage\nses-a\t3650\nses-b\t4015\n")
+    (tmp_path / "sessions.json").write_text(json.dumps({"age": {"Units": "day"}}))  # dataset level (inherited)
+    cohort = read_cohort(tmp_path)
+    np.testing.assert_allclose(cohort.ages, [7.5, 3650 / 365.25, 4015 / 365.25])
+    # a table with its sidecar; a value with a unit of its own is refused, not read as years
+    _touch(tmp_path, "a.nii.gz", "b.nii.gz")
+    (tmp_path / "c.csv").write_text("path,age\na.nii.gz,480\nb.nii.gz,40y\n")
+    (tmp_path / "c.json").write_text(json.dumps({"age": {"Units": "month"}}))
+    with pytest.raises(CohortError, match=r"line 3.*'40y' is not a number of months"):
+        read_cohort(tmp_path / "c.csv")
+    (tmp_path / "c.csv").write_text("path,age\na.nii.gz,480\nb.nii.gz,1800\n")  # 150 years: implausible
+    with pytest.raises(CohortError, match=r"line 3.*'1800' is implausible in months"):
+        read_cohort(tmp_path / "c.csv")
+    (tmp_path / "c.json").write_text(json.dumps({"age": {"Units": "decades"}}))
+    with pytest.raises(CohortError, match=r"c\.json: unit 'decades' of the age column 'age' is not understood"):
+        read_cohort(tmp_path / "c.csv")
+    (tmp_path / "c.json").write_text(json.dumps({"age": {"Units": "year"}}))
+    (tmp_path / "c.csv").write_text("path,age\na.nii.gz,48\nb.nii.gz,63y\n")
+    np.testing.assert_allclose(read_cohort(tmp_path / "c.csv").ages, [48.0, 63.0])
