@@ -407,6 +407,14 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
     models = {"age": ensure_model(config.age_model, config.data_dir, progress),
               "sex": ensure_model(config.sex_model, config.data_dir, progress)}
     check_models(models)
+    digests = {task: m.digest() for task, m in models.items()}
+    # the setup names models by path: runs made before a model was retrained in place are not reused
+    stale = [key for key, r in done.items() if r.get("models", digests) != digests]
+    if stale:
+        warnings.warn(f"{runs_path}: {len(stale)} earlier runs were made with other weights of the age / sex model "
+                      "(retrained in place?); they are rerun", stacklevel=2)
+        for key in stale:
+            del done[key]
     downsample = model_downsample(models["age"])
     target = open_target(target_path, downsample)
 
@@ -417,7 +425,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
         if key in done and not done[key].get("error"):
             continue
         bar.set_postfix_str(key)
-        record = {"key": key, "setup": setup, **_one_run(models, target, config, task, spec, r, share, progress)}
+        record = {"key": key, "setup": setup, "models": digests,
+                  **_one_run(models, target, config, task, spec, r, share, progress)}
         done[key] = record
         with runs_path.open("a") as f:
             f.write(json.dumps(_clean(record)) + "\n")

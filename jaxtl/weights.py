@@ -66,6 +66,19 @@ class JaxtlModel:
     def channels(self) -> tuple[int, ...]:
         return self.model.channels
 
+    def digest(self) -> str:
+        """A fingerprint of the weights (parameters and BatchNorm statistics) and the task: equal for equal models,
+        wherever they are stored; another after retraining in place."""
+        import hashlib
+
+        h = hashlib.sha256(repr((self.task, self.input_shape)).encode())
+        state = nnx.to_pure_dict(nnx.state(self.model, (nnx.Param, nnx.BatchStat)))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+            a = np.asarray(leaf)
+            h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
 
 def jaxtl_home() -> Path:
     return Path(os.environ.get("JAXTL_HOME", Path.home() / ".cache" / "jaxtl"))

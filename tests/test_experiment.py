@@ -201,3 +201,34 @@ def test_findings_verdicts(tmp_path):
         "same-task features beat age-pretrained features": "**does not hold**",
         "same-task frozen features (sex-pretr.) beat elastic net": "n/a (elastic net: no result)",
     }
+
+
+def test_runs_of_a_model_retrained_in_place_are_not_reused(tiny_models, ixi_tiny, tmp_path):
+    """The setup names models by path; a model saved anew at that path (e.g. pretrained further) has other
+    weights, so the runs made with the old weights are rerun, not reported as the new model's."""
+    import shutil
+
+    from flax import nnx
+
+    from jaxtl.model import SFCN
+    from jaxtl.weights import load_model, save_model
+
+    for task in ("age", "sex"):
+        shutil.copytree(tiny_models[task], tmp_path / task)
+    cfg = ExperimentConfig(
+        name="tiny", out_dir=str(tmp_path / "exp"), data_dir=str(tmp_path / "data"), target=str(ixi_tiny[1]),
+        age_model=str(tmp_path / "age"), sex_model=str(tmp_path / "sex"), paper_dataset="ixi", tasks=("age",),
+        methods=(MethodSpec("direct"),), repeats=1, scarcity=None, manifold=None)
+    run_experiment(cfg, progress=False)
+    first = json.loads((tmp_path / "exp" / "results.jsonl").read_text())
+    assert first["models"] == {t: load_model(tmp_path / t).digest() for t in ("age", "sex")}
+    run_experiment(cfg, progress=False)  # same weights: reused
+    assert len((tmp_path / "exp" / "results.jsonl").read_text().splitlines()) == 1
+    old = load_model(tmp_path / "age")
+    save_model(SFCN(old.channels, old.task.num_outputs, rngs=nnx.Rngs(7)), tmp_path / "age", old.task,
+               input_shape=old.input_shape, preprocessing=old.preprocessing, overwrite=True)
+    with pytest.warns(UserWarning, match="1 earlier runs were made with other weights"):
+        run_experiment(cfg, progress=False)
+    runs = [json.loads(line) for line in (tmp_path / "exp" / "results.jsonl").read_text().splitlines()]
+    assert len(runs) == 2 and runs[1]["models"]["age"] != first["models"]["age"]
+    assert runs[1]["models"]["sex"] == first["models"]["sex"] and runs[1]["test"] != first["test"]
