@@ -258,41 +258,56 @@ def parse_age(text: str, years_per_unit: float = 1.0) -> float:
     return age
 
 
-# BIDS sidecars give a column's unit as "Units" (the spec's example for age: "year"); CMIXF writes a year "a".
+# BIDS sidecars give a column's unit as "Units" (free text; the spec's example for age: "year"); CMIXF writes "a".
 _AGE_UNITS = {
-    1.0: ("year", "years", "yr", "yrs", "y", "a"),
-    1 / 12: ("month", "months", "mo", "mon"),
-    7 / 365.25: ("week", "weeks", "wk", "wks", "w"),
-    1 / 365.25: ("day", "days", "d"),
+    1.0: ("year", "yr", "y", "a"),
+    1 / 12: ("month", "mo", "mon"),
+    7 / 365.25: ("week", "wk", "w"),
+    1 / 365.25: ("day", "d"),
 }
 
 
 def _unit_name(years_per_unit: float) -> str:
-    return _AGE_UNITS.get(years_per_unit, ("units",))[1]
+    return _AGE_UNITS.get(years_per_unit, ("unit",))[0] + "s"
+
+
+def _years_per_unit(unit: str) -> float | None:
+    """1/12 for "months", "Months (at scan)", ...: the one unit family named in the text; None if none or several."""
+    words = {w[:-1] if len(w) > 2 and w.endswith("s") else w for w in re.findall(r"[a-z]+", unit.lower())}
+    found = {per_unit for per_unit, names in _AGE_UNITS.items() if words & set(names)}
+    return found.pop() if len(found) == 1 else None
 
 
 def age_unit(table: Path, column: str, sidecars: Sequence[Path] = ()) -> float:
     """Years per unit of `table`'s age `column`, from its BIDS JSON sidecar (`table` with .json, else the first of
-    `sidecars` that exists): its `{column: {"Units": ...}}`. 1.0 (years) without a sidecar or a unit."""
+    `sidecars` that describes the column): its `{column: {"Units": ...}}`. 1.0 (years) when none states a unit."""
     import json
 
     for sidecar in (table.with_suffix(".json"), *sidecars):
         if not sidecar.is_file():
             continue
+        text = sidecar.read_text(encoding="utf-8-sig", errors="replace")
         try:
-            meta = json.loads(sidecar.read_text(encoding="utf-8-sig"))
-        except (OSError, ValueError) as e:
-            raise CohortError(f"{sidecar}: not readable as JSON ({e}); fix or remove it") from None
-        meta = {k.lower(): v for k, v in meta.items()} | meta if isinstance(meta, dict) else {}
-        entry = meta.get(column, meta.get(column.lower()))
-        unit = entry.get("Units") if isinstance(entry, dict) else None
-        if unit is None:  # BIDS inheritance: a sidecar further up may define it
+            meta = json.loads(text)
+        except ValueError as e:
+            if f'"{column.lower()}"' in text.lower():  # it may state the age unit: do not guess
+                raise CohortError(f"{sidecar}: not valid JSON ({e}), and it describes the age column {column!r}; "
+                                  "fix it") from None
+            warnings.warn(f"{sidecar}: not valid JSON ({e}); ignored", stacklevel=4)
             continue
-        for per_unit, names in _AGE_UNITS.items():
-            if str(unit).strip().lower() in names:
-                return per_unit
-        raise CohortError(f"{sidecar}: unit {unit!r} of the age column {column!r} is not understood; jaxtl reads "
-                          "ages in years, months, weeks or days (\"Units\": \"year\" / \"month\" / ...)")
+        meta = {str(k).lower(): v for k, v in meta.items()} if isinstance(meta, dict) else {}
+        entry = meta.get(column.lower())
+        if entry is None:  # BIDS inheritance: a sidecar further up may describe the column
+            continue
+        entry = {str(k).lower(): v for k, v in entry.items()} if isinstance(entry, dict) else {}
+        unit = entry.get("units", entry.get("unit"))
+        if unit is None or unit == "":
+            return 1.0  # the nearest description of the column replaces those above it, unit included
+        per_unit = _years_per_unit(str(unit))
+        if per_unit is None:
+            raise CohortError(f"{sidecar}: unit {unit!r} of the age column {column!r} is not understood; set its "
+                              "\"Units\" to \"year\", \"month\", \"week\" or \"day\"")
+        return per_unit
     return 1.0
 
 

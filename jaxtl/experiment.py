@@ -292,11 +292,56 @@ def _read_runs(path: Path, setup: str, legacy: bool = False) -> tuple[dict[str, 
                 r = json.loads(line)
             except ValueError:
                 continue
+            if r.get("superseded"):
+                continue
             if r.get("setup", setup if legacy else None) == setup:
                 runs[r["key"]] = r
             else:
                 other += 1
     return runs, other
+
+
+_NO_WEIGHTS = ("scratch", "elastic")  # methods that use no pretrained weights
+
+
+def _weights_used(spec: MethodSpec, task: str, digests: dict[str, str]) -> dict[str, str]:
+    """The digest of the pretrained model a run starts from ({} for scratch and elastic net)."""
+    return {} if spec.method in _NO_WEIGHTS else {spec.source(task): digests[spec.source(task)]}
+
+
+def _supersede_stale_runs(runs_path: Path, done: dict[str, dict], models: dict[str, JaxtlModel],
+                          digests: dict[str, str]) -> list[str]:
+    """The setup names models by path: runs made with other weights at that path (a model retrained in place) are
+    removed from `done` and marked superseded in `runs_path`, so no reader reports them. Runs recorded before runs
+    carried digests count as stale when a model directory was written after the results file."""
+    if not done:
+        return []
+    written = runs_path.stat().st_mtime
+    newer = any(m.path is not None and (m.path / "model.json").stat().st_mtime > written for m in models.values())
+
+    def stale(r: dict) -> bool:
+        if "models" in r:
+            return any(digests.get(task) != d for task, d in r["models"].items())
+        return newer and r.get("method") not in _NO_WEIGHTS
+
+    keys = {key for key, r in done.items() if stale(r)}
+    if keys:
+        lines = []
+        for line in runs_path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                lines.append(line)
+                continue
+            if r.get("key") in keys and done.get(r["key"]) == r:
+                line = json.dumps({**r, "superseded": "the weights of its pretrained model changed"})
+            lines.append(line)
+        tmp = runs_path.with_suffix(".tmp")
+        tmp.write_text("".join(x + "\n" for x in lines))
+        os.replace(tmp, runs_path)
+        for key in keys:
+            del done[key]
+    return sorted(keys)
 
 
 def _recorded_runs(config: ExperimentConfig) -> tuple[dict[str, dict], int, list[str] | None]:
@@ -408,13 +453,10 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
               "sex": ensure_model(config.sex_model, config.data_dir, progress)}
     check_models(models)
     digests = {task: m.digest() for task, m in models.items()}
-    # the setup names models by path: runs made before a model was retrained in place are not reused
-    stale = [key for key, r in done.items() if r.get("models", digests) != digests]
+    stale = _supersede_stale_runs(runs_path, done, models, digests)
     if stale:
         warnings.warn(f"{runs_path}: {len(stale)} earlier runs were made with other weights of the age / sex model "
-                      "(retrained in place?); they are rerun", stacklevel=2)
-        for key in stale:
-            del done[key]
+                      "(retrained in place?); they are marked superseded and rerun", stacklevel=2)
     downsample = model_downsample(models["age"])
     target = open_target(target_path, downsample)
 
@@ -425,7 +467,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
         if key in done and not done[key].get("error"):
             continue
         bar.set_postfix_str(key)
-        record = {"key": key, "setup": setup, "models": digests,
+        record = {"key": key, "setup": setup, "models": _weights_used(spec, task, digests),
                   **_one_run(models, target, config, task, spec, r, share, progress)}
         done[key] = record
         with runs_path.open("a") as f:

@@ -71,7 +71,9 @@ class JaxtlModel:
         wherever they are stored; another after retraining in place."""
         import hashlib
 
-        h = hashlib.sha256(repr((self.task, self.input_shape)).encode())
+        task = (self.task.name, [float(x) for x in getattr(self.task, "bin_range", ())],
+                float(getattr(self.task, "sigma", 0.0)), self.task.num_outputs)
+        h = hashlib.sha256(repr((task, tuple(int(x) for x in self.input_shape))).encode())
         state = nnx.to_pure_dict(nnx.state(self.model, (nnx.Param, nnx.BatchStat)))
         for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
             a = np.asarray(leaf)

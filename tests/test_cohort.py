@@ -516,3 +516,35 @@ def test_age_units_from_bids_sidecars(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"age": {"Units": "year"}}))
     (tmp_path / "c.csv").write_text("path,age\na.nii.gz,48\nb.nii.gz,63y\n")
     np.testing.assert_allclose(read_cohort(tmp_path / "c.csv").ages, [48.0, 63.0])
+
+
+def test_age_unit_sidecar_variants(tmp_path):
+    """Sidecar keys in any case, free-text units, BIDS inheritance (the nearest description of the column wins),
+    broken JSON refused only when it describes the age column."""
+    import json
+
+    from jaxtl.cohort import age_unit
+
+    table = tmp_path / "t.tsv"
+    sidecar = tmp_path / "t.json"
+    for meta, per_unit in [({"AGE": {"units": "Months (at scan)"}}, 1 / 12), ({"age": {"Unit": "days"}}, 1 / 365.25),
+                           ({"age": {"Units": ""}}, 1.0), ({"age": {"Description": "age"}}, 1.0),
+                           ({"sex": {"Units": "months"}}, 1.0), ({"age": "years"}, 1.0)]:
+        sidecar.write_text(json.dumps(meta))
+        assert age_unit(table, "age") == pytest.approx(per_unit), meta
+    # the subject's own description (without a unit) replaces the dataset-level one; a missing one inherits it
+    top = tmp_path / "sessions.json"
+    top.write_text(json.dumps({"age": {"Units": "month"}}))
+    sidecar.write_text(json.dumps({"age": {"Description": "age at scan"}}))
+    assert age_unit(table, "age", [top]) == 1.0
+    sidecar.write_text(json.dumps({"session_id": {"Description": "session"}}))
+    assert age_unit(table, "age", [top]) == pytest.approx(1 / 12)
+    sidecar.write_text('{"sex": {"Levels": {"F": "female"}},}')  # trailing comma, says nothing of age
+    with pytest.warns(UserWarning, match="not valid JSON.*ignored"):
+        assert age_unit(table, "age") == 1.0
+    sidecar.write_text('{"age": {"Units": "months"},}')
+    with pytest.raises(CohortError, match="not valid JSON.*describes the age column"):
+        age_unit(table, "age")
+    sidecar.write_text(json.dumps({"age": {"Units": "months or years"}}))
+    with pytest.raises(CohortError, match="not understood"):
+        age_unit(table, "age")

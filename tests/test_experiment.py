@@ -205,11 +205,14 @@ def test_findings_verdicts(tmp_path):
 
 def test_runs_of_a_model_retrained_in_place_are_not_reused(tiny_models, ixi_tiny, tmp_path):
     """The setup names models by path; a model saved anew at that path (e.g. pretrained further) has other
-    weights, so the runs made with the old weights are rerun, not reported as the new model's."""
+    weights, so the runs made with the old weights are rerun (marked superseded in results.jsonl, so no reader
+    reports them), not reported as the new model's. Runs that use no pretrained weights are kept."""
+    import os
     import shutil
 
     from flax import nnx
 
+    from jaxtl.experiment import _recorded_runs
     from jaxtl.model import SFCN
     from jaxtl.weights import load_model, save_model
 
@@ -218,17 +221,42 @@ def test_runs_of_a_model_retrained_in_place_are_not_reused(tiny_models, ixi_tiny
     cfg = ExperimentConfig(
         name="tiny", out_dir=str(tmp_path / "exp"), data_dir=str(tmp_path / "data"), target=str(ixi_tiny[1]),
         age_model=str(tmp_path / "age"), sex_model=str(tmp_path / "sex"), paper_dataset="ixi", tasks=("age",),
-        methods=(MethodSpec("direct"),), repeats=1, scarcity=None, manifold=None)
-    run_experiment(cfg, progress=False)
-    first = json.loads((tmp_path / "exp" / "results.jsonl").read_text())
-    assert first["models"] == {t: load_model(tmp_path / t).digest() for t in ("age", "sex")}
-    run_experiment(cfg, progress=False)  # same weights: reused
-    assert len((tmp_path / "exp" / "results.jsonl").read_text().splitlines()) == 1
+        methods=(MethodSpec("direct"), MethodSpec("features", pretrained="other"), MethodSpec("elastic")),
+        repeats=1, scarcity=None, manifold=None, cv=2)
+    results = tmp_path / "exp" / "results.jsonl"
+
+    def lines():
+        return [json.loads(line) for line in results.read_text().splitlines()]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_experiment(cfg, progress=False)
+        first = {r["method"]: r for r in lines()}
+        digests = {t: load_model(tmp_path / t).digest() for t in ("age", "sex")}
+        assert first["direct"]["models"] == {"age": digests["age"]} and first["elastic"]["models"] == {}
+        assert first["features"]["models"] == {"sex": digests["sex"]}
+        run_experiment(cfg, progress=False)  # same weights: reused
+    assert len(lines()) == 3
     old = load_model(tmp_path / "age")
     save_model(SFCN(old.channels, old.task.num_outputs, rngs=nnx.Rngs(7)), tmp_path / "age", old.task,
                input_shape=old.input_shape, preprocessing=old.preprocessing, overwrite=True)
     with pytest.warns(UserWarning, match="1 earlier runs were made with other weights"):
         run_experiment(cfg, progress=False)
-    runs = [json.loads(line) for line in (tmp_path / "exp" / "results.jsonl").read_text().splitlines()]
-    assert len(runs) == 2 and runs[1]["models"]["age"] != first["models"]["age"]
-    assert runs[1]["models"]["sex"] == first["models"]["sex"] and runs[1]["test"] != first["test"]
+    runs = lines()
+    assert [r["method"] for r in runs] == ["direct", "features", "elastic", "direct"]  # only the age model's run
+    assert runs[0]["superseded"] and not any("superseded" in r for r in runs[1:])
+    assert runs[3]["models"]["age"] != digests["age"] and runs[3]["test"] != runs[0]["test"]
+    # records written before runs carried digests: reused, unless a model was written after the results file
+    results.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "models"}) + "\n" for r in runs[1:]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_experiment(cfg, progress=False)
+    assert len(lines()) == 3
+    later = results.stat().st_mtime + 10
+    os.utime(tmp_path / "sex" / "model.json", (later, later))
+    with pytest.warns(UserWarning, match="2 earlier runs were made with other weights"):  # elastic is kept
+        run_experiment(cfg, progress=False)
+    runs = lines()
+    assert sum("superseded" in r for r in runs) == 2 and len(runs) == 5
+    current = _recorded_runs(cfg)[0]  # what findings() and failed_runs() read: the current runs only
+    assert len(current) == 3 and not any("superseded" in r for r in current.values())
