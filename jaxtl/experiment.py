@@ -208,10 +208,15 @@ def ensure_cohort(spec: SimulatedCohort | str, data_dir: str | os.PathLike, prog
     if isinstance(spec, str):
         return spec
     from jaxtl.cache import prepare_cache
-    from jaxtl.simulate import simulate
+    from jaxtl.simulate import SIMULATOR_VERSION, simulate, simulator_version
 
     root = Path(data_dir) / f"{spec.preset}_n{spec.n}_seed{spec.seed}_{spec.resolution}mm"
     cache = root / "cache"
+    made_by = simulator_version(root / "bids")
+    if made_by is not None and made_by != SIMULATOR_VERSION:  # kept: earlier results were computed on it
+        warnings.warn(f"{root} was simulated by another version of jaxtl.simulate ({made_by}, now "
+                      f"{SIMULATOR_VERSION}: other subjects for the same preset, n and seed); it is used as it is. "
+                      "Delete it (and the results made on it) to simulate it anew", stacklevel=2)
     if not (cache / "index.json").exists():
         bids = root / "bids"
         if not (bids / "participants.tsv").exists() or len(list(bids.glob("sub-*"))) < spec.n:

@@ -96,6 +96,7 @@ import gzip
 import json
 import math
 import os
+import re
 import sys
 import warnings
 import zlib
@@ -350,6 +351,9 @@ class Subject:
     site: str
     latent: dict = dataclasses.field(default_factory=dict, compare=False)
 
+
+# Raised when the same (preset, n, seed) gives other subjects: 2 = sex drawn with the golden-ratio step.
+SIMULATOR_VERSION = 2
 
 _R3 = 1.2207440846057596  # plastic-like constant phi_3 (x^4 = x + 1): R3 low-discrepancy sequence (Roberts 2018)
 # Steps of the (age, sex, site) sequences. Sex steps by the golden ratio, the best-distributed 1-D sequence: R3's
@@ -1244,6 +1248,20 @@ def simulate(
     return out
 
 
+def simulator_version(bids_dir: str | os.PathLike) -> int | None:
+    """The `SIMULATOR_VERSION` that wrote a simulated dataset (1 for those written before versions were recorded),
+    None if it was not written by `simulate`."""
+    try:
+        desc = json.loads((Path(bids_dir) / "dataset_description.json").read_text())
+        generated = desc["GeneratedBy"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    if generated.get("Name") != "jaxtl.simulate":
+        return None
+    found = re.search(r"simulator=(\d+)", generated.get("Description", ""))
+    return int(found[1]) if found else 1
+
+
 def _write_metadata(out: Path, p: Preset, subjects: list[Subject], seed: int, resolution: int) -> None:
     from jaxtl import __version__
 
@@ -1264,7 +1282,8 @@ def _write_metadata(out: Path, p: Preset, subjects: list[Subject], seed: int, re
         "BIDSVersion": "1.9.0",
         "DatasetType": "raw",
         "GeneratedBy": [{"Name": "jaxtl.simulate", "Version": __version__,
-                         "Description": f"preset={p.name} n={len(subjects)} seed={seed} resolution={resolution}mm"}],
+                         "Description": f"preset={p.name} n={len(subjects)} seed={seed} resolution={resolution}mm "
+                                        f"simulator={SIMULATOR_VERSION}"}],
     }, indent=2, sort_keys=True) + "\n")
     write(out / "README", (
         f"Simulated cohort '{p.name}' written by jaxtl.simulate (preset={p.name}, n={len(subjects)}, "

@@ -260,3 +260,24 @@ def test_runs_of_a_model_retrained_in_place_are_not_reused(tiny_models, ixi_tiny
     assert sum("superseded" in r for r in runs) == 2 and len(runs) == 5
     current = _recorded_runs(cfg)[0]  # what findings() and failed_runs() read: the current runs only
     assert len(current) == 3 and not any("superseded" in r for r in current.values())
+
+
+def test_cohorts_simulated_by_another_simulator_version_are_named(ixi_tiny, tmp_path):
+    import shutil
+
+    from jaxtl.experiment import SimulatedCohort, ensure_cohort
+    from jaxtl.simulate import SIMULATOR_VERSION, simulator_version
+
+    bids, cache = ixi_tiny
+    assert simulator_version(bids) == SIMULATOR_VERSION and simulator_version(tmp_path) is None
+    root = tmp_path / "data" / "ixi_n36_seed3_4mm"
+    shutil.copytree(bids, root / "bids")
+    shutil.copytree(cache, root / "cache")
+    spec = SimulatedCohort("ixi", 36, 3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ensure_cohort(spec, tmp_path / "data", progress=False) == str(root / "cache")
+    desc = root / "bids" / "dataset_description.json"
+    desc.write_text(re.sub(r" simulator=\d+", "", desc.read_text()))  # as written before versions were recorded
+    with pytest.warns(UserWarning, match=rf"by another version of jaxtl.simulate \(1, now {SIMULATOR_VERSION}"):
+        assert ensure_cohort(spec, tmp_path / "data", progress=False) == str(root / "cache")
