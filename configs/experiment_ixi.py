@@ -4,7 +4,7 @@ Target: `jaxtl.simulate` preset "ixi" (538 subjects, 3 sites, ages 20-86) at 4mm
 demo-size SFCNs (configs/sfcn_demo.py) pretrained for age and for sex on 800 simulated UK Biobank-like
 subjects, created on the first run. Fine-tuning uses the paper's IXI hyper-parameters (section 6.1).
 
-Full scale (5 repeats, the paper's epochs) wants a GPU. The CPU run reported in the README (about 25 min on
+Full scale (5 repeats, the paper's epochs) wants a GPU. The CPU run reported in the README (about 23 min on
 2 cores after pretraining) was
   jaxtl experiment --config configs/experiment_ixi.py --set target.n=200 --set repeats=3 --set epoch_scale=0.2
 To run on real data, set `target` to a prepared cache directory (or BIDS / CSV cohort) and the models to
