@@ -143,11 +143,11 @@ def _brain_age(model_dir: str, cache: str, out: Path, progress: bool) -> dict:
 
     model = load_model(model_dir)
     result_dir = out / "brain_age"
-    made_with = result_dir / "model_digest.txt"  # rerun after the age model changed
+    made_with, digest = result_dir / "model_digest.txt", model.digest()  # rerun after the age model changed
     if not (result_dir / "metrics.json").exists() or not made_with.exists() \
-            or made_with.read_text().strip() != model.digest():
+            or made_with.read_text().strip() != digest:
         run_transfer(model, cache, result_dir, task="age", method="features", progress=progress, overwrite=True)
-        made_with.write_text(model.digest() + "\n")
+        made_with.write_text(digest + "\n")
     from jaxtl.cache import CacheSource
 
     src = CacheSource(cache)
