@@ -208,10 +208,23 @@ def hardware_id(hw: dict[str, Any]) -> str:
 
     if hw.get("accelerator"):
         return f"{hw['platform']}-{slug(hw['accelerator'])}-x{hw['accelerator_count']}"
-    model = hw.get("cpu_model") or "unknown"
-    family = hw.get("cpu_family")
-    generation = f"-fam{family}" if family is not None and not any(c.isdigit() for c in model) else ""
-    return f"cpu-{slug(model)}{generation}-{hw['cpu_cores']}core"
+    model, family = hw.get("cpu_model") or "unknown", _generic_family(hw)
+    return f"cpu-{slug(model)}{'' if family is None else f'-fam{family}'}-{hw['cpu_cores']}core"
+
+
+def _generic_family(hw: dict[str, Any]) -> int | None:
+    """The CPU family where the model name has no model number to tell generations apart, else None."""
+    model = hw.get("cpu_model") or ""
+    return None if any(c.isdigit() for c in model) else hw.get("cpu_family")
+
+
+def hardware_name(hw: dict[str, Any]) -> str:
+    """'NVIDIA H200 x1', 'AMD EPYC family 25 (2 cores)': the report's hardware column (family as in `hardware_id`)."""
+    if hw.get("accelerator"):
+        return f"{hw['accelerator']} x{hw['accelerator_count']}"
+    family = _generic_family(hw)
+    generation = "" if family is None else f" family {family}"
+    return f"{hw.get('cpu_model') or 'unknown'}{generation} ({hw['cpu_cores']} cores)"
 
 
 def device_entry(kind: str, table: Mapping[str, Any]) -> str | None:
@@ -945,8 +958,7 @@ def report_markdown(records: Sequence[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hw = r["hardware"]
-        hw_name = hw["accelerator"] + f" x{hw['accelerator_count']}" if hw.get("accelerator") else \
-            f"{hw['cpu_model']} ({hw['cpu_cores']} cores)"
+        hw_name = hardware_name(hw)
         t = r.get("torch") or {}
         shape = "x".join(map(str, r["input_shape"])) if r.get("input_shape") else "—"
         impl = f" ({r['conv_impl']})" if r.get("conv_impl") and r["conv_impl"] != "fast" else ""

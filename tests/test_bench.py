@@ -77,6 +77,10 @@ def test_peak_flops():
                               "cpu_cores": 2}) == "cpu-amd-epyc-fam26-2core"
     assert bench.hardware_id({"accelerator": None, "cpu_model": "AMD EPYC 9B14 96-Core Processor", "cpu_family": 25,
                               "cpu_cores": 4}) == "cpu-amd-epyc-9b14-96-core-processor-4core"
+    # the report's hardware column tells the two generations apart too
+    assert bench.hardware_name({"accelerator": None, "cpu_model": "AMD EPYC", "cpu_family": 25,
+                                "cpu_cores": 2}) == "AMD EPYC family 25 (2 cores)"
+    assert bench.hardware_name({"accelerator": "NVIDIA H200", "accelerator_count": 1}) == "NVIDIA H200 x1"
     assert bench.peak_flops(gpu | {"accelerator": "NVIDIA H200 NVL"}, "bfloat16")[0] == 8 * 835e12
 
 
