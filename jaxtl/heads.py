@@ -19,16 +19,21 @@ from typing import Any
 
 import joblib
 import numpy as np
+import scipy.sparse
 import sklearn
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.decomposition import PCA
+from sklearn.feature_selection import SelectKBest, r_regression
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.linear_model import ElasticNetCV, LogisticRegressionCV, RidgeCV
 from sklearn.model_selection import GridSearchCV, GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVR
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 AGE_HEADS = ("ridge", "elasticnet", "svr", "kernelridge")
 SEX_HEADS = ("logistic",)
@@ -221,23 +226,9 @@ def predict_head(estimator: BaseEstimator, X: np.ndarray, task: str) -> np.ndarr
 # The paper's classical baseline: PCA on voxels + elastic net
 
 
-class CorrelationSelector(TransformerMixin, BaseEstimator):
-    """Keep the `k` columns with the largest |Pearson r| with the label (all if fewer)."""
-
-    def __init__(self, k: int = 60):
-        self.k = k
-
-    def fit(self, X, y):
-        X, y = np.asarray(X, np.float64), np.asarray(y, np.float64)
-        xc, yc = X - X.mean(0), y - y.mean()
-        denom = np.sqrt((xc**2).sum(0) * (yc**2).sum()) + 1e-12
-        self.scores_ = np.abs(xc.T @ yc) / denom
-        self.support_ = np.sort(np.argsort(-self.scores_, kind="stable")[: min(self.k, X.shape[1])])
-        self.n_features_in_ = X.shape[1]
-        return self
-
-    def transform(self, X):
-        return np.asarray(X)[:, self.support_]
+def abs_correlation(X, y) -> np.ndarray:
+    """|Pearson r| of each column with the label (`SelectKBest`'s score: strong negative correlation counts too)."""
+    return np.abs(r_regression(X, y))
 
 
 class ElasticBaseline(BaseEstimator):
@@ -262,8 +253,8 @@ class ElasticBaseline(BaseEstimator):
         self.cv = cv
         self.seed = seed
 
-    def _pipeline(self, n: int, memory: str | None = None, grouped: bool = False, folds: int | None = None
-                  ) -> Pipeline:
+    def _pipeline(self, n: int, n_voxels: int, memory: str | None = None, grouped: bool = False,
+                  folds: int | None = None) -> Pipeline:
         inner = inner_cv(self.task, folds or self.cv, self.seed, grouped)
         if self.task == "age":
             model = ElasticNetCV(l1_ratio=list(self.l1_ratios), alphas=30, cv=inner, max_iter=20000,
@@ -275,43 +266,71 @@ class ElasticBaseline(BaseEstimator):
                 use_legacy_attributes=False)
         else:
             raise ValueError(f"unknown task {self.task!r}: use 'age' or 'sex'")
-        ncomp = n - 1 if self.n_components is None else min(self.n_components, n - 1)
-        return Pipeline([("pca", PCA(ncomp, random_state=self.seed)), ("select", CorrelationSelector()),
-                         ("scale", StandardScaler()), ("model", model)], memory=memory)
+        return Pipeline([("pca", PCA(self._components(n, n_voxels), random_state=self.seed)),
+                         ("select", SelectKBest(abs_correlation)), ("scale", StandardScaler()), ("model", model)],
+                        memory=memory)
+
+    def _components(self, n: int, n_voxels: int) -> int:
+        """PCA axes fitted on `n` scans of `n_voxels` voxels: at most n - 1 (centred data) and the voxel count."""
+        return min(n - 1, n_voxels, self.n_components or n_voxels)
 
     def fit(self, X, y, groups=None):
         """`groups` (e.g. participant ids): every CV level keeps each group's scans in one fold."""
-        X = np.asarray(X, np.float32).reshape(len(X), -1)
-        y = np.asarray(y, np.float64)
-        grouped = groups is not None
         sex = self.task == "sex"
+        X, y = validate_data(self, _flat(X), y, dtype=np.float32, ensure_min_samples=2, y_numeric=not sex)
+        if sex:
+            check_classification_targets(y)
+            if type_of_target(y, input_name="y") != "binary":
+                raise ValueError("Only binary classification is supported: the sex baseline needs 2 classes in y, "
+                                 f"got {np.unique(y).tolist()[:10]}")
+            self.classes_, y = np.unique(y, return_inverse=True)
+            if len(self.classes_) != 2:
+                raise ValueError(f"the sex baseline needs 2 classes in y, got 1 class: {self.classes_.tolist()}")
+        else:
+            y = y.astype(np.float64)
+        grouped = groups is not None
         folds = list(inner_cv(self.task, self.cv, self.seed, grouped).split(X, y, groups))
         outer_train = min(len(train) for train, _ in folds)  # the smallest training size inside the folds
         # a small class: as many inner folds as the smallest training fold has members of it
         inner = min(inner_cv(self.task, self.cv, self.seed).get_n_splits(y=y[train]) for train, _ in folds) \
             if sex else None
-        grid = {"select__k": [k for k in self.n_features if k < outer_train] or [min(self.n_features)]}
+        most = self._components(outer_train, X.shape[1])  # components kept inside every fold
+        grid = {"select__k": [k for k in self.n_features if k <= most] or [min(min(self.n_features), most)]}
         with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="jaxtl-pca-") as cache:
             warnings.filterwarnings("ignore", message=".*(converge|did not converge).*")
             # each fold's PCA is fitted once and reused for every k (the SVD is most of the search)
-            pipeline = self._pipeline(outer_train, memory=cache, grouped=grouped, folds=inner)
+            pipeline = self._pipeline(outer_train, X.shape[1], memory=cache, grouped=grouped, folds=inner)
             search = GridSearchCV(pipeline, grid, cv=folds, refit=False, n_jobs=self.n_jobs,
                                   scoring="balanced_accuracy" if sex else "neg_mean_absolute_error")
             fit_grouped(search, X, y, groups)
             self.best_params_ = search.best_params_
-            final = self._pipeline(len(X), grouped=grouped)
+            final = self._pipeline(len(X), X.shape[1], grouped=grouped)
             final = final.set_params(**search.best_params_)
             self.pipeline_ = fit_grouped(final, X, y, groups)
-        if sex:
-            self.classes_ = self.pipeline_.classes_
-        self.n_features_in_ = X.shape[1]
         return self
 
-    def predict(self, X) -> np.ndarray:
-        return self.pipeline_.predict(np.asarray(X, np.float32).reshape(len(X), -1))
+    def _voxels(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        return validate_data(self, _flat(X), dtype=np.float32, reset=False)
 
+    def predict(self, X) -> np.ndarray:
+        X = self._voxels(X)
+        pred = self.pipeline_.predict(X)
+        return self.classes_[pred] if self.task == "sex" else pred
+
+    @available_if(lambda self: self.task == "sex")
     def predict_proba(self, X) -> np.ndarray:
-        return self.pipeline_.predict_proba(np.asarray(X, np.float32).reshape(len(X), -1))
+        """Class probabilities, columns in the order of `classes_` (sex baseline only)."""
+        X = self._voxels(X)
+        return self.pipeline_.predict_proba(X)
+
+
+def _flat(X):
+    """Voxel arrays (N, ...) as (N, voxels); 2-D, sparse and table inputs are left to `validate_data`."""
+    if scipy.sparse.issparse(X) or hasattr(X, "columns"):
+        return X
+    X = np.asarray(X)
+    return X.reshape(len(X), -1) if X.ndim > 2 else X
 
 
 class ElasticRegressor(RegressorMixin, ElasticBaseline):
@@ -332,6 +351,11 @@ class ElasticClassifier(ClassifierMixin, ElasticBaseline):
                  cv: int = 5, seed: int = 0, n_jobs: int | None = None):
         super().__init__(task, n_components=n_components, n_features=n_features, l1_ratios=l1_ratios, cv=cv,
                          seed=seed, n_jobs=n_jobs)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False  # male / female: a binary baseline
+        return tags
 
 
 def make_elastic(task: str, **kwargs) -> ElasticBaseline:

@@ -7,10 +7,12 @@ import warnings
 import numpy as np
 import pytest
 from sklearn.base import clone
+from sklearn.feature_selection import SelectKBest
 from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import estimator_checks_generator
 
 from jaxtl import heads
 from jaxtl.cache import CacheSource
@@ -18,7 +20,8 @@ from jaxtl.embed import embed
 from jaxtl.heads import (
     AGE_HEADS,
     BiasCorrection,
-    CorrelationSelector,
+    ElasticClassifier,
+    ElasticRegressor,
     SFCNEmbedder,
     fit_grouped,
     load_estimator,
@@ -160,13 +163,50 @@ def test_sex_heads_with_a_small_class_use_fewer_folds():
         heads.fold_count(5, y[3:])
 
 
-def test_correlation_selector_keeps_the_most_correlated_columns():
+def test_correlation_score_keeps_the_most_correlated_columns():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(50, 6))
     y = -3 * X[:, 4] + X[:, 1] + 0.1 * rng.normal(size=50)  # negative correlation counts as strongly as positive
-    sel = CorrelationSelector(k=2).fit(X, y)
-    assert list(sel.support_) == [1, 4]
+    sel = SelectKBest(heads.abs_correlation, k=2).fit(X, y)
+    assert list(sel.get_support(indices=True)) == [1, 4]
     assert sel.transform(X).shape == (50, 2)
+
+
+def _sklearn_checks(*estimators):
+    """scikit-learn's estimator checks as pytest parameters, less the array-API ones (the baseline is NumPy only;
+    scikit-learn skips them unless SCIPY_ARRAY_API is set)."""
+    for est in estimators:
+        for e, check in estimator_checks_generator(est, mark=None):
+            name = getattr(check, "func", check).__name__
+            if "array_api" not in name:
+                yield pytest.param(e, check, id=f"{type(e).__name__}-{name}")
+
+
+# scikit-learn's own estimator checks (input validation, cloning, pickling, fitted-state errors, invariances); small
+# inner grids keep them quick. SFCNEmbedder takes volumes (N, D, H, W), which these 2-D checks cannot exercise.
+@pytest.mark.parametrize("estimator, check", list(_sklearn_checks(ElasticRegressor(cv=3, l1_ratios=(0.5, 1.0)),
+                                                                   ElasticClassifier(cv=3, l1_ratios=(0.5,)))))
+def test_elastic_baseline_follows_scikit_learn_conventions(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        check(estimator)
+
+
+def test_elastic_baseline_with_fewer_voxels_than_scans():
+    # PCA can keep at most as many axes as there are voxels (a region of interest, heavy downsampling)
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(40, 5))
+    age = 50 + 10 * X[:, 2] + rng.normal(size=40)
+    est = ElasticRegressor(cv=3).fit(X, age)
+    assert est.pipeline_["pca"].n_components_ == 5 and est.best_params_["select__k"] <= 5
+    assert np.mean(np.abs(est.predict(X) - age)) < 3
+    labels = np.where(X[:, 1] + 0.3 * rng.normal(size=40) > 0, "M", "F")  # any two labels, not only 0/1
+    clf = ElasticClassifier(cv=3).fit(X, labels)
+    assert list(clf.classes_) == ["F", "M"] and set(clf.predict(X)) <= {"F", "M"}
+    assert np.mean(clf.predict(X) == labels) > 0.75 and clf.predict_proba(X).shape == (40, 2)
+    assert not hasattr(est, "predict_proba")
+    with pytest.raises(ValueError, match="Only binary classification"):
+        ElasticClassifier(cv=3).fit(X, np.arange(40) % 3)
 
 
 def test_elastic_baseline_on_voxels():
