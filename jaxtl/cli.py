@@ -104,15 +104,23 @@ def _transfer(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from jaxtl.embed import SkippedScansWarning
     from jaxtl.transfer import predict_cohort, write_cohort_predictions
 
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the model runs, not after
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in the failures file
         columns = predict_cohort(args.model, args.cohort, batch_size=args.batch_size, on_error=args.on_error)
     out, failures, n_failed = write_cohort_predictions(args.out, columns)
     n = len(columns["prediction"])
     print(f"wrote {n - n_failed} predictions to {out}")
+    corrected, predicted = columns.get("prediction_corrected"), columns["prediction"]
+    if corrected is not None and np.isnan(corrected).all() and not np.isnan(predicted).all():
+        print(f"jaxtl predict: {args.model} has no usable age-bias correction, so prediction_corrected and "
+              "gap_corrected are empty; `jaxtl transfer --method direct` on a cohort with known ages fits one",
+              file=sys.stderr)
     if n_failed:
         print(f"jaxtl predict: {n_failed} of {n} scans failed: see {failures}", file=sys.stderr)
     return 1 if n_failed == n else 0

@@ -555,8 +555,10 @@ class TransferHead:
         return np.asarray(predict_head(self.estimator, voxels, self.task), np.float64)
 
     def corrected(self, predicted: np.ndarray) -> np.ndarray:
-        """Bias-corrected ages (age heads); the raw predictions when there is no correction."""
-        return self.bias.apply(predicted) if self.bias is not None else np.asarray(predicted, np.float64)
+        """Bias-corrected ages (age heads); NaN when the head has no correction (a plain model: `jaxtl transfer
+        --method direct` fits one), so uncorrected ages are never reported as corrected."""
+        predicted = np.asarray(predicted, np.float64)
+        return self.bias.apply(predicted) if self.bias is not None else np.full(predicted.shape, np.nan)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         out = Path(out_dir)

@@ -141,7 +141,10 @@ def _resolve(name_or_dir: str | os.PathLike) -> Path:
             f"`jaxtl convert {Path(info['file']).name} {path} --task {info['task']}{bins}`"
         )
     if path.exists():
-        raise FileNotFoundError(f"{path} is not a jaxtl model directory (no model.json)")
+        inside = [p.parent for p in (path / "model" / "model.json", path / "best" / "model.json",
+                                     path / "head" / "head.json") if p.exists()]
+        hint = f"; did you mean {' or '.join(str(p) for p in inside)}?" if inside else ""
+        raise FileNotFoundError(f"{path} is not a jaxtl model directory (no model.json){hint}")
     raise FileNotFoundError(
         f"no jaxtl model at {path}; pass a model directory or one of: {', '.join(PUBLISHED)}"
     )

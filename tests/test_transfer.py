@@ -429,7 +429,7 @@ def test_predict_cohort_with_a_plain_model_is_direct(tiny_models, ixi_tiny):
     cols = predict_cohort(tiny_models["age"], ixi_tiny[1], progress=False)
     np.testing.assert_allclose(cols["prediction"], predict(ixi_tiny[1], tiny_models["age"], progress=False),
                                rtol=1e-6)
-    assert "prediction_corrected" in cols
+    assert np.isnan(cols["prediction_corrected"]).all() and np.isnan(cols["gap_corrected"]).all()  # no correction
 
 
 def _bad_scans(root, good):
@@ -451,18 +451,20 @@ def test_cli_predict_skips_scans_that_fail_and_reports_them(tiny_models, ixi_tin
     corrupt, nonfinite = _bad_scans(tmp_path, good[0])
     table = tmp_path / "new.csv"
     table.write_text("path\n" + "\n".join([good[0], corrupt, good[1], nonfinite, good[2]]) + "\n")
-    out = tmp_path / "pred.csv"
+    out = tmp_path / "new_folder" / "pred.csv"  # --out's folder is created
     argv = ["predict", "--model", str(tiny_models["age"]), "--cohort", str(table), "--out", str(out)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the skipped scans are reported by the command, not as warnings
         assert cli.main(argv) == 0
     captured = capsys.readouterr()
-    failures = tmp_path / "pred.failures.tsv"
+    failures = out.parent / "pred.failures.tsv"
+    # a plain model has no bias correction: the corrected columns are empty, and the command says why
+    assert "has no usable age-bias correction" in captured.err
     assert f"2 of 5 scans failed: see {failures}" in captured.err
     assert "wrote 3 predictions" in captured.out
     pred = read_predictions(out)
     assert list(pred["id"]) == ["sub-ixi00001", "sub-ixi00002", "sub-ixi00003"] and "error" not in pred
-    assert np.all(np.isfinite(pred["prediction"]))
+    assert np.all(np.isfinite(pred["prediction"])) and np.isnan(pred["gap_corrected"]).all()
     rows = [line.split("\t") for line in failures.read_text().splitlines()]
     assert rows[0] == ["id", "path", "reason"]  # the layout of `jaxtl prepare`'s failures.tsv
     assert [(r[0], r[1]) for r in rows[1:]] == [("sub-corrupt", corrupt), ("sub-nan", nonfinite)]

@@ -213,7 +213,12 @@ def test_published_name_found_in_jaxtl_home(tmp_path, monkeypatch):
 
 
 def test_load_model_not_a_model_dir(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a jaxtl model directory"):
+    with pytest.raises(FileNotFoundError, match=r"not a jaxtl model directory \(no model.json\)$"):
+        jaxtl.load_model(tmp_path)
+    # a pretraining run's folder or a transfer output: the error points at the model inside
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"did you mean {tmp_path / 'model'}\\?"):
         jaxtl.load_model(tmp_path)
 
 
