@@ -1217,6 +1217,7 @@ def simulate(
     stale = sorted(q.name for q in out.glob("sub-*") if q.name not in ids) if out.is_dir() else []
     if stale:
         raise ValueError(f"{out} already holds other subjects ({', '.join(stale[:3])}, ...); use an empty directory")
+    _check_same_settings(out, p.name, int(seed), int(resolution))
     out.mkdir(parents=True, exist_ok=True)
 
     from tqdm.auto import tqdm
@@ -1248,18 +1249,40 @@ def simulate(
     return out
 
 
-def simulator_version(bids_dir: str | os.PathLike) -> int | None:
-    """The `SIMULATOR_VERSION` that wrote a simulated dataset (1 for those written before versions were recorded),
-    None if it was not written by `simulate`."""
+def _simulated_with(bids_dir: str | os.PathLike) -> dict[str, str] | None:
+    """The settings recorded in a simulated dataset's dataset_description.json ({"preset": "ukb", "seed": "0",
+    "resolution": "4mm", ...}); None if `simulate` did not write it."""
     try:
         desc = json.loads((Path(bids_dir) / "dataset_description.json").read_text())
         generated = desc["GeneratedBy"][0]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
-    if generated.get("Name") != "jaxtl.simulate":
+    if not isinstance(generated, dict) or generated.get("Name") != "jaxtl.simulate":
         return None
-    found = re.search(r"simulator=(\d+)", generated.get("Description", ""))
-    return int(found[1]) if found else 1
+    return dict(re.findall(r"(\w+)=(\S+)", str(generated.get("Description", ""))))
+
+
+def simulator_version(bids_dir: str | os.PathLike) -> int | None:
+    """The `SIMULATOR_VERSION` that wrote a simulated dataset (1 for those written before versions were recorded),
+    None if it was not written by `simulate`."""
+    settings = _simulated_with(bids_dir)
+    if settings is None:
+        return None
+    return int(settings["simulator"]) if settings.get("simulator", "").isdigit() else 1
+
+
+def _check_same_settings(out: Path, preset: str, seed: int, resolution: int) -> None:
+    """Refuse to write into a simulated dataset made with another preset, seed, resolution or simulator version:
+    its subjects would be replaced or mixed (the same settings with a larger n extend it, by design)."""
+    old = _simulated_with(out)
+    if old is None:
+        return
+    new = {"preset": preset, "seed": str(seed), "resolution": f"{resolution}mm", "simulator": str(SIMULATOR_VERSION)}
+    differ = [f"{k} {old.get(k, '1' if k == 'simulator' else '?')} -> {v}" for k, v in new.items()
+              if old.get(k, "1" if k == "simulator" else None) != v]
+    if differ:
+        raise ValueError(f"{out} holds a cohort simulated with other settings ({', '.join(differ)}); writing here "
+                         "would replace or mix its subjects: use another directory or delete this one first")
 
 
 def _write_metadata(out: Path, p: Preset, subjects: list[Subject], seed: int, resolution: int) -> None:

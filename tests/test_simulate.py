@@ -145,6 +145,14 @@ def test_bids_dataset_is_deterministic_and_readable(tmp_path, monkeypatch):
     assert "SIMULATED" in (a / "README").read_text()
     with pytest.raises(ValueError, match="other subjects"):  # never mixes two datasets
         simulate("ixi", a, n=2, resolution=4, workers=1, progress=False)
+    # nor replaces one made with another seed or resolution (same subject ids, other images)
+    with pytest.raises(ValueError, match=r"other settings \(seed 0 -> 1\)"):
+        simulate("ixi", b, n=2, seed=1, resolution=4, workers=1, progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(resolution 4mm -> 2mm\)"):
+        simulate("ixi", b, n=2, resolution=2, workers=1, progress=False)
+    assert (b / files[0]).read_bytes() == (a / files[0]).read_bytes()  # untouched
+    simulate("ixi", b, n=3, resolution=4, workers=1, progress=False)  # the same settings: a larger n extends it
+    assert (b / "participants.tsv").read_text() == (a / "participants.tsv").read_text()
 
     cohort = read_cohort(a)
     assert len(cohort) == 3
