@@ -341,7 +341,14 @@ def _read_table(path: Path) -> tuple[list[str], list[str], list[tuple[int, list[
     text = path.read_text(encoding="utf-8-sig")  # -sig: Excel writes a byte-order mark
     if not text.strip():
         raise CohortError(f"{path}: empty file")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else _sniff_delimiter(text.splitlines()[0])
+    first = text.splitlines()[0]
+    delimiter = _sniff_delimiter(first)
+    if path.suffix.lower() == ".tsv":
+        if "\t" in first or not any(d in first for d in ",;"):
+            delimiter = "\t"
+        else:  # a .tsv saved with commas (spreadsheets do): read it as written rather than as one column
+            warnings.warn(f"{path}: no tabs in the header, so it is read as {delimiter!r}-separated (BIDS tables are "
+                          "tab-separated: save it with tabs to silence this)", stacklevel=4)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     raw = [c.strip() for c in next(reader)]
     header = [_normalise_column(c) for c in raw]

@@ -90,6 +90,14 @@ def test_semicolon_csv_with_decimal_commas_and_tsv(tmp_path):
     (tmp_path / "c.tsv").write_text("participant_id\tpath\tage\tsex\nx\ta.nii.gz\t33,3\tf\n")
     cohort = read_cohort(tmp_path / "c.tsv")
     assert cohort.ids.tolist() == ["x"] and cohort.ages.tolist() == [33.3]
+    # a .tsv saved with commas (a spreadsheet export) is read as written, with a warning
+    (tmp_path / "comma.tsv").write_text("path,age,sex\na.nii.gz,71.5,M\n")
+    with pytest.warns(UserWarning, match="comma.tsv: no tabs in the header, so it is read as ','-separated"):
+        assert read_cohort(tmp_path / "comma.tsv").ages.tolist() == [71.5]
+    _touch(tmp_path, "bids/sub-01/anat/sub-01_T1w.nii.gz")
+    (tmp_path / "bids" / "participants.tsv").write_text("participant_id,age,sex\nsub-01,40,F\n")
+    with pytest.warns(UserWarning, match="participants.tsv: no tabs"):
+        assert read_cohort(tmp_path / "bids").ages.tolist() == [40.0]
 
 
 def test_ids_from_file_names_and_from_paths_when_names_collide(tmp_path):
