@@ -746,9 +746,11 @@ GRAIN_WORKER_ENV = "JAXTL_GRAIN_WORKER"  # set to "i/n" in jaxtl's grain worker 
 
 def _mark_grain_worker(index: int, count: int) -> None:
     """grain `worker_init_fn`: mark the process as a data worker, which must never join `jax.distributed`, and
-    let a SIGTERM sent to the whole process group reach only the trainer (which checkpoints, then stops them)."""
+    let a SIGTERM or Ctrl-C sent to the whole process group reach only the trainer (which checkpoints, then stops
+    them)."""
     os.environ[GRAIN_WORKER_ENV] = f"{index}/{count}"
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_dataset(

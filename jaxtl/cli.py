@@ -409,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # user errors (and files: OSErrors name them): one line, no traceback
         print(f"jaxtl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # no traceback for Ctrl-C (pretrain's first Ctrl-C checkpoints and stops instead)
+        print(f"\njaxtl {args.command}: interrupted", file=sys.stderr)
+        return 130
     except RuntimeError as e:
         from jaxtl.train import NonFiniteLossError
 

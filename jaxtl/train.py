@@ -61,14 +61,14 @@ PREEMPTED_EXIT_CODE = 143
 
 
 class Preempted(SystemExit):
-    """`pretrain` stopped after a preemption notice, with a checkpoint at `step`: rerun to resume.
+    """`pretrain` stopped after a preemption notice (or Ctrl-C), with a checkpoint at `step`: rerun to resume.
 
-    A `SystemExit` (status `PREEMPTED_EXIT_CODE`), so the `jaxtl` command exits with that status and
+    A `SystemExit` (status `PREEMPTED_EXIT_CODE`; 130 after Ctrl-C), so the `jaxtl` command exits with that status and
     `except Exception` does not swallow it; catch `Preempted` to handle it in Python.
     """
 
-    def __init__(self, step: int):
-        super().__init__(PREEMPTED_EXIT_CODE)
+    def __init__(self, step: int, code: int = PREEMPTED_EXIT_CODE):
+        super().__init__(code)
         self.step = step
 
 
@@ -538,41 +538,54 @@ class _PreemptionWatch:
 
     With `jax.distributed` initialised and JAX's preemption service on (the default), JAX catches SIGTERM (or the
     TPU maintenance notice) and agrees on a step across processes; it is queried through orbax
-    (`CheckpointManager.reached_preemption`). Otherwise, in a single process, a SIGTERM handler is installed (main
-    thread only) that records the notice; a second SIGTERM gets the previous handler (by default: terminate now).
-    The previous handler is restored on exit. Several processes without JAX's service: SIGTERM is left alone
-    (one process cannot checkpoint without the others).
+    (`CheckpointManager.reached_preemption`). Otherwise, in a single process, SIGTERM and SIGINT (Ctrl-C) handlers
+    are installed (main thread only) that record the notice; a second signal gets the previous handler (by
+    default: terminate now / KeyboardInterrupt). The previous handlers are restored on exit. Several processes
+    without JAX's service: the signals are left alone (one process cannot checkpoint without the others).
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self, mngr: ocp.CheckpointManager):
-        self.mngr, self.signalled = mngr, False
+        self.mngr, self.signum = mngr, None
         self.jax_service = (jax.distributed.is_initialized()
                             and getattr(jax.config, "jax_enable_preemption_service", False))
-        self._previous: Any = None
-        self._installed = False
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _PreemptionWatch:
         if (not self.jax_service and jax.process_count() == 1
                 and threading.current_thread() is threading.main_thread()):
-            self._previous = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-            self._installed = True
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def __exit__(self, *exc) -> None:
         self._restore()
 
-    def _restore(self) -> None:
-        if self._installed:
-            # None: a handler not set from Python, which cannot be reinstated; the default is the closest
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
-            self._installed = False
+    @property
+    def signalled(self) -> bool:
+        return self.signum is not None
 
-    def _on_sigterm(self, signum, frame) -> None:
-        if self.signalled:  # asked twice: do what SIGTERM did before
+    @property
+    def exit_code(self) -> int:
+        """The status to exit with after the checkpoint: 130 after Ctrl-C, else `PREEMPTED_EXIT_CODE` (143)."""
+        return 128 + signal.SIGINT if self.signum == signal.SIGINT else PREEMPTED_EXIT_CODE
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            # None: a handler not set from Python, which cannot be reinstated; the default is the closest
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signalled:  # asked twice: do what the signal did before
             self._restore()
             signal.raise_signal(signum)
-        self.signalled = True
+            return
+        self.signum = signum
+        if signum == signal.SIGINT:
+            print("\njaxtl pretrain: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at "
+                  "once, without one)", file=sys.stderr, flush=True)
 
     def reached(self, step: int) -> bool:
         if self.jax_service:
@@ -693,9 +706,10 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         log({"step": step, "epoch": step / steps_per_epoch, "preempted": True})
         bar.close()
         who = f"process {jax.process_index()}/{n_proc}: " if n_proc > 1 else ""
-        print(f"jaxtl pretrain: {who}preempted at step {step}: checkpoint saved, rerun the same command "
-              f"to resume (exit status {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
-        raise Preempted(step)
+        why = "stopped by Ctrl-C" if watch.signum == signal.SIGINT else "preempted"
+        print(f"jaxtl pretrain: {who}{why} at step {step}: checkpoint saved, rerun the same command "
+              f"to resume (exit status {watch.exit_code})", file=sys.stderr, flush=True)
+        raise Preempted(step, watch.exit_code)
 
     end = total_steps if max_steps is None else min(total_steps, max_steps)
     bar = tqdm(total=end, initial=step, unit="step", desc="pretrain", disable=not (progress and is_main))

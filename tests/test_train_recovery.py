@@ -85,6 +85,26 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resumes_bitwise(ukb_cache, tmp_pa
     assert [r["step"] for r in steps_logged(work)] == list(range(1, 13))
 
 
+def test_ctrl_c_checkpoints_the_current_step_and_exits_130(ukb_cache, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from jaxtl.train import Preempted
+
+    step = Trainer.step
+
+    def ctrl_c_in_step_3(self, images, labels, i):
+        if i == 2:
+            signal.raise_signal(signal.SIGINT)
+        return step(self, images, labels, i)
+
+    monkeypatch.setattr(Trainer, "step", ctrl_c_in_step_3)
+    with pytest.raises(Preempted) as e:
+        pretrain(tiny_config(), ukb_cache, tmp_path, progress=False)
+    assert e.value.step == 3 and e.value.code == 130
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as mngr:
+        assert mngr.latest_step() == 3
+
+
 @pytest.mark.parametrize("epoch", [1, 2])
 def test_sigterm_during_validation_checkpoints_and_validates_on_resume(epoch, ukb_cache, tmp_path, monkeypatch):
     """A notice during the end-of-epoch validation abandons the pass (it can outlast a grace period): the epoch's
@@ -151,12 +171,19 @@ def test_preemption_watch_restores_the_sigterm_handler_and_skips_other_threads()
     try:
         previous = signal.getsignal(signal.SIGTERM)
         with _PreemptionWatch(mngr=None) as watch:
-            assert signal.getsignal(signal.SIGTERM) == watch._on_sigterm and not watch.reached(3)
+            assert signal.getsignal(signal.SIGTERM) == watch._on_signal and not watch.reached(3)
             signal.raise_signal(signal.SIGTERM)  # the notice: recorded, the previous handler not called
             assert watch.reached(3) and calls == []
             signal.raise_signal(signal.SIGTERM)  # asked twice: what SIGTERM did before
             assert calls == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGTERM) is previous
+        previous_int = signal.getsignal(signal.SIGINT)
+        with _PreemptionWatch(mngr=None) as watch:  # Ctrl-C: the same notice, exit status 130
+            signal.raise_signal(signal.SIGINT)
+            assert watch.reached(1) and watch.exit_code == 130
+            with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: stop at once
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is previous_int
         with _PreemptionWatch(mngr=None):
             pass
         assert signal.getsignal(signal.SIGTERM) is previous
