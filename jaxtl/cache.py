@@ -191,9 +191,10 @@ def _check_or_write_plan(out: Path, plan: dict) -> None:
         for scan in old.get("scans", []):  # ... and with paths relative to the working directory then
             scan["path"] = os.path.abspath(scan["path"])
         if old != plan:
-            differ = [k for k in plan if old.get(k) != plan[k]]
+            differ = [k if k == "scans" else f"{k} {old.get(k)!r} -> {plan[k]!r}"
+                      for k in plan if old.get(k) != plan[k]]
             raise ValueError(
-                f"{out} holds a cache for a different cohort or options ({', '.join(differ)} differ); "
+                f"{out} holds a cache for a different cohort or options ({', '.join(differ)}); "
                 "use another OUT_DIR or delete this one"
             )
         if json.dumps(plan, sort_keys=True) != written:  # an older plan: written anew, with absolute paths

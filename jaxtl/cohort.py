@@ -254,7 +254,9 @@ def parse_age(text: str, years_per_unit: float = 1.0) -> float:
     age = float(m.group(1).replace(",", ".")) * years_per_unit
     if not 0 <= age <= 130:
         raise ValueError(f"age {text.strip()!r} is implausible"
-                         + (f" in {_unit_name(years_per_unit)}" if years_per_unit != 1.0 else ""))
+                         + (f" in {_unit_name(years_per_unit)}" if years_per_unit != 1.0 else
+                            " in years (ages in months, weeks or days: give the age column's unit in the BIDS "
+                            'sidecar, e.g. participants.json {"age": {"Units": "months"}})' if age > 130 else ""))
     return age
 
 

@@ -153,9 +153,12 @@ def inner_cv(task: str, cv: int, seed: int, grouped: bool = False):
 def fold_count(cv: int, y) -> int:
     """Folds for a stratified CV over class labels `y`: `cv`, or fewer when a class has fewer members (a
     stratified split needs one of each class per fold); at least 2."""
-    counts = np.unique(np.asarray(y), return_counts=True)[1]
+    classes, counts = np.unique(np.asarray(y), return_counts=True)
     if len(counts) < 2 or counts.min() < 2:
-        raise ValueError(f"a stratified CV needs at least 2 scans of each class; class counts: {counts.tolist()}")
+        named = ", ".join(f"{c}: {n}" for c, n in zip(classes.tolist(), counts.tolist(), strict=True))
+        coding = " (sex: 0 = female, 1 = male)" if set(classes.tolist()) <= {0, 1} else ""
+        raise ValueError(f"a stratified CV needs at least 2 scans of each class; class counts: [{named}]{coding}; "
+                         "use more scans or a larger training split")
     return int(min(cv, counts.min()))
 
 

@@ -616,7 +616,8 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                                                       config.data.test_fraction, split_seed)
     train_idx, val_idx, test_idx = _saved_split(workdir, source, (train_idx, val_idx, test_idx))
     if len(train_idx) < config.batch_size:
-        raise ValueError(f"{cohort}: {len(train_idx)} training scans, fewer than one batch of {config.batch_size}")
+        raise ValueError(f"{cohort}: {len(train_idx)} training scans, fewer than one batch of {config.batch_size}; "
+                         "use more scans or a smaller batch (--set batch_size=N, a multiple of the device count)")
     _check_labels(source, np.arange(len(source)), config, str(cohort))
     saved_config = _check_config(workdir, config)
     is_main = jax.process_index() == 0

@@ -147,7 +147,7 @@ def test_rerun_from_another_directory_and_of_an_older_plan(reference_cache, coho
 
 
 def test_rerun_with_other_options_is_refused(reference_cache, cohort_csv):
-    with pytest.raises(ValueError, match="different cohort or options.*dtype"):
+    with pytest.raises(ValueError, match="different cohort or options \\(dtype 'float16' -> 'uint8'\\)"):
         prepare_cache(cohort_csv, reference_cache, downsample=DS, shard_size=SHARD, dtype="uint8")
 
 

@@ -518,6 +518,10 @@ def test_age_units_from_bids_sidecars(tmp_path):
     (tmp_path / "c.csv").write_text("path,age\na.nii.gz,480\nb.nii.gz,1800\n")  # 150 years: implausible
     with pytest.raises(CohortError, match=r"line 3.*'1800' is implausible in months"):
         read_cohort(tmp_path / "c.csv")
+    (tmp_path / "c.json").unlink()  # months given without their unit: the error says how to give it
+    with pytest.raises(CohortError, match=r"'480' is implausible in years \(ages in months.*\"Units\": \"months\""):
+        read_cohort(tmp_path / "c.csv")
+    (tmp_path / "c.json").write_text(json.dumps({"age": {"Units": "month"}}))
     (tmp_path / "c.json").write_text(json.dumps({"age": {"Units": "decades"}}))
     with pytest.raises(CohortError, match=r"c\.json: unit 'decades' of the age column 'age' is not understood"):
         read_cohort(tmp_path / "c.csv")

@@ -159,7 +159,7 @@ def test_sex_heads_with_a_small_class_use_fewer_folds():
         est = make_elastic("sex", cv=5, n_features=(5, 10)).fit(X, y)
     assert est.predict_proba(X).shape == (24, 2) and list(est.classes_) == [0, 1] and est.n_features_in_ == 120
     assert heads.fold_count(5, y) == 4 and heads.fold_count(3, y) == 3
-    with pytest.raises(ValueError, match=r"at least 2 scans of each class; class counts: \[1, 20\]"):
+    with pytest.raises(ValueError, match=r"2 scans of each class; class counts: \[0: 1, 1: 20\] \(sex: 0 = female"):
         heads.fold_count(5, y[3:])
 
 

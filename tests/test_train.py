@@ -508,3 +508,9 @@ def test_the_wheel_ships_the_configs(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout.split()
     site = tmp_path / "site" / "jaxtl"
     assert out == [str(site / "__init__.py"), str(site / "configs"), "ixi", str(site / "benchmarks" / "bench_input.py")]
+
+
+def test_too_few_training_scans_for_one_batch_says_what_to_change(ukb_cache, tmp_path):
+    with pytest.raises(ValueError, match=r"training scans, fewer than one batch of 64; use more scans or a smaller "
+                                         r"batch \(--set batch_size=N"):
+        pretrain(tiny_config("batch_size=64"), ukb_cache, tmp_path / "run", progress=False)
