@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -257,6 +258,9 @@ def ensure_model(spec: PretrainSpec | str, data_dir: str | os.PathLike, progress
     else:
         from jaxtl.train import pretrain
 
+        if progress:
+            print(f"building the {spec.task} source model: pretraining {spec.config} ({cfg.epochs} epochs) in "
+                  f"{spec.workdir}; pass a model (age_model= / sex_model=) to skip this", file=sys.stderr, flush=True)
         cache = ensure_cohort(spec.cohort, data_dir, progress)
         if cfg.task != spec.task:
             raise ValueError(f"pretraining config {spec.config} trains {cfg.task!r}, the spec asks for {spec.task!r}")
@@ -454,6 +458,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
                       stacklevel=2)
     (out / "config.json").write_text(json.dumps(_asdict(config), indent=2) + "\n")
     target_path = ensure_cohort(config.target, config.data_dir, progress)
+    if not Path(target_path).exists():  # before any source model is built (that can take hours)
+        raise FileNotFoundError(f"{target_path}: no such cohort (BIDS directory, CSV/TSV table or cache directory)")
     models = {"age": ensure_model(config.age_model, config.data_dir, progress),
               "sex": ensure_model(config.sex_model, config.data_dir, progress)}
     check_models(models)

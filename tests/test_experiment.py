@@ -178,6 +178,20 @@ def test_cli_experiment_reports_user_errors(tmp_path, capsys):
     assert "expected ExperimentConfig" in capsys.readouterr().err
 
 
+def test_missing_target_fails_before_source_models_are_built(tmp_path, monkeypatch):
+    from jaxtl import experiment
+    from jaxtl.experiment import PretrainSpec
+
+    built = []
+    monkeypatch.setattr(experiment, "ensure_model", lambda *a, **k: built.append(a))
+    config = ExperimentConfig(target=str(tmp_path / "nope"), out_dir=str(tmp_path / "out"),
+                              age_model=PretrainSpec(str(tmp_path / "age")),
+                              sex_model=PretrainSpec(str(tmp_path / "sex"), task="sex"))
+    with pytest.raises(FileNotFoundError, match="nope: no such cohort"):
+        experiment.run_experiment(config, progress=False)
+    assert built == []
+
+
 def test_findings_verdicts(tmp_path):
     """Each finding compares mean test metrics in the right direction (age: lower MAE, sex: higher accuracy)."""
     from jaxtl.experiment import findings
