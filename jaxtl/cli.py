@@ -33,7 +33,7 @@ def _prepare(args: argparse.Namespace) -> int:
     for w in caught:
         print(f"jaxtl prepare: warning: {w.message}", file=sys.stderr)
     summary = prepare_cache(cohort, args.out_dir, dtype=args.dtype, downsample=args.downsample,
-                            workers=args.workers, shard_size=args.shard_size, progress=True)
+                            workers=args.workers, shard_size=args.shard_size, progress=not args.no_progress)
     print(summary)
     return 0 if summary.ok else 1
 
@@ -76,7 +76,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from jaxtl.train import pretrain
 
     config = load_config(args.config, args.set)
-    out = pretrain(config, args.cohort, args.workdir, max_steps=args.max_steps)
+    out = pretrain(config, args.cohort, args.workdir, max_steps=args.max_steps, progress=not args.no_progress)
     print(f"final model: {out}")
     return 0
 
@@ -94,7 +94,7 @@ def _transfer(args: argparse.Namespace) -> int:
     if args.split:
         extra["split"] = tuple(args.split)
     result = run_transfer(args.model, args.cohort, args.out, task=args.task, method=args.method,
-                          overwrite=args.overwrite, **extra)
+                          overwrite=args.overwrite, progress=not args.no_progress, **extra)
     m, name = result.metrics, ("mae" if args.task == "age" else "balanced_accuracy")
     n = m["n"]
     print(f"{args.method} {args.task}: test {name} {m['test'].get(name, float('nan')):.4g} "
@@ -112,7 +112,8 @@ def _predict(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the model runs, not after
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in the failures file
-        columns = predict_cohort(args.model, args.cohort, batch_size=args.batch_size, on_error=args.on_error)
+        columns = predict_cohort(args.model, args.cohort, batch_size=args.batch_size, on_error=args.on_error,
+                                 progress=not args.no_progress)
     out, failures, n_failed = write_cohort_predictions(args.out, columns)
     n = len(columns["prediction"])
     print(f"wrote {n - n_failed} predictions to {out}")
@@ -130,7 +131,7 @@ def _experiment(args: argparse.Namespace) -> int:
     from jaxtl.experiment import failed_runs, load_experiment_config, run_experiment
 
     config = load_experiment_config(args.config, args.set)
-    report = run_experiment(config)
+    report = run_experiment(config, progress=not args.no_progress)
     print(f"report: {report}")
     failed = failed_runs(config)
     if failed:
@@ -180,7 +181,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = SCALES[args.scale]
     if args.out:
         config = dataclasses.replace(config, out_dir=args.out)
-    print_summary(run_demo(config))
+    print_summary(run_demo(config, progress=not args.no_progress))
     return 0
 
 
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report: markdown file to write; the chart goes beside it as .png")
     p.set_defaults(func=_bench)
 
+    for name in ("prepare", "pretrain", "demo", "transfer", "predict", "experiment"):  # simulate has its own
+        sub.choices[name].add_argument("--no-progress", action="store_true",
+                                       help="no progress bars (for log files; the results are printed as usual)")
     return parser
 
 

@@ -266,7 +266,12 @@ def test_cli_prepare_exit_code_and_summary(cohort_csv, tmp_path, capsys):
     assert rc == 1 and "2 FAILED" in out.out + out.err and "failures.tsv" in out.out + out.err
     good = tmp_path / "good.csv"
     good.write_text(f"path,age\n{cohort_csv.parent / 's0.nii'},50\n")
+    capsys.readouterr()
     assert cli.main(["prepare", str(good), str(tmp_path / "g"), "--downsample", "4"]) == 0
+    assert "prepare:" in capsys.readouterr().err  # the progress bar ...
+    assert cli.main(["prepare", str(good), str(tmp_path / "g2"), "--downsample", "4", "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "prepare:" not in out.err and "1/1 scans in cache" in out.out  # ... off for log files; the summary stays
     assert cli.main(["prepare", str(tmp_path / "nothing.csv"), str(tmp_path / "x")]) == 2
     assert "no such file" in capsys.readouterr().err
 
