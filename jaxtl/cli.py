@@ -127,6 +127,23 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if n_failed == n else 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from jaxtl.embed import SkippedScansWarning
+    from jaxtl.transfer import embed_cohort, write_cohort_predictions
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in the failures file
+        columns = embed_cohort(args.model, args.cohort, layer=args.layer, batch_size=args.batch_size,
+                               on_error=args.on_error, progress=not args.no_progress)
+    out, failures, n_failed = write_cohort_predictions(args.out, columns)
+    n, width = len(columns["id"]), sum(k.startswith("sfcn_") for k in columns)
+    print(f"wrote {n - n_failed} scans x {width} {args.layer} columns to {out}")
+    if n_failed:
+        print(f"jaxtl embed: {n_failed} of {n} scans failed: see {failures}", file=sys.stderr)
+    return 1 if n_failed == n else 0
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from jaxtl.experiment import failed_runs, load_experiment_config, run_experiment
 
@@ -338,6 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "only if every scan fails) or raise (stop at the first)")
     p.set_defaults(func=_predict)
 
+    p = sub.add_parser("embed", help="write a cohort's SFCN features (the 64-d vector the paper re-uses, or another "
+                                     "--layer) to a CSV, one row per scan, for your own statistics")
+    p.add_argument("--model", required=True, help="jaxtl model directory or published name (e.g. peng2021-age)")
+    p.add_argument("--cohort", required=True, help="cache directory, BIDS directory or CSV/TSV cohort")
+    p.add_argument("--out", required=True, help="CSV file to write (id, participant_id, session, site, age, sex, "
+                                                "sfcn_features0..63); scans that fail to load go to "
+                                                "OUT_STEM.failures.tsv beside it")
+    p.add_argument("--layer", default="features",
+                   help="features (default), logits, probs or block0..block5 (each block's output, average-pooled)")
+    p.add_argument("--batch-size", type=_at_least(1), default=None)
+    p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
+                   help="a scan that cannot be loaded: skip (default: report it, embed the others) or raise")
+    p.set_defaults(func=_embed)
+
     p = sub.add_parser("experiment", help="the paper's experiment: methods x tasks x repeats, scarcity curve, "
                                           "brain manifold (resumes)")
     p.add_argument("--config", required=True, help="experiment config, e.g. configs/experiment_ixi.py")
@@ -393,13 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report: markdown file to write; the chart goes beside it as .png")
     p.set_defaults(func=_bench)
 
-    for name in ("prepare", "pretrain", "demo", "transfer", "predict", "experiment"):  # simulate has its own
+    for name in ("prepare", "pretrain", "demo", "transfer", "predict", "embed", "experiment"):  # simulate has its own
         sub.choices[name].add_argument("--no-progress", action="store_true",
                                        help="no progress bars (for log files; the results are printed as usual)")
     return parser
 
 
-COMPILING_COMMANDS = ("pretrain", "transfer", "predict", "experiment")  # `demo` turns the cache on itself
+COMPILING_COMMANDS = ("pretrain", "transfer", "predict", "embed", "experiment")  # `demo` turns the cache on itself
 
 
 def main(argv: list[str] | None = None) -> int:

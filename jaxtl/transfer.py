@@ -973,13 +973,43 @@ def predict_cohort(head: TransferHead | str | os.PathLike, cohort: Any, *, progr
     else:
         cols |= {"predicted_sex": np.where(np.isnan(pred), np.nan, (pred > 0.5).astype(float))}
     if on_error == "skip":
-        paths = getattr(target.source, "paths", None)
-        path = np.array([str(p) for p in paths] if paths is not None else [""] * len(target), dtype=object)
-        error = np.full(len(target), "", dtype=object)
-        for f in reader.failures:
-            path[f.index], error[f.index] = f.path, f.reason
-        cols |= {"path": path, "error": error}
+        cols |= _failure_columns(target, reader)
     return cols
+
+
+def embed_cohort(model: JaxtlModel | str | os.PathLike, cohort: Any, *, layer: str = "features",
+                 progress: bool = True, batch_size: int | None = None, on_error: str = "raise"
+                 ) -> dict[str, np.ndarray]:
+    """A cohort's SFCN features, one row per scan: id, participant_id, session, site, age, sex (NaN where
+    unknown), then one column per feature (`sfcn_features0`..`sfcn_features63` for `layer="features"`).
+
+    `on_error="skip"` as `predict_cohort` (NaN features and "path"/"error" columns for the scans that failed);
+    `write_cohort_predictions` writes these columns too, as `jaxtl embed` does.
+    """
+    from jaxtl.heads import SFCNEmbedder
+
+    model = resolve_model(model)
+    downsample = model_downsample(model)
+    target = open_target(cohort, downsample, check_files=on_error != "skip")
+    reader = VolumeReader(target.source, downsample=downsample, on_error=on_error)
+    feats = embed(reader, model, layer=layer, progress=progress, batch_size=batch_size)
+    cols = {"id": target.ids, "participant_id": target.participant_ids, "session": target.sessions,
+            "site": target.sites, "age": target.ages, "sex": target.sexes}
+    names = SFCNEmbedder(model, layer=layer).get_feature_names_out()
+    cols |= {str(name): feats[:, j] for j, name in enumerate(names)}
+    if on_error == "skip":
+        cols |= _failure_columns(target, reader)
+    return cols
+
+
+def _failure_columns(target: Target, reader: VolumeReader) -> dict[str, np.ndarray]:
+    """The "path" and "error" columns: each scan's file and why it failed to load ("" for the others)."""
+    paths = getattr(target.source, "paths", None)
+    path = np.array([str(p) for p in paths] if paths is not None else [""] * len(target), dtype=object)
+    error = np.full(len(target), "", dtype=object)
+    for f in reader.failures:
+        path[f.index], error[f.index] = f.path, f.reason
+    return {"path": path, "error": error}
 
 
 def write_cohort_predictions(path: str | os.PathLike, columns: dict[str, np.ndarray]) -> tuple[Path, Path, int]:

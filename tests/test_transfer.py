@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxtl import cli
 from jaxtl import transfer as transfer_module
+from jaxtl.cache import CacheSource
 from jaxtl.cohort import read_cohort
 from jaxtl.heads import BiasCorrection
 from jaxtl.model import SFCN
@@ -523,3 +524,32 @@ def test_cli_methods_are_the_transfer_methods():
     from jaxtl import cli, transfer
 
     assert cli.TRANSFER_METHODS == transfer.METHODS
+
+
+def test_cli_embed_writes_features_per_scan(tiny_models, ixi_tiny, tmp_path, capsys):
+    from jaxtl.embed import embed
+
+    out = tmp_path / "features" / "ixi.csv"
+    assert cli.main(["embed", "--model", str(tiny_models["age"]), "--cohort", str(ixi_tiny[1]), "--out", str(out),
+                     "--no-progress"]) == 0
+    width = TINY_CHANNELS[-1]  # the features: the last block's channels (64 in Peng's SFCN)
+    assert f"36 scans x {width} features columns" in capsys.readouterr().out
+    table = read_predictions(out)
+    names = [f"sfcn_features{j}" for j in range(width)]
+    assert list(table)[:6] == ["id", "participant_id", "session", "site", "age", "sex"] and list(table)[6:] == names
+    src = CacheSource(ixi_tiny[1])
+    assert list(table["id"]) == list(src.ids)
+    np.testing.assert_allclose(table["age"], src.ages, rtol=1e-6)
+    expected = embed(ixi_tiny[1], tiny_models["age"], progress=False)
+    np.testing.assert_allclose(np.stack([table[k] for k in names], 1), expected, rtol=1e-5, atol=1e-6)
+    # a scan that fails to load: reported and listed beside the CSV, the others embedded
+    good = read_cohort(ixi_tiny[0]).paths[:2]
+    corrupt, _ = _bad_scans(tmp_path, good[0])
+    cohort = tmp_path / "new.csv"
+    cohort.write_text("path\n" + "\n".join([good[0], corrupt, good[1]]) + "\n")
+    argv = ["embed", "--model", str(tiny_models["age"]), "--cohort", str(cohort), "--out", str(out),
+            "--layer", "logits"]
+    assert cli.main(argv) == 0
+    assert "1 of 3 scans failed" in capsys.readouterr().err
+    table = read_predictions(out)
+    assert table["id"].size == 2 and "sfcn_logits0" in table and (out.parent / "ixi.failures.tsv").exists()
