@@ -433,8 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
 COMPILING_COMMANDS = ("pretrain", "transfer", "predict", "embed", "experiment")  # `demo` turns the cache on itself
 
 
+def _short_warnings(command: str) -> None:
+    """jaxtl's own warnings as one `jaxtl COMMAND: warning: ...` line (no file, line number or source line)."""
+    default = warnings.formatwarning
+    package = str(Path(__file__).resolve().parent)
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            return f"jaxtl {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _short_warnings(args.command)
     if args.command in COMPILING_COMMANDS:
         from jaxtl.train import enable_compilation_cache
 

@@ -461,6 +461,19 @@ def test_cli_refuses_meaningless_numbers_and_reports_os_errors_in_one_line(tmp_p
     assert "--n not used with --preview" in capsys.readouterr().err
 
 
+def test_cli_prints_jaxtls_warnings_in_one_line(monkeypatch):
+    import warnings
+
+    from jaxtl import cli, data
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    default = warnings.formatwarning("x", UserWarning, "/elsewhere/mod.py", 3)
+    cli._short_warnings("predict")
+    said = warnings.formatwarning("scan.nii.gz: not skull-stripped", data.InputWarning, data.__file__, 239, "warn()")
+    assert said == "jaxtl predict: warning: scan.nii.gz: not skull-stripped\n"
+    assert warnings.formatwarning("x", UserWarning, "/elsewhere/mod.py", 3) == default  # others' keep their form
+
+
 def test_config_dataclasses_are_frozen():
     with pytest.raises(Exception):  # noqa: B017 - dataclasses.FrozenInstanceError
         TrainConfig().epochs = 3
