@@ -72,12 +72,15 @@ def test_ci_demo_on_the_accelerator_path(tmp_path):
     XLA's convolutions (conv_impl "auto" resolves to "xla" there), in a fresh interpreter."""
     from conftest import run_python
 
+    # every stage, with the network methods cut to fine-tuning age (XLA's convolutions compile slowly on a CPU)
     code = f"""
 import dataclasses, jax
 from jaxtl.conv import default_impl
 from jaxtl.demo import CI, run_demo
+from jaxtl.experiment import MethodSpec
 assert jax.device_count() == 2 and default_impl() == "xla"
-report = run_demo(dataclasses.replace(CI, out_dir={str(tmp_path / "demo")!r}), progress=False)
+methods = (MethodSpec("features"), MethodSpec("ft_step", tasks=("age",)), MethodSpec("elastic"))
+report = run_demo(dataclasses.replace(CI, out_dir={str(tmp_path / "demo")!r}, methods=methods), progress=False)
 print("REPORT", report)
 """
     proc = run_python(code, devices=2, timeout=600, JAXTL_HOME=str(tmp_path / "home"))
