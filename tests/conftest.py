@@ -19,10 +19,22 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["JAXTL_HOME"] = tempfile.mkdtemp(prefix="jaxtl-home-")
 atexit.register(shutil.rmtree, os.environ["JAXTL_HOME"], ignore_errors=True)
 
+# The suite compiles hundreds of small programs and runs each a few times: without LLVM's optimisation passes
+# XLA's CPU backend compiles them 2-3x faster (test_conv's whole-SFCN test: 9.5 -> 3.9 s) and computes the same
+# values within the tests' tolerances. Speed is measured by `jaxtl bench`, never here. Every test process and
+# subprocess (`xla_flags`) uses the same flags, so bitwise comparisons between them hold.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS of a test subprocess: the suite's flags and `devices` virtual CPU devices."""
+    return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+
 
 def run_python(code: str, devices: int = 1, timeout: float = 300, **env) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter with `devices` virtual CPU devices (set before JAX is imported)."""
-    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **env}
+    full_env = {**os.environ, "XLA_FLAGS": xla_flags(devices), **env}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=REPO)
     if proc.returncode != 0:

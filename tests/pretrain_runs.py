@@ -8,7 +8,7 @@ import sys
 
 import jax
 import numpy as np
-from conftest import REPO
+from conftest import REPO, xla_flags
 from flax import nnx
 
 from jaxtl.config import TrainConfig, load_config
@@ -25,7 +25,7 @@ def pretrain_command(cache, workdir, *extra, devices=1, env=None, **popen):
     sets = [a for s in TINY + list(extra) for a in ("--set", s)]
     cmd = [sys.executable, "-m", "jaxtl.cli", "pretrain", "--config", str(REPO / "configs" / "sfcn_demo.py"),
            "--cohort", str(cache), "--workdir", str(workdir), *sets]
-    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    full_env = {**os.environ, "XLA_FLAGS": xla_flags(devices), **(env or {})}
     return cmd, full_env
 
 
