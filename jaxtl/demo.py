@@ -60,6 +60,7 @@ class DemoConfig:
     epoch_scale: float = 0.02  # the paper's fine-tuning / scratch epochs, scaled for a CPU
     methods: tuple[MethodSpec, ...] = DEMO_METHODS
     shares: tuple[float, ...] = (0.25, 0.5, 1.0)  # data-scarcity curve
+    scarcity_methods: tuple[str, ...] = ("features", "ft_step", "scratch")
     manifold_n: int = 120
     montage_mm: int = 1  # resolution of the slice montage of simulated brains
 
@@ -87,6 +88,12 @@ class Stages:
         self.seconds[name] = time.perf_counter() - t0
 
 
+def demo_cohorts(config: DemoConfig) -> tuple[SimulatedCohort, dict[str, SimulatedCohort]]:
+    """The simulated source cohort and the targets by name (made in `out_dir`/data on first use)."""
+    source = SimulatedCohort("ukb", config.source_n, 0, config.resolution)
+    return source, {name: SimulatedCohort(name, config.target_n, 1, config.resolution) for name in config.targets}
+
+
 def run_demo(config: DemoConfig = DEMO, *, progress: bool = True) -> Path:
     """Run (or resume) the demo; returns the path of REPORT.md."""
     from jaxtl.train import enable_compilation_cache
@@ -96,8 +103,7 @@ def run_demo(config: DemoConfig = DEMO, *, progress: bool = True) -> Path:
     out = Path(config.out_dir)
     data_dir = out / "data"
     stage = Stages()
-    source = SimulatedCohort("ukb", config.source_n, 0, config.resolution)
-    targets = {name: SimulatedCohort(name, config.target_n, 1, config.resolution) for name in config.targets}
+    source, targets = demo_cohorts(config)
     with stage("simulate + prepare cohorts"):
         for cohort in (source, *targets.values()):
             ensure_cohort(cohort, data_dir, progress)
@@ -114,7 +120,7 @@ def run_demo(config: DemoConfig = DEMO, *, progress: bool = True) -> Path:
             name=name, out_dir=str(out / f"experiment_{name}"), data_dir=str(data_dir), target=cohort,
             age_model=model_dirs["age"], sex_model=model_dirs["sex"], paper_dataset=name, tasks=("age", "sex"),
             methods=config.methods, repeats=config.repeats, epoch_scale=config.epoch_scale,
-            scarcity=ScarcityConfig(shares=config.shares, methods=("features", "ft_step", "scratch"),
+            scarcity=ScarcityConfig(shares=config.shares, methods=config.scarcity_methods,
                                     tasks=("age",), repeats=1),
             manifold=ManifoldConfig(n=config.manifold_n))
         with stage(f"experiment {name}"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import shutil
 import subprocess
@@ -42,17 +43,35 @@ def run_python(code: str, devices: int = 1, timeout: float = 300, **env) -> subp
     return proc
 
 
-@pytest.fixture(scope="session")
-def ukb_cache(tmp_path_factory) -> Path:
-    """32 simulated `ukb` subjects at 4mm, prepared into a float16 cache."""
+def shared_dir(tmp_path_factory, name: str, build) -> Path:
+    """Folder `name` of this test run, made by `build(folder)` once: the pytest-xdist workers share it (whichever
+    asks first builds it, the others wait). Tests only read it."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    root = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".built").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            build(root)
+            (root / ".built").touch()
+    return root
+
+
+def _simulated_cache(root: Path, preset: str, n: int, seed: int) -> None:
     from jaxtl.cache import prepare_cache
     from jaxtl.simulate import simulate
 
-    root = tmp_path_factory.mktemp("ukb")
-    bids = simulate("ukb", root / "bids", n=32, seed=0, resolution=4, progress=False)
+    bids = simulate(preset, root / "bids", n=n, seed=seed, resolution=4, progress=False)
     summary = prepare_cache(bids, root / "cache", downsample=4, workers=1)
     assert summary.ok, summary
-    return root / "cache"
+
+
+@pytest.fixture(scope="session")
+def ukb_cache(tmp_path_factory) -> Path:
+    """32 simulated `ukb` subjects at 4mm, prepared into a float16 cache."""
+    return shared_dir(tmp_path_factory, "ukb", lambda root: _simulated_cache(root, "ukb", 32, 0)) / "cache"
 
 
 TINY_CHANNELS = (4, 8, 8, 8, 8, 8)
@@ -61,14 +80,8 @@ TINY_CHANNELS = (4, 8, 8, 8, 8, 8)
 @pytest.fixture(scope="session")
 def ixi_tiny(tmp_path_factory) -> tuple[Path, Path]:
     """36 simulated `ixi` subjects (3 sites, ages 20-86) at 4mm: (BIDS directory, float16 cache)."""
-    from jaxtl.cache import prepare_cache
-    from jaxtl.simulate import simulate
-
-    root = tmp_path_factory.mktemp("ixi")
-    bids = simulate("ixi", root / "bids", n=36, seed=3, resolution=4, progress=False)
-    summary = prepare_cache(bids, root / "cache", downsample=4, workers=1)
-    assert summary.ok, summary
-    return bids, root / "cache"
+    root = shared_dir(tmp_path_factory, "ixi", lambda root: _simulated_cache(root, "ixi", 36, 3))
+    return root / "bids", root / "cache"
 
 
 @pytest.fixture(scope="session")

@@ -32,14 +32,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(ukb_cache, tmp_pat
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 
-def test_kill_at_random_points_then_resume_is_bitwise_identical(ukb_cache, tmp_path):
-    extra = ["checkpoint_every_steps=1", "epochs=1"]
-    cmd, env = pretrain_command(ukb_cache, tmp_path / "clean", *extra)
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
-    total = len(steps_logged(tmp_path / "clean"))
+@pytest.fixture(scope="module")
+def clean(ukb_cache, tmp_path_factory):
+    """An uninterrupted tiny run (2 epochs of 6 steps), the reference of the interrupted ones. Tests only read it."""
+    workdir = tmp_path_factory.mktemp("clean")
+    pretrain(tiny_config(), ukb_cache, workdir, progress=False)
+    return workdir
+
+
+def test_kill_at_random_points_then_resume_is_bitwise_identical(ukb_cache, clean, tmp_path):
+    total = len(steps_logged(clean))
     rng = np.random.default_rng(0)
     work = tmp_path / "killed"
-    cmd, env = pretrain_command(ukb_cache, work, *extra)
+    cmd, env = pretrain_command(ukb_cache, work, "checkpoint_every_steps=1")
     for kill_after in sorted(rng.choice(np.arange(2, total - 1), size=3, replace=False)):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 240
@@ -50,20 +55,17 @@ def test_kill_at_random_points_then_resume_is_bitwise_identical(ukb_cache, tmp_p
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
-    clean, resumed = final_state(tmp_path / "clean"), final_state(work)
-    jax.tree.map(np.testing.assert_array_equal, clean, resumed)
+    jax.tree.map(np.testing.assert_array_equal, final_state(clean), final_state(work))
     assert [r["step"] for r in steps_logged(work)] == list(range(1, total + 1))  # each step logged once
 
 
-def test_sigterm_mid_epoch_saves_exits_143_and_resumes_bitwise(ukb_cache, tmp_path):
+def test_sigterm_mid_epoch_saves_exits_143_and_resumes_bitwise(ukb_cache, clean, tmp_path):
     """SIGTERM during training: a checkpoint at the current step, a progress line, exit status 143; rerunning the
     command continues to exactly the parameters of an uninterrupted run, each step logged once."""
     import orbax.checkpoint as ocp
 
     from jaxtl.train import PREEMPTED_EXIT_CODE
 
-    clean = tmp_path / "clean"
-    pretrain(tiny_config(), ukb_cache, clean, progress=False)  # 2 epochs of 6 steps, uninterrupted
     work = tmp_path / "work"
     cmd, env = pretrain_command(ukb_cache, work)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -106,7 +108,8 @@ def test_ctrl_c_checkpoints_the_current_step_and_exits_130(ukb_cache, tmp_path, 
 
 
 @pytest.mark.parametrize("epoch", [1, 2])
-def test_sigterm_during_validation_checkpoints_and_validates_on_resume(epoch, ukb_cache, tmp_path, monkeypatch):
+def test_sigterm_during_validation_checkpoints_and_validates_on_resume(epoch, ukb_cache, clean, tmp_path,
+                                                                        monkeypatch):
     """A notice during the end-of-epoch validation abandons the pass (it can outlast a grace period): the epoch's
     checkpoint is written at once, and the resumed run validates that epoch before training on; after the last
     epoch (nothing left to train, no later checkpoint), a further rerun does not validate it again."""
@@ -115,8 +118,6 @@ def test_sigterm_during_validation_checkpoints_and_validates_on_resume(epoch, uk
     from jaxtl import train
     from jaxtl.train import Preempted
 
-    clean = tmp_path / "clean"
-    pretrain(tiny_config(), ukb_cache, clean, progress=False)  # 2 epochs of 6 steps
     original, calls = train.eval_dataset, []
 
     def noticed_in_first_batch(*args, **kwargs):
@@ -268,7 +269,8 @@ def test_two_processes_match_one_process(ukb_cache, tmp_path):
 
 
 def test_restore_on_a_different_device_count(ukb_cache, tmp_path):
-    """A checkpoint written by 4 devices restores exactly on 2 devices, and training continues from it."""
+    """A checkpoint written by 4 devices restores exactly on 1 device (this process), and training continues from
+    it on 2."""
     import shutil
 
     work = tmp_path / "run"
@@ -276,9 +278,10 @@ def test_restore_on_a_different_device_count(ukb_cache, tmp_path):
     subprocess.run(cmd + ["--max-steps", "4"], env=env, check=True, capture_output=True, timeout=300)
     assert {r["step"] for r in steps_logged(work)} == {1, 2, 3, 4} and model_meta(work / "model")["complete"] is False
     shutil.copytree(work / "model", tmp_path / "model_on_4")  # the exported state at step 4
-    cmd, env = pretrain_command(ukb_cache, work, devices=2)
-    subprocess.run(cmd + ["--max-steps", "4"], env=env, check=True, capture_output=True, timeout=300)
+    assert jax.device_count() == 1
+    pretrain(tiny_config(), ukb_cache, work, progress=False, max_steps=4)  # restores step 4, exports it again
     jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path / "model_on_4"), final_state(work))
+    cmd, env = pretrain_command(ukb_cache, work, devices=2)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     steps = [r["step"] for r in steps_logged(work)]
     assert steps == list(range(1, 13))  # resumed at 5, not restarted
