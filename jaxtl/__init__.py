@@ -7,7 +7,7 @@ target cohort, brain-age outputs) / `run_experiment` (the paper's table).
 
 from jaxtl.cache import CacheSource, NiftiSource, prepare_cache
 from jaxtl.cohort import Cohort, read_cohort
-from jaxtl.data import InputError, load_volume
+from jaxtl.data import InputError, InputWarning, load_volume
 from jaxtl.embed import SkippedScan, SkippedScansWarning, embed, predict
 from jaxtl.experiment import ExperimentConfig, run_experiment
 from jaxtl.heads import BiasCorrection, ElasticBaseline, SFCNEmbedder, make_feature_head
@@ -20,6 +20,7 @@ from jaxtl.weights import JaxtlModel, convert_torch_checkpoint, load_model, save
 __all__ = [
     "load_volume",
     "InputError",
+    "InputWarning",
     "read_cohort",
     "Cohort",
     "simulate",

@@ -515,6 +515,16 @@ class CacheSource:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def qc_warnings(self) -> np.ndarray:
+        """Per scan, the input warnings `jaxtl prepare` recorded (warnings.tsv) joined by " | ", "" for none."""
+        found: dict[str, list[str]] = {}
+        path = self.cache_dir / "warnings.tsv"
+        lines = path.read_text().splitlines()[1:] if path.exists() else []
+        for line in lines:
+            scan_id, _, reason = line.split("\t", 2)
+            found.setdefault(scan_id, []).append(reason)
+        return np.array([" | ".join(found.get(i, [])) for i in self.ids], dtype=object)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = int(index)
         if not -len(self) <= i < len(self):

@@ -122,9 +122,17 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"jaxtl predict: {args.model} has no usable age-bias correction, so prediction_corrected and "
               "gap_corrected are empty; `jaxtl transfer --method direct` on a cohort with known ages fits one",
               file=sys.stderr)
+    _report_qc(args.command, columns, out)
     if n_failed:
         print(f"jaxtl predict: {n_failed} of {n} scans failed: see {failures}", file=sys.stderr)
     return 1 if n_failed == n else 0
+
+
+def _report_qc(command: str, columns: dict, out: Path) -> None:
+    n = sum(bool(w) for w in columns["qc_warnings"])
+    if n:
+        print(f"jaxtl {command}: {n} of {len(columns['qc_warnings'])} scans have input warnings (their "
+              f"qc_warnings column in {out}): check them before trusting their results", file=sys.stderr)
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -139,6 +147,7 @@ def _embed(args: argparse.Namespace) -> int:
     out, failures, n_failed = write_cohort_predictions(args.out, columns)
     n, width = len(columns["id"]), sum(k.startswith("sfcn_") for k in columns)
     print(f"wrote {n - n_failed} scans x {width} {args.layer} columns to {out}")
+    _report_qc(args.command, columns, out)
     if n_failed:
         print(f"jaxtl embed: {n_failed} of {n} scans failed: see {failures}", file=sys.stderr)
     return 1 if n_failed == n else 0

@@ -13,6 +13,7 @@ import functools
 import gzip
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,31 @@ class InputError(ValueError):
 
 class InputWarning(UserWarning):
     """An input volume that is usable but probably wrongly preprocessed."""
+
+
+_collecting = threading.local()
+
+
+@contextlib.contextmanager
+def collect_input_warnings():
+    """Also collect, into the yielded list, the `InputWarning` messages of the volumes loaded in this thread
+    (still warned as usual; filters that silence them do not stop the collecting). Lets a reader attribute
+    warnings to scans while other threads load other scans."""
+    outer = getattr(_collecting, "messages", None)
+    _collecting.messages = messages = []
+    try:
+        yield messages
+    finally:
+        _collecting.messages = outer
+        if outer is not None:
+            outer.extend(messages)
+
+
+def _warn_input(message: str, stacklevel: int) -> None:
+    messages = getattr(_collecting, "messages", None)
+    if messages is not None:
+        messages.append(message)
+    warnings.warn(message, InputWarning, stacklevel=stacklevel + 1)
 
 
 def input_shape(downsample: int = 1) -> tuple[int, int, int]:
@@ -235,8 +261,8 @@ def _unoriented(name: str, shape: tuple[int, ...], why: str) -> np.ndarray:
     """The header has no orientation (nibabel would make one up, centred on the volume): the MNI grid's affine
     when the shape is the MNI grid's, with a warning, else an `InputError`."""
     if shape == MNI_SHAPE:
-        warnings.warn(f"{name}: no orientation in the header ({why}); assuming the voxels are already on the "
-                      "MNI152 1mm grid", InputWarning, stacklevel=5)
+        _warn_input(f"{name}: no orientation in the header ({why}); assuming the voxels are already on the "
+                    "MNI152 1mm grid", stacklevel=5)
         return MNI_AFFINE.copy()
     raise InputError(f"{name}: no orientation in the header ({why}); save the registration output as NIfTI with "
                      "the sform set to the MNI152 affine")
@@ -256,12 +282,9 @@ def _affine(img: nib.spatialimages.SpatialImage, name: str, shape: tuple[int, ..
     if isinstance(header, nib.Nifti1Header):
         if s_code > 0 and q_code > 0 and _finite(sform) and _finite(qform):
             if not np.allclose(sform, qform, atol=1e-3):
-                warnings.warn(
+                _warn_input(
                     f"{name}: qform and sform disagree; using the sform (as FSL and nibabel do). "
-                    "Check the registration output, e.g. with `fslhd`",
-                    InputWarning,
-                    stacklevel=4,
-                )
+                    "Check the registration output, e.g. with `fslhd`", stacklevel=4)
     affine = np.asarray(img.affine, dtype=np.float64)
     if affine.shape != (4, 4) or not _finite(affine):
         raise InputError(f"{name}: degenerate affine (non-finite entries); the header is corrupt")
@@ -314,21 +337,15 @@ def _check_conformed(volume: np.ndarray, name: str, check: bool) -> None:
         return
     outside = float(signal[~reference_mask(dilated=True)].sum(dtype=np.float64)) / total
     if outside > MAX_SIGNAL_OUTSIDE_BRAIN:
-        warnings.warn(
+        _warn_input(
             f"{name}: {outside:.0%} of the intensity lies outside the MNI152 brain: the image looks "
-            f"not skull-stripped (or badly registered); {_FIX_REGISTRATION}",
-            InputWarning,
-            stacklevel=3,
-        )
+            f"not skull-stripped (or badly registered); {_FIX_REGISTRATION}", stacklevel=3)
         return
     r = template_correlation(volume)
     if r < MIN_TEMPLATE_CORRELATION:
-        warnings.warn(
+        _warn_input(
             f"{name}: intensity profile far from the MNI152 T1 template (correlation {r:.2f}); expected a "
-            f"skull-stripped T1-weighted image linearly registered to MNI152; {_FIX_REGISTRATION}",
-            InputWarning,
-            stacklevel=3,
-        )
+            f"skull-stripped T1-weighted image linearly registered to MNI152; {_FIX_REGISTRATION}", stacklevel=3)
 
 
 def template_correlation(volume: np.ndarray) -> float:

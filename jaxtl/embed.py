@@ -120,12 +120,20 @@ class VolumeReader:
         self._items: Any = None
         self._kind = ""
         self._failures: dict[int, SkippedScan] = {}
+        self._warned: dict[int, list[str]] = {}
         self._setup(volumes)
 
     @property
     def failures(self) -> tuple[SkippedScan, ...]:
         """Scans skipped so far (`on_error="skip"`), in input order."""
         return tuple(self._failures[i] for i in sorted(self._failures))
+
+    def qc_warnings(self) -> np.ndarray:
+        """Per volume, the `InputWarning`s of loading it joined by " | " ("" for none; a prepared cache: those
+        `jaxtl prepare` recorded). Loaded volumes only: complete once every volume was read."""
+        if self._kind == "source" and hasattr(self._items, "qc_warnings"):
+            return self._items.qc_warnings()
+        return np.array([" | ".join(self._warned.get(i, [])) for i in range(len(self))], dtype=object)
 
     def _setup(self, volumes: Any) -> None:
         from jaxtl.cohort import Cohort
@@ -186,12 +194,16 @@ class VolumeReader:
 
     def _try(self, i: int) -> np.ndarray | SkippedScan:
         """`_one(i)`, or with `on_error="skip"` the `SkippedScan` of a NIfTI scan that failed to load."""
-        if self.on_error == "raise":
-            return self._one(i)
+        from jaxtl.data import collect_input_warnings
+
         try:
-            return self._one(i)
+            with collect_input_warnings() as warned:  # this thread's: the pool's threads load other scans
+                volume = self._one(i)
+            if warned:
+                self._warned[i] = warned
+            return volume
         except Exception as e:  # nibabel, gzip, scipy, ... raise many types; one bad scan must not stop the rest
-            if not self._skippable(i, e):
+            if self.on_error == "raise" or not self._skippable(i, e):
                 raise
             from jaxtl.data import InputError
 

@@ -954,7 +954,9 @@ def run_transfer(model: JaxtlModel | str | os.PathLike, cohort: Any, out_dir: st
 
 def predict_cohort(head: TransferHead | str | os.PathLike, cohort: Any, *, progress: bool = True,
                    batch_size: int | None = None, on_error: str = "raise") -> dict[str, np.ndarray]:
-    """Apply a fitted head (or a plain model: direct) to a cohort; columns as in predictions.csv.
+    """Apply a fitted head (or a plain model: direct) to a cohort; columns as in predictions.csv, and
+    "qc_warnings": each scan's input warnings (e.g. not skull-stripped; from a cache, those `jaxtl prepare`
+    recorded), joined by " | ", "" for none.
 
     `on_error="skip"` (NIfTI cohorts; a prepared cache never skips): a scan that cannot be loaded keeps its
     row with NaN predictions, and two more columns say which: "path" and "error" (the reason, "" for scans
@@ -974,14 +976,15 @@ def predict_cohort(head: TransferHead | str | os.PathLike, cohort: Any, *, progr
         cols |= {"predicted_sex": np.where(np.isnan(pred), np.nan, (pred > 0.5).astype(float))}
     if on_error == "skip":
         cols |= _failure_columns(target, reader)
-    return cols
+    return cols | {"qc_warnings": reader.qc_warnings()}
 
 
 def embed_cohort(model: JaxtlModel | str | os.PathLike, cohort: Any, *, layer: str = "features",
                  progress: bool = True, batch_size: int | None = None, on_error: str = "raise"
                  ) -> dict[str, np.ndarray]:
     """A cohort's SFCN features, one row per scan: id, participant_id, session, site, age, sex (NaN where
-    unknown), then one column per feature (`sfcn_features0`..`sfcn_features63` for `layer="features"`).
+    unknown), then one column per feature (`sfcn_features0`..`sfcn_features63` for `layer="features"`), then
+    "qc_warnings" as `predict_cohort`'s.
 
     `on_error="skip"` as `predict_cohort` (NaN features and "path"/"error" columns for the scans that failed);
     `write_cohort_predictions` writes these columns too, as `jaxtl embed` does.
@@ -999,7 +1002,7 @@ def embed_cohort(model: JaxtlModel | str | os.PathLike, cohort: Any, *, layer: s
     cols |= {str(name): feats[:, j] for j, name in enumerate(names)}
     if on_error == "skip":
         cols |= _failure_columns(target, reader)
-    return cols
+    return cols | {"qc_warnings": reader.qc_warnings()}
 
 
 def _failure_columns(target: Target, reader: VolumeReader) -> dict[str, np.ndarray]:

@@ -530,6 +530,58 @@ def test_cli_methods_are_the_transfer_methods():
     assert cli.TRANSFER_METHODS == transfer.METHODS
 
 
+def _suspicious_scans(root, good):
+    """Two usable but suspicious scans made from `good`: not skull-stripped (bright background), and one whose
+    qform and sform disagree."""
+    import nibabel as nib
+
+    img = nib.load(good)
+    data = img.get_fdata(dtype=np.float32)
+    unstripped = root / "sub-skull_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(data > 0, data, 0.5 * data.max()), img.affine), unstripped)
+    disagree = nib.Nifti1Image(data, img.affine)
+    shifted = img.affine.copy()
+    shifted[0, 3] += 20
+    disagree.set_sform(img.affine, code=1)
+    disagree.set_qform(shifted, code=1)
+    qs = root / "sub-qs_T1w.nii.gz"
+    nib.save(disagree, qs)
+    return str(unstripped), str(qs)
+
+
+def test_input_warnings_are_columns_of_predictions_and_features(tiny_models, ixi_tiny, tmp_path, capsys):
+    """Each scan's input warnings land in its own row's qc_warnings (read on several threads at once), from NIfTI
+    files and from a cache that `jaxtl prepare` made of them; the CLI counts them."""
+    from jaxtl.cache import prepare_cache
+    from jaxtl.data import InputWarning
+    from jaxtl.transfer import embed_cohort
+
+    good = read_cohort(ixi_tiny[0]).paths[:3]
+    unstripped, qs = _suspicious_scans(tmp_path, good[0])
+    table = tmp_path / "new.csv"
+    table.write_text("path\n" + "\n".join([good[0], unstripped, good[1], qs, good[2]]) + "\n")
+    with pytest.warns(InputWarning):
+        cols = predict_cohort(tiny_models["age"], table, progress=False, batch_size=5)
+    qc = list(cols["qc_warnings"])
+    assert qc[0] == qc[2] == qc[4] == ""
+    assert qc[1].startswith(f"{unstripped}: ") and "not skull-stripped" in qc[1] and "qform" not in qc[1]
+    assert qc[3].startswith(f"{qs}: qform and sform disagree") and "skull" not in qc[3]
+    with pytest.warns(InputWarning):
+        assert list(embed_cohort(tiny_models["age"], table, progress=False)["qc_warnings"]) == qc
+    cache = tmp_path / "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # prepare records the warnings (warnings.tsv) instead of warning
+        assert prepare_cache(table, cache, downsample=4, workers=1).ok
+    assert list(predict_cohort(tiny_models["age"], cache, progress=False)["qc_warnings"]) == qc
+    out = tmp_path / "pred.csv"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputWarning)
+        assert cli.main(["predict", "--model", str(tiny_models["age"]), "--cohort", str(table), "--out",
+                         str(out), "--no-progress"]) == 0
+    assert f"2 of 5 scans have input warnings (their qc_warnings column in {out})" in capsys.readouterr().err
+    assert list(read_predictions(out)["qc_warnings"]) == qc
+
+
 def test_cli_embed_writes_features_per_scan(tiny_models, ixi_tiny, tmp_path, capsys):
     from jaxtl.embed import embed
 
@@ -540,7 +592,8 @@ def test_cli_embed_writes_features_per_scan(tiny_models, ixi_tiny, tmp_path, cap
     assert f"36 scans x {width} features columns" in capsys.readouterr().out
     table = read_predictions(out)
     names = [f"sfcn_features{j}" for j in range(width)]
-    assert list(table)[:6] == ["id", "participant_id", "session", "site", "age", "sex"] and list(table)[6:] == names
+    assert list(table)[:6] == ["id", "participant_id", "session", "site", "age", "sex"]
+    assert list(table)[6:] == [*names, "qc_warnings"]
     src = CacheSource(ixi_tiny[1])
     assert list(table["id"]) == list(src.ids)
     np.testing.assert_allclose(table["age"], src.ages, rtol=1e-6)
