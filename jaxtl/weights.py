@@ -230,8 +230,10 @@ def _check_keys_and_shapes(sd: dict[str, np.ndarray], channels: tuple[int, ...],
                              f"for channels {list(channels)} and {num_outputs} outputs")
 
 
-def state_from_torch(sd: dict[str, np.ndarray], channels: tuple[int, ...]) -> dict:
-    """Map a (prefix-stripped) PyTorch SFCN state_dict to jaxtl's pure-dict state."""
+def state_from_torch(sd: dict[str, Any], channels: tuple[int, ...]) -> dict:
+    """Map a (prefix-stripped) PyTorch SFCN state_dict (numpy arrays or CPU tensors) to jaxtl's pure-dict state."""
+    # np.asarray first: numpy functions on a torch.Tensor go through Tensor.__array_wrap__ (deprecated by NumPy 2)
+    sd = {k: np.asarray(v.detach() if hasattr(v, "detach") else v) for k, v in sd.items()}
     blocks = {}
     for b in range(len(channels)):
         p = f"feature_extractor.conv_{b}"
