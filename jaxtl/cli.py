@@ -76,7 +76,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     from jaxtl.train import pretrain
 
     config = load_config(args.config, args.set)
-    out = pretrain(config, args.cohort, args.workdir, max_steps=args.max_steps, progress=not args.no_progress)
+    out = pretrain(config, args.cohort, args.workdir, max_steps=args.max_steps, progress=not args.no_progress,
+                   profile=args.profile)
     print(f"final model: {out}")
     return 0
 
@@ -255,6 +256,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _step_range(text: str) -> tuple[int, int]:
+    """argparse type: FIRST:LAST train steps, 1 <= FIRST <= LAST."""
+    first, sep, last = text.partition(":")
+    try:
+        steps = (int(first), int(last or first))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give train steps FIRST:LAST, e.g. 20:25") from None
+    if not 1 <= steps[0] <= steps[1] or (sep and not last):
+        raise argparse.ArgumentTypeError(f"{text!r}: give train steps FIRST:LAST with 1 <= FIRST <= LAST, e.g. 20:25")
+    return steps
+
+
 def _at_least(low: int) -> Callable[[str], int]:
     """argparse type: an integer >= low (argparse names the option in its error)."""
     def parse(text: str) -> int:
@@ -311,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.005 (repeatable)")
     p.add_argument("--max-steps", type=_at_least(1), default=None, help="stop after this many steps (smoke tests)")
+    p.add_argument("--profile", type=_step_range, metavar="FIRST:LAST", default=None,
+                   help="trace steps FIRST..LAST with the JAX profiler into WORKDIR/profile (e.g. 20:25, after "
+                        "compilation and warm-up)")
     g = p.add_argument_group("multi-host (run the same command on every host)")
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with auto-detection (TPU pods, SLURM)")

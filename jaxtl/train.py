@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -598,13 +599,16 @@ class _PreemptionWatch:
 
 
 def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.PathLike, *,
-             progress: bool = True, max_steps: int | None = None) -> Path:
+             progress: bool = True, max_steps: int | None = None, profile: tuple[int, int] | None = None) -> Path:
     """Pretrain SFCN on a prepared cache; resumes automatically from `workdir`.
 
     Returns the exported final model directory (`workdir/model`); its meta has `complete` False when
-    `max_steps` (smoke runs, tests) stopped the run before its last step.
+    `max_steps` (smoke runs, tests) stopped the run before its last step. `profile=(first, last)`: trace
+    steps first..last (input pipeline included) with the JAX profiler into `workdir/profile` (`Profile`).
     """
     check_train_config(config)  # before anything is written to workdir
+    if profile is not None and not 1 <= profile[0] <= profile[1]:
+        raise ValueError(f"profile={profile!r}: give steps (FIRST, LAST) with 1 <= FIRST <= LAST (--profile 10:20)")
     workdir = Path(workdir)
     source = CacheSource(cohort)
     n_proc = jax.process_count()
@@ -713,6 +717,10 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         raise Preempted(step, watch.exit_code)
 
     end = total_steps if max_steps is None else min(total_steps, max_steps)
+    tracer = Profile(workdir, profile, n_proc) if profile is not None else None
+    if tracer is not None and not tracer.reachable(step, end):
+        warnings.warn(f"profile={profile!r}: this run trains steps {step + 1}..{end}, so nothing is traced",
+                      stacklevel=2)
     bar = tqdm(total=end, initial=step, unit="step", desc="pretrain", disable=not (progress and is_main))
     val_name = "val_mae" if config.task == "age" else "val_accuracy"
     result = {}
@@ -726,10 +734,14 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
             if unvalidated is not None and not validate(unvalidated, watch):  # preempted again
                 stop_preempted()
             while step < end:
+                if tracer is not None:
+                    tracer.before(step + 1)
                 batch = next(data_iter)
                 loss, finite = trainer.step(trainer.global_batch(batch["image"]),
                                             trainer.global_batch(batch[label_key]), step)
                 step += 1
+                if tracer is not None:
+                    tracer.after(step, loss)
                 clock.step_done(step, loss)
                 pending.append((step, loss, finite))
                 in_flight.append(loss)
@@ -763,11 +775,53 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
             bar.set_postfix({k: f"{v:.3f}" for k, v in result.items() if k.startswith("test_")
                              and "baseline" not in k})
     finally:
+        if tracer is not None:
+            tracer.stop()
         mngr.wait_until_finished()
         bar.close()
     mngr.close()
     log({"final": result})
     return _export(trainer, workdir / "model", source, config, result)
+
+
+class Profile:
+    """Traces train steps `first`..`last` with the JAX profiler into `workdir/profile` (per process when there are
+    several): a TensorBoard profile and a Perfetto trace (ui.perfetto.dev), and top_ops.json, the XLA ops (on a
+    GPU/TPU: device kernels) that took the most time per step, whose first lines are printed."""
+
+    def __init__(self, workdir: Path, steps: tuple[int, int], n_proc: int):
+        self.first, self.last = steps
+        self.dir = workdir / "profile" / (f"process{jax.process_index()}" if n_proc > 1 else "")
+        self.tracing = False
+
+    def reachable(self, done: int, end: int) -> bool:
+        return done < self.first <= end
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
+            self.tracing = True
+
+    def after(self, step: int, loss: jax.Array) -> None:
+        if self.tracing and step >= self.last:
+            jax.block_until_ready(loss)  # the last traced step's device work inside the trace
+            self.stop()
+
+    def stop(self) -> None:
+        if not self.tracing:
+            return
+        from jaxtl.bench import summarize_trace
+
+        jax.profiler.stop_trace()
+        self.tracing = False
+        traces = sorted(self.dir.glob("**/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+        top = summarize_trace(traces[-1], self.last - self.first + 1) if traces else []
+        _write_json(self.dir / "top_ops.json", top, indent=1)
+        lines = [f"  {t['ms_per_step']:9.3f} ms/step  {t['name'][:90]}" for t in top[:5]]
+        print(f"jaxtl pretrain: profile of steps {self.first}..{self.last} in {self.dir} (tensorboard --logdir, "
+              "or perfetto_trace.json.gz in ui.perfetto.dev); most time:", *lines, sep="\n", file=sys.stderr,
+              flush=True)
 
 
 def _test_metrics(trainer: Trainer, best_dir: Path, source: CacheSource, train_idx: np.ndarray,

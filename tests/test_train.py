@@ -441,6 +441,26 @@ def test_distributed_init_skips_only_marked_grain_workers(monkeypatch, capsys):
         cli._init_distributed(argparse.Namespace(coordinator=None, distributed=False, num_processes=2, process_id=1))
 
 
+def test_pretrain_profiles_the_steps_asked_for(ukb_cache, tmp_path, capsys):
+    """`profile=(2, 3)`: a TensorBoard profile and a Perfetto trace of those steps in workdir/profile, the ops that
+    took the most time in top_ops.json and on stderr; a window the run never reaches traces nothing, with a
+    warning."""
+    run = tmp_path / "run"
+    pretrain(tiny_config("epochs=1", "data.test_fraction=0", "data.val_fraction=0"), ukb_cache, run, progress=False,
+             profile=(2, 3))
+    profile = run / "profile"
+    assert list(profile.glob("plugins/profile/*/*.xplane.pb")) and list(profile.glob("**/perfetto_trace.json.gz"))
+    top = json.loads((profile / "top_ops.json").read_text())
+    assert top and all(t["ms_per_step"] >= 0 and t["name"] for t in top)
+    err = capsys.readouterr().err
+    assert f"profile of steps 2..3 in {profile}" in err and top[0]["name"][:40] in err
+    with pytest.warns(UserWarning, match=r"profile=\(5, 6\): this run trains steps 1..2, so nothing is traced"):
+        pretrain(tiny_config("epochs=1"), ukb_cache, tmp_path / "short", progress=False, max_steps=2, profile=(5, 6))
+    assert not (tmp_path / "short" / "profile").exists()
+    with pytest.raises(ValueError, match="profile=\\(3, 2\\): give steps"):
+        pretrain(tiny_config(), ukb_cache, tmp_path / "bad", progress=False, profile=(3, 2))
+
+
 def test_cli_refuses_meaningless_numbers_and_reports_os_errors_in_one_line(tmp_path, capsys):
     from jaxtl import cli
 
@@ -449,7 +469,11 @@ def test_cli_refuses_meaningless_numbers_and_reports_os_errors_in_one_line(tmp_p
                        (["predict", "--model", "m", "--cohort", "c", "--out", "o.csv", "--batch-size", "0"],
                         "--batch-size: 0 is below 1"),
                        (["transfer", "--model", "m", "--cohort", "c", "--out", "o", "--epoch-scale", "-1"],
-                        "--epoch-scale: -1 is not above 0")):
+                        "--epoch-scale: -1 is not above 0"),
+                       (["pretrain", "--config", "c.py", "--cohort", "x", "--workdir", "w", "--profile", "5:2"],
+                        "--profile: '5:2': give train steps FIRST:LAST with 1 <= FIRST <= LAST"),
+                       (["pretrain", "--config", "c.py", "--cohort", "x", "--workdir", "w", "--profile", "a:b"],
+                        "--profile: 'a:b': give train steps FIRST:LAST")):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 2 and said in capsys.readouterr().err
