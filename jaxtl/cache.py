@@ -516,14 +516,15 @@ class CacheSource:
         return len(self.ids)
 
     def qc_warnings(self) -> np.ndarray:
-        """Per scan, the input warnings `jaxtl prepare` recorded (warnings.tsv) joined by " | ", "" for none."""
+        """Per scan, the warnings `jaxtl prepare` recorded while loading it (warnings.tsv: the `InputWarning`s, and
+        any other, e.g. nibabel's) joined by " | ", "" for none."""
         found: dict[str, list[str]] = {}
         path = self.cache_dir / "warnings.tsv"
         lines = path.read_text().splitlines()[1:] if path.exists() else []
         for line in lines:
             scan_id, _, reason = line.split("\t", 2)
             found.setdefault(scan_id, []).append(reason)
-        return np.array([" | ".join(found.get(i, [])) for i in self.ids], dtype=object)
+        return np.array([" | ".join(found.get(_one_line(i), [])) for i in self.ids], dtype=object)  # ids as written
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = int(index)

@@ -130,10 +130,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _report_qc(command: str, columns: dict, out: Path) -> None:
-    n = sum(bool(w) for w in columns["qc_warnings"])
+    written = [w for w, e in zip(columns["qc_warnings"], columns.get("error", [""] * len(columns["qc_warnings"])),
+                                 strict=True) if not e]  # the scans in the CSV (the failed ones are not)
+    n = sum(bool(w) for w in written)
     if n:
-        print(f"jaxtl {command}: {n} of {len(columns['qc_warnings'])} scans have input warnings (their "
-              f"qc_warnings column in {out}): check them before trusting their results", file=sys.stderr)
+        print(f"jaxtl {command}: {n} of {len(written)} scans have input warnings (their qc_warnings column in "
+              f"{out}): check them before trusting their results", file=sys.stderr)
 
 
 def _embed(args: argparse.Namespace) -> int:

@@ -89,7 +89,7 @@ class Stages:
 
 
 def demo_cohorts(config: DemoConfig) -> tuple[SimulatedCohort, dict[str, SimulatedCohort]]:
-    """The simulated source cohort and the targets by name (made in `out_dir`/data on first use)."""
+    """The simulated source cohort and the targets by name (specs: `run_demo` makes them in `out_dir`/data)."""
     source = SimulatedCohort("ukb", config.source_n, 0, config.resolution)
     return source, {name: SimulatedCohort(name, config.target_n, 1, config.resolution) for name in config.targets}
 

@@ -718,9 +718,8 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
 
     end = total_steps if max_steps is None else min(total_steps, max_steps)
     tracer = Profile(workdir, profile, n_proc) if profile is not None else None
-    if tracer is not None and not tracer.reachable(step, end):
-        warnings.warn(f"profile={profile!r}: this run trains steps {step + 1}..{end}, so nothing is traced",
-                      stacklevel=2)
+    if tracer is not None:
+        tracer.plan(step, end)
     bar = tqdm(total=end, initial=step, unit="step", desc="pretrain", disable=not (progress and is_main))
     val_name = "val_mae" if config.task == "age" else "val_accuracy"
     result = {}
@@ -735,13 +734,15 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                 stop_preempted()
             while step < end:
                 if tracer is not None:
-                    tracer.before(step + 1)
+                    with clock.paused():
+                        tracer.before(step + 1, in_flight)
                 batch = next(data_iter)
                 loss, finite = trainer.step(trainer.global_batch(batch["image"]),
                                             trainer.global_batch(batch[label_key]), step)
                 step += 1
                 if tracer is not None:
-                    tracer.after(step, loss)
+                    with clock.paused():
+                        tracer.after(step, loss)
                 clock.step_done(step, loss)
                 pending.append((step, loss, finite))
                 in_flight.append(loss)
@@ -775,10 +776,10 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
             bar.set_postfix({k: f"{v:.3f}" for k, v in result.items() if k.startswith("test_")
                              and "baseline" not in k})
     finally:
-        if tracer is not None:
-            tracer.stop()
         mngr.wait_until_finished()
         bar.close()
+        if tracer is not None:  # stopped inside the window (preempted, an error)
+            tracer.stop()
     mngr.close()
     log({"final": result})
     return _export(trainer, workdir / "model", source, config, result)
@@ -787,41 +788,64 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
 class Profile:
     """Traces train steps `first`..`last` with the JAX profiler into `workdir/profile` (per process when there are
     several): a TensorBoard profile and a Perfetto trace (ui.perfetto.dev), and top_ops.json, the XLA ops (on a
-    GPU/TPU: device kernels) that took the most time per step, whose first lines are printed."""
+    GPU/TPU: device kernels) that took the most time per traced step, whose first lines are printed. A profiler
+    failure warns and never stops training."""
 
     def __init__(self, workdir: Path, steps: tuple[int, int], n_proc: int):
         self.first, self.last = steps
         self.dir = workdir / "profile" / (f"process{jax.process_index()}" if n_proc > 1 else "")
-        self.tracing = False
+        self.tracing, self.traced = False, 0
 
-    def reachable(self, done: int, end: int) -> bool:
-        return done < self.first <= end
+    def plan(self, done: int, end: int) -> None:
+        """This run trains steps done+1..end: warn when the window is missed or cut."""
+        asked = (self.first, self.last)
+        if not done < self.first <= end:
+            warnings.warn(f"profile={asked!r}: this run trains steps {done + 1}..{end}, so nothing is traced",
+                          stacklevel=3)
+        elif self.last > end:
+            self.last = end
+            warnings.warn(f"profile={asked!r}: this run ends at step {end}, so steps {self.first}..{end} are traced",
+                          stacklevel=3)
 
-    def before(self, step: int) -> None:
-        if step == self.first:
+    def before(self, step: int, in_flight) -> None:
+        if step != self.first:
+            return
+        jax.block_until_ready(list(in_flight))  # earlier steps still queued on the device stay out of the trace
+        try:
             self.dir.mkdir(parents=True, exist_ok=True)
             jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
             self.tracing = True
+        except Exception as e:  # e.g. a trace already running
+            warnings.warn(f"profiling steps {self.first}..{self.last} failed to start: {type(e).__name__}: {e}",
+                          stacklevel=3)
 
     def after(self, step: int, loss: jax.Array) -> None:
-        if self.tracing and step >= self.last:
-            jax.block_until_ready(loss)  # the last traced step's device work inside the trace
-            self.stop()
+        if self.tracing:
+            self.traced += 1
+            if step >= self.last:
+                jax.block_until_ready(loss)  # the last traced step's device work inside the trace
+                self.stop()
 
     def stop(self) -> None:
+        """End the trace (also when training stopped inside the window) and summarise it."""
         if not self.tracing:
             return
-        from jaxtl.bench import summarize_trace
-
-        jax.profiler.stop_trace()
         self.tracing = False
-        traces = sorted(self.dir.glob("**/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
-        top = summarize_trace(traces[-1], self.last - self.first + 1) if traces else []
-        _write_json(self.dir / "top_ops.json", top, indent=1)
+        first, last = self.first, self.first + self.traced - 1
+        try:
+            from jaxtl.bench import summarize_trace
+
+            jax.profiler.stop_trace()
+            traces = sorted(self.dir.glob("**/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+            top = summarize_trace(traces[-1], max(self.traced, 1)) if traces else []
+            _write_json(self.dir / "top_ops.json", top, indent=1)
+        except Exception as e:  # a full disk, the trace conversion: the run itself goes on
+            warnings.warn(f"profiling steps {first}..{last} failed: {type(e).__name__}: {e}", stacklevel=2)
+            return
         lines = [f"  {t['ms_per_step']:9.3f} ms/step  {t['name'][:90]}" for t in top[:5]]
-        print(f"jaxtl pretrain: profile of steps {self.first}..{self.last} in {self.dir} (tensorboard --logdir, "
-              "or perfetto_trace.json.gz in ui.perfetto.dev); most time:", *lines, sep="\n", file=sys.stderr,
-              flush=True)
+        print(f"jaxtl pretrain: profile of steps {first}..{last} in {self.dir} (tensorboard --logdir, or "
+              "perfetto_trace.json.gz in ui.perfetto.dev); " + ("most time:" if lines else "no ops recorded"),
+              *lines, sep="\n", file=sys.stderr, flush=True)
 
 
 def _test_metrics(trainer: Trainer, best_dir: Path, source: CacheSource, train_idx: np.ndarray,

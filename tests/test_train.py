@@ -442,21 +442,26 @@ def test_distributed_init_skips_only_marked_grain_workers(monkeypatch, capsys):
 
 
 def test_pretrain_profiles_the_steps_asked_for(ukb_cache, tmp_path, capsys):
-    """`profile=(2, 3)`: a TensorBoard profile and a Perfetto trace of those steps in workdir/profile, the ops that
-    took the most time in top_ops.json and on stderr; a window the run never reaches traces nothing, with a
-    warning."""
+    """`profile=(2, 9)` on a run that ends at step 4: steps 2..4 traced (with a warning) into workdir/profile as a
+    TensorBoard profile and a Perfetto trace, the ops that took the most time in top_ops.json and on stderr. A
+    window the run never reaches traces nothing; a profiler that fails to start warns and training goes on."""
     run = tmp_path / "run"
-    pretrain(tiny_config("epochs=1", "data.test_fraction=0", "data.val_fraction=0"), ukb_cache, run, progress=False,
-             profile=(2, 3))
+    cfg = tiny_config("epochs=1", "data.test_fraction=0", "data.val_fraction=0")
+    with pytest.warns(UserWarning, match=r"profile=\(2, 9\): this run ends at step 4, so steps 2..4 are traced"):
+        pretrain(cfg, ukb_cache, run, progress=False, max_steps=4, profile=(2, 9))
     profile = run / "profile"
     assert list(profile.glob("plugins/profile/*/*.xplane.pb")) and list(profile.glob("**/perfetto_trace.json.gz"))
     top = json.loads((profile / "top_ops.json").read_text())
     assert top and all(t["ms_per_step"] >= 0 and t["name"] for t in top)
     err = capsys.readouterr().err
-    assert f"profile of steps 2..3 in {profile}" in err and top[0]["name"][:40] in err
+    assert f"profile of steps 2..4 in {profile}" in err and top[0]["name"][:40] in err
     with pytest.warns(UserWarning, match=r"profile=\(5, 6\): this run trains steps 1..2, so nothing is traced"):
-        pretrain(tiny_config("epochs=1"), ukb_cache, tmp_path / "short", progress=False, max_steps=2, profile=(5, 6))
+        pretrain(cfg, ukb_cache, tmp_path / "short", progress=False, max_steps=2, profile=(5, 6))
     assert not (tmp_path / "short" / "profile").exists()
+    with jax.profiler.trace(str(tmp_path / "outer")):  # a trace already running: ours cannot start
+        with pytest.warns(UserWarning, match=r"profiling steps 1..1 failed to start"):
+            out = pretrain(cfg, ukb_cache, tmp_path / "busy", progress=False, max_steps=2, profile=(1, 1))
+    assert model_meta(out)["complete"] is False and len(steps_logged(tmp_path / "busy")) == 2
     with pytest.raises(ValueError, match="profile=\\(3, 2\\): give steps"):
         pretrain(tiny_config(), ukb_cache, tmp_path / "bad", progress=False, profile=(3, 2))
 
