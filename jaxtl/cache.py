@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxtl.cohort import Cohort, read_cohort
-from jaxtl.data import PREPROCESSING_VERSION, InputError, input_shape, load_volume
+from jaxtl.data import PREPROCESSING_VERSION, InputError, collect_input_warnings, input_shape, load_volume
 
 FORMAT = "jaxtl-cache"
 VERSION = 1
@@ -568,9 +568,15 @@ class NiftiSource:
         self.cohort, self.downsample, self.check = cohort, downsample, check
         self.ids, self.paths = cohort.ids, cohort.paths
         self.ages, self.sexes = cohort.ages.astype(np.float32), cohort.sexes.astype(np.float32)
+        self._warned: dict[int, list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.cohort)
+
+    def qc_warnings(self) -> np.ndarray:
+        """Per scan, the `InputWarning`s of loading it in this process joined by " | ", "" for none (or not loaded
+        yet)."""
+        return np.array([" | ".join(self._warned.get(i, [])) for i in range(len(self))], dtype=object)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -579,7 +585,10 @@ class NiftiSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = int(index)
-        image = load_volume(self.paths[i], downsample=self.downsample, check=self.check)
+        with collect_input_warnings() as warned:  # per thread: grain's and the readers' threads load other scans
+            image = load_volume(self.paths[i], downsample=self.downsample, check=self.check)
+        if warned:
+            self._warned[i % len(self)] = warned
         return {"image": image, "age": self.ages[i], "sex": self.sexes[i], "id": self.ids[i]}
 
     def __repr__(self) -> str:

@@ -895,6 +895,8 @@ def transfer(backbone: JaxtlModel, target: Target, config: TransferConfig, *, sp
         preds |= {"prediction_corrected": corrected, "gap": pred - y, "gap_corrected": corrected - y}
     else:
         preds |= {"predicted_sex": (pred > 0.5).astype(float)}
+    if hasattr(target.source, "qc_warnings"):  # a cache or NIfTI files (each scan was loaded to predict it)
+        preds["qc_warnings"] = target.source.qc_warnings()
     return TransferResult(metrics, preds, head)
 
 

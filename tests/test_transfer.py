@@ -154,7 +154,7 @@ def test_each_method_end_to_end(method, tiny_models, ixi_tiny, tmp_path):
     pred = read_predictions(out / "predictions.csv")
     head = ["id", "participant_id", "session", "site", "split", task, "prediction"]
     head += ["prediction_corrected", "gap", "gap_corrected"] if task == "age" else ["predicted_sex"]
-    assert list(pred) == head
+    assert list(pred) == [*head, "qc_warnings"]
     assert list(pred["participant_id"]) == list(ids)
     assert np.all(np.isfinite(pred["prediction"]))
     metrics = json.loads((out / "metrics.json").read_text())
@@ -580,6 +580,18 @@ def test_input_warnings_are_columns_of_predictions_and_features(tiny_models, ixi
                          str(out), "--no-progress"]) == 0
     assert f"2 of 5 scans have input warnings (their qc_warnings column in {out})" in capsys.readouterr().err
     assert list(read_predictions(out)["qc_warnings"]) == qc
+    # `jaxtl transfer`'s predictions.csv too (NIfTI files loaded on grain's and the readers' threads)
+    cohort = read_cohort(ixi_tiny[0]).select(range(10))
+    labelled = tmp_path / "labelled.csv"
+    rows = [(s.participant_id, s.path, s.age) for s in cohort] + [("sub-skull", unstripped, 50), ("sub-qs", qs, 60)]
+    labelled.write_text("participant_id,path,age\n" + "".join(f"{i},{p},{a}\n" for i, p, a in rows))
+    for method in ("features", "ft_final"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run_transfer(tiny_models["age"], labelled, tmp_path / method, task="age", method=method,
+                                  config=FAST, progress=False)
+        found = list(result.predictions["qc_warnings"])
+        assert found[:10] == [""] * 10 and (found[10], found[11]) == (qc[1], qc[3]), method
 
 
 def test_cli_embed_writes_features_per_scan(tiny_models, ixi_tiny, tmp_path, capsys):
