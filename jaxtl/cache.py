@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxtl.cohort import Cohort, read_cohort
-from jaxtl.data import PREPROCESSING_VERSION, InputError, collect_input_warnings, input_shape, load_volume
+from jaxtl.data import PREPROCESSING_VERSION, InputError, collect_input_warnings, input_shape, load_volume, qc_column
 
 FORMAT = "jaxtl-cache"
 VERSION = 1
@@ -524,7 +524,7 @@ class CacheSource:
         for line in lines:
             scan_id, _, reason = line.split("\t", 2)
             found.setdefault(scan_id, []).append(reason)
-        return np.array([" | ".join(found.get(_one_line(i), [])) for i in self.ids], dtype=object)  # ids as written
+        return qc_column(found, (_one_line(i) for i in self.ids))  # ids as warnings.tsv writes them
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = int(index)
@@ -576,7 +576,7 @@ class NiftiSource:
     def qc_warnings(self) -> np.ndarray:
         """Per scan, the `InputWarning`s of loading it in this process joined by " | ", "" for none (or not loaded
         yet)."""
-        return np.array([" | ".join(self._warned.get(i, [])) for i in range(len(self))], dtype=object)
+        return qc_column(self._warned, range(len(self)))
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -80,6 +80,11 @@ def collect_input_warnings():
             outer.extend(messages)
 
 
+def qc_column(warned: dict, keys) -> np.ndarray:
+    """The `qc_warnings` column: for each key, its messages in `warned` joined by " | ", "" for none."""
+    return np.array([" | ".join(warned.get(k, [])) for k in keys], dtype=object)
+
+
 def _warn_input(message: str, stacklevel: int) -> None:
     messages = getattr(_collecting, "messages", None)
     if messages is not None:

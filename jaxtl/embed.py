@@ -131,9 +131,11 @@ class VolumeReader:
     def qc_warnings(self) -> np.ndarray:
         """Per volume, the `InputWarning`s of loading it joined by " | " ("" for none; a prepared cache: those
         `jaxtl prepare` recorded). Loaded volumes only: complete once every volume was read."""
+        from jaxtl.data import qc_column
+
         if self._kind == "source" and hasattr(self._items, "qc_warnings"):
             return self._items.qc_warnings()
-        return np.array([" | ".join(self._warned.get(i, [])) for i in range(len(self))], dtype=object)
+        return qc_column(self._warned, range(len(self)))
 
     def _setup(self, volumes: Any) -> None:
         from jaxtl.cohort import Cohort
