@@ -10,10 +10,10 @@
    block's fused roofline bound (benchmarks/roofline.py, eval). One record per (mode, dtype) -> OUT.jsonl
    ("kind": "first_block").
    Stage `blocks`.
-2. Stage `network`: with `first_block.TUNING` / `TRAIN_TUNING` set to the fastest correct tuning of each mode and
-   dtype in OUT.jsonl's block records (the module's defaults where there is none): `jaxtl bench`'s embed and
-   train cases for Peng's SFCN at 1mm, batch B, `conv_impl="pallas"`, PyTorch beside them, and the XLA path's
-   embed -> OUT_network.jsonl beside OUT.jsonl (ordinary `jaxtl bench` records, plus "first_block_tuning").
+2. Stage `network`: with `first_block.TUNING` / `TRAIN_TUNING`'s entry for the dtype set to the fastest correct
+   tuning of each mode and dtype in OUT.jsonl's block records (the module's defaults where there is none): `jaxtl
+   bench`'s embed and train cases for Peng's SFCN at 1mm, batch B, `conv_impl="pallas"`, PyTorch beside them, and the
+   XLA path's embed -> OUT_network.jsonl beside OUT.jsonl (ordinary `jaxtl bench` records, plus "first_block_tuning").
 
 On a CPU (no Triton) the blocks stage runs a tiny shape in Pallas' interpreter, two tunings: plumbing only.
 Usage: python benchmarks/gpu_first_block.py OUT.jsonl [blocks|network] [mode,...] [dtype,...] [batch] [repeats]
@@ -215,14 +215,12 @@ def network(blocks: Path, modes: list[str], dtypes: list[str], batch: int, repea
         rec = json.loads(line)
         if rec.get("kind") == "first_block" and rec.get("best") and rec.get("batch") == batch:
             best[rec["mode"], rec["dtype"]] = rec["best"]  # the latest record of each wins
-    defaults = {"eval": dict(fb.TUNING), "train": dict(fb.TRAIN_TUNING)}
     for mode, dtype_name in ordered(modes, dtypes):
-        tuning = defaults[mode] | best.get((mode, dtype_name), {})
+        table = fb.TUNING if mode == "eval" else fb.TRAIN_TUNING  # what the model's kernels use, per dtype
+        tuning = fb.tuning_for(table, dtype_name) | best.get((mode, dtype_name), {})
         suite = "embed" if mode == "eval" else "train"
         start = time.perf_counter()
-        target = fb.TUNING if mode == "eval" else fb.TRAIN_TUNING  # what the model's kernels use
-        target.clear()
-        target.update(tuning)
+        table["float32" if jnp.dtype(dtype_name).itemsize >= 4 else "bfloat16"] = tuning
         # the steps read the tuning when traced: no step compiled with another tuning may be reused
         jax.clear_caches()
         train._jitted_steps.cache_clear()

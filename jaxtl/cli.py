@@ -435,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_at_least(0), default=2,
                    help="untimed steps per side after compilation, timed apart (default 2)")
     p.add_argument("--conv-impl", choices=["auto", "xla", "fast", "pallas"], default="auto",
-                   help="jaxtl convolution (default auto: fast on a single CPU device, XLA elsewhere; pallas: XLA with "
-                        "the first block as fused GPU kernels, unmeasured)")
+                   help="jaxtl convolution (default auto: fast on a single CPU device, pallas on Hopper GPUs, XLA "
+                        "elsewhere; pallas: XLA with the first block as fused GPU kernels)")
     p.add_argument("--torch-format", choices=["auto", "channels_last", "contiguous"], default="auto",
                    help="PyTorch memory format (default auto: the faster of the two)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")

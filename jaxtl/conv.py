@@ -43,14 +43,34 @@ IMPLS = ("auto", "xla", "fast", "pallas")
 
 
 def default_impl() -> str:
-    """What "auto" means: $JAXTL_CONV_IMPL ("xla", "fast" or "pallas") if set, else "fast" on a single CPU device
-    and "xla" otherwise (GPU/TPU, where XLA's convolutions are the fast path, or several CPU devices)."""
+    """What "auto" means: $JAXTL_CONV_IMPL ("xla", "fast" or "pallas") if set, else "fast" on a single CPU device,
+    "pallas" on NVIDIA Hopper GPUs (`fused_first_block_gpu`) and "xla" elsewhere (other GPUs, TPUs, several CPU
+    devices)."""
     forced = os.environ.get("JAXTL_CONV_IMPL", "").replace("auto", "")
     if forced in IMPLS[1:]:
         return forced
     if forced:
         raise ValueError(f"JAXTL_CONV_IMPL={forced!r}: use one of {', '.join(IMPLS[1:])} (or unset it)")
-    return "fast" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "xla"
+    if jax.default_backend() == "cpu":
+        return "fast" if jax.device_count() == 1 else "xla"
+    return "pallas" if fused_first_block_gpu() else "xla"
+
+
+def fused_first_block_gpu(devices: list | None = None) -> bool:
+    """Whether the fused first block (`jaxtl.first_block`, Pallas on Triton) is the default on these devices: NVIDIA
+    GPUs of compute capability 9.x, where it was measured (H200: Peng's 1mm embed 2.2x, train step 4.7x the XLA
+    path's, benchmarks/README.md), with Pallas' Triton backend importable. Other NVIDIA GPUs can ask for it with
+    conv_impl="pallas" (not measured there)."""
+    devices = jax.devices() if devices is None else devices
+    # CUDA devices carry compute_capability "major.minor" (AMD GPUs an architecture name, e.g. "gfx90a")
+    if not devices or not all(d.platform == "gpu" and str(getattr(d, "compute_capability", "")).split(".")[0] == "9"
+                              for d in devices):
+        return False
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401  (deprecated in JAX 0.11, gone in some later JAX)
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_impl(impl: str) -> str:

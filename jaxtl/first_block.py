@@ -17,10 +17,12 @@ accumulation; TF32 for float32 inputs, as XLA's GPU convolutions).
   the pooled output follows at pooled size. The backward kernel recomputes the conv output
   and accumulates the kernel gradient; BatchNorm's reductions are over pooled-size arrays.
 
-STATUS: written and checked without a GPU at hand. Values and gradients are tested in Pallas' interpreter on CPU,
-the Triton lowering by exporting for CUDA (`tests/test_first_block.py`), PTX compilation with the standalone
-Triton (`benchmarks/triton_ptx.py`); the speed has NOT been measured yet (`conv_impl="pallas"`,
-`benchmarks/gpu_next.sh`). JAX 0.11 deprecates Pallas' Triton backend (Mosaic GPU is its successor).
+STATUS: measured on one NVIDIA H200 (2026-11-27, benchmarks/README.md): block 0 alone 9x faster than XLA's block in eval
+and 19x in train in bfloat16 (4.3x, 3.3x in float32), Peng's 1mm embed 2.2x the XLA path's (1230 vs 555 vol/s, bfloat16)
+and the train step 4.7x (318 vs 67 vol/s); `conv_impl="auto"` uses these kernels on Hopper GPUs (`jaxtl.conv`). Values
+and gradients are also tested in Pallas' interpreter on CPU and the Triton lowering by exporting for CUDA
+(`tests/test_first_block.py`). JAX 0.11 deprecates Pallas' Triton backend (Mosaic GPU is its successor): the kernels
+still lower there, with a DeprecationWarning.
 """
 
 from __future__ import annotations
@@ -39,13 +41,22 @@ from jaxtl.conv import bn_pool_backward, max_pool2
 
 TAPS = 32  # 27 kernel taps padded to a tensor-core friendly K
 POSITIONS = [(pd, ph, pw) for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)]  # in the 2x2x2 pooling window
-# The defaults of `first_block`'s and `first_block_train`'s tuning arguments (what the model uses). Not measured on a
-# GPU yet (benchmarks/gpu_first_block.py will); chosen from compiling for sm_90 without one (benchmarks/triton_ptx.py,
-# Triton 3.9): no register spills and few registers per thread (bfloat16: eval 80, train forward 75, backward 132;
-# float32 134 / 120 / 164), so that many warps can hide the gathers' latency.
-TUNING = dict(tile=128, window=False, voxel_major=True, num_warps=8, num_stages=2)
-TRAIN_TUNING = dict(tile=64, window=False, voxel_major=False, num_warps=8, num_stages=2)
+# The defaults of `first_block`'s and `first_block_train`'s tuning arguments (what the model uses), per compute dtype
+# (16-bit dtypes take bfloat16's): the fastest correct tuning of block 0 alone, Peng's 1mm input, batch 8, on an
+# H200 (benchmarks/gpu_first_block_h200.jsonl, 2026-11-27; eval bfloat16 1.05 ms vs XLA's block 9.6 ms and PyTorch's
+# 18.6 ms; train forward + backward bfloat16 5.04 ms vs 97.7 and 46.0 ms). For bfloat16 training the tap-major
+# build without `window` (5.04 ms) is kept over the fastest (`window`, 4.87 ms): its kernel gradient is 2.5x
+# closer to float32's (8.4e-3 vs 2.1e-2 of the largest value; XLA's block: 4.0e-2).
+TUNING = {"bfloat16": dict(tile=128, window=True, voxel_major=True, num_warps=4, num_stages=2),
+          "float32": dict(tile=128, window=False, voxel_major=True, num_warps=4, num_stages=2)}
+TRAIN_TUNING = {"bfloat16": dict(tile=64, window=False, voxel_major=False, num_warps=4, num_stages=2),
+                "float32": dict(tile=64, window=False, voxel_major=True, num_warps=4, num_stages=2)}
 DEBUG = False  # pallas_call(debug=...): print the kernel's jaxpr and Triton IR when lowering (benchmarks/triton_ptx.py)
+
+
+def tuning_for(table: dict[str, dict], dtype) -> dict:
+    """The entry of `TUNING` / `TRAIN_TUNING` for a compute dtype: float32's for 32-bit ones, else bfloat16's."""
+    return table["float32" if jnp.dtype(dtype).itemsize >= 4 else "bfloat16"]
 
 
 def supported(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], pool: bool) -> bool:
@@ -360,15 +371,15 @@ def first_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, mul: jax.Array
     by the pool as PyTorch's MaxPool3d(2). `interpret` (default: on any backend but a GPU) runs Pallas'
     interpreter instead of Triton, for tests on CPU.
 
-    `tuning` overrides `TUNING`: `tile` (pooled voxels per program, a power of two); `window`: gather the 4x4x4
-    input neighbourhood of each pooling window once (64 loads per pooled voxel, 8 dots with K = 64, 2.4x the FLOPs)
-    instead of the 27 taps of each of its 8 conv outputs (216 loads, K = 32); `voxel_major`: a warp's lanes run
-    along voxels (else along taps) in the gathered matrix; `num_warps`, `num_stages`: Triton's.
+    `tuning` overrides the dtype's `TUNING` entry (`tuning_for`): `tile` (pooled voxels per program, a power of two);
+    `window`: gather the 4x4x4 input neighbourhood of each pooling window once (64 loads per pooled voxel, 8 dots with K
+    = 64, 2.4x the FLOPs) instead of the 27 taps of each of its 8 conv outputs (216 loads, K = 32); `voxel_major`: a
+    warp's lanes run along voxels (else along taps) in the gathered matrix; `num_warps`, `num_stages`: Triton's.
     """
     if not supported(x.shape, kernel.shape, True):
         raise ValueError(f"first_block needs a (B, D, H, W, 1) input with D, H, W >= 2 and a (3, 3, 3, 1, C) kernel, "
                          f"got {x.shape} and {kernel.shape}")
-    options = _options(tuning, interpret, TUNING)
+    options = _options(tuning, interpret, tuning_for(TUNING, dtype or x.dtype))
     f32 = jnp.float32
     call = _on_devices(lambda *a, axis: _block(*a, options, axis), 5, P("data"))
     return call(x.astype(dtype or x.dtype), kernel.astype(f32), bias.astype(f32), mul.astype(f32), add.astype(f32))
@@ -470,17 +481,17 @@ def first_block_train(x: jax.Array, kernel: jax.Array, bias: jax.Array, scale: j
                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The train-mode first block, fused: relu(maxpool2(BatchNorm(conv3d(x) + bias))) with batch statistics.
 
-    Returns (output, batch mean, biased batch variance), the statistics for the running averages, as
-    `train_reference`. The full-resolution conv output is never stored: the forward kernel writes each window's
-    selected value, its position and per-program statistics; the backward kernel recomputes the conv output to
-    accumulate the kernel gradient. D, H, W must be even (`train_supported`). Differentiable in all array arguments
-    (the input's gradient is XLA's, and dropped when not needed). `tuning` overrides `TRAIN_TUNING`, as for
-    `first_block` (the backward kernel always gathers taps).
+    Returns (output, batch mean, biased batch variance), the statistics for the running averages, as `train_reference`.
+    The full-resolution conv output is never stored: the forward kernel writes each window's selected value, its
+    position and per-program statistics; the backward kernel recomputes the conv output to accumulate the kernel
+    gradient. D, H, W must be even (`train_supported`). Differentiable in all array arguments (the input's gradient is
+    XLA's, and dropped when not needed). `tuning` overrides the dtype's `TRAIN_TUNING` entry, as for `first_block` (the
+    backward kernel always gathers taps).
     """
     if not train_supported(x.shape, kernel.shape, True):
         raise ValueError(f"first_block_train needs a (B, D, H, W, 1) input with even D, H, W and a (3, 3, 3, 1, C) "
                          f"kernel, got {x.shape} and {kernel.shape}")
-    options = _options(tuning, interpret, TRAIN_TUNING)
+    options = _options(tuning, interpret, tuning_for(TRAIN_TUNING, dtype or x.dtype))
     f32 = jnp.float32
     call = _on_devices(lambda *a, axis: _train_block(*a, float(epsilon), options, axis), 5, (P("data"), P(), P()))
     return call(x.astype(dtype or x.dtype), kernel.astype(f32), bias.astype(f32), scale.astype(f32),

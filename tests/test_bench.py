@@ -395,6 +395,10 @@ def test_other_processes_cpu_marks_records_busy_and_the_report_prefers_quiet_one
         "other_cpu_cores": {"start": 1.2, "end": 0.0}}
     old_loaded = _fake_record("cpu-test-2core", case="train") | {"load_avg": {"end": [9.0, 9.0, 9.0]}}
     assert not bench.is_busy(quiet) and bench.is_busy(busy) and bench.is_busy(old_loaded)
+    # a GPU machine's host only feeds the device: half a core of other CPU (e.g. the driver's copies) is quiet there
+    gpu = _fake_record("gpu-fake-x1") | {"other_cpu_cores": {"start": 0.0, "during": 0.5, "end": 0.0}}
+    assert not bench.is_busy(gpu) and bench.is_busy(gpu | {"other_cpu_cores": {"during": 1.2}})
+    assert bench.is_busy(quiet | {"other_cpu_cores": {"during": 0.5}})
     assert [r["vol_per_s"] for r in bench.latest([quiet, busy])] == [10.0]  # the newer one was busy
     assert [r["vol_per_s"] for r in bench.latest([busy])] == [99.0]  # nothing quiet: the busy one, marked
     assert "(busy)" in bench.report_markdown([busy, old_loaded]) and "(busy)" not in bench.report_markdown([quiet])

@@ -174,6 +174,66 @@ def test_model_uses_the_kernels_for_the_first_block(monkeypatch):
     assert calls == [] and len(caught) == 1  # for the first block only
 
 
+def test_auto_means_the_kernels_on_hopper_gpus_only(monkeypatch):
+    """conv_impl="auto": the fused first block on NVIDIA compute capability 9.x (where it was measured), XLA on other
+    GPUs and TPUs, the CPU fast path on one CPU device; $JAXTL_CONV_IMPL still decides first."""
+    from types import SimpleNamespace
+
+    from jaxtl import conv
+
+    def gpu(cc):
+        return SimpleNamespace(platform="gpu", compute_capability=cc, device_kind="GPU")
+
+    assert conv.fused_first_block_gpu([gpu("9.0"), gpu("9.0")])
+    for devices in ([gpu("8.0")], [gpu("10.0")], [gpu("9.0"), gpu("8.6")], [gpu("gfx90a")], [],
+                    [SimpleNamespace(platform="tpu", device_kind="TPU v5p")], jax.devices()):
+        assert not conv.fused_first_block_gpu(devices), devices
+    monkeypatch.delenv("JAXTL_CONV_IMPL", raising=False)
+    assert conv.default_impl() == "fast"  # this test process: one CPU device
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu("9.0")])
+    assert conv.default_impl() == "pallas" and conv.resolve_impl("auto") == "pallas"
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu("8.0")])
+    assert conv.default_impl() == "xla"
+    monkeypatch.setenv("JAXTL_CONV_IMPL", "pallas")
+    assert conv.default_impl() == "pallas"
+
+
+def test_default_tuning_is_the_compute_dtypes(monkeypatch):
+    """float32 blocks take TUNING["float32"], 16-bit ones TUNING["bfloat16"] (and TRAIN_TUNING alike); an argument
+    overrides the entry."""
+    assert fb.tuning_for(fb.TUNING, jnp.float32) is fb.TUNING["float32"]
+    assert fb.tuning_for(fb.TUNING, jnp.float16) is fb.tuning_for(fb.TUNING, jnp.bfloat16) is fb.TUNING["bfloat16"]
+    args = _args((1, 4, 4, 4, 1), 16)
+    for table, fn in ((fb.TUNING, fb.first_block), (fb.TRAIN_TUNING, fb.first_block_train)):
+        monkeypatch.setitem(table, "float32", table["float32"] | {"tile": 48})  # invalid: float32 must fail
+        monkeypatch.setitem(table, "bfloat16", table["bfloat16"] | {"tile": 16})
+        with pytest.raises(ValueError, match="power of two from 16 to 256, got 48"):
+            fn(*args)
+        with pytest.raises(ValueError, match="got 48"):
+            fn(*args, dtype=jnp.float32)
+        assert fn(*args, dtype=jnp.bfloat16) is not None
+        assert fn(*args, tile=16) is not None
+
+
+def test_auto_falls_back_to_xla_quietly(monkeypatch):
+    """With "auto" meaning the kernels but several devices and no data mesh, the first block is XLA's without the
+    warning an explicit conv_impl="pallas" gives."""
+    import warnings
+
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 8, 8, 8)), jnp.float32)
+    auto = SFCN((4, 8), num_outputs=3, rngs=nnx.Rngs(0), conv_impl="auto")
+    xla = SFCN((4, 8), num_outputs=3, rngs=nnx.Rngs(0), conv_impl="xla")
+    auto.eval(), xla.eval()
+    monkeypatch.setenv("JAXTL_CONV_IMPL", "pallas")
+    monkeypatch.setattr(fb, "runs_here", lambda: False)
+    calls = _spy(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(auto.features(x), xla.features(x), rtol=1e-5, atol=1e-5)
+    assert calls == []
+
+
 @pytest.mark.parametrize("options", [VARIANTS[0], VARIANTS[2]])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_lowers_to_triton_for_cuda(options, dtype):
