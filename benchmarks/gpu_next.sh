@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
-# What issue #7 still needs measured on a GPU, prepared without one, most important first. Stages:
-#   first_block  gpu_first_block.py blocks: the fused Pallas first block (jaxtl.first_block, eval and train mode) in
-#                each tuning beside the XLA path's block and PyTorch's (records -> $OUT/first_block.jsonl)     <= 4 min
-#   first_block_network  gpu_first_block.py network: Peng's embed and train step at 1mm with `conv_impl="pallas"` and
-#                the fastest tunings of those records, beside PyTorch (-> $OUT/first_block_network.jsonl)     <= 5 min
-#   blocks       gpu_blocks.py: each conv block alone (conv / eval / train), XLA path beside PyTorch, with its roofline
-#                bound (records -> $OUT/blocks.jsonl)                                                      <= 2 min
-#   profile      `jaxtl bench --profile`, Peng 1mm bfloat16 batch 8, embed and train: the kernels that take the time
-#                ($OUT/profile.jsonl `profile_top`, Perfetto traces $OUT/profile-<case>.json.gz)             <= 2 min
-#   variants     gpu_variants.py, train step bfloat16: reshape max-pool, space-to-depth and 27-FMA first layers
-#                (`pool`, `pool+s2d`, `pool+direct`; records -> $OUT/variants.jsonl)                       <= 2.5 min
-#   train        the train step of the transfer and demo configs (timed out compiling in the first GPU run)  <= 1.5 min
-#   demo         `jaxtl demo` end to end in /tmp, own empty JAXTL_HOME, if >= 200 s left ($OUT/demo_REPORT.md)
+# What issue #7 still needs measured on a GPU, prepared without one, most important first. Measured 2026-11-27 on
+# an H200 (benchmarks/README.md): first_block, first_block_network, blocks, profile (of the XLA path then) and train.
+# The default stages now:
+#   nhwc         Peng 1mm bfloat16 embed + train step (conv_impl auto: the fused first block on Hopper), without and
+#                with XLA_FLAGS=--xla_gpu_force_conv_nhwc=true: on Hopper XLA lays out every 3-D convolution NCDHW
+#                and cuDNN transposes around its channels-last kernels (1.9 of the embed step's 4 ms in blocks 1-5,
+#                the 2026-11-27 XLA-path profile) (records -> $OUT/nhwc.jsonl)                             <= 2.5 min
+#   transfer     gpu_transfer.py: host-to-device copies of a float32 / bfloat16 batch, from threads, and
+#                jaxtl.embed() over 64 in-memory volumes (the public API ran at 146 vol/s against the step's 1234)
+#                (-> $OUT/transfer.jsonl)                                                                   <= 1 min
+#   profile      `jaxtl bench --profile`, Peng 1mm bfloat16 batch 8, embed and train, the default path: the kernels
+#                that take the time ($OUT/profile.jsonl `profile_top`, Perfetto traces $OUT/profile-<case>.json.gz)
+#                                                                                                           <= 2 min
+#   conv_fusion  as nhwc, with --xla_gpu_experimental_enable_conv_fusion=true (cuDNN graph fusions, channels-last)
+#                (-> $OUT/nhwc.jsonl)                                                                     <= 1.5 min
+# Kept: first_block, first_block_network (gpu_first_block.py: the fused block's tunings, then the network with the
+# fastest), blocks (gpu_blocks.py: each block alone beside PyTorch), variants, train (transfer + demo configs), demo.
 # One device call runs at most 10 minutes and a session has about 15 minutes of device time, machine start
-# included: the default stages (first_block first_block_network, <= 9 min) are the one call to make. Only if
-# `status` still shows time on a warm machine: STAGES="blocks profile", then "variants train demo".
+# included: the default stages (<= 7 min) are the one call to make. Only if `status` still shows time on a warm
+# machine: STAGES="blocks" or "train demo".
 # What comes back: at most 8 files, no deeper than $OUT/a/b/ (the device tool's limits); every stage writes 1-3.
 # Setup: benchmarks/gpu_env.sh (the machine's JAX/flax/optax/orbax/PyTorch, the other wheels from .whl/, which
 # benchmarks/gpu_wheels.sh fetches). Usage, from a clean commit (the device copy has no .git):
 #   run(command="JAXTL_GIT_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_next.sh", carry=[".whl"], timeout_s=590)
-#   [STAGES="..."]; inspect $OUT/log; commit the .jsonl records (first_block_network.jsonl holds `jaxtl bench`
-#   records: append them to benchmarks/results/<hardware id>.jsonl; the block records stay beside the scripts)
+#   [STAGES="..."]; inspect $OUT/log; commit the `jaxtl bench` records (nhwc.jsonl, profile.jsonl, gpu.jsonl,
+#   first_block_network.jsonl) to benchmarks/results/<hardware id>.jsonl, the others beside the scripts
 set -u
 source benchmarks/gpu_env.sh
-STAGES=${STAGES:-first_block first_block_network}
+STAGES=${STAGES:-nhwc transfer profile conv_fusion}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
 start=$SECONDS
 stage() { echo "== $1 (t=$((SECONDS - start)) s)" | tee -a "$OUT/log"; }
@@ -35,6 +39,21 @@ first_block() {
 first_block_network() {  # reads $OUT/first_block.jsonl, writes $OUT/first_block_network.jsonl
   timeout 300 python3 benchmarks/gpu_first_block.py "$OUT/first_block.jsonl" network eval,train bfloat16,float32 8 \
     20 2>&1 | tee -a "$OUT/log"
+}
+bench_flags() {  # $1: XLA_FLAGS ("" for none); Peng 1mm bfloat16 embed + train, the default conv_impl, no PyTorch
+  XLA_FLAGS="$1" timeout 100 python3 -m jaxtl.cli bench --out "$OUT/nhwc.jsonl" --warmup 3 --repeats 20 \
+    --suite embed,train --configs peng --resolution 1 --dtype bfloat16 --batch 8 --no-torch \
+    --note "gpu_next.sh: XLA_FLAGS='$1'" 2>&1 | tee -a "$OUT/log"
+}
+nhwc() {
+  bench_flags ""
+  bench_flags "--xla_gpu_force_conv_nhwc=true"
+}
+conv_fusion() {
+  bench_flags "--xla_gpu_experimental_enable_conv_fusion=true"
+}
+transfer() {
+  timeout 90 python3 benchmarks/gpu_transfer.py "$OUT/transfer.jsonl" 8 64 10 2>&1 | tee -a "$OUT/log"
 }
 blocks() {
   timeout 120 python3 benchmarks/gpu_blocks.py "$OUT/blocks.jsonl" bfloat16,float32 8 20 2>&1 | tee -a "$OUT/log"

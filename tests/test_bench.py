@@ -175,6 +175,27 @@ def test_cli_rejects_unknown_suite(capsys):
     assert "unknown suite nope" in capsys.readouterr().err
 
 
+def test_gpu_transfer_script_records(tmp_path, monkeypatch):
+    """benchmarks/gpu_transfer.py on a CPU (small shapes): one well-formed record of copy times, copy bandwidths and
+    jaxtl.embed() throughput in both dtypes."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("gpu_transfer", REPO / "benchmarks" / "gpu_transfer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "transfer.jsonl"
+    monkeypatch.setattr(sys, "argv", ["gpu_transfer.py", str(out), "2", "5", "1"])
+    mod.main()
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["kind"] == "transfer" and rec["batch"] == 2 and rec["n_volumes"] == 5 and rec["hardware"]["id"]
+    assert set(rec["ms"]) == {"put_float32", "put_bfloat16", "cast_bfloat16", "put_threads"}
+    assert set(rec["gb_per_s"]) == {"put_float32", "put_bfloat16", "put_threads"}
+    assert all(v > 0 for v in [*rec["ms"].values(), *rec["gb_per_s"].values()])
+    assert set(rec["embed_vol_per_s"]) == {"float32", "bfloat16"} and min(rec["embed_vol_per_s"].values()) > 0
+
+
 def test_gpu_variant_first_layers_are_exact():
     """benchmarks/gpu_variants.py "pool+s2d" (the first block on 2x2x2 space-to-depth blocks) and "pool+direct"
     (27 shifted multiply-adds) give the plain block's output, BatchNorm statistics and kernel gradient (train

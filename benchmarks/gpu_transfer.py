@@ -1,0 +1,95 @@
+"""Host-to-device copies and `jaxtl.embed()` end to end on a GPU (issue #7). On the H200 (2026-11-27) the public
+`jaxtl.embed()` on one host batch of 8 volumes ran at 146 vol/s against the device step's 1234: a batch of 8
+float32 volumes at 1mm is 157 MB to copy. What bounds a script embedding a cohort held in memory, and what would
+lift it, per batch of B volumes (median of `repeats`):
+
+  put_float32    jax.device_put of the (B, 160, 192, 160) float32 batch, until it is on the device
+  put_bfloat16   the same batch already bfloat16 on the host (half the bytes)
+  cast_bfloat16  converting the float32 batch to bfloat16 on the host (numpy, one thread)
+  put_threads    B device_puts of one float32 volume each, from B threads at once
+  embed_<dtype>  jaxtl.embed() over N in-memory volumes (batches of B, the next one read while one runs) with
+                 Peng's SFCN computing in <dtype>: vol/s, compile excluded (a first call on B volumes)
+
+On a CPU it runs a small shape and channel list (plumbing only). One record -> OUT.jsonl ("kind": "transfer").
+Usage: python benchmarks/gpu_transfer.py OUT.jsonl [batch] [n_volumes] [repeats]
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxtl
+from jaxtl import bench
+from jaxtl.model import PENG_CHANNELS, SFCN
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `fn()` (which waits for its own result) over `repeats` calls, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure(batch: int, n: int, repeats: int, shape: tuple[int, ...], channels: tuple[int, ...]) -> dict:
+    x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32) * 2  # mean ~1, as `jaxtl bench`
+    x16 = x.astype(jnp.bfloat16)
+    device = jax.devices()[0]
+
+    def put(a):
+        return lambda: jax.device_put(a, device).block_until_ready()
+
+    with concurrent.futures.ThreadPoolExecutor(batch) as pool:
+        def put_threads():
+            for a in pool.map(lambda v: jax.device_put(v, device), list(x)):
+                a.block_until_ready()
+
+        s = {"put_float32": timed(put(x), repeats), "put_bfloat16": timed(put(x16), repeats),
+             "cast_bfloat16": timed(lambda: x.astype(jnp.bfloat16), repeats),
+             "put_threads": timed(put_threads, repeats)}
+    rec = {"ms": {k: round(1e3 * v, 3) for k, v in s.items()},
+           "gb_per_s": {k: round((x.nbytes if k != "put_bfloat16" else x16.nbytes) / v / 1e9, 2)
+                        for k, v in s.items() if k.startswith("put")}}
+    volumes = np.concatenate([x] * -(-n // batch))[:n]
+    model = SFCN(channels, num_outputs=40, rngs=nnx.Rngs(0))
+    rec["embed_vol_per_s"] = {}
+    for dtype in ("float32", "bfloat16"):
+        jaxtl.embed(volumes[:batch], model, batch_size=batch, dtype=dtype, progress=False)  # compile
+        start = time.perf_counter()
+        jaxtl.embed(volumes, model, batch_size=batch, dtype=dtype, progress=False)
+        rec["embed_vol_per_s"][dtype] = round(n / (time.perf_counter() - start), 2)
+    return rec
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    gpu = jax.default_backend() == "gpu"
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else (8 if gpu else 2)
+    n = int(sys.argv[3]) if len(sys.argv) > 3 else (64 if gpu else 4)
+    repeats = int(sys.argv[4]) if len(sys.argv) > 4 else (10 if gpu else 2)
+    shape = bench.input_shape(1) if gpu else (16, 20, 16)
+    channels = PENG_CHANNELS if gpu else (4, 8, 8, 8)
+    rec = bench._base_record(bench.hardware_info(), bench.versions(), bench.git_commit(), "gpu_transfer.py") | {
+        "kind": "transfer", "batch": batch, "n_volumes": n, "input_shape": list(shape), "channels": list(channels),
+        **measure(batch, n, repeats, shape, channels)}
+    with out.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(f"batch {batch} of {shape} float32 ({batch * np.prod(shape) * 4 / 1e6:.0f} MB): "
+          + ", ".join(f"{k} {v} ms" for k, v in rec["ms"].items()) + "; GB/s " + json.dumps(rec["gb_per_s"])
+          + f"; jaxtl.embed() over {n} volumes, vol/s: " + json.dumps(rec["embed_vol_per_s"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
