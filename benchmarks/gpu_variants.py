@@ -3,7 +3,8 @@
 Variants of `ConvBlock` on the XLA path (the one GPUs run):
   base       nnx.Conv -> BN -> nnx.max_pool (reduce_window; its gradient is XLA's select-and-scatter)
   pool       the reshape max-pool `jaxtl.conv.max_pool2` (gradient: masks, no scatter); jaxtl's XLA path since
-             it won here
+             it won here (the model's own block: since 2026-11-27 with the conv bias folded into BatchNorm, the
+             other variants still add it to the conv output)
   pool+pad8  also zero-pads the 1-channel input of the first layer to 8 channels (cuDNN's tensor-core
              kernels want channel counts that are multiples of 8); same result, 8x the first layer's FLOPs
   pool+s2d   the first layer by space-to-depth: each 2x2x2 block of the input becomes 8 channels, one 3x3x3

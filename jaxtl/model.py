@@ -65,15 +65,18 @@ class BatchNorm(nnx.Module):
         self.mean[...] = m * self.mean[...] + (1 - m) * mean
         self.var[...] = m * self.var[...] + (1 - m) * var * (count / max(count - 1, 1))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, shift: jax.Array | None = None) -> jax.Array:
+        """BatchNorm of `x + shift` (`shift`: per channel, e.g. the conv's bias), with `shift` folded into the
+        affine map (eval) or the running mean (train, where the batch mean cancels it) instead of added to `x`."""
+        shift = jnp.zeros((), jnp.float32) if shift is None else shift.astype(jnp.float32)
         if self.use_running_average:
-            mean, var = self.mean[...], self.var[...]
+            mean, var = self.mean[...] - shift, self.var[...]
         else:
             axes = tuple(range(x.ndim - 1))
             xf = x.astype(jnp.float32)
             mean = jnp.mean(xf, axes)
             var = jnp.mean(jnp.square(xf - mean), axes)
-            self.update_statistics(mean, var, math.prod(x.shape[:-1]))
+            self.update_statistics(mean + jax.lax.stop_gradient(shift), var, math.prod(x.shape[:-1]))
         mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
         add = self.bias[...] - mean * mul
         return (x * mul.astype(self.dtype) + add.astype(self.dtype)).astype(self.dtype)
@@ -111,13 +114,23 @@ class ConvBlock(nnx.Module):
             y = self._pallas(x)
             if y is not None:
                 return y
-        x = self.bn(self.conv(x))
+        # the conv's bias goes into BatchNorm's affine map: XLA then emits a plain cuDNN convolution instead of a
+        # conv-bias one, whose unused side input cuDNN transposes to channels-last on Hopper (0.75 ms of the
+        # 1mm bfloat16 embed step on an H200, the 2026-11-27 profile); exact up to rounding
+        x = self.bn(self._conv_without_bias(x), shift=self.conv.bias[...])
         if self.pool:
             # `max_pool2` = nnx.max_pool's values and gradient without XLA's select-and-scatter: measured on an
             # H200 (benchmarks/README.md) +6% bfloat16 train step, 47 -> 17 s compile, embed within 2%; not
             # measured on TPU
             x = max_pool2(x)
         return nnx.relu(x)
+
+    def _conv_without_bias(self, x: jax.Array) -> jax.Array:
+        """`self.conv(x)` without adding its bias (what `nnx.Conv` computes, channels-last)."""
+        conv = self.conv
+        x, kernel = x.astype(conv.dtype), conv.kernel[...].astype(conv.dtype)
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), conv.padding,
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=conv.precision)
 
     def _pallas(self, x: jax.Array) -> jax.Array | None:
         """The first block by `jaxtl.first_block`'s kernels; None where they do not apply (other blocks, odd sizes in

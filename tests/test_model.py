@@ -109,3 +109,40 @@ def test_train_mode_matches_pytorch_batchnorm():
 
 def test_conv_flops_full_size():
     assert conv_flops(PENG_CHANNELS, (160, 192, 160)) == pytest.approx(131.65e9, rel=1e-3)
+
+
+def test_xla_block_folds_the_conv_bias_into_batchnorm():
+    """conv_impl="xla": the conv's bias enters BatchNorm's affine map (eval) or running mean (train) instead of being
+    added to the full-size conv output (so XLA emits a plain cuDNN convolution); outputs, running statistics and
+    gradients are those of BatchNorm(conv(x) + bias)."""
+    from jaxtl.conv import max_pool2
+    from jaxtl.model import ConvBlock
+
+    x = jax.random.normal(jax.random.key(1), (2, 6, 8, 6, 3)) + 0.5
+    blocks = [ConvBlock(3, 8, 3, pool=True, dtype=jnp.float32, rngs=nnx.Rngs(0), conv_impl="xla") for _ in range(2)]
+    for b in blocks:
+        b.conv.bias[...] = jnp.linspace(-1.0, 2.0, 8)
+        b.bn.mean[...], b.bn.var[...] = jnp.linspace(-0.5, 1.5, 8), jnp.linspace(0.5, 2.0, 8)
+
+    def reference(b, x):
+        return nnx.relu(max_pool2(b.bn(b.conv(x))))  # the bias added to the conv output first
+
+    ct = jax.random.normal(jax.random.key(2), (2, 3, 4, 3, 8))
+    for mode in ("eval", "train"):
+        for b in blocks:
+            getattr(b, mode)()
+        grads = [nnx.grad(lambda b, f=f: jnp.sum(f(b, x) * ct))(b) for b, f in zip(blocks, (ConvBlock.__call__,
+                                                                                           reference), strict=True)]
+        np.testing.assert_allclose(blocks[0](x), reference(blocks[1], x), rtol=1e-5, atol=1e-5)
+        for got, want in zip(jax.tree.leaves(nnx.state(blocks[0])), jax.tree.leaves(nnx.state(blocks[1])),
+                             strict=True):  # running statistics after the same updates
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        if mode == "eval":
+            assert float(jnp.abs(grads[0].conv.bias[...]).min()) > 1e-3  # the bias matters with frozen statistics
+        # one full-size add (BatchNorm's shift), not two (the bias first)
+        graph, state = nnx.split(blocks[0])
+        jaxpr = jax.make_jaxpr(lambda state, x, graph=graph: nnx.merge(graph, state)(x))(state, x)
+        full = [e for e in jaxpr.eqns if e.primitive.name == "add" and e.outvars[0].aval.shape == (2, 6, 8, 6, 8)]
+        assert len(full) == 1, [str(e) for e in full]
