@@ -6,28 +6,34 @@
 #                with XLA_FLAGS=--xla_gpu_force_conv_nhwc=true: on Hopper XLA lays out every 3-D convolution NCDHW
 #                and cuDNN transposes around its channels-last kernels (1.9 of the embed step's 4 ms in blocks 1-5,
 #                the 2026-11-27 XLA-path profile) (records -> $OUT/nhwc.jsonl)                             <= 2.5 min
+#   fused        gpu_fused_block.py: Peng's blocks 1-3 in eval mode as one Pallas kernel each (`jaxtl.fused_block`,
+#                experimental, off by default) in 16 tunings beside the XLA block, bfloat16, then the 1mm embed with
+#                them and the fused first block beside PyTorch (-> $OUT/fused_block.jsonl,
+#                $OUT/fused_block_network.jsonl)                                                            <= 4.5 min
 #   transfer     gpu_transfer.py: host-to-device copies of a float32 / bfloat16 batch, from threads, and
 #                jaxtl.embed() over 64 in-memory volumes (the public API ran at 146 vol/s against the step's 1234)
 #                (-> $OUT/transfer.jsonl)                                                                   <= 1 min
 #   profile      `jaxtl bench --profile`, Peng 1mm bfloat16 batch 8, embed and train, the default path: the kernels
 #                that take the time ($OUT/profile.jsonl `profile_top`, Perfetto traces $OUT/profile-<case>.json.gz)
 #                                                                                                           <= 2 min
-#   conv_fusion  as nhwc, with --xla_gpu_experimental_enable_conv_fusion=true (cuDNN graph fusions, channels-last)
-#                (-> $OUT/nhwc.jsonl)                                                                     <= 1.5 min
+#   conv_fusion  (not a default) as nhwc, with --xla_gpu_experimental_enable_conv_fusion=true (cuDNN graph
+#                fusions, channels-last) (-> $OUT/nhwc.jsonl)                                  <= 1.5 min
 # Kept: first_block, first_block_network (gpu_first_block.py: the fused block's tunings, then the network with the
 # fastest), blocks (gpu_blocks.py: each block alone beside PyTorch), variants, train (transfer + demo configs), demo.
 # One device call runs at most 10 minutes and a session has about 15 minutes of device time, machine start
-# included: the default stages (<= 7 min) are the one call to make. Only if `status` still shows time on a warm
-# machine: STAGES="blocks" or "train demo".
+# included: the default stages (nhwc fused transfer profile, about 7 min, at most 10 by their timeouts; a stage
+# that would start with under a minute of the call left is skipped) are the one call to make. Only if `status`
+# still shows time on a warm machine: STAGES="conv_fusion blocks" or "train demo".
 # What comes back: at most 8 files, no deeper than $OUT/a/b/ (the device tool's limits); every stage writes 1-3.
 # Setup: benchmarks/gpu_env.sh (the machine's JAX/flax/optax/orbax/PyTorch, the other wheels from .whl/, which
 # benchmarks/gpu_wheels.sh fetches). Usage, from a clean commit (the device copy has no .git):
 #   run(command="JAXTL_GIT_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_next.sh", carry=[".whl"], timeout_s=590)
 #   [STAGES="..."]; inspect $OUT/log; commit the `jaxtl bench` records (nhwc.jsonl, profile.jsonl, gpu.jsonl,
-#   first_block_network.jsonl) to benchmarks/results/<hardware id>.jsonl, the others beside the scripts
+#   first_block_network.jsonl, fused_block_network.jsonl) to benchmarks/results/<hardware id>.jsonl, the others
+#   beside the scripts
 set -u
 source benchmarks/gpu_env.sh
-STAGES=${STAGES:-nhwc transfer profile conv_fusion}
+STAGES=${STAGES:-nhwc fused transfer profile}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
 start=$SECONDS
 stage() { echo "== $1 (t=$((SECONDS - start)) s)" | tee -a "$OUT/log"; }
@@ -51,6 +57,12 @@ nhwc() {
 }
 conv_fusion() {
   bench_flags "--xla_gpu_experimental_enable_conv_fusion=true"
+}
+fused() {
+  timeout 200 python3 benchmarks/gpu_fused_block.py "$OUT/fused_block.jsonl" blocks bfloat16 8 20 2>&1 \
+    | tee -a "$OUT/log"
+  timeout 70 python3 benchmarks/gpu_fused_block.py "$OUT/fused_block.jsonl" network bfloat16 8 20 2>&1 \
+    | tee -a "$OUT/log"
 }
 transfer() {
   timeout 90 python3 benchmarks/gpu_transfer.py "$OUT/transfer.jsonl" 8 64 10 2>&1 | tee -a "$OUT/log"
@@ -88,6 +100,10 @@ demo() {
 
 for s in $STAGES; do
   stage "$s"
+  if [ $((585 - (SECONDS - start))) -lt 60 ]; then
+    echo "skipped: under a minute of the call left" | tee -a "$OUT/log"
+    continue
+  fi
   "$s"
 done
 stage done

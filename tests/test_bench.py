@@ -224,6 +224,39 @@ def test_gpu_variant_first_layers_are_exact():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+def test_gpu_fused_block_plumbing(tmp_path, monkeypatch):
+    """benchmarks/gpu_fused_block.py on CPU (tiny shapes, Pallas' interpreter): a record per later block with the
+    XLA block and the kernel's tunings checked against it and the best one; the network stage (on a GPU: Peng's 1mm
+    embed) with the demo config uses the kernels with block 1's best tuning and leaves them off afterwards."""
+    import importlib.util
+
+    from conftest import REPO
+
+    from jaxtl import fused_block as fb
+
+    spec = importlib.util.spec_from_file_location("gpu_fused_block", REPO / "benchmarks" / "gpu_fused_block.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "fused.jsonl"
+    monkeypatch.setattr(sys, "argv", ["gpu_fused_block.py", str(out), "blocks", "float32", "1", "1"])
+    mod.main()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["block"] for r in records] == [1, 2, 3] and all(r["kind"] == "fused_block" for r in records)
+    for rec in records:
+        assert set(rec["ms"]) == {"xla", *map(mod._name, mod.variants(False))} and not rec["errors"]
+        assert all(d < 1e-4 for d in rec["max_rel_diff"].values()) and rec["best"] in mod.variants(False)
+    assert len(mod.variants(True)) == 16
+    calls = []
+    real = fb.conv_block
+    monkeypatch.setattr(fb, "conv_block", lambda *a, **kw: calls.append(dict(fb.TUNING)) or real(*a, **kw))
+    default = dict(fb.TUNING)
+    mod.network(out, ["float32"], 1, 1, {}, {}, {}, config="demo", resolution=4)
+    (rec,) = [json.loads(line) for line in mod.network_output(out).read_text().splitlines()]
+    assert rec["case"] == "embed" and rec["conv_impl"] == "pallas" and rec["fused_block_tuning"] == calls[0]
+    assert calls and calls[0] == default | records[0]["best"]
+    assert fb.TUNING == default and not fb.ENABLED
+
+
 def test_gpu_first_block_sweep_plumbing(tmp_path, monkeypatch):
     """benchmarks/gpu_first_block.py on CPU (tiny shape, Pallas' interpreter): a record per mode with the XLA block,
     the kernel tunings (checked against the XLA block: eval output, train kernel gradient), PyTorch's block with
