@@ -7,7 +7,7 @@
 #                and cuDNN transposes around its channels-last kernels (1.9 of the embed step's 4 ms in blocks 1-5,
 #                the 2026-11-27 XLA-path profile) (records -> $OUT/nhwc.jsonl)                             <= 2.5 min
 #   fused        gpu_fused_block.py: Peng's blocks 1-3 in eval mode as one Pallas kernel each (`jaxtl.fused_block`,
-#                experimental, off by default) in 16 tunings beside the XLA block, bfloat16, then the 1mm embed with
+#                experimental, off by default) in 10 tunings beside the XLA block, bfloat16, then the 1mm embed with
 #                them and the fused first block beside PyTorch (-> $OUT/fused_block.jsonl,
 #                $OUT/fused_block_network.jsonl)                                                            <= 4.5 min
 #   transfer     gpu_transfer.py: host-to-device copies of a float32 / bfloat16 batch, from threads, and

@@ -33,7 +33,10 @@ from jaxtl.conv import max_pool2
 from jaxtl.first_block import _Grid, _on_devices
 
 ENABLED = False  # ConvBlock(conv_impl="pallas") uses the kernel for eligible eval blocks only when True
-TUNING = dict(tile=64, block_n=64, block_k=32, num_warps=4, num_stages=2)
+# Chosen by compiling for sm_90 without a GPU (benchmarks/triton_ptx.py --kernel fused_block, Triton 3.9, 264
+# builds of Peng's blocks 1-3 at 1mm): no register spills in any block or dtype, at most 128 registers, wgmma.
+TUNING = dict(tile=64, block_n=64, block_k=32, num_warps=8, num_stages=2)
+DEBUG = False  # pallas_call(debug=...): print the kernel's jaxpr and Triton IR when lowering (benchmarks/triton_ptx.py)
 
 
 def _channels(c: int) -> int:
@@ -93,6 +96,7 @@ def _pallas_block(x, w, mul, add, *, tile, block_n, block_k, num_warps, num_stag
         out_specs=pl.BlockSpec((tile, block_n), lambda s, n: (s, n)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
+        debug=DEBUG,
         name="sfcn_conv_block",
     )(xp, wk, *vec)
     return out[:grid.count, :cout].reshape(*grid.pooled, cout)
