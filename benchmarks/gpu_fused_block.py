@@ -9,7 +9,8 @@
 2. Stage `network`: `fused_block.ENABLED` with `fused_block.TUNING` set to the fastest correct tuning on block 1
    (the largest; the module's default where there is none): `jaxtl bench`'s embed case for Peng's SFCN at 1mm,
    batch B, `conv_impl="pallas"` (the fused first block too), PyTorch beside it -> OUT_network.jsonl (ordinary
-   `jaxtl bench` records, plus "fused_block_tuning").
+   `jaxtl bench` records, plus "fused_block_tuning"). The model then fuses every eligible block, block 4
+   (256 -> 256 at 10x12x10) too, all with that tuning.
 
 On a CPU (no Triton) the blocks stage runs tiny shapes in Pallas' interpreter, two tunings: plumbing only.
 Usage: python benchmarks/gpu_fused_block.py OUT.jsonl [blocks|network] [dtype,...] [batch] [repeats]
@@ -88,9 +89,9 @@ def measure_block(index: int, dtype_name: str, batch: int, gpu: bool, repeats: i
     block = block_at(cin, cout, dtype, seed=index)
     gdef, state = nnx.split(block)
     xla = jax.jit(lambda s, x: nnx.merge(gdef, s)(x))
-    with jax.default_matmul_precision("highest"):  # what both sides are checked against
-        want = np.asarray(xla(nnx.state(block_at(cin, cout, jnp.float32, seed=index)), x.astype(jnp.float32)),
-                          np.float32)
+    with jax.default_matmul_precision("highest"):  # what both sides are checked against: its own float32 module
+        reference = block_at(cin, cout, jnp.float32, seed=index)
+        want = np.asarray(jax.jit(lambda x: reference(x))(x.astype(jnp.float32)), np.float32)
     scale = float(np.abs(want).max())
     xla_diff = float(np.abs(np.asarray(xla(state, x), np.float32) - want).max()) / scale
     bn = block.bn

@@ -5,7 +5,7 @@
 #   nhwc         Peng 1mm bfloat16 embed + train step (conv_impl auto: the fused first block on Hopper), without and
 #                with XLA_FLAGS=--xla_gpu_force_conv_nhwc=true: on Hopper XLA lays out every 3-D convolution NCDHW
 #                and cuDNN transposes around its channels-last kernels (1.9 of the embed step's 4 ms in blocks 1-5,
-#                the 2026-11-27 XLA-path profile) (records -> $OUT/nhwc.jsonl)                             <= 2.5 min
+#                the 2026-11-27 XLA-path profile) (records -> $OUT/nhwc.jsonl)                               <= 3 min
 #   fused        gpu_fused_block.py: Peng's blocks 1-3 in eval mode as one Pallas kernel each (`jaxtl.fused_block`,
 #                experimental, off by default) in 10 tunings beside the XLA block, bfloat16, then the 1mm embed with
 #                them and the fused first block beside PyTorch (-> $OUT/fused_block.jsonl,
@@ -21,8 +21,8 @@
 # Kept: first_block, first_block_network (gpu_first_block.py: the fused block's tunings, then the network with the
 # fastest), blocks (gpu_blocks.py: each block alone beside PyTorch), variants, train (transfer + demo configs), demo.
 # One device call runs at most 10 minutes and a session has about 15 minutes of device time, machine start
-# included: the default stages (nhwc fused transfer profile, about 7 min, at most 10 by their timeouts; a stage
-# that would start with under a minute of the call left is skipped) are the one call to make. Only if `status`
+# included: the default stages (nhwc fused transfer profile, about 7 min; a stage whose worst case, its timeouts,
+# would run past the call's 585 s is skipped, `WORST`) are the one call to make. Only if `status`
 # still shows time on a warm machine: STAGES="conv_fusion blocks" or "train demo".
 # What comes back: at most 8 files, no deeper than $OUT/a/b/ (the device tool's limits); every stage writes 1-3.
 # Setup: benchmarks/gpu_env.sh (the machine's JAX/flax/optax/orbax/PyTorch, the other wheels from .whl/, which
@@ -32,10 +32,13 @@
 #   first_block_network.jsonl, fused_block_network.jsonl) to benchmarks/results/<hardware id>.jsonl, the others
 #   beside the scripts
 set -u
+start=$SECONDS  # the call's clock: setup (pip install of the wheels) counts too
 source benchmarks/gpu_env.sh
 STAGES=${STAGES:-nhwc fused transfer profile}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
-start=$SECONDS
+# each stage's worst case (its timeouts), s: a stage that could run past the 590 s call is skipped
+declare -A WORST=([nhwc]=180 [fused]=270 [transfer]=90 [profile]=110 [conv_fusion]=90 [first_block]=240
+                  [first_block_network]=300 [blocks]=120 [variants]=150 [train]=90 [demo]=200)
 stage() { echo "== $1 (t=$((SECONDS - start)) s)" | tee -a "$OUT/log"; }
 
 first_block() {
@@ -47,7 +50,7 @@ first_block_network() {  # reads $OUT/first_block.jsonl, writes $OUT/first_block
     20 2>&1 | tee -a "$OUT/log"
 }
 bench_flags() {  # $1: XLA_FLAGS ("" for none); Peng 1mm bfloat16 embed + train, the default conv_impl, no PyTorch
-  XLA_FLAGS="$1" timeout 100 python3 -m jaxtl.cli bench --out "$OUT/nhwc.jsonl" --warmup 3 --repeats 20 \
+  XLA_FLAGS="$1" timeout 90 python3 -m jaxtl.cli bench --out "$OUT/nhwc.jsonl" --warmup 3 --repeats 20 \
     --suite embed,train --configs peng --resolution 1 --dtype bfloat16 --batch 8 --no-torch \
     --note "gpu_next.sh: XLA_FLAGS='$1'" 2>&1 | tee -a "$OUT/log"
 }
@@ -71,10 +74,11 @@ blocks() {
   timeout 120 python3 benchmarks/gpu_blocks.py "$OUT/blocks.jsonl" bfloat16,float32 8 20 2>&1 | tee -a "$OUT/log"
 }
 profile() {
+  rm -rf /tmp/jaxtl-profile  # a warm machine may keep an earlier call's traces
   timeout 110 python3 -m jaxtl.cli bench --out "$OUT/profile.jsonl" --warmup 2 --repeats 3 --suite embed,train \
     --configs peng --resolution 1 --dtype bfloat16 --batch 8 --profile /tmp/jaxtl-profile 2>&1 | tee -a "$OUT/log"
   for d in /tmp/jaxtl-profile/*/; do  # the Perfetto trace of each case, at the top of $OUT (nested ones stay there)
-    f=$(find "$d" -name "perfetto_trace.json.gz" | head -1)
+    f=$(find "$d" -name "perfetto_trace.json.gz" 2>/dev/null | head -1)
     [ -n "$f" ] && [ "$(stat -c %s "$f")" -lt 16000000 ] && cp "$f" "$OUT/profile-$(basename "$d").json.gz"
   done
 }
@@ -100,8 +104,8 @@ demo() {
 
 for s in $STAGES; do
   stage "$s"
-  if [ $((585 - (SECONDS - start))) -lt 60 ]; then
-    echo "skipped: under a minute of the call left" | tee -a "$OUT/log"
+  if [ $((SECONDS - start + ${WORST[$s]:-60})) -gt 585 ]; then
+    echo "skipped: its worst case (${WORST[$s]:-60} s) would run past the call's limit" | tee -a "$OUT/log"
     continue
   fi
   "$s"

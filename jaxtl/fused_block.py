@@ -141,8 +141,8 @@ def conv_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, mul: jax.Array,
     options = TUNING | tuning
     for name in ("tile", "block_n", "block_k"):
         v = options[name]
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if v < 16 or v > 256 or v & (v - 1):  # `supported`'s int32 bound allows for 256 rows of padding
+            raise ValueError(f"{name} must be a power of two from 16 to 256, got {v}")
     options["interpret"] = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
     f32 = jnp.float32
     options = tuple(sorted(options.items()))  # hashable: a static argument

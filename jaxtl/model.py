@@ -114,9 +114,10 @@ class ConvBlock(nnx.Module):
             y = self._pallas(x)
             if y is not None:
                 return y
-        # the conv's bias goes into BatchNorm's affine map: XLA then emits a plain cuDNN convolution instead of a
-        # conv-bias one, whose unused side input cuDNN transposes to channels-last on Hopper (0.75 ms of the
-        # 1mm bfloat16 embed step on an H200, the 2026-11-27 profile); exact up to rounding
+        # the conv's bias goes into BatchNorm's affine map (exact up to rounding, closer to float32 in bfloat16):
+        # meant to give XLA a plain cuDNN convolution instead of a conv-bias one, whose unused side input cuDNN
+        # transposed to channels-last on Hopper (0.75 ms of the 1mm bfloat16 embed step on an H200 by the
+        # 2026-11-27 profile); what XLA now emits on a GPU is not measured yet
         x = self.bn(self._conv_without_bias(x), shift=self.conv.bias[...])
         if self.pool:
             # `max_pool2` = nnx.max_pool's values and gradient without XLA's select-and-scatter: measured on an

@@ -57,7 +57,7 @@ def test_supported_and_errors():
     assert not fb.supported((2, 5, 6, 5, 256), (1, 1, 1, 256, 64), True)  # Peng's last block: 1x1x1, no pool
     assert not fb.supported((64, 160, 192, 160, 32), (3, 3, 3, 32, 64), True)  # offsets past int32
     args = _args((1, 4, 4, 4), 16, 16)
-    with pytest.raises(ValueError, match="block_k must be a power of two"):
+    with pytest.raises(ValueError, match="block_k must be a power of two from 16 to 256, got 24"):
         fb.conv_block(*args, block_k=24)
     with pytest.raises(TypeError, match="unknown tuning arguments"):
         fb.conv_block(*args, window=True)
