@@ -74,16 +74,22 @@ def ordered(modes: list[str], dtypes: list[str]) -> list[tuple[str, str]]:
     return sorted(wanted, key=lambda md: ORDER.index(md) if md in ORDER else len(ORDER))
 
 
-def block0(channels: int, dtype, seed: int = 0) -> ConvBlock:
-    """Block 0 in eval mode with non-trivial running statistics (some BatchNorm scales negative)."""
-    block = ConvBlock(1, channels, 3, True, dtype=dtype, rngs=nnx.Rngs(seed), conv_impl="xla")
+def eval_block(cin: int, cout: int, dtype, seed: int = 0) -> ConvBlock:
+    """A pooling block on the XLA path in eval mode with non-trivial running statistics (some BatchNorm scales
+    negative)."""
+    block = ConvBlock(cin, cout, 3, True, dtype=dtype, rngs=nnx.Rngs(seed), conv_impl="xla")
     rng = np.random.default_rng(seed)
-    block.bn.mean[...] = jnp.asarray(rng.normal(0, 0.1, channels), jnp.float32)
-    block.bn.var[...] = jnp.asarray(rng.uniform(0.5, 2, channels), jnp.float32)
-    block.bn.scale[...] = jnp.asarray(rng.normal(1, 0.5, channels), jnp.float32)
-    block.bn.bias[...] = jnp.asarray(rng.normal(0, 0.1, channels), jnp.float32)
+    block.bn.mean[...] = jnp.asarray(rng.normal(0, 0.1, cout), jnp.float32)
+    block.bn.var[...] = jnp.asarray(rng.uniform(0.5, 2, cout), jnp.float32)
+    block.bn.scale[...] = jnp.asarray(rng.normal(1, 0.5, cout), jnp.float32)
+    block.bn.bias[...] = jnp.asarray(rng.normal(0, 0.1, cout), jnp.float32)
     block.eval()
     return block
+
+
+def block0(channels: int, dtype, seed: int = 0) -> ConvBlock:
+    """Block 0 (1 input channel) as `eval_block`."""
+    return eval_block(1, channels, dtype, seed)
 
 
 def torch_block(block: ConvBlock, x_np: np.ndarray, dtype, mode: str = "eval"):
@@ -167,34 +173,42 @@ def measure_block(mode: str, dtype_name: str, x_np: np.ndarray, gpu: bool, repea
     with jax.default_matmul_precision("highest"):
         want = np.asarray(block_fns(block0(channels, jnp.float32), x.astype(jnp.float32), jnp.float32, mode)[0](),
                           np.float32)
+    extra = {"torch": torch_block(block, x_np, dtype, mode)} if bench.torch_available() else {}
+    return sweep(variants(gpu, mode), kernel_fn, args, want, xla, extra, repeats,
+                 f"{mode} {dtype_name} block 0 batch {len(x_np)}", f"{mode} {dtype_name}")
+
+
+def sweep(tunings: list[dict], kernel_fn, args, want: np.ndarray, xla, extra: dict, repeats: int, label: str,
+          short: str) -> dict:
+    """Compile `kernel_fn(tuning)` on `args` for each tuning, check each and `xla()` against `want` (largest
+    difference relative to the largest value), time them with the `extra` sides interleaved, print the times
+    (`label`) and return the record's fields; `best`: the fastest tuning within 3x the XLA side's difference."""
     scale = float(np.abs(want).max())
     xla_diff = float(np.abs(np.asarray(xla(), np.float32) - want).max()) / scale
     sides = {"xla": lambda: jax.block_until_ready(xla())}
     compile_s, errors, checks = {}, {}, {}
-    for v in variants(gpu, mode):
+    for v in tunings:
         start = time.perf_counter()
         try:
             compiled = kernel_fn(v).lower(*args).compile()
             got = np.asarray(compiled(*args), np.float32)
         except Exception as e:  # noqa: BLE001  (a tuning Triton rejects is a result too)
             errors[_name(v)] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(f"{mode} {dtype_name} {_name(v)}: FAILED {errors[_name(v)]}", flush=True)
+            print(f"{short} {_name(v)}: FAILED {errors[_name(v)]}", flush=True)
             continue
         compile_s[_name(v)] = time.perf_counter() - start
         checks[_name(v)] = float(np.abs(got - want).max()) / scale
         sides[_name(v)] = lambda c=compiled: jax.block_until_ready(c(*args))
-    if bench.torch_available():
-        sides["torch"] = torch_block(block, x_np, dtype, mode)
-    times = bench.time_interleaved(sides, warmup=3, repeats=repeats)
+    times = bench.time_interleaved(sides | extra, warmup=3, repeats=repeats)
     ms = {n: 1e3 * float(np.median(t)) for n, t in times.items()}
     # as close to the float32 block as XLA's own block in this dtype, give or take (a wrong kernel is off by O(1))
     tol = max(3 * xla_diff, 1e-3)
-    correct = [v for v in variants(gpu, mode) if checks.get(_name(v), 1.0) <= tol]
+    correct = [v for v in tunings if checks.get(_name(v), 1.0) <= tol]
     best = min(correct, key=lambda v: ms[_name(v)]) if correct else None
     for name, t in sorted(ms.items(), key=lambda kv: kv[1]):
         diff = f"  max|diff|/max {checks[name]:.1e}" if name in checks else ""
-        print(f"{mode} {dtype_name} block 0 batch {len(x_np)}: {name:55s} {t:8.3f} ms{diff}", flush=True)
-    print(f"{mode} {dtype_name}: the XLA block's max|diff|/max {xla_diff:.1e} (vs float32, full precision)")
+        print(f"{label}: {name:55s} {t:8.3f} ms{diff}", flush=True)
+    print(f"{short}: the XLA block's max|diff|/max {xla_diff:.1e} (vs float32, full precision)")
     return {"ms": ms, "max_rel_diff": checks, "xla_max_rel_diff": xla_diff, "compile_s": compile_s, "errors": errors,
             "best": best}
 

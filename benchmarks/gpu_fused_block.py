@@ -18,6 +18,7 @@ Usage: python benchmarks/gpu_fused_block.py OUT.jsonl [blocks|network] [dtype,..
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import sys
@@ -31,7 +32,12 @@ from flax import nnx
 
 from jaxtl import bench, train
 from jaxtl import fused_block as fb
-from jaxtl.model import ConvBlock
+
+# the block sweep and the eval block are gpu_first_block.py's (a script beside this one, not a module)
+_spec = importlib.util.spec_from_file_location("gpu_first_block", Path(__file__).with_name("gpu_first_block.py"))
+gfb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gfb)
+_name = gfb._name  # a tuning's key in the records
 
 GRID = dict(tile=(64, 128), block_n=(64, 128), block_k=(32, 64), num_warps=(4, 8))
 # and two with fewer registers (56-133 on sm_90): 32 output channels per program, or 32 voxels (mma.sync, no wgmma)
@@ -64,64 +70,25 @@ def shapes(gpu: bool) -> dict[int, tuple[tuple[int, ...], int, int]]:
     return {b: out[b] for b in BLOCKS}
 
 
-def block_at(cin: int, cout: int, dtype, seed: int = 0) -> ConvBlock:
-    """A pooling block in eval mode with non-trivial running statistics (some BatchNorm scales negative)."""
-    block = ConvBlock(cin, cout, 3, True, dtype=dtype, rngs=nnx.Rngs(seed), conv_impl="xla")
-    rng = np.random.default_rng(seed)
-    block.bn.mean[...] = jnp.asarray(rng.normal(0, 0.1, cout), jnp.float32)
-    block.bn.var[...] = jnp.asarray(rng.uniform(0.5, 2, cout), jnp.float32)
-    block.bn.scale[...] = jnp.asarray(rng.normal(1, 0.5, cout), jnp.float32)
-    block.bn.bias[...] = jnp.asarray(rng.normal(0, 0.1, cout), jnp.float32)
-    block.eval()
-    return block
-
-
-def _name(variant: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in variant.items())
-
-
 def measure_block(index: int, dtype_name: str, batch: int, gpu: bool, repeats: int) -> dict:
     """The XLA block and the kernel in each tuning, timed interleaved: the record's fields."""
     size, cin, cout = shapes(gpu)[index]
     dtype = jnp.dtype(dtype_name)
     x_np = np.maximum(np.random.default_rng(index).standard_normal((batch, *size, cin)), 0).astype(np.float32)
     x = jnp.asarray(x_np, dtype)
-    block = block_at(cin, cout, dtype, seed=index)
+    block = gfb.eval_block(cin, cout, dtype, seed=index)
     gdef, state = nnx.split(block)
     xla = jax.jit(lambda s, x: nnx.merge(gdef, s)(x))
     with jax.default_matmul_precision("highest"):  # what both sides are checked against: its own float32 module
-        reference = block_at(cin, cout, jnp.float32, seed=index)
+        reference = gfb.eval_block(cin, cout, jnp.float32, seed=index)
         want = np.asarray(jax.jit(lambda x: reference(x))(x.astype(jnp.float32)), np.float32)
-    scale = float(np.abs(want).max())
-    xla_diff = float(np.abs(np.asarray(xla(state, x), np.float32) - want).max()) / scale
     bn = block.bn
     mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
     args = (x, block.conv.kernel[...], block.conv.bias[...], mul, bn.bias[...] - bn.mean[...] * mul)
-    sides = {"xla": lambda: jax.block_until_ready(xla(state, x))}
-    compile_s, errors, checks = {}, {}, {}
-    for v in variants(gpu):
-        start = time.perf_counter()
-        try:
-            compiled = jax.jit(lambda *a, v=v: fb.conv_block(*a, dtype=dtype, **v)).lower(*args).compile()
-            got = np.asarray(compiled(*args), np.float32)
-        except Exception as e:  # noqa: BLE001  (a tuning Triton rejects is a result too)
-            errors[_name(v)] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(f"block {index} {dtype_name} {_name(v)}: FAILED {errors[_name(v)]}", flush=True)
-            continue
-        compile_s[_name(v)] = time.perf_counter() - start
-        checks[_name(v)] = float(np.abs(got - want).max()) / scale
-        sides[_name(v)] = lambda c=compiled: jax.block_until_ready(c(*args))
-    times = bench.time_interleaved(sides, warmup=3, repeats=repeats)
-    ms = {n: 1e3 * float(np.median(t)) for n, t in times.items()}
-    tol = max(3 * xla_diff, 1e-3)
-    correct = [v for v in variants(gpu) if checks.get(_name(v), 1.0) <= tol]
-    best = min(correct, key=lambda v: ms[_name(v)]) if correct else None
-    for name, t in sorted(ms.items(), key=lambda kv: kv[1]):
-        diff = f"  max|diff|/max {checks[name]:.1e}" if name in checks else ""
-        print(f"block {index} {dtype_name} batch {batch}: {name:55s} {t:8.3f} ms{diff}", flush=True)
-    print(f"block {index} {dtype_name}: the XLA block's max|diff|/max {xla_diff:.1e} (vs float32, full precision)")
-    return {"block": index, "input_shape": list(size), "channels": [cin, cout], "ms": ms, "max_rel_diff": checks,
-            "xla_max_rel_diff": xla_diff, "compile_s": compile_s, "errors": errors, "best": best}
+    fields = gfb.sweep(variants(gpu), lambda v: jax.jit(lambda *a: fb.conv_block(*a, dtype=dtype, **v)), args, want,
+                       lambda: xla(state, x), {}, repeats, f"block {index} {dtype_name} batch {batch}",
+                       f"block {index} {dtype_name}")
+    return {"block": index, "input_shape": list(size), "channels": [cin, cout], **fields}
 
 
 def network_output(blocks: Path) -> Path:

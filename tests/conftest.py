@@ -102,3 +102,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         out[name] = save_model(model, root / name, task, input_shape=(40, 48, 40),
                                preprocessing={**DEFAULT_PREPROCESSING, "downsample": 4})
     return out
+
+
+def cuda_mlir(fn, *args) -> str:
+    """The StableHLO text of `fn` exported for CUDA on this CPU-only machine: Pallas' Triton lowering runs at export
+    (the Triton custom call is allowed), so a kernel Triton's lowering rejects fails here."""
+    from jax import export
+
+    exported = export.export(fn, platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    return exported.mlir_module()

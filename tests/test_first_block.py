@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cuda_mlir
 from flax import nnx
-from jax import export
 
 from jaxtl import first_block as fb
 from jaxtl.model import SFCN
@@ -244,9 +244,7 @@ def test_lowers_to_triton_for_cuda(options, dtype):
     k = jax.ShapeDtypeStruct((3, 3, 3, 1, 32), jnp.float32)
     v = jax.ShapeDtypeStruct((32,), jnp.float32)
     f = jax.jit(lambda *a: fb.first_block(*a, interpret=False, **options))
-    exported = export.export(f, platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, k, v, v, v)
-    text = exported.mlir_module()
+    text = cuda_mlir(f, x, k, v, v, v)
     assert "__gpu$xla.gpu.triton" in text and 'name = "sfcn_first_block"' in text
     assert "tensor<8x80x96x80x32x" in text  # the pooled output, nothing at full resolution
     assert "tensor<8x160x192x160x32x" not in text
@@ -255,9 +253,7 @@ def test_lowers_to_triton_for_cuda(options, dtype):
         out, mean, var = fb.first_block_train(x, k, b, s, beta, interpret=False, **options)
         return out.astype(jnp.float32).sum() + mean.sum() + var.sum()
 
-    exported = export.export(jax.jit(jax.grad(train_loss, argnums=(0, 1, 2, 3))), platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(k, v, v, v, x)
-    text = exported.mlir_module()
+    text = cuda_mlir(jax.jit(jax.grad(train_loss, argnums=(0, 1, 2, 3))), k, v, v, v, x)
     assert 'name = "sfcn_first_block_train"' in text and 'name = "sfcn_first_block_grad"' in text
     assert "tensor<8x160x192x160x32x" not in text  # the input needs no gradient: XLA's dx path is dropped
 

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cuda_mlir
 from flax import nnx
-from jax import export
 
 from jaxtl import fused_block as fb
 from jaxtl.model import SFCN
@@ -99,9 +99,7 @@ def test_lowers_to_triton_for_cuda(dtype):
     k = jax.ShapeDtypeStruct((3, 3, 3, 32, 64), jnp.float32)
     v = jax.ShapeDtypeStruct((64,), jnp.float32)
     f = jax.jit(lambda *a: fb.conv_block(*a, interpret=False))
-    exported = export.export(f, platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, k, v, v, v)
-    text = exported.mlir_module()
+    text = cuda_mlir(f, x, k, v, v, v)
     assert "__gpu$xla.gpu.triton" in text and 'name = "sfcn_conv_block"' in text
     assert "tensor<8x40x48x40x64x" in text  # the pooled output, nothing at full resolution
     assert "tensor<8x80x96x80x64x" not in text
