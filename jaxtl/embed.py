@@ -316,11 +316,8 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     if n < batch_size:  # few volumes: a power-of-two batch per device, not a mostly padded full one
         batch_size = min(batch_size, n_dev * (1 << max(0, math.ceil(math.log2(-(-n // n_dev))))))
     mesh = _data_mesh()
-    model = nnx.merge(*nnx.split(model))  # the same arrays in new modules: eval mode leaves the caller's as it was
-    model.eval()
-    if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
-        model = _with_dtype(model, dtype)
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(model)  # the caller's model stays in its mode; the network runs in eval mode
+    graphdef = _eval_graphdef(graphdef, state, None if dtype is None else jnp.dtype(dtype))
     state = jax.device_put(state, NamedSharding(mesh, P()))
     x_sharding = NamedSharding(mesh, P("data"))
     fn = _jitted(layer, mesh)
@@ -378,6 +375,25 @@ def warn_skipped(reader: VolumeReader, stacklevel: int = 2) -> None:
         f"{len(failures)} of {len(reader)} scans could not be loaded and were skipped (their rows are NaN): "
         f"{listed}{more}. Fix or remove these files; on_error='raise' stops at the first", failures),
         stacklevel=stacklevel + 1)
+
+
+_EVAL_GRAPHDEFS: dict[tuple[Any, Any], Any] = {}
+
+
+def _eval_graphdef(graphdef: Any, state: Any, dtype: jnp.dtype | None) -> Any:
+    """The graph of the model `graphdef` describes, in eval mode and computing in `dtype` (None: its own); the
+    same parameter state fits it. Cached: building it (a new SFCN for another dtype) took longer per call than
+    a GPU's whole batch."""
+    key = (graphdef, dtype)
+    if key not in _EVAL_GRAPHDEFS:
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        if dtype is not None and dtype != jnp.dtype(model.dtype):
+            model = _with_dtype(model, dtype)
+        if len(_EVAL_GRAPHDEFS) >= 64:
+            _EVAL_GRAPHDEFS.pop(next(iter(_EVAL_GRAPHDEFS)))
+        _EVAL_GRAPHDEFS[key] = nnx.graphdef(model)
+    return _EVAL_GRAPHDEFS[key]
 
 
 def _with_dtype(model: SFCN, dtype) -> SFCN:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
+import jax
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
@@ -175,6 +177,27 @@ def test_bfloat16_copy_keeps_conv_impl_and_callers_mode(volumes):
     model.train()
     embed(volumes[:2], model, progress=False)
     assert not model.blocks[0].bn.use_running_average  # embed ran in eval mode on its own view
+
+
+def test_bfloat16_view_is_built_once_and_follows_the_weights(volumes, monkeypatch):
+    from flax import nnx
+
+    E = importlib.import_module("jaxtl.embed")  # the module: `jaxtl.embed` is also the function
+    from jaxtl.model import SFCN
+
+    model = SFCN((4, 8, 8, 8, 8, 8), conv_impl="xla", rngs=nnx.Rngs(0))
+    built, original = [], E._with_dtype
+    monkeypatch.setattr(E, "_with_dtype", lambda m, d: built.append(d) or original(m, d))
+    first = embed(volumes[:2], model, dtype=jnp.bfloat16, progress=False)
+    again = embed(volumes[:2], model, dtype=jnp.bfloat16, progress=False)
+    assert len(built) == 1  # the second call reuses the bfloat16 graph (a new SFCN per call cost 25-50 ms)
+    np.testing.assert_array_equal(again, first)
+    state = nnx.state(model, nnx.Param)  # new weights, same graph: the cached view must not keep the old ones
+    nnx.update(model, jax.tree.map(lambda p: p * 1.5, state))
+    changed = embed(volumes[:2], model, dtype=jnp.bfloat16, progress=False)
+    assert len(built) == 1 and not np.allclose(changed, first)
+    ref = embed(volumes[:2], model, progress=False)  # float32, same weights
+    np.testing.assert_allclose(changed, ref, rtol=0.1, atol=0.05 * np.abs(ref).max())
 
 
 def test_predict_decodes_expected_age(age_model, paths, volumes, tiny_models):
