@@ -45,15 +45,26 @@ IMPLS = ("auto", "xla", "fast", "pallas")
 def default_impl() -> str:
     """What "auto" means: $JAXTL_CONV_IMPL ("xla", "fast" or "pallas") if set, else "fast" on a single CPU device,
     "pallas" on NVIDIA Hopper GPUs (`fused_first_block_gpu`) and "xla" elsewhere (other GPUs, TPUs, several CPU
-    devices)."""
+    devices). The platform is the default device's (`jax.default_device`, e.g. a model run on the CPU of a GPU
+    machine), else the default backend's; arrays placed elsewhere by hand need an explicit conv_impl."""
     forced = os.environ.get("JAXTL_CONV_IMPL", "").replace("auto", "")
     if forced in IMPLS[1:]:
         return forced
     if forced:
         raise ValueError(f"JAXTL_CONV_IMPL={forced!r}: use one of {', '.join(IMPLS[1:])} (or unset it)")
-    if jax.default_backend() == "cpu":
-        return "fast" if jax.device_count() == 1 else "xla"
-    return "pallas" if fused_first_block_gpu() else "xla"
+    platform = default_platform()
+    if platform == "cpu":
+        return "fast" if len(jax.devices("cpu")) == 1 else "xla"
+    return "pallas" if platform == "gpu" and fused_first_block_gpu(jax.devices(platform)) else "xla"
+
+
+def default_platform() -> str:
+    """"cpu", "gpu", "tpu", ...: where computations without placed inputs run."""
+    device = jax.config.jax_default_device  # set by `with jax.default_device(...)`: a Device or a platform name
+    if device is None:
+        return jax.default_backend()
+    name = device if isinstance(device, str) else device.platform
+    return "gpu" if name in ("cuda", "rocm") else name
 
 
 def fused_first_block_gpu(devices: list | None = None) -> bool:

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxtl.conv import default_impl
+from jaxtl.conv import default_impl, default_platform
 from jaxtl.model import SFCN, WEIGHTS, on_mesh
 from jaxtl.weights import JaxtlModel, load_model
 
@@ -91,10 +91,11 @@ def _jitted_for(layer: str, mesh: jax.sharding.Mesh, auto_impl: str):
 
 
 def _data_mesh() -> jax.sharding.Mesh:
-    # Auto axes: the compiler propagates the batch sharding through the network (no sharding-in-types rules
-    # for every reshape inside the model).
-    return jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    """All local devices of the default device's platform (`with jax.default_device("cpu")` embeds on the host
+    of a GPU machine). Auto axes: the compiler propagates the batch sharding through the network (no
+    sharding-in-types rules for every reshape inside the model)."""
+    devices = jax.local_devices(backend=default_platform())
+    return jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,12 +311,12 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     n = len(reader)
     if n == 0:
         raise ValueError("no volumes to process")
-    n_dev = jax.local_device_count()
+    mesh = _data_mesh()
+    n_dev = mesh.size
     batch_size = batch_size or max(8, 2 * n_dev)
     batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
     if n < batch_size:  # few volumes: a power-of-two batch per device, not a mostly padded full one
         batch_size = min(batch_size, n_dev * (1 << max(0, math.ceil(math.log2(-(-n // n_dev))))))
-    mesh = _data_mesh()
     graphdef, state = nnx.split(model)  # the caller's model stays in its mode; the network runs in eval mode
     graphdef = _eval_graphdef(graphdef, state, None if dtype is None else jnp.dtype(dtype))
     state = jax.device_put(state, NamedSharding(mesh, P()))

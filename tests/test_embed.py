@@ -112,6 +112,21 @@ def test_few_volumes_run_in_a_small_batch_and_bad_arrays_are_refused(age_model, 
         embed(volumes[0][..., None], age_model, progress=False)
 
 
+def test_embeds_on_the_default_devices_platform(monkeypatch):
+    """`with jax.default_device("cpu")` on a GPU machine: the mesh holds the host's devices, not the GPUs."""
+    from types import SimpleNamespace
+
+    from jaxtl.embed import _data_mesh
+
+    real = jax.local_devices
+    fake_gpus = [SimpleNamespace(platform="gpu", id=i) for i in range(2)]
+    monkeypatch.setattr(jax, "local_devices", lambda *a, backend=None, **k: real(backend="cpu")
+                        if backend == "cpu" else fake_gpus)
+    with jax.default_device("cpu"):
+        mesh = _data_mesh()
+    assert [d.platform for d in mesh.devices.flat] == ["cpu"] * len(real(backend="cpu"))
+
+
 def test_conv_impl_from_the_environment_is_read_at_each_call(age_model, volumes, monkeypatch):
     from jaxtl.embed import _data_mesh, _jitted
 

@@ -190,9 +190,16 @@ def test_auto_means_the_kernels_on_hopper_gpus_only(monkeypatch):
         assert not conv.fused_first_block_gpu(devices), devices
     monkeypatch.delenv("JAXTL_CONV_IMPL", raising=False)
     assert conv.default_impl() == "fast"  # this test process: one CPU device
+    real_devices = jax.devices
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda *a: [gpu("9.0")])
     assert conv.default_impl() == "pallas" and conv.resolve_impl("auto") == "pallas"
+    cpu = real_devices("cpu")[0]
+    monkeypatch.setattr(jax, "devices", lambda backend=None: [cpu] if backend == "cpu" else [gpu("9.0")])
+    for where in (cpu, "cpu"):  # a model run on the host of a Hopper machine: the CPU's path, not Triton kernels
+        with jax.default_device(where):
+            assert conv.default_impl() == "fast"
+    assert conv.default_impl() == "pallas"
     monkeypatch.setattr(jax, "devices", lambda *a: [gpu("8.0")])
     assert conv.default_impl() == "xla"
     monkeypatch.setenv("JAXTL_CONV_IMPL", "pallas")
