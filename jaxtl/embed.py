@@ -105,7 +105,9 @@ def _data_mesh() -> jax.sharding.Mesh:
 class VolumeReader:
     """Uniform random access to volumes given in any of the accepted forms.
 
-    `len(reader)` volumes; `reader.read(start, stop)` -> float32 `(m, D, H, W)`. Paths and images are
+    `len(reader)` volumes; `reader.read(start, stop)` -> `(m, D, H, W)`, float32 or the 16-bit float type the
+    volumes have (a prepared cache is float16 by default): the network casts to its compute dtype on the device,
+    so 16-bit volumes are copied there at half the bytes with the same result. Paths and images are
     loaded with `load_volume(downsample=...)` on `workers` threads, only when read.
     `on_error="skip"`: a NIfTI scan (path, image, `NiftiSource` item; `InputError` from any source) that
     fails to load is read as zeros and recorded in `reader.failures`; anything else still raises.
@@ -185,7 +187,7 @@ class VolumeReader:
             from jaxtl.data import load_volume
 
             return load_volume(item, downsample=self.downsample, check=self.check)
-        arr = np.asarray(item, dtype=np.float32)
+        arr = _host_array(item)
         if arr.ndim == 4 and arr.shape[0] == 1:  # CDHW
             arr = arr[0]
         elif arr.ndim == 4 and arr.shape[-1] == 1:  # DHWC
@@ -246,7 +248,7 @@ class VolumeReader:
 
     def read(self, start: int, stop: int, pool: concurrent.futures.Executor | None = None) -> np.ndarray:
         if self._kind == "array":
-            return np.asarray(self._array[start:stop], dtype=np.float32)
+            return _host_array(self._array[start:stop])
         idx = range(start, stop)
         vols = list(pool.map(self._try, idx)) if pool is not None and len(idx) > 1 else [self._try(i) for i in idx]
         loaded = [v for v in vols if isinstance(v, np.ndarray)]
@@ -271,6 +273,12 @@ class VolumeReader:
         if self._kind == "source" and hasattr(self._items, "shape"):
             return tuple(self._items.shape)
         return tuple(self._one(0).shape)
+
+
+def _host_array(a: Any) -> np.ndarray:
+    """`a` as a float32 numpy array, or unchanged where it is already float32, float16 or bfloat16."""
+    a = np.asarray(a)
+    return a if a.dtype in (np.float32, np.float16, jnp.bfloat16) else a.astype(np.float32)
 
 
 def _open_path(path: Path, downsample: int):

@@ -127,6 +127,26 @@ def test_embeds_on_the_default_devices_platform(monkeypatch):
     assert [d.platform for d in mesh.devices.flat] == ["cpu"] * len(real(backend="cpu"))
 
 
+def test_16_bit_volumes_are_copied_as_they_are_with_the_same_result(age_model, volumes, monkeypatch):
+    """float16 / bfloat16 volumes (a prepared cache is float16) reach the device in their own type, half the bytes
+    of float32, and embed to exactly what the same values as float32 give."""
+    sent, put = [], jax.device_put
+    monkeypatch.setattr(jax, "device_put",
+                        lambda x, *a, **k: (isinstance(x, np.ndarray) and sent.append(x.dtype)) or put(x, *a, **k))
+    ref = embed(volumes[:2].astype(np.float16).astype(np.float32), age_model, progress=False)
+    assert np.dtype(np.float32) in sent
+    for dtype in (np.float16, jnp.bfloat16):
+        sent.clear()
+        x = volumes[:2].astype(dtype)
+        out = embed(x, age_model, progress=False)
+        assert np.dtype(dtype) in sent and np.dtype(np.float32) not in sent
+        np.testing.assert_array_equal(out, embed(x.astype(np.float32), age_model, progress=False))
+    np.testing.assert_array_equal(embed(volumes[:2].astype(np.float16), age_model, progress=False), ref)
+    sent.clear()
+    embed(volumes[:2].astype(np.float64), age_model, progress=False)  # anything else: float32, as before
+    assert np.dtype(np.float64) not in sent and np.dtype(np.float32) in sent
+
+
 def test_conv_impl_from_the_environment_is_read_at_each_call(age_model, volumes, monkeypatch):
     from jaxtl.embed import _data_mesh, _jitted
 
