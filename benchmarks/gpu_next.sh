@@ -11,8 +11,9 @@
 #                them and the fused first block beside PyTorch (-> $OUT/fused_block.jsonl,
 #                $OUT/fused_block_network.jsonl)                                                            <= 4.5 min
 #   transfer     gpu_transfer.py: host-to-device copies of a float32 / bfloat16 batch, from threads, and
-#                jaxtl.embed() over 64 in-memory volumes (the public API ran at 146 vol/s against the step's 1234)
-#                (-> $OUT/transfer.jsonl)                                                                   <= 1 min
+#                jaxtl.embed() over 64 in-memory volumes (the public API ran at 146 vol/s against the step's 1234),
+#                also from float16 volumes (a cache's type, copied as such since 00cb72c) (-> $OUT/transfer.jsonl)
+#                                                                                                           <= 2 min
 #   profile      `jaxtl bench --profile`, Peng 1mm bfloat16 batch 8, embed and train, the default path: the kernels
 #                that take the time ($OUT/profile.jsonl `profile_top`, Perfetto traces $OUT/profile-<case>.json.gz)
 #                                                                                                           <= 2 min
@@ -37,7 +38,7 @@ source benchmarks/gpu_env.sh
 STAGES=${STAGES:-nhwc fused transfer profile}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
 # each stage's worst case (its timeouts), s: a stage that could run past the 590 s call is skipped
-declare -A WORST=([nhwc]=180 [fused]=270 [transfer]=90 [profile]=110 [conv_fusion]=90 [first_block]=240
+declare -A WORST=([nhwc]=180 [fused]=270 [transfer]=120 [profile]=110 [conv_fusion]=90 [first_block]=240
                   [first_block_network]=300 [blocks]=120 [variants]=150 [train]=90 [demo]=200)
 stage() { echo "== $1 (t=$((SECONDS - start)) s)" | tee -a "$OUT/log"; }
 
@@ -68,7 +69,7 @@ fused() {
     | tee -a "$OUT/log"
 }
 transfer() {
-  timeout 90 python3 benchmarks/gpu_transfer.py "$OUT/transfer.jsonl" 8 64 10 2>&1 | tee -a "$OUT/log"
+  timeout 120 python3 benchmarks/gpu_transfer.py "$OUT/transfer.jsonl" 8 64 10 2>&1 | tee -a "$OUT/log"
 }
 blocks() {
   timeout 120 python3 benchmarks/gpu_blocks.py "$OUT/blocks.jsonl" bfloat16,float32 8 20 2>&1 | tee -a "$OUT/log"
