@@ -107,7 +107,8 @@ class VolumeReader:
 
     `len(reader)` volumes; `reader.read(start, stop)` -> `(m, D, H, W)`, float32 or the 16-bit float type the
     volumes have (a prepared cache is float16 by default): the network casts to its compute dtype on the device,
-    so 16-bit volumes are copied there at half the bytes with the same result. Paths and images are
+    so 16-bit volumes are copied there at half the bytes with the same result; a `jax.Array` given as the volumes
+    is read as slices of it, on its device. Paths and images are
     loaded with `load_volume(downsample=...)` on `workers` threads, only when read.
     `on_error="skip"`: a NIfTI scan (path, image, `NiftiSource` item; `InputError` from any source) that
     fails to load is read as zeros and recorded in `reader.failures`; anything else still raises.
@@ -246,9 +247,12 @@ class VolumeReader:
             return tuple(self._items.shape)
         return input_shape(self.downsample)
 
-    def read(self, start: int, stop: int, pool: concurrent.futures.Executor | None = None) -> np.ndarray:
+    def read(self, start: int, stop: int, pool: concurrent.futures.Executor | None = None) -> np.ndarray | jax.Array:
         if self._kind == "array":
-            return _host_array(self._array[start:stop])
+            part = self._array[start:stop]
+            if isinstance(part, jax.Array):  # already on a device: no round trip through the host
+                return part if part.dtype in _KEPT_DTYPES else part.astype(jnp.float32)
+            return _host_array(part)
         idx = range(start, stop)
         vols = list(pool.map(self._try, idx)) if pool is not None and len(idx) > 1 else [self._try(i) for i in idx]
         loaded = [v for v in vols if isinstance(v, np.ndarray)]
@@ -275,10 +279,13 @@ class VolumeReader:
         return tuple(self._one(0).shape)
 
 
+_KEPT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16))
+
+
 def _host_array(a: Any) -> np.ndarray:
     """`a` as a float32 numpy array, or unchanged where it is already float32, float16 or bfloat16."""
     a = np.asarray(a)
-    return a if a.dtype in (np.float32, np.float16, jnp.bfloat16) else a.astype(np.float32)
+    return a if a.dtype in _KEPT_DTYPES else a.astype(np.float32)
 
 
 def _open_path(path: Path, downsample: int):
@@ -346,7 +353,8 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
                                  f"{tuple(expected_shape)} (see its preprocessing: downsample {downsample})")
             m = batch.shape[0]
             if m < batch_size:  # pad instead of recompiling for the last batch
-                batch = np.concatenate([batch, np.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
+                xp = jnp if isinstance(batch, jax.Array) else np
+                batch = xp.concatenate([batch, xp.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
             result = fn(graphdef, state, jax.device_put(batch, x_sharding))  # asynchronous
             if in_flight is not None:  # the previous batch's result, while this one runs
                 outs.append(_fetch(*in_flight, bar))

@@ -145,6 +145,11 @@ def test_16_bit_volumes_are_copied_as_they_are_with_the_same_result(age_model, v
     sent.clear()
     embed(volumes[:2].astype(np.float64), age_model, progress=False)  # anything else: float32, as before
     assert np.dtype(np.float64) not in sent and np.dtype(np.float32) in sent
+    sent.clear()
+    on_device = jnp.asarray(volumes[:3], jnp.bfloat16)  # a jax.Array: sliced on its device, not via the host
+    np.testing.assert_array_equal(embed(on_device, age_model, progress=False, batch_size=2),
+                                  embed(np.asarray(on_device), age_model, progress=False, batch_size=2))
+    assert sent == [np.dtype(jnp.bfloat16)] * 2  # only the numpy call's two batches went through the host
 
 
 def test_conv_impl_from_the_environment_is_read_at_each_call(age_model, volumes, monkeypatch):
