@@ -75,17 +75,43 @@ SCALES = {"demo": DEMO, "ci": CI}
 
 
 class Stages:
-    """Wall time of each stage, for the report."""
+    """Wall time of each stage in this run (`seconds`) and in the run that computed it (`first`, written to `path` as
+    each stage ends, so a run stopped half-way keeps the times of the stages it finished). A stage cut off and
+    finished by a later run counts that run's part only: it is listed in `resumed`."""
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
+    def __init__(self, path: Path):
+        self.path, self.seconds = path, {}
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        self.resumed: list[str] = saved.pop("_resumed", [])
+        self._cut_off = set(saved.pop("_running", []))  # stages an earlier run began and did not finish
+        self.first: dict[str, float] = saved
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         print(f"== {name}", flush=True)
+        self._save(running=name)
         t0 = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - t0
+        if name not in self.first:
+            self.first[name] = self.seconds[name]
+            if name in self._cut_off:
+                self.resumed.append(name)
+        self._save()
+
+    def finish(self, total: float) -> None:
+        """Record the whole run; the first-run total of work spread over several runs is the sum of its stages."""
+        self.seconds["total"] = total
+        if "total" not in self.first:
+            spread = any(k not in self.seconds for k in self.first) or self.resumed
+            self.first["total"] = sum(self.first.values()) if spread else total
+        self._save()
+
+    def _save(self, running: str | None = None) -> None:
+        cut_off = sorted((self._cut_off | ({running} if running else set())) - set(self.first))
+        extra = ({"_resumed": self.resumed} if self.resumed else {}) | ({"_running": cut_off} if cut_off else {})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({**self.first, **extra}, indent=1) + "\n")
 
 
 def demo_cohorts(config: DemoConfig) -> tuple[SimulatedCohort, dict[str, SimulatedCohort]]:
@@ -102,7 +128,7 @@ def run_demo(config: DemoConfig = DEMO, *, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     out = Path(config.out_dir)
     data_dir = out / "data"
-    stage = Stages()
+    stage = Stages(out / "timings.json")  # the stage times of the run that computed them (a rerun reuses its work)
     source, targets = demo_cohorts(config)
     with stage("simulate + prepare cohorts"):
         for cohort in (source, *targets.values()):
@@ -130,12 +156,8 @@ def run_demo(config: DemoConfig = DEMO, *, progress: bool = True) -> Path:
     with stage("brain-age outputs and montage"):
         brain_age = _brain_age(model_dirs["age"], ensure_cohort(targets[first], data_dir, False), out, progress)
         montage = _montage(out, config.montage_mm)
-    seconds = {**stage.seconds, "total": time.perf_counter() - t0}
-    first_path = out / "timings.json"  # the stage times of the run that computed them (a rerun reuses its work)
-    earlier = json.loads(first_path.read_text()) if first_path.exists() else {}
-    first = {k: earlier.get(k, v) for k, v in seconds.items()}
-    first_path.write_text(json.dumps(first, indent=1) + "\n")
-    report = _report(config, experiments, model_dirs, brain_age, montage, seconds, first)
+    stage.finish(time.perf_counter() - t0)
+    report = _report(config, experiments, model_dirs, brain_age, montage, stage)
     path = out / "REPORT.md"
     path.write_text(report)
     return path
@@ -196,7 +218,7 @@ def _source_row(task: str, model_dir: str) -> str:
 
 
 def _report(config: DemoConfig, experiments: dict[str, ExperimentConfig], model_dirs: dict[str, str],
-            brain_age: dict, montage: Path, seconds: dict[str, float], first: dict[str, float]) -> str:
+            brain_age: dict, montage: Path, stages: Stages) -> str:
     import jax
 
     out = Path(config.out_dir)
@@ -242,9 +264,12 @@ def _report(config: DemoConfig, experiments: dict[str, ExperimentConfig], model_
     lines += [f"![{p}]({rel(brain_age['dir'] / p)})" for p in brain_age["plots"]] + [""]
     lines += ["## The simulated brains", "", f"![montage]({rel(montage)})", ""]
     lines += ["## Timings", "", "| stage | seconds, first run | seconds, this run |", "|---|---|---|"]
-    lines += [f"| {k} | {first[k]:.1f} | {v:.1f} |" for k, v in seconds.items()]
+    lines += [f"| {k}{' (resumed)' if k in stages.resumed else ''} | {stages.first[k]:.1f} | {v:.1f} |"
+              for k, v in stages.seconds.items()]
+    resumed = (" A stage marked resumed was cut off (e.g. Ctrl-C) and finished by a later run: its first-run time "
+               "is that run's part only, and the total is the sum of the stages." if stages.resumed else "")
     lines += ["", "First run: the run that computed each stage (`timings.json`); the package install of `make demo` "
-              "is not included.", "",
+              f"is not included.{resumed}", "",
               f"Pretraining throughput (train step incl. input pipeline): age "
               f"{_pretrain_rate(model_dirs['age']):.1f}, sex {_pretrain_rate(model_dirs['sex']):.1f} volumes/s; "
               f"`jaxtl.embed` {brain_age['embed_volumes_per_s']:.1f} volumes/s. A rerun reuses data, caches, models "

@@ -33,8 +33,24 @@ def test_ci_demo_end_to_end_and_rerun(ci_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     shutil.copytree(ci_data, out / "data")
     config = dataclasses.replace(CI, out_dir=str(out))
+    import jaxtl.demo as demo
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # a first run stopped at its experiment stage: the stages it finished keep their times in timings.json
+    finish_experiment = demo.run_experiment
+    monkeypatch.setattr(demo, "run_experiment", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(config, progress=False)
+    timed = json.loads((out / "timings.json").read_text())
+    assert set(timed) == {"simulate + prepare cohorts", "pretrain age SFCN", "pretrain sex SFCN", "_running"}
+    assert timed["_running"] == ["experiment ixi"]
+    monkeypatch.setattr(demo, "run_experiment", finish_experiment)
     report = run_demo(config, progress=False)
     assert report == out / "REPORT.md"
+    assert json.loads((out / "timings.json").read_text())["pretrain age SFCN"] == timed["pretrain age SFCN"]
+    assert "| experiment ixi (resumed) |" in report.read_text()
 
     # 1-2: simulated BIDS cohorts and their caches
     for name, n in (("ukb", CI.source_n), ("ixi", CI.target_n)):
@@ -79,7 +95,8 @@ def test_ci_demo_end_to_end_and_rerun(ci_data, tmp_path, capsys, monkeypatch):
     n_runs = len(runs)
     report = run_demo(config, progress=False)
     assert len((exp / "results.jsonl").read_text().splitlines()) == n_runs
-    rows = re.findall(r"\| (pretrain \w+ SFCN|experiment ixi) \| ([\d.]+) \| ([\d.]+) \|", report.read_text())
+    rows = re.findall(r"\| (pretrain \w+ SFCN|experiment ixi)(?: \(resumed\))? \| ([\d.]+) \| ([\d.]+) \|",
+                      report.read_text())
     assert len(rows) == 3 and all(float(this) < 0.5 * float(first) for _, first, this in rows), rows
 
 
