@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from jaxtl.cache import CacheSource, make_dataset, read_index
 from jaxtl.config import OptimConfig, TrainConfig, check_train_config, to_dict
+from jaxtl.conv import default_platform
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
 from jaxtl.model import SFCN, WEIGHTS, on_mesh
 from jaxtl.weights import DEFAULT_PREPROCESSING, load_model, save_model
@@ -129,10 +130,12 @@ def process_major(devices) -> list:
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """1-D "data" mesh over all devices of all processes (or `devices`), process-major. Auto axes: the compiler
-    propagates the batch sharding through the network, so reshapes inside the model need no sharding
-    annotations. The only collectives are all-reduces over every device, which the order does not change."""
-    devices = process_major(jax.devices() if devices is None else devices)
+    """1-D "data" mesh over all devices of all processes (or `devices`), process-major; the devices of the default
+    device's platform (`with jax.default_device("cpu")` trains on the host of a GPU machine, as conv_impl "auto"
+    then means the CPU's path). Auto axes: the compiler propagates the batch sharding through the network, so
+    reshapes inside the model need no sharding annotations. The only collectives are all-reduces over every
+    device, which the order does not change."""
+    devices = process_major(jax.devices(default_platform()) if devices is None else devices)
     return jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 

@@ -172,6 +172,19 @@ def test_mesh_is_process_major():
     assert mesh.axis_names == ("data",) and list(mesh.devices) == sorted(jax.devices(), key=lambda d: d.id)
 
 
+def test_mesh_follows_the_default_device(monkeypatch):
+    """`with jax.default_device("cpu")` on a GPU machine: the train mesh holds the host's devices, not the GPUs."""
+    from types import SimpleNamespace
+
+    from jaxtl.train import make_mesh
+
+    real = jax.devices
+    fake_gpus = [SimpleNamespace(platform="gpu", process_index=0, id=i) for i in range(2)]
+    monkeypatch.setattr(jax, "devices", lambda backend=None: real("cpu") if backend == "cpu" else fake_gpus)
+    with jax.default_device("cpu"):
+        assert [d.platform for d in make_mesh().devices.flat] == ["cpu"] * len(real("cpu"))
+
+
 def test_few_steps_lower_the_loss(ukb_cache):
     source = CacheSource(ukb_cache)
     cfg = tiny_config("model.dropout=0.0", "optim.lr=0.05")
