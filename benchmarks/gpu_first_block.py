@@ -255,20 +255,27 @@ def network(blocks: Path, modes: list[str], dtypes: list[str], batch: int, repea
             print(f"{dtype_name} {bench.summary_line(rec)} [XLA path]", flush=True)
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
-    stage = sys.argv[2] if len(sys.argv) > 2 else "blocks"
-    modes = sys.argv[3].split(",") if len(sys.argv) > 3 else ["eval", "train"]
-    dtypes = sys.argv[4].split(",") if len(sys.argv) > 4 else ["bfloat16", "float32"]
-    gpu = jax.default_backend() == "gpu"
-    batch = int(sys.argv[5]) if len(sys.argv) > 5 else (8 if gpu else 1)
-    repeats = int(sys.argv[6]) if len(sys.argv) > 6 else (20 if gpu else 2)
+def parse_argv(lists: list[list[str]]) -> tuple[Path, str, list[list[str]], bool, int, int]:
+    """OUT.jsonl [blocks|network] [comma lists, `lists` their defaults] [batch] [repeats] from sys.argv:
+    (out, stage, lists, on a GPU, batch, repeats); the network stage on a GPU only."""
+    argv = sys.argv[1:]
+    stage = argv[1] if len(argv) > 1 else "blocks"
     if stage not in ("blocks", "network"):
         raise SystemExit(f"stage must be blocks or network, got {stage!r}")
+    gpu = jax.default_backend() == "gpu"
+    if stage == "network" and not gpu:
+        raise SystemExit("the network stage runs Peng's SFCN at 1mm: on a GPU only")
+    k = 2 + len(lists)
+    lists = [argv[2 + i].split(",") if len(argv) > 2 + i else default for i, default in enumerate(lists)]
+    batch = int(argv[k]) if len(argv) > k else (8 if gpu else 1)
+    repeats = int(argv[k + 1]) if len(argv) > k + 1 else (20 if gpu else 2)
+    return Path(argv[0]), stage, lists, gpu, batch, repeats
+
+
+def main() -> None:
+    out, stage, (modes, dtypes), gpu, batch, repeats = parse_argv([["eval", "train"], ["bfloat16", "float32"]])
     hw, vers, commit = bench.hardware_info(), bench.versions(), bench.git_commit()
     if stage == "network":
-        if not gpu:
-            raise SystemExit("the network stage runs Peng's SFCN at 1mm: on a GPU only")
         network(out, modes, dtypes, batch, repeats, hw, vers, commit)
         return
     shape = bench.input_shape(1) if gpu else (8, 10, 6)

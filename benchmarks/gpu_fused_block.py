@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -129,18 +128,9 @@ def network(blocks: Path, dtypes: list[str], batch: int, repeats: int, hw, vers,
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
-    stage = sys.argv[2] if len(sys.argv) > 2 else "blocks"
-    dtypes = sys.argv[3].split(",") if len(sys.argv) > 3 else ["bfloat16", "float32"]
-    gpu = jax.default_backend() == "gpu"
-    batch = int(sys.argv[4]) if len(sys.argv) > 4 else (8 if gpu else 1)
-    repeats = int(sys.argv[5]) if len(sys.argv) > 5 else (20 if gpu else 2)
-    if stage not in ("blocks", "network"):
-        raise SystemExit(f"stage must be blocks or network, got {stage!r}")
+    out, stage, (dtypes,), gpu, batch, repeats = gfb.parse_argv([["bfloat16", "float32"]])
     hw, vers, commit = bench.hardware_info(), bench.versions(), bench.git_commit()
     if stage == "network":
-        if not gpu:
-            raise SystemExit("the network stage runs Peng's SFCN at 1mm: on a GPU only")
         network(out, dtypes, batch, repeats, hw, vers, commit)
         return
     for dtype_name in dtypes:  # bfloat16 first: the embed target is in bfloat16

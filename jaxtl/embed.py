@@ -188,7 +188,7 @@ class VolumeReader:
             from jaxtl.data import load_volume
 
             return load_volume(item, downsample=self.downsample, check=self.check)
-        arr = _host_array(item)
+        arr = _input_array(np.asarray(item))
         if arr.ndim == 4 and arr.shape[0] == 1:  # CDHW
             arr = arr[0]
         elif arr.ndim == 4 and arr.shape[-1] == 1:  # DHWC
@@ -249,10 +249,7 @@ class VolumeReader:
 
     def read(self, start: int, stop: int, pool: concurrent.futures.Executor | None = None) -> np.ndarray | jax.Array:
         if self._kind == "array":
-            part = self._array[start:stop]
-            if isinstance(part, jax.Array):  # already on a device: no round trip through the host
-                return part if part.dtype in _KEPT_DTYPES else part.astype(jnp.float32)
-            return _host_array(part)
+            return _input_array(self._array[start:stop])  # a jax.Array stays on its device: no host round trip
         idx = range(start, stop)
         vols = list(pool.map(self._try, idx)) if pool is not None and len(idx) > 1 else [self._try(i) for i in idx]
         loaded = [v for v in vols if isinstance(v, np.ndarray)]
@@ -282,9 +279,9 @@ class VolumeReader:
 _KEPT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16))
 
 
-def _host_array(a: Any) -> np.ndarray:
-    """`a` as a float32 numpy array, or unchanged where it is already float32, float16 or bfloat16."""
-    a = np.asarray(a)
+def _input_array(a: Any) -> np.ndarray | jax.Array:
+    """`a` (a jax.Array, else as a numpy array) unchanged where it is float32, float16 or bfloat16, else as float32."""
+    a = a if isinstance(a, jax.Array) else np.asarray(a)
     return a if a.dtype in _KEPT_DTYPES else a.astype(np.float32)
 
 
