@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtl import bench, train
+from jaxtl import bench
 from jaxtl import first_block as fb
 from jaxtl.model import ConvBlock
 
@@ -235,9 +235,6 @@ def network(blocks: Path, modes: list[str], dtypes: list[str], batch: int, repea
         suite = "embed" if mode == "eval" else "train"
         start = time.perf_counter()
         table["float32" if jnp.dtype(dtype_name).itemsize >= 4 else "bfloat16"] = tuning
-        # the steps read the tuning when traced: no step compiled with another tuning may be reused
-        jax.clear_caches()
-        train._jitted_steps.cache_clear()
         rec = bench.run_case(bench.Case(suite, config, resolution, batch, dtype_name), warmup=3,
                              repeats=repeats, conv_impl="pallas")
         rec = bench._base_record(hw, vers, commit, f"gpu_first_block.py: {suite} with conv_impl=pallas") | rec

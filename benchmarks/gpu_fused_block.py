@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtl import bench, train
+from jaxtl import bench
 from jaxtl import fused_block as fb
 
 # the block sweep and the eval block are gpu_first_block.py's (a script beside this one, not a module)
@@ -110,8 +110,6 @@ def network(blocks: Path, dtypes: list[str], batch: int, repeats: int, hw, vers,
             tuning = default | best.get(dtype_name, {})
             fb.TUNING.clear()
             fb.TUNING.update(tuning)
-            jax.clear_caches()  # the steps read the tuning when traced
-            train._jitted_steps.cache_clear()
             start = time.perf_counter()
             rec = bench.run_case(bench.Case("embed", config, resolution, batch, dtype_name), warmup=3,
                                  repeats=repeats, conv_impl="pallas")

@@ -123,9 +123,9 @@ def main() -> None:
         for dtype in dtypes:
             for name in variants:
                 ConvBlock.__call__ = VARIANTS[name]
-                # the train step is cached per model shape (jaxtl.train._jitted_steps) and jit caches its trace:
+                # the train step is cached per model shape (jaxtl.train._jitted_steps_for) and jit caches its trace:
                 # without clearing both, a variant after the first would rerun the first one's program
-                train._jitted_steps.cache_clear()
+                train._jitted_steps_for.cache_clear()
                 jax.clear_caches()
                 start = time.perf_counter()
                 try:

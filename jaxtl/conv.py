@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 from collections.abc import Callable
 
 import jax
@@ -82,6 +83,20 @@ def fused_first_block_gpu(devices: list | None = None) -> bool:
     except ImportError:
         return False
     return True
+
+
+def trace_settings() -> tuple:
+    """What a traced step reads besides its arguments: what "auto" means (`default_impl`) and the Pallas kernels'
+    module switches (`first_block.TUNING` / `TRAIN_TUNING`, `fused_block.ENABLED` / `TUNING`). Cached jitted steps
+    are keyed on it, so a change between calls is traced anew instead of running the old program. The kernel
+    modules are not imported here (they import Pallas' Triton backend): not imported, they hold their defaults."""
+    def frozen(v):
+        return tuple(sorted((k, frozen(x)) for k, x in v.items())) if isinstance(v, dict) else v
+
+    first, fused = sys.modules.get("jaxtl.first_block"), sys.modules.get("jaxtl.fused_block")
+    return (default_impl(),
+            first and (frozen(first.TUNING), frozen(first.TRAIN_TUNING)),
+            fused and (fused.ENABLED, frozen(fused.TUNING)))
 
 
 def resolve_impl(impl: str) -> str:

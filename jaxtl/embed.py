@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxtl.conv import default_impl, default_platform
+from jaxtl.conv import default_platform, trace_settings
 from jaxtl.model import SFCN, WEIGHTS, on_mesh
 from jaxtl.weights import JaxtlModel, load_model
 
@@ -78,12 +78,13 @@ def _check_layer(model: SFCN, layer: str) -> None:
 
 
 def _jitted(layer: str, mesh: jax.sharding.Mesh):
-    # keyed on what conv_impl="auto" means now ($JAXTL_CONV_IMPL may change between calls; it is read when traced)
-    return _jitted_for(layer, mesh, default_impl())
+    # keyed on what the trace reads: what conv_impl="auto" means now ($JAXTL_CONV_IMPL may change between calls),
+    # the kernels' tunings
+    return _jitted_for(layer, mesh, trace_settings())
 
 
 @functools.cache
-def _jitted_for(layer: str, mesh: jax.sharding.Mesh, auto_impl: str):
+def _jitted_for(layer: str, mesh: jax.sharding.Mesh, settings: tuple):
     def apply(graphdef, state, x):  # also whether each volume is finite (max-pooling on CPU would hide NaN)
         return _layer_output(nnx.merge(graphdef, state), x, layer), jnp.isfinite(x).reshape(len(x), -1).all(axis=1)
 

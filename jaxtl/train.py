@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from jaxtl.cache import CacheSource, make_dataset, read_index
 from jaxtl.config import OptimConfig, TrainConfig, check_train_config, to_dict
-from jaxtl.conv import default_platform
+from jaxtl.conv import default_platform, trace_settings
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
 from jaxtl.model import SFCN, WEIGHTS, on_mesh
 from jaxtl.weights import DEFAULT_PREPROCESSING, load_model, save_model
@@ -172,10 +172,14 @@ def eval_step(graphdef, state, images, labels, mask, *, task):
     return jnp.sum(score * mask), jnp.sum(mask)
 
 
-@functools.cache
 def _jitted_steps(graphdef, task, trainable, mesh):
-    """The jitted train and eval steps, one pair per network structure, task, trainable filter and mesh:
-    trainers of the same shape reuse the compiled steps."""
+    """The jitted train and eval steps, one pair per network structure, task, trainable filter, mesh and
+    `conv.trace_settings()`: trainers of the same shape reuse the compiled steps."""
+    return _jitted_steps_for(graphdef, task, trainable, mesh, trace_settings())
+
+
+@functools.cache
+def _jitted_steps_for(graphdef, task, trainable, mesh, settings):
     replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     train_fn = jax.jit(on_mesh(functools.partial(train_step, graphdef, task=task, trainable=trainable), mesh),
                        donate_argnums=(0,),

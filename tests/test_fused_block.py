@@ -91,6 +91,33 @@ def test_model_uses_the_kernel_only_when_enabled(monkeypatch):
     assert calls == []
 
 
+def test_embed_traces_anew_when_the_switches_change(monkeypatch):
+    """`jaxtl.embed` caches its jitted step; turning `ENABLED` on or changing `TUNING` between calls takes effect
+    (the step reads them when traced), and turning it off again reuses the first program."""
+    import jaxtl
+
+    model = SFCN((4, 16, 16, 8), num_outputs=5, rngs=nnx.Rngs(0), conv_impl="pallas")
+    model.eval()
+    x = np.random.default_rng(5).standard_normal((2, 16, 16, 16)).astype(np.float32)
+    calls = []
+    real = fb.conv_block
+    monkeypatch.setattr(fb, "conv_block", lambda *a, **kw: calls.append(fb.TUNING["tile"]) or real(*a, **kw))
+    monkeypatch.setitem(fb.TUNING, "tile", 16)
+    monkeypatch.setitem(fb.TUNING, "block_n", 16)
+    monkeypatch.setitem(fb.TUNING, "block_k", 16)
+    want = jaxtl.embed(x, model, progress=False)
+    assert calls == []
+    monkeypatch.setattr(fb, "ENABLED", True)
+    np.testing.assert_allclose(jaxtl.embed(x, model, progress=False), want, rtol=1e-4, atol=1e-4)
+    assert calls == [16, 16]  # traced anew: blocks 1 and 2 ran the kernel
+    monkeypatch.setitem(fb.TUNING, "tile", 32)
+    np.testing.assert_allclose(jaxtl.embed(x, model, progress=False), want, rtol=1e-4, atol=1e-4)
+    assert calls == [16, 16, 32, 32]
+    monkeypatch.setattr(fb, "ENABLED", False)
+    jaxtl.embed(x, model, progress=False)
+    assert calls == [16, 16, 32, 32]
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_lowers_to_triton_for_cuda(dtype):
     """The kernel lowers to Triton IR for a GPU (Pallas' lowering rules run at export, no GPU needed) for Peng's

@@ -147,13 +147,25 @@ def test_sgd_matches_pytorch_coupled_weight_decay():
 
 def test_trainers_of_one_shape_share_compiled_steps():
     """Runs differing only in learning rate, schedule, momentum or decay reuse one compiled train step."""
-    from jaxtl.train import _jitted_steps
+    from jaxtl.train import _jitted_steps_for
 
     a = Trainer.create(tiny_config("optim.lr=0.05"), steps_per_epoch=10)
     b = Trainer.create(tiny_config("optim.lr=0.001", "optim.momentum=0.8", "optim.weight_decay=0.0"), 3)
     assert a.train_fn is b.train_fn and a.eval_fn is b.eval_fn
     assert float(b.state[1].opt_state.hyperparams["momentum"][...]) == pytest.approx(0.8)
-    assert _jitted_steps.cache_info().currsize >= 1
+    assert _jitted_steps_for.cache_info().currsize >= 1
+
+
+def test_trainer_steps_follow_what_auto_means(monkeypatch):
+    """A trainer created after $JAXTL_CONV_IMPL changed gets steps traced anew, not the ones compiled for the
+    other convolution (the steps read it when traced)."""
+    monkeypatch.setenv("JAXTL_CONV_IMPL", "fast")
+    fast = Trainer.create(tiny_config(), steps_per_epoch=10)
+    monkeypatch.setenv("JAXTL_CONV_IMPL", "xla")
+    xla = Trainer.create(tiny_config(), steps_per_epoch=10)
+    assert xla.train_fn is not fast.train_fn and xla.eval_fn is not fast.eval_fn
+    monkeypatch.setenv("JAXTL_CONV_IMPL", "fast")
+    assert Trainer.create(tiny_config(), steps_per_epoch=10).train_fn is fast.train_fn
 
 
 # ---- training -------------------------------------------------------------------------------------------
