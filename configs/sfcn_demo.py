@@ -1,6 +1,7 @@
 """Small low-resolution SFCN for CPUs, the demo and tests: a cache prepared with --downsample 4 (40x48x40).
 
-Same topology and recipe as Peng's, narrower channels and fewer epochs; the learning-rate step is scaled
+Same topology as Peng's and the same recipe as `sfcn_age_ukb.py` (itself [UNVERIFIED] against the SFCN
+paper's text, paper-spec section 4), narrower channels and fewer epochs; the learning-rate step is scaled
 to the shorter run. Bins 42-82 as Peng (the `ukb` preset is 45-80);
 change `bin_range` for other cohorts.
 """

@@ -26,7 +26,9 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """SGD with coupled L2 weight decay and step decay, as PyTorch's `SGD` + `StepLR` (Peng's recipe)."""
+    """SGD with coupled L2 weight decay and step decay, as PyTorch's `SGD` + `StepLR`. The defaults are Peng's
+    pretraining recipe as the transfer code's defaults give it, [UNVERIFIED] against the SFCN paper's text
+    (paper-spec section 4)."""
 
     lr: float = 0.01
     momentum: float = 0.9
@@ -48,6 +50,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """A pretraining run. Defaults: Peng's UK Biobank recipe (bins 42-82, batch 8, 130 epochs, `OptimConfig`),
+    [UNVERIFIED] against the SFCN paper's text (paper-spec section 4)."""
+
     task: str = "age"  # "age" or "sex"
     bin_range: tuple[float, float] = (42.0, 82.0)
     sigma: float = 1.0

@@ -240,7 +240,7 @@ def _report(config: DemoConfig, experiments: dict[str, ExperimentConfig], model_
         "The paper's finding needs a source model that learned its label: where the test metric is near the "
         "baseline, its features carry little of that label and transfer from it cannot help.", "",
         "## Findings of the paper, checked here", "",
-        "| target | task | finding | on this run |", "|---|---|---|---|",
+        "| target | task | finding | on this run | in the paper's numbers |", "|---|---|---|---|---|",
     ]
     for exp in experiments.values():
         lines += findings(exp)

@@ -1,9 +1,9 @@
 """Transfer to a target cohort: the paper's methods by name, splits, fine-tuning, brain-age outputs.
 
 `run_transfer(model, cohort, out_dir, task="age", method="features")` splits the cohort (per site
-40/20/40 by participant, as the paper), fits the method on the training split, predicts every scan
-and writes `predictions.csv`, `metrics.json`, plots and `head/` (a fitted head `jaxtl predict` and
-`load_head` apply to new scans).
+40/20/40 by participant, as the paper's IXI and ABIDE splits; its OASIS-3 split was 32/9/59), fits the
+method on the training split, predicts every scan and writes `predictions.csv`, `metrics.json`, plots and
+`head/` (a fitted head `jaxtl predict` and `load_head` apply to new scans).
 
 Methods (paper-spec section 6):
   direct    the pretrained network's own head, decoded (age: expected value over its bins).
