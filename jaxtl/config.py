@@ -75,23 +75,39 @@ def check_train_config(config: TrainConfig) -> None:
         raise bad("task", config.task, "use age or sex")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise bad("model.dtype", config.model.dtype, "use float32 or bfloat16")
-    if not config.bin_range[0] < config.bin_range[1]:
+    lo, hi = config.bin_range
+    if not lo < hi:
         raise bad("bin_range", config.bin_range, "give (MIN, MAX) with MIN < MAX")
+    if config.task == "age" and not float(hi - lo).is_integer():
+        raise bad("bin_range", config.bin_range, "give (MIN, MAX) with MAX - MIN a whole number (1-year bins)")
+    if config.task == "age" and not config.sigma > 0:
+        raise bad("sigma", config.sigma, "give the soft labels' positive width in years, e.g. 1.0")
     counts = {"batch_size": config.batch_size, "epochs": config.epochs, "log_every_steps": config.log_every_steps,
               "optim.step_epochs": config.optim.step_epochs}
     for field, value in counts.items():
         if value < 1:
             raise bad(field, value, "give a positive integer")
-    if not config.model.channels or min(config.model.channels) < 1:
-        raise bad("model.channels", config.model.channels, "give positive channel counts, e.g. (32,64,128,256,256,64)")
+    if len(config.model.channels) < 2 or min(config.model.channels) < 1:
+        raise bad("model.channels", config.model.channels,
+                  "give at least 2 positive channel counts, one per block, e.g. (32,64,128,256,256,64)")
     if not 0 <= config.model.dropout < 1:
         raise bad("model.dropout", config.model.dropout, "give a rate in [0, 1)")
-    if config.optim.lr <= 0:
+    if not config.optim.lr > 0:
         raise bad("optim.lr", config.optim.lr, "give a positive learning rate")
+    if not config.optim.gamma > 0:
+        raise bad("optim.gamma", config.optim.gamma, "give the learning rate's positive step factor, e.g. 0.3")
+    for field in ("momentum", "weight_decay"):
+        if not getattr(config.optim, field) >= 0:
+            raise bad(f"optim.{field}", getattr(config.optim, field), "give a value >= 0")
     data = config.data
-    if data.val_fraction < 0 or data.test_fraction < 0 or data.val_fraction + data.test_fraction >= 1:
+    if data.shift < 0:
+        raise bad("data.shift", data.shift, "give the largest random shift in voxels, >= 0 (0: none)")
+    for field in ("val_fraction", "test_fraction"):
+        if not getattr(data, field) >= 0:
+            raise bad(f"data.{field}", getattr(data, field), "give a fraction >= 0")
+    if data.val_fraction + data.test_fraction >= 1:
         raise bad("data.val_fraction", data.val_fraction,
-                  f"give val and test fractions >= 0 that leave a training split (test_fraction={data.test_fraction})")
+                  f"give val and test fractions that leave a training split (test_fraction={data.test_fraction})")
 
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # the jaxtl source tree (configs/ lives there)

@@ -260,9 +260,11 @@ def ensure_model(spec: PretrainSpec | str, data_dir: str | os.PathLike, progress
     cohort = _asdict(spec.cohort) if dataclasses.is_dataclass(spec.cohort) else str(spec.cohort)
     recorded = Path(spec.workdir) / "pretrain_cohort.json"  # the cohort the run was made on (config.json: the rest)
     if complete is True:  # a finished run is reused only for the same config and cohort
-        from jaxtl.train import config_changes
+        from jaxtl.train import NEUTRAL_FIELDS, config_changes
 
-        changes = config_changes(Path(spec.workdir), cfg)[1] if (Path(spec.workdir) / "config.json").exists() else []
+        # epochs and the learning-rate schedule may change when resuming a run, not when reusing a finished one
+        changes = (config_changes(Path(spec.workdir), cfg, NEUTRAL_FIELDS)[1]
+                   if (Path(spec.workdir) / "config.json").exists() else [])
         before = json.loads(recorded.read_text()) if recorded.exists() else cohort
         if before != cohort:
             changes.append(f"cohort: {before} in the run, {cohort} now")

@@ -210,13 +210,15 @@ class Trainer:
 
         `trainable` is an NNX filter, e.g. `nnx.All(nnx.Param, nnx.PathContains("head"))` to train only
         the head. BatchNorm runs in train mode either way (batch statistics, running averages updated),
-        as in the paper's code.
+        as in the paper's code. A given `model` is copied: the caller's stays as it was (mode and weights).
         """
         task = make_task(config.task, config.bin_range, config.sigma)
         mesh = mesh or make_mesh()
         if model is None:
             model = SFCN(config.model.channels, task.num_outputs, config.model.dropout,
                          dtype=jnp.dtype(config.model.dtype), rngs=nnx.Rngs(config.seed))
+        else:
+            model = nnx.clone(model)
         model.train()
         graphdef, state = nnx.split((model, make_optimizer(model, config.optim, trainable)))
         state = jax.device_put(state, NamedSharding(mesh, P()))
@@ -378,9 +380,14 @@ def _state_target(state, mesh):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
 
 
-# Config fields a resumed run may change: they do not change what is computed. `epochs` may change too, as long as
-# the run has not already gone past it: the learning rate schedule is a function of the step alone.
-RESUMABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data.workers", "epochs")
+# Config fields a resumed run may change. These do not change what is computed:
+NEUTRAL_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data.workers")
+# `epochs` may change too, as long as
+# the run has not already gone past it: the learning rate schedule is a function of the step alone. So may that
+# schedule (`SCHEDULE_FIELDS`): the rate is an input of each step, and resuming with a lower one is the way on
+# after a non-finite loss. Momentum and weight decay are part of the restored optimizer state: they may not.
+SCHEDULE_FIELDS = ("optim.lr", "optim.step_epochs", "optim.gamma")
+RESUMABLE_FIELDS = (*NEUTRAL_FIELDS, "epochs", *SCHEDULE_FIELDS)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -410,15 +417,17 @@ def _check_config(workdir: Path, config: TrainConfig) -> dict | None:
     return saved
 
 
-def config_changes(workdir: Path, config: TrainConfig) -> tuple[dict, list[str]]:
+def config_changes(workdir: Path, config: TrainConfig, allowed: tuple[str, ...] = RESUMABLE_FIELDS
+                   ) -> tuple[dict, list[str]]:
     """The config saved in `workdir/config.json` (flat `section.field` keys) and how `config` differs from it in
-    fields other than `RESUMABLE_FIELDS` ("field: saved in the run, now")."""
+    fields other than `allowed` ("field: saved in the run, now"); `NEUTRAL_FIELDS` to ask whether a finished run
+    computed what `config` would."""
     current = _flatten(to_dict(config))
     # Fields added to the config since the run started take their defaults, which keep the old behaviour.
     saved = _flatten(to_dict(TrainConfig())) | _flatten(json.loads((Path(workdir) / "config.json").read_text()))
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     return saved, [f"{k}: {saved.get(k)!r} in the run, {current.get(k)!r} now" for k in diff
-                   if k not in RESUMABLE_FIELDS]
+                   if k not in allowed]
 
 
 def _check_resume(meta: dict, workdir: Path, config: TrainConfig, steps_per_epoch: int, n_proc: int) -> None:
@@ -546,10 +555,11 @@ class _PreemptionWatch:
 
     With `jax.distributed` initialised and JAX's preemption service on (the default), JAX catches SIGTERM (or the
     TPU maintenance notice) and agrees on a step across processes; it is queried through orbax
-    (`CheckpointManager.reached_preemption`). Otherwise, in a single process, SIGTERM and SIGINT (Ctrl-C) handlers
-    are installed (main thread only) that record the notice; a second signal gets the previous handler (by
-    default: terminate now / KeyboardInterrupt). The previous handlers are restored on exit. Several processes
-    without JAX's service: the signals are left alone (one process cannot checkpoint without the others).
+    (`CheckpointManager.reached_preemption`). In a single process, SIGTERM and SIGINT (Ctrl-C) handlers are
+    installed (main thread only; SIGINT alone where JAX's service has SIGTERM, e.g. `--distributed` with one
+    process) that record the notice; a second signal gets the previous handler (by default: terminate now /
+    KeyboardInterrupt). The previous handlers are restored on exit. Several processes: the signals JAX's service
+    does not take are left alone (one process cannot checkpoint without the others).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -561,9 +571,8 @@ class _PreemptionWatch:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _PreemptionWatch:
-        if (not self.jax_service and jax.process_count() == 1
-                and threading.current_thread() is threading.main_thread()):
-            for sig in self.SIGNALS:
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT,) if self.jax_service else self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
@@ -596,8 +605,8 @@ class _PreemptionWatch:
                   "once, without one)", file=sys.stderr, flush=True)
 
     def reached(self, step: int) -> bool:
-        if self.jax_service:
-            return self.mngr.reached_preemption(step)
+        if self.jax_service and self.mngr.reached_preemption(step):
+            return True
         return self.signalled
 
     def interrupted(self) -> bool:
@@ -618,10 +627,15 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         raise ValueError(f"profile={profile!r}: give steps (FIRST, LAST) with 1 <= FIRST <= LAST (--profile 10:20)")
     workdir = Path(workdir)
     source = CacheSource(cohort)
-    n_proc = jax.process_count()
-    if config.batch_size % jax.device_count() or config.batch_size % n_proc:
+    smallest = 2 ** (len(config.model.channels) - 1)  # every block but the last halves D, H and W
+    if min(source.shape) < smallest:
+        raise ValueError(f"{cohort}: volumes of shape {source.shape} are too small for "
+                         f"{len(config.model.channels)} blocks (model.channels={config.model.channels}): each side "
+                         f"must be at least {smallest} voxels; use fewer blocks or a cache of a finer --downsample")
+    n_proc, n_dev = jax.process_count(), len(jax.devices(default_platform()))  # the mesh's devices (make_mesh)
+    if config.batch_size % n_dev or config.batch_size % n_proc:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the device count "
-                         f"({jax.device_count()}); set --set batch_size=N")
+                         f"({n_dev}); set --set batch_size=N")
     split_seed = _split_seed(config)
     train_idx, val_idx, test_idx = split_participants(source.participant_ids, config.data.val_fraction,
                                                       config.data.test_fraction, split_seed)
@@ -669,6 +683,12 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     metrics_file = workdir / "metrics.jsonl"
     if is_main:
         if saved_config is not None:
+            current = _flatten(to_dict(config))
+            changed = [f"{k} {current[k]!r} (was {saved_config.get(k)!r})" for k in SCHEDULE_FIELDS
+                       if current[k] != saved_config.get(k)]
+            if changed and latest is not None:
+                print(f"jaxtl pretrain: resuming at step {step} with {', '.join(changed)}", file=sys.stderr,
+                      flush=True)
             _write_json(workdir / "config.json", to_dict(config))  # the run's config now (resumable changes)
         _truncate_metrics(metrics_file, step)
     pending = []  # losses not yet checked for finiteness
@@ -889,8 +909,10 @@ def _raise_if_non_finite(losses: list, mngr: ocp.CheckpointManager) -> None:
             last = mngr.latest_step()
             kept = f"the last good checkpoint (step {last}) is intact" if last is not None else "no checkpoint yet"
             raise NonFiniteLossError(
-                f"loss, parameters or BatchNorm statistics became non-finite at step {s}; stopping ({kept}). Lower "
-                "optim.lr, or check the inputs for NaN/Inf, then rerun the same command to resume")
+                f"loss, parameters or BatchNorm statistics became non-finite at step {s}; stopping ({kept}). The "
+                "same command would repeat the same steps: resume with a lower learning rate (--set optim.lr=..., "
+                "or optim.gamma / optim.step_epochs; the schedule may change on resume), check the inputs for "
+                "NaN/Inf, or start again in a new --workdir")
 
 
 def _export(trainer: Trainer, path: Path, source: CacheSource, config: TrainConfig, meta: dict) -> Path:

@@ -19,6 +19,7 @@ from pretrain_runs import TINY, final_state, model_meta, steps_logged, tiny_conf
 
 from jaxtl.cache import CacheSource, HostBlock
 from jaxtl.config import DataConfig, ModelConfig, TrainConfig, load_config, override
+from jaxtl.model import SFCN
 from jaxtl.train import Trainer, pretrain, split_participants, train_dataset
 
 # ---- configs --------------------------------------------------------------------------------------------
@@ -156,6 +157,19 @@ def test_trainers_of_one_shape_share_compiled_steps():
     assert _jitted_steps_for.cache_info().currsize >= 1
 
 
+def test_trainer_copies_the_model_it_is_given():
+    """Trainer.create(model=m) trains a copy: the caller's model keeps its eval mode and weights."""
+    m = SFCN((4, 4, 4), 40, rngs=nnx.Rngs(0))
+    m.eval()
+    before = jax.tree.map(np.asarray, nnx.state(m))
+    trainer = Trainer.create(tiny_config("model.channels=(4,4,4)"), 10, model=m)
+    x = np.random.default_rng(0).standard_normal((8, 16, 16, 16)).astype(np.float32)
+    trainer.step(trainer.global_batch(x), trainer.global_batch(np.full(8, 60.0, np.float32)), 0)
+    assert m.blocks[0].bn.use_running_average and m.dropout.deterministic
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(m)))
+    m(x)  # still callable without dropout keys
+
+
 def test_trainer_steps_follow_what_auto_means(monkeypatch):
     """A trainer created after $JAXTL_CONV_IMPL changed gets steps traced anew, not the ones compiled for the
     other convolution (the steps read it when traced)."""
@@ -288,8 +302,8 @@ def test_pretrain_end_to_end_and_resume_is_noop(ukb_cache, tmp_path, capsys):
     assert "test_mae=" in last_line and "test_mae_best=" in last_line, last_line
     again = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(again) == n_lines and sum("final" in r for r in again) == 1  # the earlier final was replaced
-    with pytest.raises(ValueError, match=r"different config \(optim.lr: 0.01 in the run, 0.5 now\)"):
-        pretrain(tiny_config("optim.lr=0.5"), ukb_cache, run, progress=False)
+    with pytest.raises(ValueError, match=r"different config \(optim.momentum: 0.9 in the run, 0.5 now\)"):
+        pretrain(tiny_config("optim.momentum=0.5"), ukb_cache, run, progress=False)
     # a run from before a config field existed (here data.split_seed) resumes: the field takes its default
     saved = json.loads((run / "config.json").read_text())
     del saved["data"]["split_seed"]
@@ -384,10 +398,17 @@ def test_bad_config_values_are_refused_before_the_workdir_is_written(ukb_cache, 
     corrected command starts the run instead of being refused as a changed config."""
     for bad, match in (("model.dtype=bf16", r"model.dtype='bf16': use float32 or bfloat16"),
                        ("task=sex2", r"task='sex2': use age or sex"),
-                       ("data.val_fraction=0.9", "leave a training split"), ("epochs=0", "positive integer")):
+                       ("data.val_fraction=0.9", "leave a training split"), ("epochs=0", "positive integer"),
+                       # these had failed only later, with the workdir written (the corrected rerun then refused)
+                       ("bin_range=(42.0,82.5)", r"bin_range=\(42.0, 82.5\): .*whole number"),
+                       ("model.channels=(4,)", "at least 2 positive channel counts"),
+                       ("model.channels=(4,4,4,4,4,4,4)", r"too small for 7 blocks .* at least 64 voxels"),
+                       ("data.shift=-1", r"data.shift=-1: .*>= 0"),
+                       ("data.test_fraction=-0.5", r"^data.test_fraction=-0.5: give a fraction >= 0"),
+                       ("optim.gamma=0.0", "optim.gamma=0.0: give the learning rate's positive step factor")):
         with pytest.raises(ValueError, match=match):
             pretrain(tiny_config(bad), ukb_cache, tmp_path / "run", progress=False)
-        assert not (tmp_path / "run").exists()
+        assert not (tmp_path / "run").exists(), bad
 
 
 def test_missing_labels_are_listed_with_what_to_do():
@@ -436,6 +457,11 @@ def test_ensure_model_pretrains_until_the_final_export_is_complete(tiny_models, 
     assert experiment.ensure_model(spec, tmp_path, progress=False) and len(calls) == 2
     with pytest.raises(ValueError, match=r"another setup \(model.channels: \[16, 32, 64, 64, 64, 64\] in the run"):
         experiment.ensure_model(dataclasses.replace(spec, overrides=("model.channels=(4,8,8,8,8,8)",)), tmp_path)
+    # nor for other epochs or learning rates, which a resumed run may change
+    for item, changed in (("epochs=30", "epochs"), ("optim.lr=0.005", "optim.lr")):
+        with pytest.raises(ValueError, match=rf"another setup \({changed}: "):
+            experiment.ensure_model(dataclasses.replace(spec, overrides=(item,)), tmp_path)
+    assert experiment.ensure_model(dataclasses.replace(spec, overrides=("log_every_steps=3",)), tmp_path)
     cohort = json.loads((work / "pretrain_cohort.json").read_text())
     assert cohort["n"] == spec.cohort.n
     with pytest.raises(ValueError, match="another setup .*cohort: .* in the run"):

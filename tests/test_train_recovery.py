@@ -17,19 +17,29 @@ from pretrain_runs import final_state, model_meta, pretrain_command, steps_logge
 from jaxtl.train import NonFiniteLossError, Trainer, pretrain
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(ukb_cache, tmp_path):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(ukb_cache, tmp_path, capsys):
     import orbax.checkpoint as ocp
 
-    # A sane first epoch (6 steps), then the step decay multiplies the learning rate by 1e33.
-    cfg = tiny_config("optim.lr=1e-3", "optim.step_epochs=1", "optim.gamma=1e33", "checkpoint_every_steps=1")
+    # A sane first epoch (6 steps), then the step decay makes the learning rate infinite (1e-3 * 1e300 in float32).
+    cfg = tiny_config("optim.lr=1e-3", "optim.step_epochs=1", "optim.gamma=1e300", "checkpoint_every_steps=1")
     with pytest.raises(NonFiniteLossError, match=r"at step \d+.*the last good checkpoint \(step \d+\) is intact") as e:
         pretrain(cfg, ukb_cache, tmp_path / "run2", progress=False)
     bad, good = map(int, re.findall(r"step (\d+)", str(e.value)))
-    assert good == bad - 1 and good >= 6  # the first epoch was fine; the explosion came after the lr step
+    assert good == bad - 1 == 6  # the first epoch was fine; the first step at the infinite rate was not
     with ocp.CheckpointManager(tmp_path / "run2" / "checkpoints") as mngr:
         assert mngr.latest_step() == good
         state = mngr.restore(good, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+    # the way on that the message gives: resume with a lower learning rate (the schedule may change on resume)
+    with pytest.raises(NonFiniteLossError, match=f"at step {bad}"):  # the same command repeats the same steps
+        pretrain(cfg, ukb_cache, tmp_path / "run2", progress=False)
+    assert "resume with a lower learning rate (--set optim.lr=" in str(e.value)
+    calmer = tiny_config("optim.lr=1e-3", "optim.step_epochs=1", "optim.gamma=0.5", "checkpoint_every_steps=1")
+    pretrain(calmer, ukb_cache, tmp_path / "run2", progress=False)
+    assert "resuming at step 6 with optim.gamma 0.5 (was 1e+300)" in capsys.readouterr().err
+    steps = [r["step"] for r in steps_logged(tmp_path / "run2")]
+    assert steps == list(range(1, 13))  # 2 epochs of 6 steps, each logged once
+    assert json.loads((tmp_path / "run2" / "config.json").read_text())["optim"]["gamma"] == 0.5
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +215,31 @@ def test_preemption_watch_restores_the_sigterm_handler_and_skips_other_threads()
         assert seen == [(previous, False)]
     finally:
         signal.signal(signal.SIGTERM, original)
+        signal.signal(signal.SIGINT, original_int)
+
+
+def test_ctrl_c_is_caught_by_one_process_under_jax_distributed(monkeypatch):
+    """`--distributed` / `--coordinator` with a single process: JAX's preemption service takes SIGTERM, and
+    Ctrl-C still checkpoints (it had raised KeyboardInterrupt at once, without a checkpoint)."""
+    from types import SimpleNamespace
+
+    from jaxtl.train import _PreemptionWatch
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)  # the service is on by default
+    service = []  # the steps JAX's service has agreed to stop at
+    mngr = SimpleNamespace(reached_preemption=lambda step: step in service)
+    calls = []
+    original_term = signal.getsignal(signal.SIGTERM)
+    original_int = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with _PreemptionWatch(mngr) as watch:
+            assert watch.jax_service and signal.getsignal(signal.SIGTERM) is original_term  # JAX's to handle
+            assert not watch.reached(1)
+            service.append(2)
+            assert watch.reached(2) and watch.exit_code == 143
+            signal.raise_signal(signal.SIGINT)
+            assert watch.reached(3) and watch.interrupted() and watch.exit_code == 130 and calls == []
+    finally:
         signal.signal(signal.SIGINT, original_int)
 
 
