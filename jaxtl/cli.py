@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transfer", help="fit a transfer method on a target cohort: predictions.csv, metrics.json, "
                                         "plots and a head for `jaxtl predict`")
     p.add_argument("--model", required=True, help="pretrained jaxtl model directory or published name")
-    p.add_argument("--cohort", required=True, help="cache directory (fastest), BIDS directory or CSV/TSV cohort")
+    p.add_argument("--cohort", required=True, help="cache directory (fastest), BIDS directory, CSV/TSV table or "
+                                                   ".txt list of image paths")
     p.add_argument("--task", choices=["age", "sex"], default="age")
     p.add_argument("--method", choices=TRANSFER_METHODS, default="features",
                    help="direct, features (frozen features + scikit-learn head), ft_final, ft_step, ft_full, "
@@ -373,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="apply a fitted head (jaxtl transfer --out DIR: DIR/head) or a model "
                                        "to new scans; writes a predictions CSV")
     p.add_argument("--model", required=True, help="head directory (DIR/head) or a jaxtl model directory")
-    p.add_argument("--cohort", required=True, help="cache directory, BIDS directory or CSV/TSV cohort")
+    p.add_argument("--cohort", required=True, help="cache directory, BIDS directory, CSV/TSV table or .txt list "
+                                                   "of image paths")
     p.add_argument("--out", required=True, help="CSV file to write; scans that fail to load go to "
                                                 "OUT_STEM.failures.tsv beside it (id, path, reason)")
     p.add_argument("--batch-size", type=_at_least(1), default=None)
@@ -385,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="write a cohort's SFCN features (the 64-d vector the paper re-uses, or another "
                                      "--layer) to a CSV, one row per scan, for your own statistics")
     p.add_argument("--model", required=True, help="jaxtl model directory or published name (e.g. peng2021-age)")
-    p.add_argument("--cohort", required=True, help="cache directory, BIDS directory or CSV/TSV cohort")
+    p.add_argument("--cohort", required=True, help="cache directory, BIDS directory, CSV/TSV table or .txt list "
+                                                   "of image paths")
     p.add_argument("--out", required=True, help="CSV file to write (id, participant_id, session, site, age, sex, "
                                                 "sfcn_features0..63); scans that fail to load go to "
                                                 "OUT_STEM.failures.tsv beside it")

@@ -209,8 +209,9 @@ def label_columns_hint(source: str | Path, field: str) -> str:
     path = Path(str(source))
     table = None
     if path.is_dir() and (path / "index.json").exists():
+        coding = " and, where it is coded otherwise than F/M or 0/1, its coding (--sex-coding 1=M,2=F)"
         return (f"the cache holds the labels of the cohort it was prepared from; re-run `jaxtl prepare` naming "
-                f"the {field} column (--{field}-column NAME)")
+                f"the {field} column (--{field}-column NAME){coding if field == 'sex' else ''}")
     if path.is_dir():
         table = _participants_file(path)
     elif path.is_file():
@@ -232,7 +233,8 @@ def _report(path: Path, problems: list[tuple[str, str]], on_error: str) -> None:
     if on_error == "raise":
         raise CohortError(
             f"{path}: {n} problem{'s' * (n > 1)} (fix {'them' if n > 1 else 'it'}, or skip those rows: "
-            f"read_cohort(..., on_error='skip'), `jaxtl prepare --skip-bad-rows`, `jaxtl predict --on-error skip`):"
+            f"read_cohort(..., on_error='skip'), `jaxtl prepare --skip-bad-rows`; `jaxtl predict` and `jaxtl embed` "
+            f"skip them unless --on-error raise):"
             f"\n{listing}"
         )
     warnings.warn(f"{path}: skipping {n} row(s) with problems:\n{listing}", stacklevel=3)
@@ -381,7 +383,8 @@ def _find_columns(header: list[str], raw: list[str], path: Path, named: Mapping[
     """Column index of each field: the explicitly `named` columns, else the first accepted alias."""
     duplicates = {c for c in header if header.count(c) > 1}
     if duplicates:
-        raise CohortError(f"{path}: duplicate column name(s) {sorted(duplicates)}")
+        empty = " (empty header cells: delete the empty columns, e.g. trailing separators from a spreadsheet)"
+        raise CohortError(f"{path}: duplicate column name(s) {sorted(duplicates)}{empty if '' in duplicates else ''}")
     found = {}
     for field, column in named.items():
         if _normalise_column(column) not in header:
@@ -536,10 +539,10 @@ def _read_path_list(path: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str,
     images = [_resolve(t, path.parent) for _, t in lines]
     ids = _ids_from_paths(images, path.parent)
     scans, problems = [], []
-    for (n, _), image, scan_id in zip(lines, images, ids, strict=True):
+    for (n, text), image, scan_id in zip(lines, images, ids, strict=True):
         where = f"line {n}"
         if not image.is_file():
-            problems.append((where, f"{FILE_NOT_FOUND}: {image}"))
+            problems.append((where, _not_found(image, text, path)))
         participant = _bids_entity(image, "sub") or scan_id
         scans.append((where, Scan(scan_id, participant, image, _bids_entity(image, "ses") or "")))
     problems += _duplicate_ids(scans)
@@ -580,7 +583,7 @@ def _read_table_cohort(
             problems.append((where, str(e)))
             continue
         if not image.is_file():
-            problems.append((where, f"{FILE_NOT_FOUND}: {image}"))
+            problems.append((where, _not_found(image, row["path"], path)))
         if row.get("participant_id"):
             participant = row["participant_id"]
             session = row.get("session") or ""
@@ -597,19 +600,31 @@ def _read_table_cohort(
     return scans, sorted(problems, key=_line_key)
 
 
+def _not_found(image: Path, text: str, table: Path) -> str:
+    relative = not Path(text).expanduser().is_absolute()
+    return f"{FILE_NOT_FOUND}: {image}" + (f" (relative paths are read from {table.name}'s folder)" * relative)
+
+
 def _resolve(text: str, root: Path) -> Path:
     p = Path(text).expanduser()
     return p if p.is_absolute() else root / p
 
 
 def _duplicate_ids(scans: list[tuple[str, Scan]]) -> list[tuple[str, str]]:
-    first: dict[str, str] = {}
+    first: dict[str, tuple[str, Scan]] = {}
     problems = []
     for where, scan in scans:
-        if scan.id in first:
-            problems.append((where, f"duplicate id {scan.id!r} (first at {first[scan.id]})"))
+        if scan.id not in first:
+            first[scan.id] = (where, scan)
+            continue
+        where0, scan0 = first[scan.id]
+        if _strip_suffix(str(scan0.path)) == _strip_suffix(str(scan.path)):
+            hint = f": the same scan as {scan0.path.name} in another file format; list one of them"
+        elif not scan.session:
+            hint = ": another scan of the same participant? give the table a 'session' column"
         else:
-            first[scan.id] = where
+            hint = ""
+        problems.append((where, f"duplicate id {scan.id!r} (first at {where0}){hint}"))
     return problems
 
 
@@ -687,9 +702,22 @@ def _read_bids(
         scans.append((where, Scan(scan_id, subject, image, session, age, sex, site)))
     problems += _duplicate_ids(scans)
     if labels and unlabelled:
+        unpadded = {s.removeprefix("sub-").lstrip("0"): s for s in labels}
+        near = next((f"; {u} and {unpadded[key]} may be the same subject (zero padding)" for u in unlabelled
+                     if (key := u.removeprefix("sub-").lstrip("0")) in unpadded), "")
         warnings.warn(
             f"{root}: {len(set(unlabelled))} subject(s) with images but no row in participants.tsv "
-            f"(e.g. {unlabelled[0]}); their labels are missing",
+            f"(e.g. {unlabelled[0]}); their labels are missing{near}",
+            stacklevel=3,
+        )
+    n_scans = collections.Counter(s.participant_id for _, s in scans)
+    shared = sorted({s.participant_id for _, s in scans if n_scans[s.participant_id] > 1 and s.session
+                     and s.session not in session_ages[s.participant_id] and math.isfinite(s.age)})
+    if shared:
+        warnings.warn(
+            f"{root}: {len(shared)} subject(s) with several sessions take one age from participants.tsv for all of "
+            f"them (e.g. {shared[0]}); give each session's age in sub-XX/sub-XX_sessions.tsv (columns session_id, "
+            f"age), or brain-age gaps of follow-up scans are off by the years between sessions",
             stacklevel=3,
         )
     without_images = sorted(set(labels) - {p.relative_to(root).parts[0] for p in images})
@@ -726,6 +754,10 @@ def _select_t1w(root: Path, images: list[Path], bids_filter: dict[str, str | Non
         key = (image.relative_to(root).parts[0], ents.get("ses", ""), *(ents.get(k) for k in wildcards))
         groups.setdefault(key, []).append(image)
     several = [g for g in groups.values() if len(g) > 1]
+    same = next((g for g in several if len({tuple(sorted(_entities(p).items())) for p in g}) == 1), None)
+    if same:  # nothing to choose by: one scan stored twice
+        raise CohortError(f"{root}: {', '.join(str(p.relative_to(root)) for p in same)} are the same scan "
+                          "(same BIDS entities) in two files, e.g. .nii and .nii.gz: remove one of them")
     if several:
         example = several[0]
         varying = _entity_values(example)
@@ -734,7 +766,8 @@ def _select_t1w(root: Path, images: list[Path], bids_filter: dict[str, str | Non
             f"{root}: {len(several)} subject/session(s) have several T1w images, e.g. "
             f"{', '.join(p.name for p in example)} (they differ in {_format_entities(varying)}). jaxtl takes one "
             f"brain-extracted T1w image linearly registered to MNI152 1mm per scan; choose it by BIDS entities: "
-            f"bids_filter={{{first!r}: VALUE}} or `--bids-filter {first}=VALUE` (ENTITY= selects images "
+            f"read_cohort(..., bids_filter={{{first!r}: VALUE}}) or `jaxtl prepare --bids-filter {first}=VALUE` "
+            f"(then use the cache; ENTITY= selects images "
             f"without that entity, ENTITY=* keeps every value as a separate scan, as runs are by default). "
             f"Standard-space outputs of fMRIPrep and similar pipelines are non-linearly normalised and often "
             f"resampled; the paper's models saw linear registrations"

@@ -143,7 +143,7 @@ class VolumeReader:
         return qc_column(self._warned, range(len(self)))
 
     def _setup(self, volumes: Any) -> None:
-        from jaxtl.cohort import Cohort
+        from jaxtl.cohort import Cohort, Scan
 
         if isinstance(volumes, np.ndarray) and volumes.dtype.kind in "USO":  # paths (or images) as an array
             volumes = volumes.tolist()
@@ -171,7 +171,9 @@ class VolumeReader:
         if isinstance(volumes, Cohort):
             volumes = list(volumes.paths)
         if isinstance(volumes, Sequence) and not isinstance(volumes, str):
-            self._items, self._kind = list(volumes), "items"
+            # a filtered list of a Cohort's scans ([s for s in cohort if ...]) reads as their paths
+            self._items = [v.path if isinstance(v, Scan) else v for v in volumes]
+            self._kind = "items"
         elif hasattr(volumes, "__getitem__") and hasattr(volumes, "__len__"):
             self._items, self._kind = volumes, "source"  # CacheSource, NiftiSource, grain sources
         else:

@@ -538,6 +538,11 @@ def _fmt(mean: float, sd: float, task: str) -> str:
     return f"{mean:.{digits}f}±{sd:.{digits}f}" if np.isfinite(sd) else f"{mean:.{digits}f}"
 
 
+def _target_label(config: ExperimentConfig) -> str:
+    """The target's name in tables and plots: "sim. NAME" for a simulated cohort, NAME for the user's data."""
+    return config.name if isinstance(config.target, str) else f"sim. {config.name}"
+
+
 def results_table(runs: list[dict], config: ExperimentConfig) -> str:
     """Markdown table: one row per task and method, mean ± sd (ddof=1) of the test metric over repeats."""
     paper = f"paper, real {config.paper_dataset.upper()}"
@@ -557,7 +562,7 @@ def results_table(runs: list[dict], config: ExperimentConfig) -> str:
             train = _stats([r.get("train") for r in sel])
             failed = sum("error" in r for r in sel)
             runs_txt = f"{test[2]}" + (f" ({failed} failed)" if failed else "")
-            rows.append((test[0], f"| sim. {config.name} | {task} | {label} | {_fmt(test[0], test[1], task)} | "
+            rows.append((test[0], f"| {_target_label(config)} | {task} | {label} | {_fmt(test[0], test[1], task)} | "
                                   f"{_fmt(*val[:2], task)} | {_fmt(*train[:2], task)} | {runs_txt} | "
                                   f"{paper_reference(config.paper_dataset, task, label)} |"))
         rows.sort(key=lambda x: (not np.isfinite(x[0]), x[0] if task == "age" else -x[0]))
@@ -565,7 +570,7 @@ def results_table(runs: list[dict], config: ExperimentConfig) -> str:
         base = _stats([r.get("baseline") for r in runs if r["task"] == task and r["share"] == 1.0])
         if np.isfinite(base[0]):
             name = "mean-age predictor" if task == "age" else "chance (balanced)"
-            lines.append(f"| sim. {config.name} | {task} | *{name}* | {_fmt(base[0], base[1], task)} | | | | |")
+            lines.append(f"| {_target_label(config)} | {task} | *{name}* | {_fmt(base[0], base[1], task)} | | | | |")
     lines.append("")
     lines.append("age: MAE in years (lower is better); sex: balanced accuracy (higher is better; the paper's "
                  "oversampled balanced test sets measure the same). mean ± sd (ddof=1) over repeats with different "
@@ -605,7 +610,7 @@ def scarcity_outputs(runs: list[dict], config: ExperimentConfig, out: Path) -> s
             ax.errorbar(shares, means, yerr=np.nan_to_num(sds), marker="o", capsize=3, label=label)
         ax.set_xlabel("share of the training split")
         ax.set_ylabel("test MAE (years)" if task == "age" else "test balanced accuracy")
-        ax.set_title(f"data scarcity, {task} (sim. {config.name})")
+        ax.set_title(f"data scarcity, {task} ({_target_label(config)})")
         ax.legend(fontsize=8)
         md.append("")
     fig.tight_layout()
@@ -656,7 +661,7 @@ def manifold_outputs(models: dict[str, JaxtlModel], target: Target, config: Expe
             csv_rows += [f"{src},{name},{target.participant_ids[i]},{e[k, 0]:.4f},{e[k, 1]:.4f},"
                          f"{target.ages[i]:.2f},{target.sexes[i]:g},{target.sites[i]}" for k, i in enumerate(idx)]
             r += 1
-    fig.suptitle(f"Brain manifold: SFCN features of sim. {config.name} (sex: blue = F, red = M; site: colour)")
+    fig.suptitle(f"Brain manifold: SFCN features of {_target_label(config)} (sex: blue = F, red = M; site: colour)")
     fig.tight_layout()
     fig.savefig(out / "manifold.png", dpi=100)
     plt.close(fig)

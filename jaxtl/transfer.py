@@ -311,9 +311,10 @@ def _voxels(source, factor: int, progress: bool) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def open_target(cohort: Any, downsample: int = 1, *, sex_required: bool = False, check_files: bool = True) -> Target:
+def open_target(cohort: Any, downsample: int = 1, *, sex_required: bool = False, check_files: bool = True,
+                on_error: str = "raise") -> Target:
     """A prepared cache directory, a cohort (BIDS directory / CSV / TSV / `Cohort`) or a `Target`;
-    `check_files` as in `read_cohort`."""
+    `check_files` and `on_error` (rows with problems, e.g. an unparseable age) as in `read_cohort`."""
     from jaxtl.cache import CacheSource, NiftiSource, read_index
     from jaxtl.cohort import Cohort, read_cohort
 
@@ -333,7 +334,7 @@ def open_target(cohort: Any, downsample: int = 1, *, sex_required: bool = False,
     if isinstance(cohort, str | os.PathLike):
         if not Path(cohort).exists():
             raise FileNotFoundError(f"{cohort}: no such cohort (BIDS directory, CSV/TSV table or cache directory)")
-        cohort = read_cohort(cohort, sex_required=sex_required, check_files=check_files)
+        cohort = read_cohort(cohort, sex_required=sex_required, check_files=check_files, on_error=on_error)
     if not isinstance(cohort, Cohort):
         raise ValueError(f"expected a cohort path, a cache directory or a Cohort, got {type(cohort).__name__}")
     src = NiftiSource(cohort, downsample=downsample)
@@ -966,7 +967,8 @@ def predict_cohort(head: TransferHead | str | os.PathLike, cohort: Any, *, progr
     predicted). `write_cohort_predictions` writes them apart, as `jaxtl predict` does.
     """
     head = head if isinstance(head, TransferHead) else load_head(head)
-    target = open_target(cohort, head.downsample, check_files=on_error != "skip")  # skip: missing files too
+    # skip: rows with problems (dropped with a warning) and missing files (failed scans) too
+    target = open_target(cohort, head.downsample, check_files=on_error != "skip", on_error=on_error)
     reader = VolumeReader(target.source, downsample=head.downsample, on_error=on_error)
     pred = head.predict(reader, progress=progress, batch_size=batch_size)
     y = target.labels(head.task)
@@ -996,7 +998,7 @@ def embed_cohort(model: JaxtlModel | str | os.PathLike, cohort: Any, *, layer: s
 
     model = resolve_model(model)
     downsample = model_downsample(model)
-    target = open_target(cohort, downsample, check_files=on_error != "skip")
+    target = open_target(cohort, downsample, check_files=on_error != "skip", on_error=on_error)
     reader = VolumeReader(target.source, downsample=downsample, on_error=on_error)
     feats = embed(reader, model, layer=layer, progress=progress, batch_size=batch_size)
     cols = {"id": target.ids, "participant_id": target.participant_ids, "session": target.sessions,

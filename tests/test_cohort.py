@@ -138,6 +138,43 @@ def test_all_problems_reported_together_with_their_lines(tmp_path):
         read_cohort(tmp_path / "c.csv")
 
 
+def test_common_table_mistakes_are_named_with_the_fix(tmp_path):
+    """What spreadsheets and longitudinal tables get wrong: each message says what happened and what to do."""
+    _touch(tmp_path, "imgs/a.nii.gz", "imgs/a.nii", "imgs/b.nii.gz", "imgs/c.nii.gz")
+    (tmp_path / "t.csv").write_text("participant_id,path,age\n"
+                                    "P01,imgs/a.nii.gz,50\n"
+                                    "P01,imgs/b.nii.gz,52\n"  # a follow-up scan, but no session column
+                                    "P03,img/c.nii.gz,60\n")  # a typo in a relative path
+    message = str(pytest.raises(CohortError, read_cohort, tmp_path / "t.csv").value)
+    assert ("line 3: duplicate id 'P01' (first at line 2): another scan of the same participant? give the table a "
+            "'session' column") in message
+    assert f"line 4: file not found: {tmp_path / 'img/c.nii.gz'} (relative paths are read from t.csv's folder)" \
+        in message
+    (tmp_path / "t.txt").write_text("imgs/a.nii.gz\nimgs/a.nii\n")  # one scan in two formats
+    assert "the same scan as a.nii.gz in another file format; list one of them" in \
+        str(pytest.raises(CohortError, read_cohort, tmp_path / "t.txt").value)
+    (tmp_path / "e.csv").write_text("path,age,,\nimgs/a.nii.gz,50,,\n")  # trailing separators
+    with pytest.raises(CohortError, match=r"duplicate column name\(s\) \[''\] \(empty header cells: delete"):
+        read_cohort(tmp_path / "e.csv")
+
+
+def test_bids_warns_of_one_age_for_several_sessions_and_of_zero_padding(tmp_path):
+    _touch(tmp_path, "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz", "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
+           "sub-02/anat/sub-02_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\nsub-01\t50\n2\t60\n")  # "2": padding lost
+    with pytest.warns(UserWarning) as record:
+        cohort = read_cohort(tmp_path)
+    messages = " ".join(str(w.message) for w in record)
+    assert "1 subject(s) with several sessions take one age from participants.tsv for all of them (e.g. sub-01)" \
+        in messages and "sub-XX_sessions.tsv" in messages
+    assert "sub-02 and sub-2 may be the same subject (zero padding)" in messages
+    np.testing.assert_array_equal(cohort.ages[:2], [50, 50])
+    (tmp_path / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-1\t50\nses-2\t53\n")
+    with pytest.warns(UserWarning) as record:
+        read_cohort(tmp_path)
+    assert not any("several sessions" in str(w.message) for w in record)
+
+
 def test_skip_mode_drops_bad_rows_with_a_warning(tmp_path):
     _touch(tmp_path, "a.nii.gz", "b.nii.gz")
     (tmp_path / "c.csv").write_text("participant_id,path,age\ns1,a.nii.gz,50\ns2,nope.nii.gz,50\ns3,b.nii.gz,old\n")
@@ -355,7 +392,7 @@ def test_bids_derivatives_with_several_t1w_per_subject_must_be_chosen(tmp_path):
     message = str(info.value)
     for fragment in ["1 subject/session(s) have several T1w images", "sub-01_desc-preproc_T1w.nii.gz",
                      "sub-01_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz",
-                     "res: 2, <none>", "space: <none>, MNI152NLin2009cAsym", "--bids-filter res=VALUE",
+                     "res: 2, <none>", "space: <none>, MNI152NLin2009cAsym", "`jaxtl prepare --bids-filter res=VALUE`",
                      "linearly registered to MNI152 1mm"]:
         assert fragment in message, fragment
     cohort = read_cohort(fmriprep, bids_filter={"space": "MNI152NLin2009cAsym", "res": None})
@@ -368,6 +405,11 @@ def test_bids_derivatives_with_several_t1w_per_subject_must_be_chosen(tmp_path):
         read_cohort(fmriprep, bids_filter={"space": "MNI152Lin"})
     with pytest.raises(ValueError, match="bids_filter applies to BIDS directories"):
         read_cohort(tmp_path / "participants.tsv", bids_filter={"space": "x"})
+    # one scan stored twice (.nii beside .nii.gz): nothing to filter by, so the message says so
+    _touch(tmp_path, "derivatives/fmriprep/sub-02/anat/sub-02_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii")
+    with pytest.raises(CohortError, match=r"sub-02_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii(.gz)?, .* are the "
+                                          r"same scan \(same BIDS entities\) in two files, e.g. .nii and .nii.gz"):
+        read_cohort(fmriprep, bids_filter={"space": "MNI152NLin2009cAsym", "res": None})
 
 
 def test_label_columns_hint_lists_the_columns(tmp_path):
@@ -380,6 +422,7 @@ def test_label_columns_hint_lists_the_columns(tmp_path):
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "index.json").write_text("{}")
     assert "jaxtl prepare" in label_columns_hint(tmp_path / "cache", "age")
+    assert "--sex-coding 1=M,2=F" in label_columns_hint(tmp_path / "cache", "sex")  # found but coded otherwise
 
 
 def test_transfer_says_when_no_scan_has_the_label(tmp_path):

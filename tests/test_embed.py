@@ -71,6 +71,8 @@ def test_cohorts_and_caches(age_model, ixi_tiny, tmp_path):
     table.write_text("participant_id,path\n" + "".join(f"{s.participant_id},{s.path}\n" for s in cohort))
     from_cohort = embed(cohort, age_model, progress=False)
     np.testing.assert_array_equal(embed(table, age_model, progress=False), from_cohort)  # CSV/TSV cohort file
+    # a filtered list of the cohort's scans reads as their paths
+    np.testing.assert_array_equal(embed([s for s in cohort][1:3], age_model, progress=False), from_cohort[1:3])
     source = CacheSource(cache)
     assert list(source.ids[:5]) == list(cohort.ids)
     from_cache = embed(cache, age_model, progress=False)  # cache directory; float16: close, not identical

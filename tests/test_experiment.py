@@ -78,6 +78,7 @@ def test_tiny_experiment_end_to_end_and_resume(tiny_models, ixi_tiny, tmp_path):
     values = [r["test"] for r in runs if r["label"] == "features (sex-pretr.)" and r["task"] == "age"]
     assert mean_sd == f"{np.mean(values):.2f}±{np.std(values, ddof=1):.2f}"
     assert "0.876±0.003 (ft_final)" in table  # the paper's IXI sex ft_final for reference
+    assert "| tiny | age |" in table and "sim." not in table  # the user's own cohort is not called simulated
     for name in ("scarcity.png", "scarcity.csv", "manifold.png", "manifold.csv", "report.md"):
         assert (out / name).stat().st_size > 100, name
     assert "0.5" in (out / "scarcity.md").read_text() and "Simulated" not in report.read_text()  # real-path target

@@ -500,6 +500,13 @@ def test_cli_predict_skips_scans_that_fail_and_reports_them(tiny_models, ixi_tin
     assert rows[0][1] == missing and rows[0][2] == f"{missing}: file not found"
     assert cli.main([*argv, "--on-error", "raise"]) == 2
     assert f"line 3: file not found: {missing}" in capsys.readouterr().err
+    # a row the table cannot give (an age that is no number) is dropped with a warning, not a stop
+    table.write_text(f"path,age\n{good[0]},thirty\n{good[1]},50\n")
+    with pytest.warns(UserWarning, match=r"skipping 1 row\(s\) with problems:\n  line 2: .*'thirty'"):
+        assert cli.main(argv) == 0
+    assert list(read_predictions(out)["id"]) == ["sub-ixi00002"]
+    assert cli.main([*argv, "--on-error", "raise"]) == 2
+    assert "line 2" in capsys.readouterr().err
 
 
 def test_heads_predict_nan_for_skipped_scans(tiny_models, ixi_tiny, tmp_path):
