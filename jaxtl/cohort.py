@@ -401,6 +401,14 @@ def _find_columns(header: list[str], raw: list[str], path: Path, named: Mapping[
     return found
 
 
+def _check_coding_has_column(path: Path, raw: list[str], found: dict[str, int], coding: object) -> None:
+    """A sex coding was given for a table whose sex column is not recognised: every sex would be missing."""
+    if coding and "sex" not in found:
+        raise CohortError(f"{path}: a sex coding was given, but no sex column is recognised (columns: "
+                          f"{', '.join(repr(c) for c in raw)}); name it: read_cohort(..., sex_column=NAME), "
+                          "`jaxtl prepare --sex-column NAME`")
+
+
 def _warn_unrecognised(path: Path, raw: list[str], found: dict[str, int], fields: Sequence[str] = _LABELS) -> None:
     """Warn when label columns are missing while the table has columns jaxtl does not use."""
     missing = [f for f in fields if f not in found]
@@ -561,6 +569,7 @@ def _read_table_cohort(
                 "; add one with the image paths, or name it (read_cohort(..., path_column=NAME), `jaxtl prepare "
                 "--path-column NAME`, then use the cache)")
         raise CohortError(f"{path}: no 'path' column (columns: {', '.join(raw)}){hint}")
+    _check_coding_has_column(path, raw, cols, coding)
     _warn_unrecognised(path, raw, cols)
     root = path.parent
     paths = [_resolve(cells[cols["path"]], root) for _, cells in rows]
@@ -815,6 +824,7 @@ def _participants(
     if "participant_id" not in cols:
         raise CohortError(f"{path}: no participant_id column (columns: {', '.join(raw)}); "
                           "name it with id_column= (jaxtl prepare --id-column NAME)")
+    _check_coding_has_column(path, raw, cols, coding)
     _warn_unrecognised(path, raw, cols)
     labels: dict[str, tuple[float, float, str]] = {}
     bad: dict[str, str] = {}

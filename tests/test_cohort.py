@@ -523,6 +523,9 @@ def test_sex_coding_stated_or_spelled_in_the_column_name(tmp_path, capsys):
     with pytest.raises(CohortError, match="sex '0' is not in the stated coding"):
         read_cohort(tmp_path / "d.csv", sex_coding={"1": "M", "2": "F"}, sex_required=True)
     assert parse_sex_coding("1=M, 2=F") == {"1": "M", "2": "F"}
+    (tmp_path / "g.csv").write_text("path,SEXO\na.nii.gz,1\n")  # a coding for a column jaxtl did not find
+    with pytest.raises(CohortError, match=r"a sex coding was given, but no sex column is recognised .*'SEXO'"):
+        read_cohort(tmp_path / "g.csv", sex_coding={"1": "M", "2": "F"})
     with pytest.raises(ValueError, match="expected VALUE=F|M pairs"):
         parse_sex_coding("1M")
     assert cli.main(["prepare", str(tmp_path / "c.csv"), str(tmp_path / "cache"), "--downsample", "4",
