@@ -10,7 +10,14 @@ from jaxtl.cohort import Cohort, read_cohort
 from jaxtl.data import InputError, InputWarning, load_volume
 from jaxtl.embed import SkippedScan, SkippedScansWarning, embed, predict
 from jaxtl.experiment import ExperimentConfig, run_experiment
-from jaxtl.heads import BiasCorrection, ElasticBaseline, SFCNEmbedder, make_feature_head
+from jaxtl.heads import (
+    BiasCorrection,
+    ElasticBaseline,
+    ElasticClassifier,
+    ElasticRegressor,
+    SFCNEmbedder,
+    make_feature_head,
+)
 from jaxtl.labels import AgeTask, SexTask, make_task
 from jaxtl.model import SFCN
 from jaxtl.simulate import simulate
@@ -42,6 +49,8 @@ __all__ = [
     "SFCNEmbedder",
     "make_feature_head",
     "ElasticBaseline",
+    "ElasticRegressor",
+    "ElasticClassifier",
     "BiasCorrection",
     "TransferConfig",
     "TransferHead",

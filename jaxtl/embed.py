@@ -145,6 +145,8 @@ class VolumeReader:
     def _setup(self, volumes: Any) -> None:
         from jaxtl.cohort import Cohort, Scan
 
+        if hasattr(volumes, "iloc") and hasattr(volumes, "to_numpy"):  # pandas: rows by position, not index label
+            volumes = _pandas_column(volumes)
         if isinstance(volumes, np.ndarray) and volumes.dtype.kind in "USO":  # paths (or images) as an array
             volumes = volumes.tolist()
         if isinstance(volumes, np.ndarray | jax.Array):
@@ -282,6 +284,19 @@ class VolumeReader:
 _KEPT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16))
 
 
+def _pandas_column(frame: Any) -> np.ndarray:
+    """A pandas Series (or a DataFrame's 'path' column, or its only column) as an array, in row order."""
+    if hasattr(frame, "columns"):
+        columns = list(frame.columns)
+        if "path" in columns:
+            frame = frame["path"]
+        elif len(columns) == 1:
+            frame = frame[columns[0]]
+        else:
+            raise ValueError(f"a DataFrame with columns {columns[:8]}: pass its column of image paths (df['path'])")
+    return frame.to_numpy()
+
+
 def _input_array(a: Any) -> np.ndarray | jax.Array:
     """`a` (a jax.Array, else as a numpy array) unchanged where it is float32, float16 or bfloat16, else as float32."""
     a = a if isinstance(a, jax.Array) else np.asarray(a)
@@ -321,6 +336,11 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     Rows of scans a `VolumeReader(on_error="skip")` skipped are NaN.
     """
     _check_layer(model, layer)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r}: give a positive number of volumes per batch (or None)")
+    if dtype is not None and jnp.dtype(dtype) not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: the network computes in float32, bfloat16 or float16 (None: the model's)")
     reader = volumes if isinstance(volumes, VolumeReader) else VolumeReader(
         volumes, downsample=downsample, check=check, workers=workers)
     n = len(reader)
@@ -395,6 +415,7 @@ def warn_skipped(reader: VolumeReader, stacklevel: int = 2) -> None:
 
 
 _EVAL_GRAPHDEFS: dict[tuple[Any, Any], Any] = {}
+COMPUTE_DTYPES = tuple(map(jnp.dtype, ("float32", "bfloat16", "float16")))
 
 
 def _eval_graphdef(graphdef: Any, state: Any, dtype: jnp.dtype | None) -> Any:

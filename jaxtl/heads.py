@@ -86,9 +86,10 @@ class SFCNEmbedder(TransformerMixin, BaseEstimator):
                      downsample=self.downsample, progress=self.progress)
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
-        from jaxtl.embed import _unwrap
+        from jaxtl.embed import _check_layer, _unwrap
 
         net = _unwrap(self._loaded())
+        _check_layer(net, self.layer)
         if self.layer.startswith("block"):
             n = net.channels[int(self.layer[5:])]
         else:
@@ -280,6 +281,10 @@ class ElasticBaseline(BaseEstimator):
 
     def fit(self, X, y, groups=None):
         """`groups` (e.g. participant ids): every CV level keeps each group's scans in one fold."""
+        fixed = {ElasticRegressor: "age", ElasticClassifier: "sex"}.get(type(self))
+        if self.task not in ("age", "sex") or (fixed and self.task != fixed):
+            raise ValueError(f"{type(self).__name__}(task={self.task!r}): use ElasticRegressor for age and "
+                             "ElasticClassifier for sex (task 'age' / 'sex')")
         sex = self.task == "sex"
         X, y = validate_data(self, _flat(X), y, dtype=np.float32, ensure_min_samples=2, y_numeric=not sex)
         if sex:
@@ -370,6 +375,19 @@ def make_elastic(task: str, **kwargs) -> ElasticBaseline:
 # Brain-age bias correction
 
 
+class _on_class_only(classmethod):  # noqa: N801 (used as a decorator, like classmethod)
+    """A classmethod that refuses to be called on an instance, where `obj.fit(...)` would read as fitting `obj`
+    in place (scikit-learn style) but would leave it unchanged."""
+
+    def __get__(self, obj, cls=None):
+        if obj is not None:
+            name = type(obj).__name__
+            raise AttributeError(f"{name}.{self.__func__.__name__} is called on the class and returns the fitted "
+                                 f"object: bc = {name}.{self.__func__.__name__}(predicted, age); {name} objects "
+                                 "are immutable")
+        return super().__get__(obj, cls)
+
+
 @dataclasses.dataclass(frozen=True)
 class BiasCorrection:
     """Linear age-bias correction (Peng et al. 2021 [UNVERIFIED: recollection; no code in TL or UKB]).
@@ -389,8 +407,9 @@ class BiasCorrection:
 
     MIN_SLOPE = 0.1
 
-    @classmethod
+    @_on_class_only
     def fit(cls, predicted, age, split: str = "train") -> BiasCorrection:
+        """`bc = BiasCorrection.fit(predicted, age)`: the fitted correction (a new, immutable object)."""
         predicted, age = np.asarray(predicted, np.float64), np.asarray(age, np.float64)
         ok = np.isfinite(predicted) & np.isfinite(age)
         if ok.sum() < 3 or np.ptp(age[ok]) == 0:

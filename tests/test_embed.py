@@ -73,6 +73,15 @@ def test_cohorts_and_caches(age_model, ixi_tiny, tmp_path):
     np.testing.assert_array_equal(embed(table, age_model, progress=False), from_cohort)  # CSV/TSV cohort file
     # a filtered list of the cohort's scans reads as their paths
     np.testing.assert_array_equal(embed([s for s in cohort][1:3], age_model, progress=False), from_cohort[1:3])
+    # pandas: rows in the frame's order (a sorted frame keeps its old index labels), a frame by its path column
+    import pandas as pd
+
+    frame = pd.DataFrame({"path": [str(s.path) for s in cohort], "age": [5, 1, 4, 2, 3]}).sort_values("age")
+    order = frame.index.to_numpy()
+    np.testing.assert_array_equal(embed(frame["path"], age_model, progress=False), from_cohort[order])
+    np.testing.assert_array_equal(embed(frame, age_model, progress=False), from_cohort[order])
+    with pytest.raises(ValueError, match=r"pass its column of image paths"):
+        embed(frame.rename(columns={"path": "file"}), age_model, progress=False)
     source = CacheSource(cache)
     assert list(source.ids[:5]) == list(cohort.ids)
     from_cache = embed(cache, age_model, progress=False)  # cache directory; float16: close, not identical
@@ -112,6 +121,12 @@ def test_few_volumes_run_in_a_small_batch_and_bad_arrays_are_refused(age_model, 
         embed(bad, age_model, progress=False)
     with pytest.raises(ValueError, match=r"reads as 40 volumes .* add the batch axis"):
         embed(volumes[0][..., None], age_model, progress=False)
+    for size in (0, -3, 2.5):  # -3 had failed with an IndexError, 0 silently meant the default
+        with pytest.raises(ValueError, match=f"batch_size={size}: give a positive number"):
+            embed(volumes[:2], age_model, batch_size=size, progress=False)
+    for dtype in ("int32", "float64"):  # int32 ran (features far off), float64 ran in float32
+        with pytest.raises(ValueError, match=f"dtype='{dtype}': the network computes in float32, bfloat16 or"):
+            embed(volumes[:2], age_model, dtype=dtype, progress=False)
 
 
 def test_embeds_on_the_default_devices_platform(monkeypatch):

@@ -74,6 +74,19 @@ def test_embedder_params_clone_and_paths(tiny_models, ixi_tiny):
     np.testing.assert_allclose(clone(SFCNEmbedder(m)).transform(paths), out, rtol=1e-6)
     with pytest.raises(ValueError, match="unknown layer"):
         SFCNEmbedder(m, layer="conv9").fit()
+    for bad in ("conv9", "block9"):  # not names of made-up columns, nor an IndexError
+        with pytest.raises(ValueError, match="unknown layer"):
+            SFCNEmbedder(m, layer=bad).get_feature_names_out()
+    # paths in a pandas Series whose index is not 0..n-1 (sorted, filtered): read by position, as scikit-learn's
+    # CV splits hand them over
+    import pandas as pd
+
+    series = pd.Series(paths, index=[7, 3, 5])
+    np.testing.assert_allclose(clone(emb).transform(series), out, rtol=1e-6)
+    y = np.arange(9.0)
+    nine = pd.Series(list(paths) * 3, index=range(100, 109))
+    scores = cross_val_score(make_pipeline(clone(emb), RidgeCV()), nine, y, cv=KFold(3, shuffle=True, random_state=0))
+    assert np.all(np.isfinite(scores))
 
 
 @pytest.mark.parametrize("head", AGE_HEADS)
@@ -224,6 +237,13 @@ def test_elastic_baseline_on_voxels():
     clf = make_elastic("sex", cv=3).fit(Xs[:40], sex[:40])
     assert np.mean((clf.predict_proba(Xs[40:])[:, 1] > 0.5) == sex[40:]) > 0.75
     assert clone(est).get_params()["n_features"] == (10, 30, 60, 150)
+    import jaxtl  # the scikit-learn-typed baselines at top level; each for its own task
+    from sklearn.base import is_classifier, is_regressor
+
+    assert is_regressor(jaxtl.ElasticRegressor()) and is_classifier(jaxtl.ElasticClassifier())
+    with pytest.raises(ValueError, match=r"ElasticRegressor\(task='sex'\): use ElasticRegressor for age and "
+                                         r"ElasticClassifier for sex"):
+        jaxtl.ElasticRegressor(task="sex").fit(Xs[:40], sex[:40])
 
 
 def test_bias_correction():
@@ -241,6 +261,9 @@ def test_bias_correction():
     assert np.all(np.isnan(flat.apply([40.0, 60.0])))
     with pytest.raises(ValueError, match="at least 3"):
         BiasCorrection.fit([1.0, 2.0], [1.0, 2.0])
+    # bc.fit(...) on an object would read as fitting it in place (scikit-learn style) but leave it as it was
+    with pytest.raises(AttributeError, match=r"bc = BiasCorrection.fit\(predicted, age\)"):
+        BiasCorrection().fit(pred, age)
 
 
 def test_estimator_save_load(tmp_path):
