@@ -237,8 +237,9 @@ def test_elastic_baseline_on_voxels():
     clf = make_elastic("sex", cv=3).fit(Xs[:40], sex[:40])
     assert np.mean((clf.predict_proba(Xs[40:])[:, 1] > 0.5) == sex[40:]) > 0.75
     assert clone(est).get_params()["n_features"] == (10, 30, 60, 150)
-    import jaxtl  # the scikit-learn-typed baselines at top level; each for its own task
     from sklearn.base import is_classifier, is_regressor
+
+    import jaxtl  # the scikit-learn-typed baselines at top level; each for its own task
 
     assert is_regressor(jaxtl.ElasticRegressor()) and is_classifier(jaxtl.ElasticClassifier())
     with pytest.raises(ValueError, match=r"ElasticRegressor\(task='sex'\): use ElasticRegressor for age and "
