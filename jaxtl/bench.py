@@ -179,7 +179,8 @@ def hardware_info() -> dict[str, Any]:
 
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = len(cpus)
     dev = jax.devices()[0]
     accelerator = None if dev.platform == "cpu" else dev.device_kind
     cpu_model = info.get("model name") or platform.processor() or platform.machine()
@@ -190,6 +191,7 @@ def hardware_info() -> dict[str, Any]:
         "devices": jax.device_count(),
         "cpu_model": cpu_model,
         "cpu_cores": cores,
+        "cpu_physical_cores": _physical_cores(cpus),
         "cpu_vendor": info.get("vendor_id"),
         "cpu_family": int(info["cpu family"]) if info.get("cpu family", "").isdigit() else None,
         "cpu_mhz": _cpu_max_mhz() or (float(info["cpu MHz"]) if "cpu MHz" in info else None),
@@ -198,6 +200,19 @@ def hardware_info() -> dict[str, Any]:
     }
     hw["id"] = hardware_id(hw)
     return hw
+
+
+def _physical_cores(cpus: Sequence[int]) -> int | None:
+    """Physical cores among the logical CPUs `cpus` (SMT siblings share a core's vector units); None where Linux's
+    topology files are missing."""
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return None
+    return len(cores) or None
 
 
 def hardware_id(hw: dict[str, Any]) -> str:
@@ -236,7 +251,8 @@ def device_entry(kind: str, table: Mapping[str, Any]) -> str | None:
 def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
     """Peak FLOP/s of all devices in use and how it was derived (None when unknown).
 
-    CPU: cores x 2 (FMA) x vector lanes x 2 FMA pipes x clock, with 16 float32 lanes for AVX-512 (8 on
+    CPU: physical cores (of the CPUs the process may run on; SMT siblings share them) x 2 (FMA) x vector lanes x 2
+    FMA pipes x clock, with 16 float32 lanes for AVX-512 (8 on
     AMD family 25 = Zen 4, which executes 512-bit operations in two halves), 8 for AVX2, and twice that for
     bfloat16 with AVX512_BF16 (VDPBF16PS); no bfloat16 peak with AMX. Intel parts with one AVX-512 FMA unit
     per core have half this peak (not visible in /proc/cpuinfo). The clock is cpufreq's maximum, else
@@ -262,9 +278,9 @@ def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
         if "amx_bf16" in flags:  # AMX tiles: a peak this formula does not model
             return None, "AMX bfloat16 peak not modelled"
         lanes *= 2 if "avx512_bf16" in flags else 1
-    cores = hw["cpu_cores"]
+    cores = hw.get("cpu_physical_cores") or hw["cpu_cores"]  # records before the field: no SMT seen there
     peak = cores * 2 * lanes * 2 * mhz * 1e6
-    return peak, (f"{cores} cores x 2 FMA pipes x {lanes} {dtype} lanes x 2 FLOP x {mhz:.0f} MHz "
+    return peak, (f"{cores} physical cores x 2 FMA pipes x {lanes} {dtype} lanes x 2 FLOP x {mhz:.0f} MHz "
                   f"= {peak / 1e9:.0f} GFLOP/s (nominal clock)")
 
 
@@ -280,6 +296,17 @@ def versions() -> dict[str, str | None]:
         import torch
 
         out["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            out["torch_cuda"], out["torch_cudnn"] = torch.version.cuda, str(torch.backends.cudnn.version())
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        out["jax_backend"] = getattr(dev.client, "platform_version", None)  # e.g. "cuda 13000"
+        try:
+            out["gpu_driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                               capture_output=True, text=True, timeout=10,
+                                               check=True).stdout.split("\n")[0].strip() or None
+        except (OSError, subprocess.SubprocessError):
+            out["gpu_driver"] = None
     return out
 
 
@@ -806,16 +833,19 @@ def _load_input_bench():
 def run_input_case(case: Case, *, repeats: int = 3, n_cache: int = 16, work_dir: str | None = None) -> list[dict]:
     """The input pipeline stages of `benchmarks/bench_input.py` at the case's resolution (no PyTorch side)."""
     module = _load_input_bench()
+    other_start = other_cpu()
     params = {"n_files": 2, "n_cache": n_cache, "batch_size": case.batch, "threads": (1, 2), "workers": (1, 2),
               "epochs": 8, "downsample": case.resolution, "prepare_workers": 2, "nifti_repeats": 1,
               "repeats": repeats}
     stages = module.run_input_bench(**params, work_dir=work_dir)
+    # others' CPU before and after, not during: the stages' worker processes would count as others
+    others = {"start": other_start, "end": other_cpu()}
     out = []
     for s in stages:
         out.append({"case": "input", "config": s["stage"], "resolution_mm": case.resolution,
                     "input_shape": list(case.shape), "dtype": s.get("dtype"), "batch": s.get("batch_size"),
                     "vol_per_s": s["volumes_per_s"], "stage": s, "params": params, "torch": None, "ratio": None,
-                    "load_avg": {"end": [round(v, 2) for v in os.getloadavg()]}})
+                    "load_avg": {"end": [round(v, 2) for v in os.getloadavg()]}, "other_cpu_cores": others})
     return out
 
 
@@ -938,12 +968,15 @@ def _key(r: dict) -> tuple:
 
 def latest(records: Sequence[dict]) -> list[dict]:
     """The most recent record of each (hardware, case, config, resolution, dtype, batch, conv_impl), from a quiet
-    machine where there is one (`is_busy`)."""
+    machine where there is one (`is_busy`), with its PyTorch counterpart where one was measured (a later
+    jaxtl-only run, e.g. a sweep script's, does not hide the comparison)."""
+    def rank(r: dict) -> tuple:
+        return not is_busy(r), r.get("torch") is not None, r.get("time", "")
+
     best: dict[tuple, dict] = {}
     for r in records:
         k = _key(r)
-        rank = (not is_busy(r), r.get("time", ""))
-        if k not in best or rank >= (not is_busy(best[k]), best[k].get("time", "")):
+        if k not in best or rank(r) >= rank(best[k]):
             best[k] = r
     order = {s: i for i, s in enumerate(SUITES)}
     return sorted(best.values(), key=lambda r: (hardware_id(r["hardware"]), order.get(r["case"], 9), r["config"],
@@ -972,12 +1005,13 @@ def report_markdown(records: Sequence[dict]) -> str:
         t = r.get("torch") or {}
         shape = "x".join(map(str, r["input_shape"])) if r.get("input_shape") else "—"
         impl = f" ({r['conv_impl']})" if r.get("conv_impl") and r["conv_impl"] != "fast" else ""
-        ratio = "—" if r.get("ratio") is None else f"{r['ratio']:.2f}" + (" (busy)" if is_busy(r) else "")
+        ratio = "—" if r.get("ratio") is None else f"{r['ratio']:.2f}"
+        busy = " (busy)" if is_busy(r) else ""  # on jaxtl's figure, which every row has
         other = [v for v in (r.get("other_cpu_cores") or {}).values() if v is not None]
         load = (r.get("load_avg") or {}).get("end")
         lines.append(
             f"| {hw_name} | {r['case']}{impl} | {r['config']} | {r.get('resolution_mm')}mm {shape} | "
-            f"{_fmt(r.get('dtype'), 's')} | {_fmt(r.get('batch'), 'd')} | {_fmt(r.get('vol_per_s'))} | "
+            f"{_fmt(r.get('dtype'), 's')} | {_fmt(r.get('batch'), 'd')} | {_fmt(r.get('vol_per_s'))}{busy} | "
             f"{_fmt(t.get('vol_per_s'))} | {ratio} | {_fmt(r.get('gflop_per_s'), '.0f')} | "
             f"{_fmt(None if r.get('peak_fraction') is None else 100 * r['peak_fraction'], '.0f')} | "
             f"{_fmt(r.get('compile_s'), '.1f')} | {_fmt(load[0] if load else None, '.1f')} | "

@@ -59,6 +59,10 @@ def test_peak_flops():
     assert bench.peak_flops(cpu | {"cpu_family": 25}, "float32")[0] == 2 * 2 * 8 * 2 * 2.5e9  # Zen 4: 2 x 256 bit
     assert bench.peak_flops(cpu | {"cpu_flags": ["avx2"]}, "bfloat16")[0] == 2 * 2 * 8 * 2 * 2.5e9
     assert bench.peak_flops(cpu | {"cpu_mhz": None}, "float32")[0] is None
+    # 2 logical CPUs that are one core's SMT siblings: one core's vector units
+    assert bench.peak_flops(cpu | {"cpu_physical_cores": 1}, "float32")[0] == 1 * 2 * 16 * 2 * 2.5e9
+    hw = bench.hardware_info()
+    assert 1 <= hw["cpu_physical_cores"] <= hw["cpu_cores"]
     gpu = {"accelerator": "NVIDIA H100 80GB HBM3", "accelerator_count": 8}
     assert bench.peak_flops(gpu, "bfloat16")[0] == 8 * 989e12
     assert bench.peak_flops(gpu | {"accelerator": "Mystery 9000"}, "float32")[0] is None
@@ -145,6 +149,7 @@ def test_run_suite_input_records_and_report(tmp_path, monkeypatch, capsys):
     records = bench.run_suite(bench.plan_cases(["input"], ["peng"], [4], ["float32"]), out, note="test")
     assert [r["config"] for r in records] == ["memcpy", "grain:w1"] and records[0]["note"] == "test"
     assert all(r["hardware"]["id"] and r["versions"]["jax"] and "commit" in r["git"] for r in records)
+    assert all(set(r["other_cpu_cores"]) == {"start", "end"} for r in records)  # input records can be marked busy
     # a second machine, and an older duplicate that the report must drop
     bench.append_records([_fake_record("gpu-fake-x1", vol=200.0, torch_vol=100.0),
                           _fake_record("gpu-fake-x1", vol=1.0, torch_vol=1.0, when="2020-01-01T00:00:00+00:00"),
@@ -463,5 +468,11 @@ def test_other_processes_cpu_marks_records_busy_and_the_report_prefers_quiet_one
     assert [r["vol_per_s"] for r in bench.latest([quiet, busy])] == [10.0]  # the newer one was busy
     assert [r["vol_per_s"] for r in bench.latest([busy])] == [99.0]  # nothing quiet: the busy one, marked
     assert "(busy)" in bench.report_markdown([busy, old_loaded]) and "(busy)" not in bench.report_markdown([quiet])
+    # rows without a PyTorch ratio (jaxtl only, the input suite) are marked too, on jaxtl's figure
+    lone = busy | {"torch": None, "ratio": None}
+    assert "| 99 (busy) | — | — |" in bench.report_markdown([lone])
+    # a later jaxtl-only record (a sweep script's) does not hide the comparison of the same case
+    assert bench.latest([quiet, quiet | {"time": "2026-03-01T00:00:00+00:00", "torch": None, "ratio": None,
+                                         "vol_per_s": 11.0}]) == [quiet]
     no_torch = {"torch": None}
     assert "BUSY" in bench.summary_line(busy | no_torch) and "BUSY" not in bench.summary_line(quiet | no_torch)
