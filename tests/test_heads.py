@@ -275,3 +275,12 @@ def test_estimator_save_load(tmp_path):
         est = make_feature_head("age", "ridge").fit(X, y)
     path = save_estimator(est, tmp_path / "head.joblib")
     np.testing.assert_array_equal(load_estimator(path).predict(X), est.predict(X))
+
+
+def test_every_public_name_is_in_the_readme():
+    """`import jaxtl` gives what the README's table lists (a name added without docs fails here)."""
+    import jaxtl
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    assert [n for n in jaxtl.__all__ if f"`{n}`" not in readme] == []
