@@ -279,8 +279,9 @@ def test_estimator_save_load(tmp_path):
 
 def test_every_public_name_is_in_the_readme():
     """`import jaxtl` gives what the README's table lists (a name added without docs fails here)."""
-    import jaxtl
     from conftest import REPO
+
+    import jaxtl
 
     readme = (REPO / "README.md").read_text()
     assert [n for n in jaxtl.__all__ if f"`{n}`" not in readme] == []
