@@ -310,6 +310,17 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def provenance() -> str:
+    """'AMD EPYC family 25 (2 cores), jaxtl commit 1234abc, JAX 0.10.2, 2026-11-27': where and with what a report's
+    timings were measured."""
+    import jax
+
+    commit = git_commit()
+    ref = (commit["commit"] or "unknown")[:7] + ("+dirty" if commit.get("dirty") else "")
+    return (f"{hardware_name(hardware_info())}, jaxtl commit {ref}, JAX {jax.__version__}, "
+            f"{datetime.date.today().isoformat()}")
+
+
 def git_commit() -> dict[str, Any]:
     """HEAD of the checkout jaxtl runs from, and whether tracked files differ from it."""
     def git(*args: str) -> str | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtl.bench import provenance
 from jaxtl.config import shipped_configs
 from jaxtl.experiment import (
     DEFAULT_METHODS,
@@ -54,7 +55,7 @@ class DemoConfig:
     target_n: int = 120
     pretrain: tuple[str, ...] = ("epochs=10", "optim.step_epochs=4")  # overrides of configs/sfcn_demo.py
     # Sex at lr 0.01 never left chance here (400 subjects, 4mm: training loss stayed at ln 2 for 20 epochs);
-    # at 0.001 it reached 0.70 test accuracy (majority 0.375) in 10 epochs. Age: 4.76 vs 4.83 MAE, kept at 0.01.
+    # at 0.001 it reached 0.70 test accuracy in 10 epochs. Age: 4.76 vs 4.83 MAE, kept at 0.01.
     pretrain_sex: tuple[str, ...] = ("optim.lr=0.001",)
     repeats: int = 3
     epoch_scale: float = 0.02  # the paper's fine-tuning / scratch epochs, scaled for a CPU
@@ -235,7 +236,8 @@ def _report(config: DemoConfig, experiments: dict[str, ExperimentConfig], model_
         f"a per-site 40/20/40 split; fine-tuning epochs = paper's x{config.epoch_scale:g}. "
         f"JAX devices: {jax.device_count()} x {jax.devices()[0].platform}.", "",
         "## Source models (pretrained on the simulated UK Biobank-like cohort)", "",
-        "| model | held-out test | mean-predictor / majority baseline | epochs |", "|---|---|---|---|",
+        "| model | held-out test | baseline: mean predictor (age) / test majority share (sex) | epochs |",
+        "|---|---|---|---|",
         *[_source_row(task, d) for task, d in model_dirs.items()], "",
         "The paper's finding needs a source model that learned its label: where the test metric is near the "
         "baseline, its features carry little of that label and transfer from it cannot help.", "",
@@ -269,7 +271,7 @@ def _report(config: DemoConfig, experiments: dict[str, ExperimentConfig], model_
     resumed = (" A stage marked resumed was cut off (e.g. Ctrl-C) and finished by a later run: its first-run time "
                "is that run's part only, and the total is the sum of the stages." if stages.resumed else "")
     lines += ["", "First run: the run that computed each stage (`timings.json`); the package install of `make demo` "
-              f"is not included.{resumed}", "",
+              f"is not included.{resumed} This run: {provenance()}.", "",
               f"Pretraining throughput (train step incl. input pipeline): age "
               f"{_pretrain_rate(model_dirs['age']):.1f}, sex {_pretrain_rate(model_dirs['sex']):.1f} volumes/s; "
               f"`jaxtl.embed` {brain_age['embed_volumes_per_s']:.1f} volumes/s. A rerun reuses data, caches, models "

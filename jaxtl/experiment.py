@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxtl.bench import provenance
 from jaxtl.config import load_config
 from jaxtl.embed import model_downsample
 from jaxtl.transfer import (
@@ -206,10 +207,12 @@ def _paper_key(label: str) -> str:
     return key
 
 
-def _paper_mean(dataset: str, task: str, label: str) -> float | None:
+def _paper_mean(dataset: str, task: str, label: str) -> tuple[float, float] | None:
+    """(mean, sd) of the paper's result for a table row, None where it reports none."""
     value = PAPER_RESULTS.get((dataset, task), {}).get(_paper_key(label), "")
     try:
-        return float(value.split("±")[0])
+        mean, sd = value.split("±")
+        return float(mean), float(sd)
     except ValueError:  # "" or "not reported"
         return None
 
@@ -670,31 +673,46 @@ def manifold_outputs(models: dict[str, JaxtlModel], target: Target, config: Expe
             f"PCA and t-SNE of the 64-d features of {len(idx)} target scans; coordinates in manifold.csv.\n")
 
 
-def _means(runs: list[dict], task: str) -> dict[str, float | None]:
-    """Mean test metric per method label over the full-share runs; None for a method whose runs all failed."""
+def _means(runs: list[dict], task: str) -> dict[str, tuple[float, float] | None]:
+    """(mean, sd with ddof=1; NaN for one run) of the test metric per method label over the full-share runs; None
+    for a method whose runs all failed."""
     labels = {}
     for r in runs:
         if r["task"] == task and r["share"] == 1.0:
             labels.setdefault(r["label"], [])
             if r.get("test") is not None:
                 labels[r["label"]].append(r["test"])
-    return {k: float(np.mean(v)) if v else None for k, v in labels.items()}
+    return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan) if v else None
+            for k, v in labels.items()}
+
+
+def _verdict(a: tuple[float, float], b: tuple[float, float], task: str) -> str:
+    """Whether mean a beats mean b ("holds"), loses, or neither: equal at the table's precision, or apart by no more
+    than the larger sd (README: differences within one sd are not findings)."""
+    (ma, sa), (mb, sb) = a, b
+    digits = 2 if task == "age" else 3
+    if round(ma, digits) == round(mb, digits):
+        return "tie"
+    if np.isfinite(sa) and np.isfinite(sb) and abs(ma - mb) <= max(sa, sb):
+        return f"within 1 sd ({ma:.{digits}f} vs {mb:.{digits}f})"
+    better = ma < mb if task == "age" else ma > mb
+    return ("holds" if better else "does not hold") + ("" if np.isfinite(sa) and np.isfinite(sb) else " (no sd)")
 
 
 def findings(exp: ExperimentConfig, runs: list[dict] | None = None) -> list[str]:
     """The paper's findings (paper-spec sections 8-9: re-used same-task features against training from scratch,
     the elastic net and other-task features; re-init losing the gain), checked on this experiment's mean test
     metrics: markdown table rows | target | task | finding | on this run | in the paper |, for the methods that
-    were run. "on this run": holds / does not hold / n/a (one of the two has no result, e.g. its fit failed;
-    see results.jsonl). "in the paper": the same comparison of the paper's own numbers for `exp.paper_dataset`
-    (paper-spec section 8; `features` rows by its ft_final), which do not all hold either (ABIDE). `runs`: the
-    finished runs (default: those of `exp.out_dir`/results.jsonl made under `exp`'s setup)."""
+    were run. "on this run": holds / does not hold / within 1 sd / tie (`_verdict`; "no sd" after a single
+    repeat) / n/a (one of the two has no result, e.g. its fit failed; see results.jsonl). "in the paper": the
+    same comparison of the paper's own numbers (mean ± sd over its 5 runs) for `exp.paper_dataset` (paper-spec
+    section 8; `features` rows by its ft_final), which do not all hold either (ABIDE). `runs`: the finished runs
+    (default: those of `exp.out_dir`/results.jsonl made under `exp`'s setup)."""
     if runs is None:
         runs = list(_recorded_runs(exp)[0].values())
     lines = []
     for task in exp.tasks:
         m = _means(runs, task)
-        better = (lambda a, b: a < b) if task == "age" else (lambda a, b: a > b)
         other = "sex" if task == "age" else "age"
         tl = next((k for k in m if k.startswith("TL ")), None)
         same, cross = f"features ({task}-pretr.)", f"features ({other}-pretr.)"
@@ -712,11 +730,11 @@ def findings(exp: ExperimentConfig, runs: list[dict] | None = None) -> list[str]
             if m[a] is None or m[b] is None:
                 verdict = f"n/a ({a if m[a] is None else b}: no result)"
             else:
-                verdict = "holds" if better(m[a], m[b]) else "**does not hold**"
+                verdict = _verdict(m[a], m[b], task).replace("does not hold", "**does not hold**")
             pa, pb = (_paper_mean(exp.paper_dataset, task, label) for label in (a, b))
             paper = ("not reported" if pa is None or pb is None else
-                     f"{'holds' if better(pa, pb) else 'does not hold'} "
-                     f"({exp.paper_dataset.upper()} {pa:g} vs {pb:g})")
+                     f"{_verdict(pa, pb, task).split(' (')[0]} ({exp.paper_dataset.upper()} "
+                     f"{pa[0]:g}±{pa[1]:g} vs {pb[0]:g}±{pb[1]:g})")
             lines.append(f"| {exp.name} | {task} | {text} | {verdict} | {paper} |")
     return lines
 
@@ -730,7 +748,7 @@ def _report(config: ExperimentConfig, target: Target, runs: list[dict], parts: l
             f"Target cohort: {target.name} ({len(target)} scans, input {target.shape}); "
             f"{config.repeats} repeats of a per-site {'/'.join(f'{round(f * 100)}' for f in config.split)} split; "
             f"paper hyper-parameters of {config.paper_dataset} with epochs x{config.epoch_scale:g}.",
-            f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, "
+            f"Machine: {provenance()}; "
             f"JAX devices: {', '.join(sorted({d.platform for d in jax.devices()}))} x{jax.device_count()}. "
             f"{n_runs} runs, {run_seconds / 60:.1f} min of run time (this call {seconds / 60:.1f} min).", ""]
     if not isinstance(config.target, str):

@@ -411,6 +411,19 @@ def test_bad_config_values_are_refused_before_the_workdir_is_written(ukb_cache, 
         assert not (tmp_path / "run").exists(), bad
 
 
+def test_sex_baseline_is_the_test_splits_majority_share():
+    """The bar a sex model must clear: the best constant prediction on the test split (0.6 here), not the training
+    split's majority class scored on the test split (0.4: below chance when the two splits' majorities differ)."""
+    from types import SimpleNamespace
+
+    from jaxtl.train import _baseline
+
+    sexes = np.array([0, 0, 0, 1, 1, 1, 1, 1, 0, 0], np.float32)  # train: 3 of 5 female; test: 3 of 5 male
+    source = SimpleNamespace(sexes=sexes, ages=np.arange(10.0))
+    assert _baseline(source, np.array([0, 1, 2, 6, 7]), np.array([3, 4, 5, 8, 9]), "sex") == pytest.approx(0.6)
+    assert _baseline(source, np.arange(5), np.arange(5, 10), "age") == pytest.approx(5.0)
+
+
 def test_missing_labels_are_listed_with_what_to_do():
     from types import SimpleNamespace
 
