@@ -78,8 +78,30 @@ def _pretrain(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     out = pretrain(config, args.cohort, args.workdir, max_steps=args.max_steps, progress=not args.no_progress,
                    profile=args.profile)
+    summary = _pretrain_summary(Path(args.workdir) / "metrics.jsonl")
+    if summary:
+        print(summary)
     print(f"final model: {out}")
     return 0
+
+
+def _pretrain_summary(metrics: Path) -> str | None:
+    """The run's results from its final record: steps, test metric of model/ and best/, the baseline."""
+    import json
+
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    final = next((r["final"] for r in map(json.loads, reversed(lines)) if "final" in r), None)
+    if final is None:
+        return None
+    text = f"{final['steps']} steps ({final['epochs']:g} epochs{'' if final.get('complete') else ', stopped early'})"
+    key = "mae" if "test_mae" in final else "accuracy"
+    if f"test_{key}" in final:
+        name, baseline = ("MAE", "mean predictor") if key == "mae" else ("accuracy", "test majority share")
+        text += f"; test {name} {final[f'test_{key}']:.4g} (model/)"
+        if final.get(f"test_{key}_best") is not None:
+            text += f", {final[f'test_{key}_best']:.4g} (best/, epoch {final.get('best_epoch')})"
+        text += f"; {baseline} {final[f'test_baseline_{key}']:.4g}"
+    return text
 
 
 # = jaxtl.transfer.METHODS (not imported here: it pulls in JAX, which would slow every command)

@@ -130,7 +130,7 @@ def shipped_configs() -> Path:
 
 def load_config(path: str | Path, overrides: list[str] | None = None, expected: type | None = None) -> Any:
     """Load `get_config()` from a config file (a `TrainConfig`, or `expected`) and apply `section.field=value`
-    overrides."""
+    overrides. A `.json` file is a run's saved `TrainConfig` (`WORKDIR/config.json`)."""
     expected = expected or TrainConfig
     path = Path(path)
     if not path.is_file() and not path.is_absolute() and path.parts[:1] == ("configs",):
@@ -139,6 +139,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None, expected: 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such config file (a path configs/NAME.py is read from the working "
                                 f"directory, then from jaxtl's shipped configs in {shipped_configs()})")
+    if path.suffix == ".json":
+        if expected is not TrainConfig:
+            raise ValueError(f"{path}: a .json config is a pretraining run's config.json; give a .py config file")
+        config = from_dict(TrainConfig, json.loads(path.read_text()), str(path))
+        for item in overrides or []:
+            config = override(config, item)
+        return config
+    if path.suffix != ".py":
+        raise ValueError(f"{path}: a config file is Python (.py, defining get_config()) or a run's config.json")
     spec = importlib.util.spec_from_file_location(f"jaxtl_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -219,3 +228,21 @@ def _parse(raw: str, current: Any, key: str, hint: Any = None) -> Any:
 
 def to_dict(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """The dataclass `cls` from `to_dict`'s output (lists become tuples; absent fields keep their defaults, as a
+    run saved before a field existed)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown} for {cls.__name__} (fields: {', '.join(fields)})")
+    values = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            value = from_dict(type(default), value, f"{where}: {name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)

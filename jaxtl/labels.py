@@ -8,6 +8,7 @@ Sex: 2 classes (0 = female, 1 = male), cross-entropy, prediction = P(male).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +17,21 @@ import optax
 from jax.scipy.special import ndtr
 
 
-def check_in_range(ages, bin_range: tuple[float, float]) -> None:
-    """Raise ValueError if any age lies outside [bin_min, bin_max) (or is not finite)."""
+def check_in_range(ages, bin_range: tuple[float, float], where: str = "") -> None:
+    """Raise ValueError if any age lies outside [bin_min, bin_max) (or is not finite); `where` (e.g. the cohort)
+    leads the message."""
     a = np.asarray(ages, dtype=np.float64).reshape(-1)
     lo, hi = bin_range
     bad = ~((a >= lo) & (a < hi))
     if bad.any():
         examples = ", ".join(f"{v:g}" for v in a[bad][:5])
+        finite = a[np.isfinite(a)]
+        low, high = (math.floor(finite.min()) - 1, math.ceil(finite.max()) + 1) if finite.size else (0, 0)
+        cover = f"; ages span {finite.min():g}-{finite.max():g}, so e.g. --set bin_range=({low},{high})" \
+            if finite.size else ""
         raise ValueError(
-            f"{int(bad.sum())} age(s) outside the model's bin range [{lo:g}, {hi:g}) (e.g. {examples}); "
-            "choose a bin range that covers the cohort, e.g. bin_range=(floor(min age) - 1, ceil(max age) + 1)"
+            f"{where + ': ' if where else ''}{int(bad.sum())} age(s) outside the model's bin range [{lo:g}, {hi:g}) "
+            f"(e.g. {examples}); choose a bin range that covers the cohort{cover} (bin_range=(MIN, MAX) in Python)"
         )
 
 

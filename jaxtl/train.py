@@ -446,6 +446,37 @@ def _check_resume(meta: dict, workdir: Path, config: TrainConfig, steps_per_epoc
                          f"--set epochs={done} or more, or use a new --workdir")
 
 
+def _check_workdir(workdir: Path) -> None:
+    """Refuse a run directory that is something else (a file, a prepared cache, a BIDS dataset) or cannot be
+    written, before anything is written into it."""
+    what = ("a file" if workdir.exists() and not workdir.is_dir() else
+            "a prepared cache (index.json)" if (workdir / "index.json").exists() else
+            "a BIDS dataset" if (workdir / "dataset_description.json").exists() else None)
+    if what:
+        raise ValueError(f"--workdir {workdir} is {what}; give the run a directory of its own (it holds "
+                         "checkpoints/, metrics.jsonl, best/, model/)")
+    probe = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
+    if probe is not None and not os.access(probe, os.W_OK):
+        raise PermissionError(f"--workdir {workdir}: {probe} is not writable; give a directory this user can write")
+
+
+def _check_volumes(workdir: Path, source: CacheSource, cohort: Any) -> dict:
+    """What the run's volumes are (`workdir/volumes.json`): a run resumes only on volumes of the shape, downsample
+    and dtype it started with (the scans themselves: `_saved_split`). Returns the record for this cache."""
+    now = {"cache": str(Path(source.cache_dir).resolve()), "shape": list(source.shape),
+           "downsample": int(read_index(source.cache_dir).get("downsample", 1)), "dtype": str(source.stored_dtype)}
+    path = workdir / "volumes.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        diff = [f"{k}: {saved[k]} in the run, {now[k]} now" for k in ("shape", "downsample", "dtype")
+                if k in saved and saved[k] != now[k]]
+        if diff:
+            raise ValueError(f"{workdir} trained on volumes of {saved.get('cache')}; --cohort {cohort} holds others "
+                             f"({'; '.join(diff)}): resume with that cache (or one prepared the same way), or use a "
+                             "new --workdir")
+    return now
+
+
 def _write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=indent) + "\n")
@@ -518,7 +549,7 @@ def _check_labels(source, indices, config: TrainConfig, cohort: str) -> None:
                          "CSV) and run the same `jaxtl prepare` command again (labels are re-read, no scan is "
                          f"reprocessed), or prepare a cache from a cohort without these scans")
     if key == "age":
-        check_in_range(values, config.bin_range)
+        check_in_range(values, config.bin_range, str(cohort))
 
 
 class _TrainClock:
@@ -626,6 +657,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     if profile is not None and not 1 <= profile[0] <= profile[1]:
         raise ValueError(f"profile={profile!r}: give steps (FIRST, LAST) with 1 <= FIRST <= LAST (--profile 10:20)")
     workdir = Path(workdir)
+    _check_workdir(workdir)
     source = CacheSource(cohort)
     smallest = 2 ** (len(config.model.channels) - 1)  # every block but the last halves D, H and W
     if min(source.shape) < smallest:
@@ -644,9 +676,11 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         raise ValueError(f"{cohort}: {len(train_idx)} training scans, fewer than one batch of {config.batch_size}; "
                          "use more scans or a smaller batch (--set batch_size=N, a multiple of the device count)")
     _check_labels(source, np.arange(len(source)), config, str(cohort))
+    volumes = _check_volumes(workdir, source, cohort)
     saved_config = _check_config(workdir, config)
     is_main = jax.process_index() == 0
     if is_main:
+        _write_json(workdir / "volumes.json", volumes)
         parts = {k: idx for k, idx in zip(("train", "val", "test"), (train_idx, val_idx, test_idx), strict=True)}
         split = {k: source.ids[idx].tolist() for k, idx in parts.items()}  # scan ids
         split |= {"by": "participant_id", "seed": split_seed,
@@ -777,7 +811,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
                     jax.block_until_ready(in_flight.popleft())
                 bar.update(1)
                 preempted = watch.reached(step)  # every step, on every process: the same answer everywhere
-                if step % config.log_every_steps == 0 or step % steps_per_epoch == 0 or preempted:
+                if step % config.log_every_steps == 0 or step % steps_per_epoch == 0 or step == end or preempted:
                     _raise_if_non_finite(pending, mngr)
                     rate = clock.rate(step)
                     loss_v = float(np.mean([float(v) for _, v, _ in pending]))
@@ -799,7 +833,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
             save(step)
         result = {"steps": step, "epochs": step / steps_per_epoch, "complete": step >= total_steps}
         if len(test_idx):
-            result |= _test_metrics(trainer, workdir / "best", source, train_idx, test_idx, label_key)
+            result |= _test_metrics(trainer, workdir / "best", source, train_idx, test_idx, label_key, progress)
             bar.set_postfix({k: f"{v:.3f}" for k, v in result.items() if k.startswith("test_")
                              and "baseline" not in k})
     finally:
@@ -876,20 +910,20 @@ class Profile:
 
 
 def _test_metrics(trainer: Trainer, best_dir: Path, source: CacheSource, train_idx: np.ndarray,
-                  test_idx: np.ndarray, label_key: str) -> dict:
+                  test_idx: np.ndarray, label_key: str, progress: bool = False) -> dict:
     """Test MAE / accuracy of the current (final) model as `test_mae` / `test_accuracy` and of the exported
     best-validation model `best_dir` as `test_mae_best` / `test_accuracy_best` (with `best_epoch`), beside
     the baselines `test_baseline_mae` (predicting the training mean age) / `test_baseline_accuracy` (the best
     constant prediction: the test split's majority share)."""
     key = "mae" if label_key == "age" else "accuracy"
-    out = {f"test_{key}": trainer.evaluate(source, test_idx, label_key)}
+    out = {f"test_{key}": trainer.evaluate(source, test_idx, label_key, progress=progress)}
     if (best_dir / "model.json").exists():
         exported = load_model(best_dir, dtype=jnp.dtype(trainer.config.model.dtype))
         # As host arrays: placing arrays committed to one local device on a multi-process mesh would be a
         # cross-host transfer; host arrays are put on every process's devices (multi-host safe).
         nnx.update(exported.model, jax.tree.map(np.asarray, nnx.state(exported.model, WEIGHTS)))
         best = Trainer.create(trainer.config, 1, model=exported.model, mesh=trainer.mesh)
-        out[f"test_{key}_best"] = best.evaluate(source, test_idx, label_key)
+        out[f"test_{key}_best"] = best.evaluate(source, test_idx, label_key, progress=progress)
         out["best_epoch"] = exported.meta.get("epoch")
     out[f"test_baseline_{key}"] = _baseline(source, train_idx, test_idx, label_key)
     return out

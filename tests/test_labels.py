@@ -49,6 +49,14 @@ def test_out_of_range_is_an_error(ages):
         AgeTask((42, 82)).targets(ages)
 
 
+def test_out_of_range_message_names_the_cohort_and_a_covering_range():
+    from jaxtl.labels import check_in_range
+
+    with pytest.raises(ValueError, match=r"^caches/ixi: 2 age\(s\) outside .*ages span 19.5-86.2, so e.g. "
+                                         r"--set bin_range=\(18,88\)"):
+        check_in_range([19.5, 50.0, 86.2], (42, 82), "caches/ixi")
+
+
 def test_kl_loss_equals_pytorch_batchmean():
     task = AgeTask((42, 82))
     ages = np.array([45.3, 60.0, 77.7, 51.2], np.float32)

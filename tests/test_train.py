@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -304,6 +305,21 @@ def test_pretrain_end_to_end_and_resume_is_noop(ukb_cache, tmp_path, capsys):
     assert len(again) == n_lines and sum("final" in r for r in again) == 1  # the earlier final was replaced
     with pytest.raises(ValueError, match=r"different config \(optim.momentum: 0.9 in the run, 0.5 now\)"):
         pretrain(tiny_config("optim.momentum=0.5"), ukb_cache, run, progress=False)
+    # nor the volumes: the same scans prepared otherwise (here: marked as another downsample) are refused
+    import shutil
+
+    other = tmp_path / "other_cache"
+    shutil.copytree(ukb_cache, other)
+    index = json.loads((other / "index.json").read_text())
+    (other / "index.json").write_text(json.dumps(index | {"downsample": 2}))
+    with pytest.raises(ValueError, match=r"trained on volumes of .*; --cohort .* holds others \(downsample: 4 in the "
+                                         r"run, 2 now\): resume with that cache"):
+        pretrain(tiny_config(), other, run, progress=False)
+    # the run's saved config.json is a config file too (what the refusal above says to use)
+    from jaxtl.config import to_dict
+
+    assert to_dict(load_config(run / "config.json")) == json.loads((run / "config.json").read_text())
+    assert load_config(run / "config.json", ["optim.momentum=0.5"]).optim.momentum == 0.5
     # a run from before a config field existed (here data.split_seed) resumes: the field takes its default
     saved = json.loads((run / "config.json").read_text())
     del saved["data"]["split_seed"]
@@ -343,6 +359,25 @@ def test_resume_drops_records_after_the_checkpoint_and_may_change_workers(ukb_ca
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 6] and logged[3]["loss"] != 9.0
     assert [r["loss"] for r in logged[:3]] == [r["loss"] for r in steps_logged(clean)[:3]]
     jax.tree.map(np.testing.assert_array_equal, final_state(clean), final_state(work))
+
+
+def test_a_workdir_that_is_something_else_is_refused(ukb_cache, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    for workdir, said in ((tmp_path / "afile", "is a file"), (ukb_cache, r"is a prepared cache \(index.json\)")):
+        with pytest.raises(ValueError, match=f"--workdir .* {said}; give the run a directory of its own"):
+            pretrain(tiny_config(), ukb_cache, workdir, progress=False)
+    assert not (ukb_cache / "config.json").exists()  # nothing written into the cache
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != readonly)  # a read-only mount (root or not)
+    with pytest.raises(PermissionError, match=r"--workdir .*ro/run: .*ro is not writable"):
+        pretrain(tiny_config(), ukb_cache, readonly / "run", progress=False)
+    assert not (readonly / "run").exists()
+
+
+def test_a_run_stopped_by_max_steps_logs_its_last_step(ukb_cache, tmp_path):
+    pretrain(tiny_config("epochs=1", "log_every_steps=4"), ukb_cache, tmp_path, progress=False, max_steps=3)
+    assert [r["step"] for r in steps_logged(tmp_path)] == [3]  # 3 is neither a multiple of 4 nor an epoch's end
 
 
 def test_throughput_clock_times_train_steps_only():

@@ -64,9 +64,12 @@ def test_kill_at_random_points_then_resume_is_bitwise_identical(ukb_cache, clean
         time.sleep(float(rng.uniform(0, 0.3)))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=300)
     jax.tree.map(np.testing.assert_array_equal, final_state(clean), final_state(work))
     assert [r["step"] for r in steps_logged(work)] == list(range(1, total + 1))  # each step logged once
+    # the command prints the run's results, not only where the model is
+    assert re.search(rf"{total} steps \(2 epochs\); test MAE [\d.]+ \(model/\), [\d.]+ \(best/, epoch \d\); "
+                     r"mean predictor [\d.]+\nfinal model: ", done.stdout), done.stdout
 
 
 def test_sigterm_mid_epoch_saves_exits_143_and_resumes_bitwise(ukb_cache, clean, tmp_path):
