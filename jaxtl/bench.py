@@ -795,7 +795,9 @@ _RUNTIME_EVENTS = ("ThunkExecutor", "PjitFunction", "SlinkyThreadPool", "block_u
 def summarize_trace(path: str | os.PathLike, steps: int = 1, top: int = 15) -> list[dict]:
     """The kernels / XLA ops that took the most time in a Perfetto trace written by `jax.profiler.trace`:
     [{"where": process / thread, "name", "ms_per_step", "calls_per_step"}], most time first. Device events
-    ("/device:..." processes: GPU streams, TPU ops) when there are any, else the host's XLA ops."""
+    ("/device:..." processes: GPU streams, TPU ops) when there are any, else the host's XLA ops (not the runtime's
+    or Python's annotations, such as a host wait in `np.asarray(jax.Array)`). Times are self times: an op that
+    contains others on its thread (a while loop's body) is charged only for the time outside them."""
     import gzip
 
     with gzip.open(path, "rt") as f:
@@ -807,21 +809,34 @@ def summarize_trace(path: str | os.PathLike, steps: int = 1, top: int = 15) -> l
             key = (e.get("pid"),) if e["name"] == "process_name" else (e.get("pid"), e.get("tid"))
             names[key] = str((e.get("args") or {}).get("name", ""))
     device_pids = {k[0] for k, v in names.items() if len(k) == 1 and v.startswith("/device:")}
-    totals: dict[tuple[str, str], list[float]] = {}
+    kept = []
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:
             continue
         pid, name = e.get("pid"), str(e.get("name", ""))
         if device_pids and pid not in device_pids:
             continue
-        if not device_pids and (name.startswith("$") or name.startswith(_RUNTIME_EVENTS) or "::" in name):
+        if not device_pids and (name.startswith("$") or name.startswith(_RUNTIME_EVENTS) or "::" in name
+                                or "(" in name):  # "(": Python-side annotations, e.g. np.asarray(jax.Array)
             continue
+        kept.append(e)
+    totals: dict[tuple[str, str], list[float]] = {}
+    open_events: dict[tuple, list[tuple[float, tuple[str, str]]]] = {}  # per thread: (end, key) of enclosing events
+    for e in sorted(kept, key=lambda e: (float(e.get("ts", 0)), -float(e["dur"]))):
+        pid, tid, name = e.get("pid"), e.get("tid"), str(e.get("name", ""))
         where = str(names.get((pid,), pid))  # host: summed over its threads (thread time, can exceed the wall)
         if device_pids:  # device: per line (streams, "XLA Ops", "XLA Modules", ...)
-            where += f" / {names.get((pid, e.get('tid')), e.get('tid'))}"
+            where += f" / {names.get((pid, tid), tid)}"
+        start, dur = float(e.get("ts", 0)), float(e["dur"])
+        stack = open_events.setdefault((pid, tid), []) if "ts" in e else []  # no time stamp: nothing nests
+        while stack and start >= stack[-1][0]:
+            stack.pop()
+        if stack:  # nested in the enclosing event: that one's self time excludes it
+            totals[stack[-1][1]][0] -= dur
         t = totals.setdefault((where, name), [0.0, 0])
-        t[0] += float(e["dur"])
+        t[0] += dur
         t[1] += 1
+        stack.append((start + dur, (where, name)))
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     return [{"where": where, "name": name, "ms_per_step": round(us / 1e3 / steps, 3),
              "calls_per_step": round(n / steps, 2)} for (where, name), (us, n) in ranked]

@@ -468,6 +468,9 @@ def read_index(cache_dir: str | os.PathLike) -> dict:
     path = Path(cache_dir) / "index.json"
     if not path.exists():
         d = Path(cache_dir)
+        if not d.exists():
+            raise FileNotFoundError(f"{cache_dir}: no such cache directory; prepare one with "
+                                    f"`jaxtl prepare COHORT {cache_dir}`, or check the path")
         if (d / "plan.json").exists():  # prepare started here and did not finish
             hint = f"re-run the `jaxtl prepare` that writes it (it resumes): jaxtl prepare COHORT {cache_dir}"
         elif d.is_file() or (d / "participants.tsv").exists() or (d / "dataset_description.json").exists():

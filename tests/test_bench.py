@@ -416,6 +416,24 @@ def test_trace_summary_prefers_device_kernels(tmp_path):
                     "calls_per_step": 1.0}]
 
 
+def test_trace_summary_of_host_ops_counts_self_time_and_skips_annotations(tmp_path):
+    """A CPU trace: a while loop's body ops are not counted twice (the loop keeps its own time only), and a host
+    wait annotated from Python (np.asarray of a jax.Array) is not an op."""
+    import gzip
+
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+              {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "name": "while.227", "dur": 1000},
+              {"ph": "X", "pid": 1, "tid": 1, "ts": 100, "name": "fusion.3", "dur": 600},
+              {"ph": "X", "pid": 1, "tid": 1, "ts": 700, "name": "convolution.1", "dur": 200},
+              {"ph": "X", "pid": 1, "tid": 1, "ts": 2000, "name": "np.asarray(jax.Array)", "dur": 5000},
+              {"ph": "X", "pid": 1, "tid": 2, "ts": 100, "name": "fusion.3", "dur": 50}]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    top = {r["name"]: r["ms_per_step"] for r in bench.summarize_trace(path)}
+    assert top == {"fusion.3": 0.65, "convolution.1": 0.2, "while.227": 0.2}
+
+
 @pytest.mark.parametrize("args, message", [(["--batch", "0"], "--batch: 0 is below 1"),
                                            (["--repeats", "0"], "--repeats: 0 is below 1"),
                                            (["--batch", "x"], "--batch: 'x' is not an integer")])

@@ -234,6 +234,8 @@ def test_resume_after_kill_gives_identical_cache(cohort_csv, reference_cache, tm
     assert proc.returncode == -signal.SIGKILL, stderr.decode()
     with pytest.raises(ValueError, match="not a finished jaxtl cache"):
         CacheSource(out)
+    with pytest.raises(FileNotFoundError, match="nope: no such cache directory"):  # a typo: said as such
+        CacheSource(tmp_path / "nope")
     for shard in out.glob("shard_*.npy"):  # a shard under its final name is never half-written
         assert shard.read_bytes() == (reference_cache / shard.name).read_bytes()
     summary = prepare_cache(cohort_csv, out, downsample=DS, shard_size=SHARD)
