@@ -611,6 +611,14 @@ def scarcity_outputs(runs: list[dict], config: ExperimentConfig, out: Path) -> s
                 rows.append(f"{task},{label},{share:g},{ns[-1]},{m:.4f},{s:.4f},{k}")
             md.append(f"| {label} | " + " | ".join(_fmt(m, s, task) for m, s in zip(means, sds, strict=True)) + " |")
             ax.errorbar(shares, means, yerr=np.nan_to_num(sds), marker="o", capsize=3, label=label)
+        # the reference each point must beat: the mean predictor of that share's training scans (it moves with
+        # the subset) / chance
+        base = [_stats([r.get("baseline") for r in runs if r["task"] == task and r["share"] == share
+                        and r["repeat"] < sc.repeats])[0] for share in shares]
+        name = "mean predictor" if task == "age" else "chance (balanced)"
+        md.append(f"| *{name}* | " + " | ".join(_fmt(b, math.nan, task) for b in base) + " |")
+        rows += [f"{task},{name},{share:g},,{b:.4f},," for share, b in zip(shares, base, strict=True)]
+        ax.plot(shares, base, "k--", label=name)
         ax.set_xlabel("share of the training split")
         ax.set_ylabel("test MAE (years)" if task == "age" else "test balanced accuracy")
         ax.set_title(f"data scarcity, {task} ({_target_label(config)})")

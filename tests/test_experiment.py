@@ -85,7 +85,11 @@ def test_tiny_experiment_end_to_end_and_resume(tiny_models, ixi_tiny, tmp_path):
     assert "0.5" in (out / "scarcity.md").read_text() and "Simulated" not in report.read_text()  # real-path target
     # every point of the scarcity curve over the same splits (scarcity.repeats = 1, not the table's 2 repeats)
     curve = [line.split(",") for line in (out / "scarcity.csv").read_text().splitlines()[1:]]
-    assert curve and all(row[-1] == "1" for row in curve), curve
+    assert curve and all(row[-1] == "1" for row in curve if row[1] != "mean predictor"), curve
+    # beside the methods, the mean predictor of each share's training scans: the level each point must beat
+    base = {row[2]: float(row[4]) for row in curve if row[1] == "mean predictor"}
+    assert set(base) == {"0.5", "1"} and all(np.isfinite(list(base.values())))
+    assert "| *mean predictor* |" in (out / "scarcity.md").read_text()
     # the paper's findings that these methods can check (same- vs other-task features), nothing else
     rows = re.findall(r"\| tiny \| (age|sex) \| ([^|]*) \| (holds|\*\*does not hold\*\*|within 1 sd [^|]*|tie) \| "
                       r"not reported \|", report.read_text())  # the paper has no IXI numbers of other-task features
