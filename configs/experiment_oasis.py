@@ -1,13 +1,13 @@
 """The paper's OASIS-3 experiment (paper-spec sections 6-8) on a SIMULATED OASIS-3-like cohort.
 
 Target: `jaxtl.simulate` preset "oasis" (1132 scans simulated as independent
-subjects, two sites, ages 43-96) at 4mm; pretrained models: demo-size SFCNs
+subjects, two sites, ages drawn within 42-95) at 4mm; pretrained models: demo-size SFCNs
 (configs/sfcn_demo.py) pretrained for age and for sex on 800 simulated UK Biobank-like subjects, created
 on the first run (shared with the other experiment configs). Fine-tuning uses the paper's OASIS-3
 hyper-parameters (section 6.1).
 
-Full scale (5 repeats, the paper's epochs) wants a GPU. The CPU run reported in the README (about 25 min on
-2 cores after pretraining) was, with the 40/20/40 split this config had before it took the paper's,
+Full scale (5 repeats, the paper's epochs) wants a GPU. The CPU run reported in the README (14.2 min on 2 cores
+after pretraining) was, with the 40/20/40 split this config had before it took the paper's,
   jaxtl experiment --config configs/experiment_oasis.py --set target.n=200 --set repeats=3 --set epoch_scale=0.2 \
       --set split=0.4,0.2,0.4
 To run on real data, set `target` to a prepared cache directory (or BIDS / CSV cohort) and the models to
