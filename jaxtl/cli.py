@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the paper end to end on simulated cohorts: writes DIR/REPORT.md")
     p.add_argument("--out", default=None, help="output directory (default: demo_out, or demo_ci for --scale ci)")
     p.add_argument("--scale", choices=["demo", "ci"], default="demo",
-                   help="demo: the README's run (8.5-16 min on 2 CPU cores); ci: tiny sizes, every stage in a minute or two")
+                   help="demo: the README's run (8.5-16 min on 2 CPU cores); ci: tiny sizes, every stage in a "
+                        "minute or two")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("transfer", help="fit a transfer method on a target cohort: predictions.csv, metrics.json, "
