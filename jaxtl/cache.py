@@ -216,7 +216,8 @@ def _run(
         return
     # spawn, not fork: the parent may have imported JAX, which is not fork-safe.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+    try:
         pending: dict[concurrent.futures.Future, tuple[_Shard, int]] = {}
         queue = iter(jobs)
         while True:
@@ -225,11 +226,40 @@ def _run(
                 if len(pending) >= 2 * workers:
                     break
             if not pending:
-                return
+                break
             done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 shard, slot = pending.pop(future)
                 yield shard, slot, *future.result()
+    except BaseException:  # Ctrl-C, an error, the consumer stopping: drop the queue and stop the workers now
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _worker_init() -> None:
+    """A prepare worker ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the parent stops the
+    workers itself, and a worker that caught it mid-job kept the pool from shutting down on a second Ctrl-C) and,
+    on Linux, is sent SIGTERM when the parent dies (a killed `jaxtl prepare` left its workers running)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died while this worker started
+        os._exit(1)
+
+
+def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=5)
 
 
 def _process_scan(path: str, downsample: int, dtype: str) -> tuple[np.ndarray | None, dict]:

@@ -443,6 +443,31 @@ def test_rerun_redoes_scans_whose_file_changed(cohort_csv, tmp_path):
     assert [r["source_stat"][1] for r in shard if r["slot"] == 0] == [1]
 
 
+def test_prepare_workers_ignore_ctrl_c_and_are_stopped_at_once():
+    """A terminal's Ctrl-C reaches every process of the group: prepare's workers ignore it (the parent stops them;
+    one that caught it mid-job had kept the pool from shutting down, and a second Ctrl-C then hung prepare)."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+    import time
+
+    from jaxtl import cache
+
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=cache._worker_init)
+    pid = pool.submit(os.getpid).result(timeout=120)  # the worker has started and run its initializer
+    job = pool.submit(time.sleep, 60)
+    time.sleep(0.5)  # inside the job
+    processes = list(pool._processes.values())
+    assert [p.pid for p in processes] == [pid]
+    os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert not job.done()  # ignored: without the initializer the job ends in KeyboardInterrupt
+    start = time.time()
+    cache._stop_pool(pool)
+    assert not any(p.is_alive() for p in processes) and time.time() - start < 5
+
+
 def test_a_cohort_given_as_a_cache_gets_told_to_prepare_it(tmp_path):
     (tmp_path / "bids").mkdir()
     (tmp_path / "bids" / "participants.tsv").write_text("participant_id\tage\nsub-1\t50\n")
