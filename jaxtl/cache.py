@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import itertools
 import json
@@ -203,6 +204,24 @@ def _check_or_write_plan(out: Path, plan: dict) -> None:
     if any(out.glob("shard_*")) or (out / "index.json").exists():
         raise ValueError(f"{out} holds cache files but no plan.json; use another OUT_DIR or delete this one")
     _write_atomic(path, _dumps(plan))
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped shard's blocks now: the sparse file a memmap creates fails on a full disk only when a
+    page is written, as SIGBUS (the process dies without a word); reserved, a full disk is an OSError naming it."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left for the shard {path.name} ({os.fstat(fd).st_size / 1e6:.0f} MB) "
+                                   f"in {path.parent}; free space or use another OUT_DIR (prepare resumes)") from e
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: as before
+            raise
+    finally:
+        os.close(fd)
 
 
 def _run(
@@ -405,6 +424,7 @@ class _Shard:
             self._array = np.lib.format.open_memmap(
                 self.partial, mode=mode, dtype=self.dtype, shape=(self.n, *self.shape)
             )
+            _reserve(self.partial)
         return self._array
 
     def _finish(self) -> None:

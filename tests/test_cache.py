@@ -443,6 +443,25 @@ def test_rerun_redoes_scans_whose_file_changed(cohort_csv, tmp_path):
     assert [r["source_stat"][1] for r in shard if r["slot"] == 0] == [1]
 
 
+def test_a_full_disk_is_an_error_naming_the_shard_and_prepare_resumes(cohort_csv, reference_cache, tmp_path,
+                                                                      monkeypatch):
+    """The memory-mapped shard is reserved when created: a full disk is an OSError that says so (a sparse file had
+    killed the process with SIGBUS at the first page written)."""
+    import errno
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"no space left for the shard shard_00000.*free space or use another OUT_DIR"):
+        prepare_cache(cohort_csv, tmp_path / "cache", downsample=DS, shard_size=SHARD)
+    monkeypatch.undo()
+    prepare_cache(cohort_csv, tmp_path / "cache", downsample=DS, shard_size=SHARD)
+    for shard in reference_cache.glob("shard_*.npy"):
+        assert (tmp_path / "cache" / shard.name).read_bytes() == shard.read_bytes()
+
+
 def test_prepare_workers_ignore_ctrl_c_and_are_stopped_at_once():
     """A terminal's Ctrl-C reaches every process of the group: prepare's workers ignore it (the parent stops them;
     one that caught it mid-job had kept the pool from shutting down, and a second Ctrl-C then hung prepare)."""
