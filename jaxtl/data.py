@@ -118,6 +118,13 @@ def conform(source: Source, *, check: bool = True) -> np.ndarray:
     img, name = _open(source)
     data = _read_data(img, name)
     affine = _affine(img, name, data.shape)
+    if data.shape[:3] == INPUT_SHAPE and np.allclose(affine, MNI_AFFINE, atol=1e-3):
+        # What a user of Peng's PyTorch code may have saved: the network's input crop, with the full grid's header
+        raise InputError(f"{name}: a 160x192x160 image with the header of the whole 182x218x182 MNI152 grid: it "
+                         "looks like an array cropped as Peng's input ([11:171, 13:205, 11:171]) and saved without "
+                         "updating the header, which would place the brain 11-13 mm off. Give the uncropped image, "
+                         "or save the crop with its own affine (the origin moved by the crop: "
+                         "nibabel's img.slicer[11:171, 13:205, 11:171] does that)")
     _check_field_of_view(affine, data.shape, name)
     volume = _to_reference_grid(data, affine)
     _check_conformed(volume, name, check)

@@ -271,6 +271,16 @@ def test_non_finite_refusal_counts_them_and_says_how_to_fix(tmp_path):
         load_volume(_save(nib.Nifti1Image(arr, affine), tmp_path / "nan_brain.nii.gz"))
 
 
+def test_a_cropped_array_with_the_uncropped_header_is_refused(mni):
+    """Peng's input crop saved with the full grid's affine would sit 11-13 mm off: refused with the fix; the same
+    crop saved with its own affine (nibabel's slicer) conforms back to the template exactly."""
+    img = nib.Nifti1Image(mni, MNI_AFFINE)
+    with pytest.raises(InputError, match=r"160x192x160 image with the header of the whole 182x218x182 .*slicer"):
+        load_volume(nib.Nifti1Image(mni[data.CROP], MNI_AFFINE))
+    cropped = img.slicer[11:171, 13:205, 11:171]
+    np.testing.assert_array_equal(conform(cropped)[data.CROP], mni[data.CROP])
+
+
 def test_refusal_names_in_memory_images_too():
     with pytest.raises(InputError, match=r"<in-memory image>: all-zero volume"):
         load_volume(nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), MNI_AFFINE))
