@@ -553,6 +553,7 @@ class CacheSource:
         index = read_index(cache_dir)
         self.shape = tuple(index["shape"])
         self.stored_dtype = np.dtype(index["dtype"])
+        self.downsample = int(index.get("downsample", 1))
         self.dtype = np.dtype(dtype) if dtype is not None else None
         self._shard_files = index["shards"]
         scans = index["scans"]

@@ -73,24 +73,21 @@ def _init_distributed(args: argparse.Namespace) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     _init_distributed(args)
     from jaxtl.config import load_config
-    from jaxtl.train import pretrain
+    from jaxtl.train import final_record, pretrain
 
     config = load_config(args.config, args.set)
     out = pretrain(config, args.cohort, args.workdir, max_steps=args.max_steps, progress=not args.no_progress,
                    profile=args.profile)
-    summary = _pretrain_summary(Path(args.workdir) / "metrics.jsonl")
+    summary = _pretrain_summary(final_record(args.workdir))
     if summary:
         print(summary)
     print(f"final model: {out}")
     return 0
 
 
-def _pretrain_summary(metrics: Path) -> str | None:
-    """The run's results from its final record: steps, test metric of model/ and best/, the baseline."""
-    import json
-
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    final = next((r["final"] for r in map(json.loads, reversed(lines)) if "final" in r), None)
+def _pretrain_summary(final: dict | None) -> str | None:
+    """A run's results from its final record (`train.final_record`): steps, test metric of model/ and best/, the
+    baseline."""
     if final is None:
         return None
     text = f"{final['steps']} steps ({final['epochs']:g} epochs{'' if final.get('complete') else ', stopped early'})"

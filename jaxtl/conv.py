@@ -68,6 +68,11 @@ def default_platform() -> str:
     return "gpu" if name in ("cuda", "rocm") else name
 
 
+def default_devices() -> list:
+    """Every process's devices of the default device's platform: what the train mesh holds (`train.make_mesh`)."""
+    return jax.devices(default_platform())
+
+
 def fused_first_block_gpu(devices: list | None = None) -> bool:
     """Whether the fused first block (`jaxtl.first_block`, Pallas on Triton) is the default on these devices: NVIDIA
     GPUs of compute capability 9.x, where it was measured (H200: Peng's 1mm embed 2.2x, train step 4.7x the XLA

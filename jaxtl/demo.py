@@ -34,6 +34,7 @@ from jaxtl.experiment import (
     findings,
     run_experiment,
 )
+from jaxtl.train import final_record
 
 CONFIGS = shipped_configs()
 
@@ -206,8 +207,7 @@ def _pretrain_rate(model_dir: str) -> float:
 
 
 def _source_row(task: str, model_dir: str) -> str:
-    lines = (Path(model_dir).parent / "metrics.jsonl").read_text().splitlines()
-    final = next((r["final"] for r in map(json.loads, reversed(lines)) if "final" in r), {})
+    final = final_record(Path(model_dir).parent) or {}
     key = "mae" if task == "age" else "accuracy"
     unit = " years MAE" if task == "age" else " accuracy"
     fmt = lambda v: "n/a" if v is None else f"{v:.3g}{unit}"  # noqa: E731

@@ -194,8 +194,13 @@ def paper_reference(dataset: str, task: str, label: str) -> str:
     """The paper's number for the method of a table row; for `features` rows that of its closest method, marked
     "(ft_final)": the paper had no scikit-learn head, its read-out of the frozen features is `ft_final` (a linear
     layer trained by SGD on the KL loss, BatchNorm in train mode, so its statistics adapt to the target)."""
-    value = PAPER_RESULTS.get((dataset, task), {}).get(_paper_key(label), "")
+    value = _paper_value(dataset, task, label)
     return f"{value} (ft_final)" if value and label.startswith("features") else value
+
+
+def _paper_value(dataset: str, task: str, label: str) -> str:
+    """PAPER_RESULTS' entry for a table row ("" where there is none)."""
+    return PAPER_RESULTS.get((dataset, task), {}).get(_paper_key(label), "")
 
 
 def _paper_key(label: str) -> str:
@@ -209,9 +214,8 @@ def _paper_key(label: str) -> str:
 
 def _paper_mean(dataset: str, task: str, label: str) -> tuple[float, float] | None:
     """(mean, sd) of the paper's result for a table row, None where it reports none."""
-    value = PAPER_RESULTS.get((dataset, task), {}).get(_paper_key(label), "")
     try:
-        mean, sd = value.split("±")
+        mean, sd = _paper_value(dataset, task, label).split("±")
         return float(mean), float(sd)
     except ValueError:  # "" or "not reported"
         return None

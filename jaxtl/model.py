@@ -176,6 +176,11 @@ class ConvBlock(nnx.Module):
         return nnx.relu(max_pool2(x) if self.pool else x)
 
 
+def min_input_side(n_blocks: int) -> int:
+    """The smallest side (voxels) of an SFCN input with `n_blocks` blocks: every block but the last halves D, H, W."""
+    return 2 ** (n_blocks - 1)
+
+
 class SFCN(nnx.Module):
     """Simple Fully Convolutional Network (Peng et al. 2021).
 
@@ -211,7 +216,7 @@ class SFCN(nnx.Module):
             x = x[..., None]
         if x.ndim != 5 or x.shape[-1] != 1:
             raise ValueError(f"SFCN expects (B, D, H, W) or (B, D, H, W, 1) volumes, got shape {x.shape}")
-        smallest = 2 ** sum(block.pool for block in self.blocks)  # each pooling block halves D, H and W
+        smallest = min_input_side(len(self.blocks))
         if min(x.shape[1:4]) < smallest:
             raise ValueError(f"volumes of shape {x.shape[1:4]} are too small for {len(self.blocks)} blocks: each "
                              f"side must be at least {smallest} voxels (160x192x160 at 1mm, 40x48x40 at 4mm)")

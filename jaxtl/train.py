@@ -44,11 +44,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxtl.cache import CacheSource, make_dataset, read_index
+from jaxtl.cache import CacheSource, make_dataset
 from jaxtl.config import OptimConfig, TrainConfig, check_train_config, to_dict
-from jaxtl.conv import default_platform, trace_settings
+from jaxtl.conv import default_devices, trace_settings
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
-from jaxtl.model import SFCN, WEIGHTS, on_mesh
+from jaxtl.model import SFCN, WEIGHTS, min_input_side, on_mesh
 from jaxtl.weights import DEFAULT_PREPROCESSING, load_model, save_model
 
 
@@ -135,7 +135,7 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
     then means the CPU's path). Auto axes: the compiler propagates the batch sharding through the network, so
     reshapes inside the model need no sharding annotations. The only collectives are all-reduces over every
     device, which the order does not change."""
-    devices = process_major(jax.devices(default_platform()) if devices is None else devices)
+    devices = process_major(default_devices() if devices is None else devices)
     return jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -382,10 +382,10 @@ def _state_target(state, mesh):
 
 # Config fields a resumed run may change. These do not change what is computed:
 NEUTRAL_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data.workers")
-# `epochs` may change too, as long as
-# the run has not already gone past it: the learning rate schedule is a function of the step alone. So may that
-# schedule (`SCHEDULE_FIELDS`): the rate is an input of each step, and resuming with a lower one is the way on
-# after a non-finite loss. Momentum and weight decay are part of the restored optimizer state: they may not.
+# `epochs` may change too, as long as the run has not already gone past it: the learning rate schedule is a function
+# of the step alone. So may that schedule (`SCHEDULE_FIELDS`): the rate is an input of each step, and resuming with a
+# lower one is the way on after a non-finite loss. Momentum and weight decay are part of the restored optimizer
+# state: they may not.
 SCHEDULE_FIELDS = ("optim.lr", "optim.step_epochs", "optim.gamma")
 RESUMABLE_FIELDS = (*NEUTRAL_FIELDS, "epochs", *SCHEDULE_FIELDS)
 
@@ -464,7 +464,7 @@ def _check_volumes(workdir: Path, source: CacheSource, cohort: Any) -> dict:
     """What the run's volumes are (`workdir/volumes.json`): a run resumes only on volumes of the shape, downsample
     and dtype it started with (the scans themselves: `_saved_split`). Returns the record for this cache."""
     now = {"cache": str(Path(source.cache_dir).resolve()), "shape": list(source.shape),
-           "downsample": int(read_index(source.cache_dir).get("downsample", 1)), "dtype": str(source.stored_dtype)}
+           "downsample": source.downsample, "dtype": str(source.stored_dtype)}
     path = workdir / "volumes.json"
     if path.exists():
         saved = json.loads(path.read_text())
@@ -500,6 +500,13 @@ def _saved_split(workdir: Path, source: CacheSource, computed: tuple[np.ndarray,
         print(f"jaxtl pretrain: {path} differs from today's split of the cache; resuming with the run's own split",
               file=sys.stderr)
     return out
+
+
+def final_record(workdir: str | os.PathLike) -> dict | None:
+    """The results `pretrain` logged last in `workdir/metrics.jsonl` (steps, epochs, test metrics), None before any."""
+    path = Path(workdir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return next((r["final"] for r in map(json.loads, reversed(lines)) if "final" in r), None)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -659,12 +666,12 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     workdir = Path(workdir)
     _check_workdir(workdir)
     source = CacheSource(cohort)
-    smallest = 2 ** (len(config.model.channels) - 1)  # every block but the last halves D, H and W
+    smallest = min_input_side(len(config.model.channels))
     if min(source.shape) < smallest:
         raise ValueError(f"{cohort}: volumes of shape {source.shape} are too small for "
                          f"{len(config.model.channels)} blocks (model.channels={config.model.channels}): each side "
                          f"must be at least {smallest} voxels; use fewer blocks or a cache of a finer --downsample")
-    n_proc, n_dev = jax.process_count(), len(jax.devices(default_platform()))  # the mesh's devices (make_mesh)
+    n_proc, n_dev = jax.process_count(), len(default_devices())
     if config.batch_size % n_dev or config.batch_size % n_proc:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the device count "
                          f"({n_dev}); set --set batch_size=N")
@@ -962,8 +969,7 @@ def _export(trainer: Trainer, path: Path, source: CacheSource, config: TrainConf
 
 
 def _preprocessing(source: CacheSource) -> dict:
-    index = read_index(source.cache_dir)
-    return {**DEFAULT_PREPROCESSING, "downsample": int(index.get("downsample", 1))}
+    return {**DEFAULT_PREPROCESSING, "downsample": source.downsample}
 
 
 def model_state(trainer: Trainer) -> dict:

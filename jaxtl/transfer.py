@@ -49,7 +49,7 @@ from sklearn.metrics import balanced_accuracy_score, r2_score, roc_auc_score
 from tqdm.auto import tqdm
 
 from jaxtl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from jaxtl.conv import default_platform
+from jaxtl.conv import default_devices
 from jaxtl.embed import VolumeReader, apply_batched, embed, model_downsample, resolve_model, warn_skipped
 from jaxtl.heads import (
     BiasCorrection,
@@ -477,7 +477,7 @@ def train_phase(model: SFCN, source: Any, indices: np.ndarray, task: AgeTask | S
     BatchNorm in train mode); returns the trained network in eval mode (`model` is left as it was)."""
     from jaxtl.train import Trainer, train_dataset
 
-    batch = device_batch(phase.batch_size, len(indices), len(jax.devices(default_platform())))  # the mesh's
+    batch = device_batch(phase.batch_size, len(indices), len(default_devices()))
     steps_per_epoch = len(indices) // batch
     config = TrainConfig(
         task=task.name, bin_range=task.bin_range if isinstance(task, AgeTask) else (42.0, 82.0),
