@@ -499,8 +499,8 @@ def jaxtl_embed(case: Case, x: np.ndarray, conv_impl: str = "auto", torch_state:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxtl.conv import resolve_impl
-    from jaxtl.model import on_mesh
+    from jaxtl.conv import compiler_options, resolve_impl
+    from jaxtl.model import jit_on_mesh
     from jaxtl.train import make_mesh
 
     model = _make_model(case, conv_impl, torch_state)
@@ -509,7 +509,7 @@ def jaxtl_embed(case: Case, x: np.ndarray, conv_impl: str = "auto", torch_state:
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    fn = jax.jit(on_mesh(lambda state, x: nnx.merge(graphdef, state).features(x), mesh))
+    fn = jit_on_mesh(lambda state, x: nnx.merge(graphdef, state).features(x), mesh)
     start = time.perf_counter()
     compiled = fn.lower(state, xs).compile()
     compile_s = time.perf_counter() - start
@@ -519,7 +519,8 @@ def jaxtl_embed(case: Case, x: np.ndarray, conv_impl: str = "auto", torch_state:
         return np.asarray(compiled(state, xs))
 
     return Runner(step=step, compile_s=compile_s, memory=_compiled_memory(compiled),
-                  info={"conv_impl": resolve_impl(conv_impl)}, output=step,
+                  info={"conv_impl": resolve_impl(conv_impl),
+                        "compiler_options": compiler_options(list(mesh.devices.flat))}, output=step,
                   api=lambda: embed(x, model, batch_size=case.batch, progress=False))
 
 
@@ -529,7 +530,7 @@ def jaxtl_train(case: Case, x: np.ndarray, ages: np.ndarray, conv_impl: str = "a
     import jax
 
     from jaxtl.config import ModelConfig, OptimConfig, TrainConfig
-    from jaxtl.conv import resolve_impl
+    from jaxtl.conv import compiler_options, resolve_impl
     from jaxtl.train import Trainer
 
     config = TrainConfig(task="age", bin_range=BIN_RANGE, batch_size=case.batch,
@@ -551,7 +552,9 @@ def jaxtl_train(case: Case, x: np.ndarray, ages: np.ndarray, conv_impl: str = "a
         return float(loss)
 
     return Runner(step=step, compile_s=compile_s, memory=_compiled_memory(compiled),
-                  info={"conv_impl": resolve_impl(conv_impl), "weights": "PyTorch's" if torch_state else "own init"})
+                  info={"conv_impl": resolve_impl(conv_impl),
+                        "compiler_options": compiler_options(list(trainer.mesh.devices.flat)),
+                        "weights": "PyTorch's" if torch_state else "own init"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -987,14 +990,28 @@ def load_records(paths: Sequence[str | os.PathLike]) -> list[dict]:
 # Report
 
 
+def xla_options(r: dict) -> str:
+    """The XLA options a record's jaxtl steps compiled with besides XLA's defaults, from $XLA_FLAGS and jaxtl's own
+    (`conv.compiler_options`), as "xla_gpu_force_conv_nhwc" ("name=value" where not true); "" for none."""
+    flags = ((r.get("versions") or {}).get("xla_flags") or "").split()
+    flags += [f"--{k}={str(v).lower()}" for k, v in (r.get("compiler_options") or {}).items()]
+    return " ".join(sorted({f.removeprefix("--").removesuffix("=true") for f in flags}))
+
+
 def _key(r: dict) -> tuple:
     return (hardware_id(r["hardware"]), r["case"], r["config"], r.get("resolution_mm"), r.get("dtype"), r.get("batch"),
-            r.get("conv_impl"))
+            r.get("conv_impl"), xla_options(r))
+
+
+def _variant(r: dict) -> str:
+    """What sets a record apart beyond config, dtype and batch: " (pallas; xla_gpu_force_conv_nhwc)"."""
+    parts = [p for p in (r.get("conv_impl") if r.get("conv_impl") != "fast" else None, xla_options(r)) if p]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def latest(records: Sequence[dict]) -> list[dict]:
-    """The most recent record of each (hardware, case, config, resolution, dtype, batch, conv_impl), from a quiet
-    machine where there is one (`is_busy`), with its PyTorch counterpart where one was measured (a later
+    """The most recent record of each (hardware, case, config, resolution, dtype, batch, conv_impl, XLA options), from
+    a quiet machine where there is one (`is_busy`), with its PyTorch counterpart where one was measured (a later
     jaxtl-only run, e.g. a sweep script's, does not hide the comparison)."""
     def rank(r: dict) -> tuple:
         return not is_busy(r), r.get("torch") is not None, r.get("time", "")
@@ -1030,13 +1047,12 @@ def report_markdown(records: Sequence[dict]) -> str:
         hw_name = hardware_name(hw)
         t = r.get("torch") or {}
         shape = "x".join(map(str, r["input_shape"])) if r.get("input_shape") else "—"
-        impl = f" ({r['conv_impl']})" if r.get("conv_impl") and r["conv_impl"] != "fast" else ""
         ratio = "—" if r.get("ratio") is None else f"{r['ratio']:.2f}"
         busy = " (busy)" if is_busy(r) else ""  # on jaxtl's figure, which every row has
         other = [v for v in (r.get("other_cpu_cores") or {}).values() if v is not None]
         load = (r.get("load_avg") or {}).get("end")
         lines.append(
-            f"| {hw_name} | {r['case']}{impl} | {r['config']} | {r.get('resolution_mm')}mm {shape} | "
+            f"| {hw_name} | {r['case']}{_variant(r)} | {r['config']} | {r.get('resolution_mm')}mm {shape} | "
             f"{_fmt(r.get('dtype'), 's')} | {_fmt(r.get('batch'), 'd')} | {_fmt(r.get('vol_per_s'))}{busy} | "
             f"{_fmt(t.get('vol_per_s'))} | {ratio} | {_fmt(r.get('gflop_per_s'), '.0f')} | "
             f"{_fmt(None if r.get('peak_fraction') is None else 100 * r['peak_fraction'], '.0f')} | "
@@ -1050,7 +1066,7 @@ def chart_rows(records: Sequence[dict]) -> tuple[list[str], list[float], list[fl
     one device; 0 where it did not run)."""
     rows = [r for r in latest(records) if r["case"] in ("embed", "train")]
     labels = [f"{hardware_id(r['hardware'])} | {r['case']} {r['config']} {r['resolution_mm']}mm {r['dtype']} "
-              f"b{r['batch']}" + (f" [{r['conv_impl']}]" if r.get("conv_impl") not in (None, "fast") else "")
+              f"b{r['batch']}{_variant(r)}"
               + (" (busy)" if is_busy(r) else "") for r in rows]
     jx = [r.get("vol_per_s_per_device") or r["vol_per_s"] for r in rows]
     pt = [(r.get("torch") or {}).get("vol_per_s") or 0 for r in rows]

@@ -78,16 +78,35 @@ def fused_first_block_gpu(devices: list | None = None) -> bool:
     GPUs of compute capability 9.x, where it was measured (H200: Peng's 1mm embed 2.2x, train step 4.7x the XLA
     path's, benchmarks/README.md), with Pallas' Triton backend importable. Other NVIDIA GPUs can ask for it with
     conv_impl="pallas" (not measured there)."""
-    devices = jax.devices() if devices is None else devices
-    # CUDA devices carry compute_capability "major.minor" (AMD GPUs an architecture name, e.g. "gfx90a")
-    if not devices or not all(d.platform == "gpu" and str(getattr(d, "compute_capability", "")).split(".")[0] == "9"
-                              for d in devices):
+    if not _hopper(jax.devices() if devices is None else devices):
         return False
     try:
         from jax.experimental.pallas import triton  # noqa: F401  (deprecated in JAX 0.11, gone in some later JAX)
     except ImportError:
         return False
     return True
+
+
+def _hopper(devices) -> bool:
+    """Whether `devices` are all NVIDIA GPUs of compute capability 9.x."""
+    # CUDA devices carry compute_capability "major.minor" (AMD GPUs an architecture name, e.g. "gfx90a")
+    return bool(devices) and all(d.platform == "gpu" and str(getattr(d, "compute_capability", "")).split(".")[0] == "9"
+                                 for d in devices)
+
+
+NHWC_OPTION = "xla_gpu_force_conv_nhwc"
+
+
+def compiler_options(devices) -> dict[str, bool]:
+    """XLA options of jaxtl's jitted steps (embed, train, eval) on `devices`: on NVIDIA GPUs of compute capability
+    9.x, channels-last 3-D convolutions (`xla_gpu_force_conv_nhwc`). Without it XLA lays SFCN's convolutions out
+    NCDHW and wraps cuDNN's channels-last kernels in transposes: on an H200 (bfloat16, batch 8, set through
+    $XLA_FLAGS, 2026-11-27) Peng's 1mm embed ran 1581 -> 2167 vol/s and its train step 339 -> 430 vol/s
+    (benchmarks/README.md). Not measured on other GPUs: there `XLA_FLAGS=--xla_gpu_force_conv_nhwc=true` asks for
+    it. A setting of the flag in $XLA_FLAGS (true or false) wins over this default."""
+    if NHWC_OPTION in os.environ.get("XLA_FLAGS", "") or not _hopper(devices):
+        return {}
+    return {NHWC_OPTION: True}
 
 
 def trace_settings() -> tuple:

@@ -16,7 +16,7 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxtl.conv import default_platform, trace_settings
-from jaxtl.model import SFCN, WEIGHTS, on_mesh
+from jaxtl.model import SFCN, WEIGHTS, jit_on_mesh
 from jaxtl.weights import JaxtlModel, load_model
 
 LAYERS = ("features", "logits", "probs")  # plus "block0".."block{n-1}": pooled output of each conv block
@@ -88,7 +88,7 @@ def _jitted_for(layer: str, mesh: jax.sharding.Mesh, settings: tuple):
     def apply(graphdef, state, x):  # also whether each volume is finite (max-pooling on CPU would hide NaN)
         return _layer_output(nnx.merge(graphdef, state), x, layer), jnp.isfinite(x).reshape(len(x), -1).all(axis=1)
 
-    return jax.jit(on_mesh(apply, mesh))
+    return jit_on_mesh(apply, mesh)
 
 
 def _data_mesh() -> jax.sharding.Mesh:
@@ -360,22 +360,31 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     outs, in_flight = [], None  # in_flight: the last batch dispatched and its size, fetched after the next dispatch
     starts = list(range(0, n, batch_size))
     bar = tqdm(total=n, unit="vol", desc=f"embed ({layer})", disable=not progress or n <= batch_size)
+    put_threads = _put_threads(mesh, batch_size)
+
+    def next_batch(s: int, pool, put_pool) -> tuple[jax.Array, int]:
+        """Volumes s.. read, padded to the batch size and on the devices; and how many are real."""
+        batch = reader.read(s, min(s + batch_size, n), pool)
+        if expected_shape is not None and tuple(batch.shape[1:]) != tuple(expected_shape):
+            raise ValueError(f"volumes of shape {tuple(batch.shape[1:])}, but the model expects "
+                             f"{tuple(expected_shape)} (see its preprocessing: downsample {downsample})")
+        m = batch.shape[0]
+        if m < batch_size:  # pad instead of recompiling for the last batch
+            xp = jnp if isinstance(batch, jax.Array) else np
+            batch = xp.concatenate([batch, xp.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
+        return to_devices(batch, x_sharding, put_pool), m
+
     with concurrent.futures.ThreadPoolExecutor(reader.workers) as pool, \
-            concurrent.futures.ThreadPoolExecutor(1) as prefetch:
-        read: Callable[[int], np.ndarray] = lambda s: reader.read(s, min(s + batch_size, n), pool)
-        future = prefetch.submit(read, starts[0])
+            concurrent.futures.ThreadPoolExecutor(1) as prefetch, \
+            concurrent.futures.ThreadPoolExecutor(max(put_threads, 1)) as put_pool:
+        put_pool = put_pool if put_threads else None
+        # the next batch is read and copied to the devices while the current one runs
+        future = prefetch.submit(next_batch, starts[0], pool, put_pool)
         for k in range(len(starts)):
-            batch = future.result()
+            batch, m = future.result()
             if k + 1 < len(starts):
-                future = prefetch.submit(read, starts[k + 1])
-            if expected_shape is not None and tuple(batch.shape[1:]) != tuple(expected_shape):
-                raise ValueError(f"volumes of shape {tuple(batch.shape[1:])}, but the model expects "
-                                 f"{tuple(expected_shape)} (see its preprocessing: downsample {downsample})")
-            m = batch.shape[0]
-            if m < batch_size:  # pad instead of recompiling for the last batch
-                xp = jnp if isinstance(batch, jax.Array) else np
-                batch = xp.concatenate([batch, xp.zeros((batch_size - m, *batch.shape[1:]), batch.dtype)])
-            result = fn(graphdef, state, jax.device_put(batch, x_sharding))  # asynchronous
+                future = prefetch.submit(next_batch, starts[k + 1], pool, put_pool)
+            result = fn(graphdef, state, batch)  # asynchronous
             if in_flight is not None:  # the previous batch's result, while this one runs
                 outs.append(_fetch(*in_flight, bar))
             in_flight = (result, starts[k], m)
@@ -386,6 +395,30 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     if skipped:
         out[skipped] = np.nan
     return out
+
+
+PUT_THREADS = 8  # one device_put per volume of a host batch bound for a GPU, this many at once
+
+
+def _put_threads(mesh: jax.sharding.Mesh, batch_size: int) -> int:
+    """Threads copying a host batch to `mesh` (`to_devices`); 0: one plain device_put (on CPU devices that is a
+    memory copy at most)."""
+    return 0 if mesh.devices.flat[0].platform == "cpu" else min(batch_size, PUT_THREADS)
+
+
+def to_devices(batch: np.ndarray | jax.Array, sharding: NamedSharding,
+               pool: concurrent.futures.Executor | None = None) -> jax.Array:
+    """`batch` placed by `sharding`. With `pool`, a host batch is copied one volume per task and joined on each
+    device: one `jax.device_put` copies at about 5.5 GB/s, eight volumes from eight threads at 20 GB/s (H200,
+    benchmarks/gpu_transfer_h200.jsonl); a batch of eight 1mm float32 volumes is 157 MB."""
+    if pool is None or isinstance(batch, jax.Array):
+        return jax.device_put(batch, sharding)
+    rows = {device: range(*index[0].indices(len(batch)))
+            for device, index in sharding.addressable_devices_indices_map(batch.shape).items()}
+    tasks = [(device, i) for device, rs in rows.items() for i in rs]
+    parts = iter(pool.map(lambda t: jax.device_put(batch[t[1]:t[1] + 1], t[0]), tasks))
+    shards = [jnp.concatenate([next(parts) for _ in rs]) for rs in rows.values()]  # each on its device
+    return jax.make_array_from_single_device_arrays(batch.shape, sharding, shards)
 
 
 def _fetch(result: tuple[jax.Array, jax.Array], start: int, m: int, bar: tqdm) -> np.ndarray:

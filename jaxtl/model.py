@@ -15,7 +15,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtl.conv import conv3d, conv_bn_pool_relu, conv_bn_pool_relu_train, fused_train_ok, max_pool2, resolve_impl
+from jaxtl.conv import (
+    compiler_options,
+    conv3d,
+    conv_bn_pool_relu,
+    conv_bn_pool_relu_train,
+    fused_train_ok,
+    max_pool2,
+    resolve_impl,
+)
 
 PENG_CHANNELS = (32, 64, 128, 256, 256, 64)  # Peng's UKB age model
 TRANSFER_CHANNELS = (32, 64, 64, 64, 64, 64)  # the paper's transfer runs
@@ -257,6 +265,13 @@ def on_mesh(fn, mesh: jax.sharding.Mesh):
             return fn(*args, **kwargs)
 
     return traced
+
+
+def jit_on_mesh(fn, mesh: jax.sharding.Mesh, **jit_kwargs):
+    """`jax.jit(on_mesh(fn, mesh), **jit_kwargs)` compiled with the XLA options for the mesh's devices
+    (`conv.compiler_options`: channels-last convolutions on Hopper GPUs): how jaxtl's steps are jitted."""
+    return jax.jit(on_mesh(fn, mesh), compiler_options=compiler_options(list(mesh.devices.flat)) or None,
+                   **jit_kwargs)
 
 
 def conv_flops(channels: Sequence[int], input_shape: Sequence[int]) -> int:

@@ -48,7 +48,7 @@ from jaxtl.cache import CacheSource, make_dataset
 from jaxtl.config import OptimConfig, TrainConfig, check_train_config, to_dict
 from jaxtl.conv import default_devices, trace_settings
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
-from jaxtl.model import SFCN, WEIGHTS, min_input_side, on_mesh
+from jaxtl.model import SFCN, WEIGHTS, jit_on_mesh, min_input_side
 from jaxtl.weights import DEFAULT_PREPROCESSING, load_model, save_model
 
 
@@ -181,12 +181,12 @@ def _jitted_steps(graphdef, task, trainable, mesh):
 @functools.cache
 def _jitted_steps_for(graphdef, task, trainable, mesh, settings):
     replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    train_fn = jax.jit(on_mesh(functools.partial(train_step, graphdef, task=task, trainable=trainable), mesh),
-                       donate_argnums=(0,),
-                       in_shardings=(replicated, batch, batch, replicated, replicated),
-                       out_shardings=(replicated, replicated, replicated))
-    eval_fn = jax.jit(on_mesh(functools.partial(eval_step, graphdef, task=task), mesh),
-                      in_shardings=(replicated, batch, batch, batch), out_shardings=(replicated, replicated))
+    train_fn = jit_on_mesh(functools.partial(train_step, graphdef, task=task, trainable=trainable), mesh,
+                           donate_argnums=(0,),
+                           in_shardings=(replicated, batch, batch, replicated, replicated),
+                           out_shardings=(replicated, replicated, replicated))
+    eval_fn = jit_on_mesh(functools.partial(eval_step, graphdef, task=task), mesh,
+                          in_shardings=(replicated, batch, batch, batch), out_shardings=(replicated, replicated))
     return train_fn, eval_fn
 
 

@@ -105,6 +105,7 @@ def test_run_case_record_and_ratio(tiny, suite):
     rec = bench.run_case(bench.Case(suite, "tiny", 4, 2, "float32"), warmup=1, repeats=2)
     assert rec["input_shape"] == [8, 8, 8] and rec["channels"] == list(TINY) and rec["batch"] == 2
     assert rec["conv_impl"] in ("fast", "xla") and rec["compile_s"] > 0 and len(rec["step_s"]["all"]) == 2
+    assert rec["compiler_options"] == {}  # CPU: XLA's defaults (channels-last convolutions on Hopper GPUs only)
     assert rec["vol_per_s"] == pytest.approx(2 / rec["step_s"]["median"], rel=1e-3)
     assert rec["gflop_per_s"] == pytest.approx(bench.case_flops(suite, TINY, (8, 8, 8)) * 2 / rec["step_s"]["median"]
                                                / 1e9, rel=1e-3)
@@ -494,3 +495,21 @@ def test_other_processes_cpu_marks_records_busy_and_the_report_prefers_quiet_one
                                          "vol_per_s": 11.0}]) == [quiet]
     no_torch = {"torch": None}
     assert "BUSY" in bench.summary_line(busy | no_torch) and "BUSY" not in bench.summary_line(quiet | no_torch)
+
+
+def test_the_report_keeps_records_of_other_xla_options_apart():
+    """A record compiled with other XLA options ($XLA_FLAGS or jaxtl's `compiler_options`) is another row, named;
+    the flag set by hand and jaxtl's default setting of it are the same configuration."""
+    plain = _fake_record("gpu-fake-x1", vol=10.0) | {"conv_impl": "pallas", "versions": {"xla_flags": None}}
+    by_hand = _fake_record("gpu-fake-x1", vol=20.0, when="2026-01-02T00:00:00+00:00") | {
+        "conv_impl": "pallas", "versions": {"xla_flags": "--xla_gpu_force_conv_nhwc=true"}}
+    default = _fake_record("gpu-fake-x1", vol=21.0, when="2026-01-03T00:00:00+00:00") | {
+        "conv_impl": "pallas", "versions": {}, "compiler_options": {"xla_gpu_force_conv_nhwc": True}}
+    assert bench.xla_options(plain) == "" and bench.xla_options(by_hand) == bench.xla_options(default) \
+        == "xla_gpu_force_conv_nhwc"
+    assert bench.xla_options({"versions": {"xla_flags": "--xla_a=false --xla_b=true"}}) == "xla_a=false xla_b"
+    assert [r["vol_per_s"] for r in bench.latest([plain, by_hand, default])] == [10.0, 21.0]
+    table = bench.report_markdown([plain, by_hand, default])
+    assert "| embed (pallas) | peng |" in table and "| embed (pallas; xla_gpu_force_conv_nhwc) | peng |" in table
+    labels, _, _ = bench.chart_rows([plain, default])
+    assert labels[1].endswith("b4 (pallas; xla_gpu_force_conv_nhwc)"), labels

@@ -266,6 +266,37 @@ def test_predict_decodes_expected_age(age_model, paths, volumes, tiny_models):
     assert p_male.shape == (6,) and np.all((p_male >= 0) & (p_male <= 1))
 
 
+def test_steps_compile_with_the_devices_compiler_options(age_model, volumes, monkeypatch):
+    """Embed's (and the Trainer's) steps are jitted with `conv.compiler_options` of their mesh: the option name
+    XLA is given on Hopper GPUs is one it knows (checked on CPU, where it changes nothing), and a bad one reaches
+    the compiler."""
+    from jaxtl import conv, model
+
+    E = importlib.import_module("jaxtl.embed")  # the module, not the function jaxtl.embed
+
+    ref = embed(volumes[:2], age_model, progress=False)
+    monkeypatch.setattr(model, "compiler_options", lambda devices: {conv.NHWC_OPTION: True})
+    monkeypatch.setattr(E, "trace_settings", lambda: ("nhwc",))  # a program of its own, not the cached one
+    np.testing.assert_array_equal(embed(volumes[:2], age_model, progress=False), ref)
+    monkeypatch.setattr(model, "compiler_options", lambda devices: {"xla_no_such_option": True})
+    monkeypatch.setattr(E, "trace_settings", lambda: ("bad",))
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        embed(volumes[:2], age_model, progress=False)
+
+
+def test_host_batches_copied_from_threads_equal_one_copy(age_model, volumes, monkeypatch):
+    """On GPUs a host batch goes to the devices one volume per thread (`to_devices`): the same features."""
+    E = importlib.import_module("jaxtl.embed")
+
+    ref = embed(volumes, age_model, batch_size=4, progress=False)
+    pools, real = [], E.to_devices
+    monkeypatch.setattr(E, "to_devices", lambda batch, sharding, pool=None: pools.append(pool) or real(
+        batch, sharding, pool))
+    monkeypatch.setattr(E, "_put_threads", lambda mesh, batch_size: 3)
+    np.testing.assert_array_equal(embed(volumes, age_model, batch_size=4, progress=False), ref)
+    assert len(pools) == 2 and all(p is not None for p in pools)
+
+
 def test_sharded_embed_equals_single_device(tiny_models, volumes, tmp_path):
     """4 virtual CPU devices: the batch is sharded over them; the result equals one device's."""
     np.save(tmp_path / "x.npy", volumes)
@@ -287,6 +318,9 @@ def spy(layer, mesh):
 E._jitted = spy
 sharded = embed(x, m, batch_size=4, progress=False)   # 2 batches of 4 (last padded), one row per device
 assert shards == [4, 4], shards
+E._put_threads = lambda mesh, batch_size: 2  # as on GPUs: one copy per volume, joined on each device
+np.testing.assert_array_equal(embed(x, m, batch_size=4, progress=False), sharded)
+assert shards == [4, 4, 4, 4], shards
 single = np.asarray(nnx.jit(lambda mdl, v: mdl.features(v))(m.model, jax.device_put(x, jax.devices()[0])))
 np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
 print("OK", sharded.shape)

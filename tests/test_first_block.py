@@ -188,6 +188,12 @@ def test_auto_means_the_kernels_on_hopper_gpus_only(monkeypatch):
     for devices in ([gpu("8.0")], [gpu("10.0")], [gpu("9.0"), gpu("8.6")], [gpu("gfx90a")], [],
                     [SimpleNamespace(platform="tpu", device_kind="TPU v5p")], jax.devices()):
         assert not conv.fused_first_block_gpu(devices), devices
+    # and the steps compile with channels-last convolutions there, unless $XLA_FLAGS sets the flag
+    assert conv.compiler_options([gpu("9.0")]) == {"xla_gpu_force_conv_nhwc": True}
+    for devices in ([gpu("8.0")], [gpu("gfx90a")], [], jax.devices()):
+        assert conv.compiler_options(devices) == {}, devices
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_force_conv_nhwc=false")
+    assert conv.compiler_options([gpu("9.0")]) == {}
     monkeypatch.delenv("JAXTL_CONV_IMPL", raising=False)
     assert conv.default_impl() == "fast"  # this test process: one CPU device
     real_devices = jax.devices
