@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -446,6 +447,7 @@ class Runner:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     output: Callable[[], np.ndarray] | None = None  # embed: features, for the numerical cross-check
     api: Callable[[], Any] | None = None  # embed: the public `jaxtl.embed` on the same host batch
+    stream: Callable[[int], Any] | None = None  # embed: k batches dispatched back to back, then their features fetched
 
 
 def _compiled_memory(compiled) -> dict[str, Any]:
@@ -518,10 +520,14 @@ def jaxtl_embed(case: Case, x: np.ndarray, conv_impl: str = "auto", torch_state:
     def step() -> np.ndarray:  # ends when the features are on the host (64 floats per volume), never before
         return np.asarray(compiled(state, xs))
 
+    def stream(k: int) -> list[np.ndarray]:  # the device never waits for the host between batches
+        outs = [compiled(state, xs) for _ in range(k)]
+        return [np.asarray(o) for o in outs]
+
     return Runner(step=step, compile_s=compile_s, memory=_compiled_memory(compiled),
                   info={"conv_impl": resolve_impl(conv_impl),
                         "compiler_options": compiler_options(list(mesh.devices.flat))}, output=step,
-                  api=lambda: embed(x, model, batch_size=case.batch, progress=False))
+                  api=lambda: embed(x, model, batch_size=case.batch, progress=False), stream=stream)
 
 
 def jaxtl_train(case: Case, x: np.ndarray, ages: np.ndarray, conv_impl: str = "auto",
@@ -667,7 +673,13 @@ def torch_runner(case: Case, x: np.ndarray, ages: np.ndarray, state: dict, *, th
         with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=case.dtype == "bfloat16"):
             return model.features(inp).float().cpu().numpy()
 
-    return Runner(step=step, info=info, output=output if case.suite == "embed" else None)
+    def stream(k: int) -> list[np.ndarray]:  # as jaxtl's: k forward passes queued, then their features copied
+        with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=case.dtype == "bfloat16"):
+            outs = [model.features(inp) for _ in range(k)]
+        return [o.float().cpu().numpy() for o in outs]
+
+    embed_case = case.suite == "embed"
+    return Runner(step=step, info=info, output=output if embed_case else None, stream=stream if embed_case else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -688,11 +700,16 @@ def _inputs(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = "auto", use_torch: bool = True,
              torch_memory_format: str = "auto", threads: int | None = None,
-             profile: str | os.PathLike | None = None) -> dict[str, Any]:
+             profile: str | os.PathLike | None = None, stream: int | None = None) -> dict[str, Any]:
     """Measure one embed/train case (jaxtl and, if available, PyTorch interleaved); the case part of a record.
 
     `profile`: after the timed steps, trace `PROFILE_STEPS` more jaxtl steps with the JAX profiler into
-    `profile/<case>` (TensorBoard / Perfetto) and record the kernels that took the most time (`profile_top`)."""
+    `profile/<case>` (TensorBoard / Perfetto) and record the kernels that took the most time (`profile_top`).
+    `stream`: embed cases also time this many batches dispatched back to back, their features fetched after the
+    last (`STREAM_REPEATS` rounds per side, interleaved; record `stream`): a step waits for its batch's features
+    before the next is dispatched, so on an accelerator it includes a host round trip that `jaxtl.embed`, which
+    dispatches a batch before fetching the previous one's features, hides. None: `STREAM_BATCHES` on accelerators,
+    0 (not timed) on CPUs, where the host is the device."""
     import jax
 
     n_dev = jax.device_count()
@@ -716,6 +733,10 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
     warmup_times: dict[str, list[float]] = {}
     during = OtherCPU().start()
     times = time_interleaved(fns, warmup, repeats, warmup_times)
+    k = (STREAM_BATCHES if jax.default_backend() != "cpu" else 0) if stream is None else stream
+    stream_fns = {name: functools.partial(r.stream, k) for name, r in (("jaxtl", jx), ("torch", tr))
+                  if k and r is not None and r.stream is not None}
+    stream_times = time_interleaved(stream_fns, 1, STREAM_REPEATS) if stream_fns else {}
     other_during = during.cores()
 
     flops = case_flops(case.suite, case.channels, case.shape)
@@ -735,6 +756,16 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
         rec["api_step_s"] = step_stats(times["api"])
         rec["api_vol_per_s"] = case.batch / rec["api_step_s"]["median"]
     hw_peak, how = peak_flops(hardware_info(), case.dtype)
+    if "jaxtl" in stream_times:
+        st = step_stats(stream_times["jaxtl"])
+        vol = k * case.batch / st["median"]
+        rec["stream"] = {"batches": k, "s": st, "vol_per_s": vol, "gflop_per_s": flops * vol / 1e9,
+                         "peak_fraction": None if hw_peak is None else flops * vol / hw_peak,
+                         "torch_vol_per_s": None, "ratio": None}
+        if "torch" in stream_times:
+            tvol = k * (case.batch // n_dev) / step_stats(stream_times["torch"])["median"]
+            rec["stream"] |= {"torch_s": step_stats(stream_times["torch"]), "torch_vol_per_s": tvol,
+                              "ratio": vol / n_dev / tvol}
     rec["peak_gflop_per_s"] = None if hw_peak is None else hw_peak / 1e9
     rec["peak_fraction"] = None if hw_peak is None else flops * case.batch / med / hw_peak
     rec["peak_assumption"] = how
@@ -775,6 +806,8 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
 
 
 PROFILE_STEPS = 3
+STREAM_BATCHES = 8  # embed batches per back-to-back round (run_case's `stream`)
+STREAM_REPEATS = 3
 
 
 def profile_steps(step: Callable[[], Any], out_dir: Path, steps: int = PROFILE_STEPS,
@@ -800,7 +833,8 @@ def summarize_trace(path: str | os.PathLike, steps: int = 1, top: int = 15) -> l
     [{"where": process / thread, "name", "ms_per_step", "calls_per_step"}], most time first. Device events
     ("/device:..." processes: GPU streams, TPU ops) when there are any, else the host's XLA ops (not the runtime's
     or Python's annotations, such as a host wait in `np.asarray(jax.Array)`). Times are self times: an op that
-    contains others on its thread (a while loop's body) is charged only for the time outside them."""
+    contains others on its thread (a while loop's body) is charged only for the time outside them; an event that
+    starts inside another but ends after it is not contained."""
     import gzip
 
     with gzip.open(path, "rt") as f:
@@ -832,7 +866,9 @@ def summarize_trace(path: str | os.PathLike, steps: int = 1, top: int = 15) -> l
             where += f" / {names.get((pid, tid), tid)}"
         start, dur = float(e.get("ts", 0)), float(e["dur"])
         stack = open_events.setdefault((pid, tid), []) if "ts" in e else []  # no time stamp: nothing nests
-        while stack and start >= stack[-1][0]:
+        # nested only when it ends inside (GPU kernels of one stream overlap by rounding: 663.5 us starting
+        # 663.3 us after the previous one had taken 166 us off that one's time)
+        while stack and (start >= stack[-1][0] or start + dur > stack[-1][0]):
             stack.pop()
         if stack:  # nested in the enclosing event: that one's self time excludes it
             totals[stack[-1][1]][0] -= dur
@@ -881,9 +917,10 @@ def run_input_case(case: Case, *, repeats: int = 3, n_cache: int = 16, work_dir:
 def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, warmup: int = 2, repeats: int = 5,
               conv_impl: str = "auto", use_torch: bool = True, torch_memory_format: str = "auto",
               note: str | None = None, log: Callable[[str], None] | None = None,
-              profile: str | os.PathLike | None = None) -> list[dict]:
+              profile: str | os.PathLike | None = None, stream: int | None = None) -> list[dict]:
     """Run `cases`, append one JSON record per case (per stage for `input`) to `out`; returns the records.
-    `profile`: a directory for a JAX profiler trace of each embed/train case (see `run_case`)."""
+    `profile`: a directory for a JAX profiler trace of each embed/train case; `stream`: embed batches timed back
+    to back (see `run_case`)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     hw, vers, commit = hardware_info(), versions(), git_commit()
     if use_torch and not torch_available():
@@ -901,7 +938,7 @@ def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, wa
                 recs = run_input_case(case, repeats=repeats)
             else:
                 recs = [run_case(case, warmup=warmup, repeats=repeats, conv_impl=conv_impl, use_torch=use_torch,
-                                 torch_memory_format=torch_memory_format, profile=profile)]
+                                 torch_memory_format=torch_memory_format, profile=profile, stream=stream)]
         except Exception as e:  # noqa: BLE001 - e.g. out of device memory at a large batch: go on, fail at the end
             first = (str(e).splitlines() or [""])[0][:300]
             failures.append(f"{case.label()}: {type(e).__name__}: {first}")
@@ -942,6 +979,11 @@ def summary_line(r: dict) -> str:
              f"jaxtl/PyTorch {r['ratio']:.2f} (paired {r['ratio_paired']:.2f})"
     if r.get("api_vol_per_s"):
         s += f"; jaxtl.embed() end to end {r['api_vol_per_s']:.3g} vol/s"
+    st = r.get("stream")
+    if st:
+        s += f"; {st['batches']} batches back to back: jaxtl {st['vol_per_s']:.3g} vol/s"
+        s += f" ({100 * st['peak_fraction']:.0f}% of peak)" if st.get("peak_fraction") else ""
+        s += f", PyTorch {st['torch_vol_per_s']:.3g} (jaxtl/PyTorch {st['ratio']:.2f})" if st.get("ratio") else ""
     if r.get("other_cpu_cores") and is_busy(r):
         s += (f" [BUSY: other processes used up to {max(v for v in r['other_cpu_cores'].values() if v is not None)}"
               " cores; the ratio is not reliable]")
@@ -990,12 +1032,23 @@ def load_records(paths: Sequence[str | os.PathLike]) -> list[dict]:
 # Report
 
 
+# XLA flags whose setting to this value is XLA's default: such a setting is no variant of a record
+_XLA_DEFAULTS = {"xla_gpu_force_conv_nhwc": "false"}
+_BOOLS = {"1": "true", "0": "false"}
+
+
 def xla_options(r: dict) -> str:
     """The XLA options a record's jaxtl steps compiled with besides XLA's defaults, from $XLA_FLAGS and jaxtl's own
     (`conv.compiler_options`), as "xla_gpu_force_conv_nhwc" ("name=value" where not true); "" for none."""
     flags = ((r.get("versions") or {}).get("xla_flags") or "").split()
-    flags += [f"--{k}={str(v).lower()}" for k, v in (r.get("compiler_options") or {}).items()]
-    return " ".join(sorted({f.removeprefix("--").removesuffix("=true") for f in flags}))
+    flags += [f"--{k}={v}" for k, v in (r.get("compiler_options") or {}).items()]
+    kept = set()
+    for flag in flags:
+        name, _, value = flag.removeprefix("--").partition("=")
+        value = _BOOLS.get(value.lower(), value.lower()) if value else "true"
+        if _XLA_DEFAULTS.get(name) != value:
+            kept.add(name if value == "true" else f"{name}={value}")
+    return " ".join(sorted(kept))
 
 
 def _key(r: dict) -> tuple:
@@ -1035,13 +1088,22 @@ def _commit(r: dict) -> str:
     return (git.get("commit") or "unknown")[:7] + ("+dirty" if git.get("dirty") else "")
 
 
+def _stream(r: dict) -> str:
+    """The report's back-to-back cell: "2.93e+03 (39) / 340"; "—" where not timed."""
+    st = r.get("stream")
+    if not st:
+        return "—"
+    pct = "" if st.get("peak_fraction") is None else f" ({100 * st['peak_fraction']:.0f})"
+    return f"{_fmt(st['vol_per_s'])}{pct}" + (f" / {_fmt(st['torch_vol_per_s'])}" if st.get("torch_vol_per_s") else "")
+
+
 def report_markdown(records: Sequence[dict]) -> str:
     """A markdown table of the latest record per case and hardware."""
     rows = latest(records)
     lines = ["| hardware | case | config | input | dtype | batch | jaxtl vol/s (all devices) | PyTorch vol/s (one "
-             "device) | jaxtl/PyTorch per device | GFLOP/s | % peak | compile s | load (1 min) | others' CPU (cores) "
-             "| commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "device) | jaxtl/PyTorch per device | GFLOP/s | % peak | batches back to back: jaxtl (% peak) / PyTorch "
+             "vol/s | compile s | load (1 min) | others' CPU (cores) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hw = r["hardware"]
         hw_name = hardware_name(hw)
@@ -1055,7 +1117,7 @@ def report_markdown(records: Sequence[dict]) -> str:
             f"| {hw_name} | {r['case']}{_variant(r)} | {r['config']} | {r.get('resolution_mm')}mm {shape} | "
             f"{_fmt(r.get('dtype'), 's')} | {_fmt(r.get('batch'), 'd')} | {_fmt(r.get('vol_per_s'))}{busy} | "
             f"{_fmt(t.get('vol_per_s'))} | {ratio} | {_fmt(r.get('gflop_per_s'), '.0f')} | "
-            f"{_fmt(None if r.get('peak_fraction') is None else 100 * r['peak_fraction'], '.0f')} | "
+            f"{_fmt(None if r.get('peak_fraction') is None else 100 * r['peak_fraction'], '.0f')} | {_stream(r)} | "
             f"{_fmt(r.get('compile_s'), '.1f')} | {_fmt(load[0] if load else None, '.1f')} | "
             f"{_fmt(max(other) if other else None, '.2f')} | {_commit(r)} |")
     return "\n".join(lines) + "\n"

@@ -256,7 +256,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         records = bench.run_suite(cases, out, warmup=args.warmup, repeats=args.repeats, conv_impl=args.conv_impl,
                                   use_torch=not args.no_torch, torch_memory_format=args.torch_format, note=args.note,
-                                  profile=args.profile)
+                                  profile=args.profile, stream=args.stream)
     except bench.SuiteFailed as e:
         print(f"wrote {len(e.records)} records to {out}; {len(e.failures)} case(s) FAILED:", file=sys.stderr)
         for f in e.failures:
@@ -467,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also trace 3 jaxtl steps per case with the JAX profiler into DIR/<case> (TensorBoard / "
                         "Perfetto) and print the kernels that took the most time")
+    p.add_argument("--stream", type=_at_least(0), default=None, metavar="K",
+                   help="embed: also time K batches dispatched back to back, features fetched after the last (as "
+                        "jaxtl.embed runs a cohort: no host round trip between batches); default 8 on GPUs/TPUs, "
+                        "0 (off) on CPUs")
     p.add_argument("--out", default=None, help="JSONL file to append to (default benchmarks/results/<hardware>.jsonl)")
     p.add_argument("--results", nargs="+", default=["benchmarks/results"],
                    help="report: .jsonl files or directories (default benchmarks/results)")

@@ -111,16 +111,14 @@ def compiler_options(devices) -> dict[str, bool]:
 
 def trace_settings() -> tuple:
     """What a traced step reads besides its arguments: what "auto" means (`default_impl`) and the Pallas kernels'
-    module switches (`first_block.TUNING` / `TRAIN_TUNING`, `fused_block.ENABLED` / `TUNING`). Cached jitted steps
-    are keyed on it, so a change between calls is traced anew instead of running the old program. The kernel
-    modules are not imported here (they import Pallas' Triton backend): not imported, they hold their defaults."""
+    tunings (`first_block.TUNING` / `TRAIN_TUNING`). Cached jitted steps are keyed on it, so a change between calls
+    is traced anew instead of running the old program. The kernel module is not imported here (it imports Pallas'
+    Triton backend): not imported, it holds its defaults."""
     def frozen(v):
         return tuple(sorted((k, frozen(x)) for k, x in v.items())) if isinstance(v, dict) else v
 
-    first, fused = sys.modules.get("jaxtl.first_block"), sys.modules.get("jaxtl.fused_block")
-    return (default_impl(),
-            first and (frozen(first.TUNING), frozen(first.TRAIN_TUNING)),
-            fused and (fused.ENABLED, frozen(fused.TUNING)))
+    first = sys.modules.get("jaxtl.first_block")
+    return default_impl(), first and (frozen(first.TUNING), frozen(first.TRAIN_TUNING))
 
 
 def resolve_impl(impl: str) -> str:

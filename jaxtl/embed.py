@@ -415,9 +415,11 @@ def to_devices(batch: np.ndarray | jax.Array, sharding: NamedSharding,
         return jax.device_put(batch, sharding)
     rows = {device: range(*index[0].indices(len(batch)))
             for device, index in sharding.addressable_devices_indices_map(batch.shape).items()}
-    tasks = [(device, i) for device, rs in rows.items() for i in rs]
-    parts = iter(pool.map(lambda t: jax.device_put(batch[t[1]:t[1] + 1], t[0]), tasks))
-    shards = [jnp.concatenate([next(parts) for _ in rs]) for rs in rows.values()]  # each on its device
+    # round robin over the devices: several GPUs are fed at once
+    tasks = [(device, rs[j]) for j in range(max(map(len, rows.values()))) for device, rs in rows.items()
+             if j < len(rs)]
+    placed = dict(zip(tasks, pool.map(lambda t: jax.device_put(batch[t[1]:t[1] + 1], t[0]), tasks), strict=True))
+    shards = [jnp.concatenate([placed[device, i] for i in rs]) for device, rs in rows.items()]  # each on its device
     return jax.make_array_from_single_device_arrays(batch.shape, sharding, shards)
 
 

@@ -144,12 +144,10 @@ class ConvBlock(nnx.Module):
     def _pallas(self, x: jax.Array) -> jax.Array | None:
         """The first block by `jaxtl.first_block`'s kernels; None where they do not apply (other blocks, odd sizes in
         train mode, several devices without a data mesh)."""
-        from jaxtl import first_block, fused_block  # here: Pallas' Triton backend is deprecated (JAX 0.11)
+        from jaxtl import first_block  # here: Pallas' Triton backend is deprecated (JAX 0.11)
 
         kernel, bias, bn = self.conv.kernel[...], self.conv.bias[...], self.bn
-        later = (fused_block.ENABLED and bn.use_running_average  # experimental, off by default
-                 and fused_block.supported(x.shape, kernel.shape, self.pool))
-        if not later and not first_block.supported(x.shape, kernel.shape, self.pool):
+        if not first_block.supported(x.shape, kernel.shape, self.pool):
             return None
         if not first_block.runs_here():
             if self.conv_impl == "auto":  # Hopper GPUs' default: XLA's block is the quiet fallback
@@ -160,8 +158,7 @@ class ConvBlock(nnx.Module):
         if bn.use_running_average:
             mul = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
             add = bn.bias[...] - bn.mean[...] * mul
-            block = fused_block.conv_block if later else first_block.first_block
-            return block(x, kernel, bias, mul, add, dtype=self.conv.dtype)
+            return first_block.first_block(x, kernel, bias, mul, add, dtype=self.conv.dtype)
         if not first_block.train_supported(x.shape, kernel.shape, self.pool):
             return None
         y, mean, var = first_block.first_block_train(x, kernel, bias, bn.scale[...], bn.bias[...],
