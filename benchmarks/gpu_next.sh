@@ -8,7 +8,7 @@
 #                PyTorch, then with XLA_FLAGS=--xla_gpu_force_conv_nhwc=false (the option off): does the per-jit
 #                option give what the flag gave (embed 2167-2224 vol/s vs 1560-1581)? Embed records now also time 8
 #                batches back to back on both sides (`stream`: no host round trip between batches, as in
-#                jaxtl.embed; 0.9 ms of the 3.6 ms step at batch 8) (-> $OUT/nhwc.jsonl)                   <= 3 min
+#                jaxtl.embed; 0.9 ms of the 3.6 ms step at batch 8) (-> $OUT/nhwc.jsonl)                 <= 3.5 min
 #   transfer     gpu_transfer.py: host-to-device copies, and jaxtl.embed() over 64 in-memory volumes, which now
 #                copies a host batch one volume per thread while the previous batch runs (it ran at 262 vol/s in
 #                bfloat16 from float32 volumes, 469 from float16) (-> $OUT/transfer.jsonl)                 <= 2 min
@@ -23,8 +23,8 @@
 # fastest), blocks (gpu_blocks.py: each block alone beside PyTorch), variants, train (transfer + demo configs), demo.
 # One device call runs at most 10 minutes and a session has about 15 minutes of device time, machine start
 # included: the default stages (default transfer profile batches, about 8 min; a stage whose worst case, its
-# timeouts, would run past the call's 585 s is skipped, `WORST`; batches checks each run) are the one call to
-# make. Only if `status` still shows time on a warm machine: STAGES="blocks" or "train demo".
+# timeouts, would run past the call's 575 s ($LIMIT) is skipped, `WORST`; batches checks each run) are the one
+# call to make. Only if `status` still shows time on a warm machine: STAGES="blocks" or "train demo".
 # What comes back: at most 8 files, no deeper than $OUT/a/b/ (the device tool's limits); every stage writes 1-3.
 # Setup: benchmarks/gpu_env.sh (the machine's JAX/flax/optax/orbax/PyTorch, the other wheels from .whl/, which
 # benchmarks/gpu_wheels.sh fetches). Usage, from a clean commit (the device copy has no .git):
@@ -33,28 +33,35 @@
 #   first_block_network.jsonl) to benchmarks/results/<hardware id>.jsonl, the others beside the scripts
 set -u
 start=$SECONDS  # the call's clock: setup (pip install of the wheels) counts too
+LIMIT=${LIMIT:-575}  # s of the call the stages may use (the device call's 590 less time for a killed run to exit)
 source benchmarks/gpu_env.sh
 STAGES=${STAGES:-default transfer profile batches}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
-# each stage's worst case (its timeouts), s: a stage that could run past the 590 s call is skipped
+# each stage's worst case (its timeouts), s: a stage that could run past $LIMIT is skipped
 declare -A WORST=([default]=210 [batches]=70 [transfer]=120 [profile]=110 [conv_fusion]=90 [first_block]=240
                   [first_block_network]=300 [blocks]=120 [variants]=150 [train]=90 [demo]=200)
 stage() { echo "== $1 (t=$((SECONDS - start)) s)" | tee -a "$OUT/log"; }
+rc() {  # $1: a run's exit status (call right after its pipeline, with "${PIPESTATUS[0]}"): logged unless 0
+  [ "$1" = 0 ] || echo "  exit status $1$([ "$1" = 124 ] && echo ': killed at its time limit')" | tee -a "$OUT/log"
+}
 
 first_block() {
-  timeout 240 python3 benchmarks/gpu_first_block.py "$OUT/first_block.jsonl" blocks eval,train bfloat16,float32 8 \
-    20 2>&1 | tee -a "$OUT/log"
+  timeout -k 5 240 python3 benchmarks/gpu_first_block.py "$OUT/first_block.jsonl" blocks eval,train \
+    bfloat16,float32 8 20 2>&1 | tee -a "$OUT/log"
+  rc "${PIPESTATUS[0]}"
 }
 first_block_network() {  # reads $OUT/first_block.jsonl, writes $OUT/first_block_network.jsonl
-  timeout 300 python3 benchmarks/gpu_first_block.py "$OUT/first_block.jsonl" network eval,train bfloat16,float32 8 \
-    20 2>&1 | tee -a "$OUT/log"
+  timeout -k 5 300 python3 benchmarks/gpu_first_block.py "$OUT/first_block.jsonl" network eval,train \
+    bfloat16,float32 8 20 2>&1 | tee -a "$OUT/log"
+  rc "${PIPESTATUS[0]}"
 }
 bench_flags() {  # $1: XLA_FLAGS ("" for none), $2: timeout; the rest: more `jaxtl bench` arguments; Peng 1mm
   local flags=$1 limit=$2
   shift 2
-  XLA_FLAGS="$flags" timeout "$limit" python3 -m jaxtl.cli bench --out "$OUT/nhwc.jsonl" --warmup 3 --repeats 20 \
-    --configs peng --resolution 1 --note "gpu_next.sh: XLA_FLAGS='$flags'" "$@" 2>&1 | grep -v "Delay kernel" \
-    | tee -a "$OUT/log"
+  XLA_FLAGS="$flags" timeout -k 5 "$limit" python3 -m jaxtl.cli bench --out "$OUT/nhwc.jsonl" --warmup 3 \
+    --repeats 20 --configs peng --resolution 1 --note "gpu_next.sh: XLA_FLAGS='$flags'" "$@" 2>&1 \
+    | grep --line-buffered -v "Delay kernel" | tee -a "$OUT/log"
+  rc "${PIPESTATUS[0]}"
 }
 default() {  # an embed + train run without PyTorch took about 60 s in the last lease
   bench_flags "" 120 --suite embed,train --dtype bfloat16 --batch 8
@@ -65,7 +72,7 @@ batches() {  # each run only if its limit fits in the call; bf16 batch 64 took 6
   for dtype in bfloat16 float32; do
     for b in $([ $dtype = bfloat16 ] && echo 16 || echo 8) 32 64; do
       limit=$((b == 64 ? 120 : 70))
-      if [ $((SECONDS - start + limit)) -gt 585 ]; then
+      if [ $((SECONDS - start + limit)) -gt "$LIMIT" ]; then
         echo "batch $b $dtype skipped: its limit ($limit s) would run past the call's" | tee -a "$OUT/log"
         continue
       fi
@@ -78,33 +85,37 @@ conv_fusion() {
     --no-torch
 }
 transfer() {
-  timeout 120 python3 benchmarks/gpu_transfer.py "$OUT/transfer.jsonl" 8 64 10 2>&1 | tee -a "$OUT/log"
+  timeout -k 5 120 python3 benchmarks/gpu_transfer.py "$OUT/transfer.jsonl" 8 64 10 2>&1 | tee -a "$OUT/log"
+  rc "${PIPESTATUS[0]}"
 }
 blocks() {
-  timeout 120 python3 benchmarks/gpu_blocks.py "$OUT/blocks.jsonl" bfloat16,float32 8 20 2>&1 | tee -a "$OUT/log"
+  timeout -k 5 120 python3 benchmarks/gpu_blocks.py "$OUT/blocks.jsonl" bfloat16,float32 8 20 2>&1 | tee -a "$OUT/log"
+  rc "${PIPESTATUS[0]}"
 }
 profile() {
   rm -rf /tmp/jaxtl-profile  # a warm machine may keep an earlier call's traces
-  timeout 110 python3 -m jaxtl.cli bench --out "$OUT/profile.jsonl" --warmup 2 --repeats 3 --suite embed,train \
-    --configs peng --resolution 1 --dtype bfloat16 --batch 8 --profile /tmp/jaxtl-profile 2>&1 | tee -a "$OUT/log"
+  timeout -k 5 110 python3 -m jaxtl.cli bench --out "$OUT/profile.jsonl" --warmup 2 --repeats 3 --suite embed,train \
+    --configs peng --resolution 1 --dtype bfloat16 --batch 8 --no-torch --stream 0 --profile /tmp/jaxtl-profile 2>&1 \
+    | tee -a "$OUT/log"
+  rc "${PIPESTATUS[0]}"
   for d in /tmp/jaxtl-profile/*/; do  # the Perfetto trace of each case, at the top of $OUT (nested ones stay there)
     f=$(find "$d" -name "perfetto_trace.json.gz" 2>/dev/null | head -1)
     [ -n "$f" ] && [ "$(stat -c %s "$f")" -lt 16000000 ] && cp "$f" "$OUT/profile-$(basename "$d").json.gz"
   done
 }
 variants() {
-  timeout 150 python3 benchmarks/gpu_variants.py "$OUT/variants.jsonl" pool,pool+s2d,pool+direct bfloat16 train 8 \
+  timeout -k 5 150 python3 benchmarks/gpu_variants.py "$OUT/variants.jsonl" pool,pool+s2d,pool+direct bfloat16 train 8 \
     2>&1 | tee -a "$OUT/log"
 }
 train() {
-  timeout 90 python3 -m jaxtl.cli bench --out "$OUT/gpu.jsonl" --warmup 3 --repeats 20 --suite train \
+  timeout -k 5 90 python3 -m jaxtl.cli bench --out "$OUT/gpu.jsonl" --warmup 3 --repeats 20 --suite train \
     --configs transfer,demo --resolution 1 --dtype float32 --batch 8 --note "lent GPU machine, nothing else running" \
     2>&1 | tee -a "$OUT/log"
 }
 demo() {
-  local left=$((570 - (SECONDS - start)))
+  local left=$((LIMIT - 5 - (SECONDS - start)))
   if [ "$left" -ge 200 ]; then
-    JAXTL_HOME=/tmp/jaxtl-demo-home timeout "$left" python3 -m jaxtl.cli demo --out /tmp/jaxtl-demo 2>&1 \
+    JAXTL_HOME=/tmp/jaxtl-demo-home timeout -k 5 "$left" python3 -m jaxtl.cli demo --out /tmp/jaxtl-demo 2>&1 \
       | tail -60 | tee -a "$OUT/log"
     cp /tmp/jaxtl-demo/REPORT.md "$OUT/demo_REPORT.md" 2>/dev/null
   else
@@ -114,7 +125,7 @@ demo() {
 
 for s in $STAGES; do
   stage "$s"
-  if [ $((SECONDS - start + ${WORST[$s]:-60})) -gt 585 ]; then
+  if [ $((SECONDS - start + ${WORST[$s]:-60})) -gt "$LIMIT" ]; then
     echo "skipped: its worst case (${WORST[$s]:-60} s) would run past the call's limit" | tee -a "$OUT/log"
     continue
   fi

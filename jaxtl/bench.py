@@ -1032,9 +1032,9 @@ def load_records(paths: Sequence[str | os.PathLike]) -> list[dict]:
 # Report
 
 
-# XLA flags whose setting to this value is XLA's default: such a setting is no variant of a record
+# boolean XLA flags whose setting to this value is XLA's default: such a setting is no variant of a record
 _XLA_DEFAULTS = {"xla_gpu_force_conv_nhwc": "false"}
-_BOOLS = {"1": "true", "0": "false"}
+_BOOLS = {"1": "true", "0": "false", "true": "true", "false": "false"}
 
 
 def xla_options(r: dict) -> str:
@@ -1045,7 +1045,8 @@ def xla_options(r: dict) -> str:
     kept = set()
     for flag in flags:
         name, _, value = flag.removeprefix("--").partition("=")
-        value = _BOOLS.get(value.lower(), value.lower()) if value else "true"
+        if not value or value.lower() in ("true", "false") or name in _XLA_DEFAULTS:  # 1/0 only for known booleans
+            value = _BOOLS.get(value.lower(), value) if value else "true"
         if _XLA_DEFAULTS.get(name) != value:
             kept.add(name if value == "true" else f"{name}={value}")
     return " ".join(sorted(kept))

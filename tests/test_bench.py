@@ -526,7 +526,9 @@ def test_the_report_keeps_records_of_other_xla_options_apart():
     assert bench.xla_options(plain) == "" and bench.xla_options(by_hand) == bench.xla_options(default) \
         == "xla_gpu_force_conv_nhwc"
     assert bench.xla_options({"versions": {"xla_flags": "--xla_a=false --xla_b=true"}}) == "xla_a=false xla_b"
-    assert bench.xla_options({"versions": {"xla_flags": "--xla_b=True --xla_c=1 --xla_d"}}) == "xla_b xla_c xla_d"
+    assert bench.xla_options({"versions": {"xla_flags": "--xla_b=True --xla_d"}}) == "xla_b xla_d"
+    assert bench.xla_options({"versions": {"xla_flags": "--xla_gpu_autotune_level=0"}}) == "xla_gpu_autotune_level=0"
+    assert bench.xla_options({"versions": {"xla_flags": "--xla_gpu_force_conv_nhwc=1"}}) == "xla_gpu_force_conv_nhwc"
     # set to XLA's default (the baseline of a Hopper run, where jaxtl sets it): the same row as no setting
     assert bench.xla_options({"versions": {"xla_flags": "--xla_gpu_force_conv_nhwc=False"}}) == ""
     assert [r["vol_per_s"] for r in bench.latest([plain, by_hand, default])] == [10.0, 21.0]
