@@ -7,8 +7,8 @@
 #                fused first block; channels-last convolutions as a per-jit compiler option, not XLA_FLAGS) beside
 #                PyTorch, then with XLA_FLAGS=--xla_gpu_force_conv_nhwc=false (the option off): does the per-jit
 #                option give what the flag gave (embed 2167-2224 vol/s vs 1560-1581)? Embed records now also time 8
-#                batches back to back on both sides (`stream`: no host round trip between batches, as in
-#                jaxtl.embed; 0.9 ms of the 3.6 ms step at batch 8) (-> $OUT/nhwc.jsonl)                 <= 3.5 min
+#                device-resident batches back to back on both sides (`stream`: no host round trip between
+#                batches; 0.9 ms of the 3.6 ms step at batch 8) (-> $OUT/nhwc.jsonl)                     <= 3.5 min
 #   transfer     gpu_transfer.py: host-to-device copies, and jaxtl.embed() over 64 in-memory volumes, which now
 #                copies a host batch one volume per thread while the previous batch runs (it ran at 262 vol/s in
 #                bfloat16 from float32 volumes, 469 from float16) (-> $OUT/transfer.jsonl)                 <= 2 min

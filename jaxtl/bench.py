@@ -705,11 +705,12 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
 
     `profile`: after the timed steps, trace `PROFILE_STEPS` more jaxtl steps with the JAX profiler into
     `profile/<case>` (TensorBoard / Perfetto) and record the kernels that took the most time (`profile_top`).
-    `stream`: embed cases also time this many batches dispatched back to back, their features fetched after the
-    last (`STREAM_REPEATS` rounds per side, interleaved; record `stream`): a step waits for its batch's features
-    before the next is dispatched, so on an accelerator it includes a host round trip that `jaxtl.embed`, which
-    dispatches a batch before fetching the previous one's features, hides. None: `STREAM_BATCHES` on accelerators,
-    0 (not timed) on CPUs, where the host is the device."""
+    `stream`: embed cases also time this many batches (the same batch, already on the device) dispatched back to
+    back, their features fetched after the last (`STREAM_REPEATS` rounds per side, interleaved; record `stream`):
+    a step waits for its batch's features before the next is dispatched, so on an accelerator it includes a host
+    round trip, which `jaxtl.embed` also avoids by dispatching a batch before fetching the previous one's features
+    (it does copy each batch from the host: `api_vol_per_s`). None: `STREAM_BATCHES` on accelerators, 0 (not
+    timed) on CPUs, where the host is the device."""
     import jax
 
     n_dev = jax.device_count()
@@ -730,6 +731,8 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
     tr = torch_runner(case, x, ages, state, threads=threads, memory_format=torch_memory_format,
                       per_device_batch=case.batch // n_dev) if want_torch else None
     fns = {"jaxtl": jx.step} | ({"torch": tr.step} if tr else {}) | ({"api": jx.api} if jx.api else {})
+    if jx.api and not warmup:  # jaxtl.embed compiles its own step on its first call: never timed
+        jx.api()
     warmup_times: dict[str, list[float]] = {}
     during = OtherCPU().start()
     times = time_interleaved(fns, warmup, repeats, warmup_times)
@@ -1090,20 +1093,28 @@ def _commit(r: dict) -> str:
 
 
 def _stream(r: dict) -> str:
-    """The report's back-to-back cell: "2.93e+03 (39) / 340"; "—" where not timed."""
+    """The report's back-to-back cell: "K=8: 2.93e+03 (39) / 340"; "—" where not timed."""
     st = r.get("stream")
     if not st:
         return "—"
     pct = "" if st.get("peak_fraction") is None else f" ({100 * st['peak_fraction']:.0f})"
-    return f"{_fmt(st['vol_per_s'])}{pct}" + (f" / {_fmt(st['torch_vol_per_s'])}" if st.get("torch_vol_per_s") else "")
+    return f"K={st['batches']}: {_fmt(st['vol_per_s'])}{pct}" + (
+        f" / {_fmt(st['torch_vol_per_s'])}" if st.get("torch_vol_per_s") else "")
+
+
+def _peaks(records: Sequence[dict]) -> str:
+    """The peaks the report's "% peak" columns use, one line per hardware and dtype."""
+    seen = {(hardware_name(r["hardware"]), r.get("dtype")): r["peak_assumption"] for r in latest(records)
+            if r.get("peak_assumption") and r["case"] in ("embed", "train")}
+    return "".join(f"- {hw}, {dtype}: {how}\n" for (hw, dtype), how in sorted(seen.items(), key=str))
 
 
 def report_markdown(records: Sequence[dict]) -> str:
     """A markdown table of the latest record per case and hardware."""
     rows = latest(records)
     lines = ["| hardware | case | config | input | dtype | batch | jaxtl vol/s (all devices) | PyTorch vol/s (one "
-             "device) | jaxtl/PyTorch per device | GFLOP/s | % peak | batches back to back: jaxtl (% peak) / PyTorch "
-             "vol/s | compile s | load (1 min) | others' CPU (cores) | commit |",
+             "device) | jaxtl/PyTorch per device | GFLOP/s | % peak | K batches on the device back to back: jaxtl "
+             "vol/s (% peak) / PyTorch vol/s (one device) | compile s | load (1 min) | others' CPU (cores) | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hw = r["hardware"]
@@ -1148,7 +1159,7 @@ def report_chart(records: Sequence[dict], path: str | os.PathLike) -> Path:
         raise ValueError("no embed/train records to chart")
     rows = labels
     y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 2))
     ax.barh(y - 0.2, jx, 0.4, label="jaxtl", color="#1f77b4")
     ax.barh(y + 0.2, pt, 0.4, label="PyTorch (same run)", color="#ff7f0e")
     for yi, (a, b) in enumerate(zip(jx, pt, strict=True)):
@@ -1157,8 +1168,11 @@ def report_chart(records: Sequence[dict], path: str | os.PathLike) -> Path:
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    # a decade below the smallest bar: log-scale bars start from an arbitrary point, and matplotlib's own limit
+    # could make a 1.8x ratio look like 20x where there are few bars
+    ax.set_xlim(left=min(v for v in (*jx, *pt) if v > 0) / 10)
     ax.set_xlabel("volumes / s per device (log scale)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)  # above the bars, not on them
     fig.suptitle("SFCN throughput: jaxtl vs PyTorch reference, measured in the same process", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     path = Path(path)
@@ -1183,7 +1197,13 @@ def write_report(results: Sequence[str | os.PathLike], out_md: str | os.PathLike
             f"{BUSY_CORES:g} cores ({BUSY_CORES_ACCELERATOR:g} on a GPU or TPU machine, whose host only feeds the "
             "device) during the record (or, in records that predate that measurement, the load average "
             "exceeded the cores + 1); PyTorch's OpenMP threads slow down far more than jaxtl's then, so such ratios "
-            "say little. A quiet record is shown wherever one exists.\n\n" + report_markdown(records))
+            "say little. A quiet record is shown wherever one exists. \"K batches on the device back to back\" "
+            "(embed, `--stream`): the same batch, already on the device, dispatched K times before the features are "
+            "fetched, without the host round trip of each step (host-to-device copies not included).\n\n"
+            + report_markdown(records))
+    peaks = _peaks(records)
+    if peaks:
+        text += "\n\"% peak\" is of these peaks:\n\n" + peaks
     png = out_md.with_suffix(".png")
     if any(r["case"] in ("embed", "train") for r in records):
         report_chart(records, png)

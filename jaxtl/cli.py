@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="cache directory (re-run the same command to resume)")
     p.add_argument("--dtype", choices=["float16", "uint8", "float32"], default="float16",
                    help="stored dtype (default float16: 9.8 MB per 1mm volume)")
-    p.add_argument("--downsample", type=int, choices=[1, 2, 4], default=1, help="block-average factor")
+    p.add_argument("--downsample", type=int, choices=[1, 2, 4], default=1,
+                   help="block-average factor (default 1: 1mm; 2 and 4 for 2mm / 4mm models)")
     p.add_argument("--workers", type=int, default=1, help="processes conforming scans in parallel")
     p.add_argument("--shard-size", type=int, default=64, help="volumes per shard file")
     p.add_argument("--skip-bad-rows", action="store_true",
@@ -398,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "of image paths")
     p.add_argument("--out", required=True, help="CSV file to write; scans that fail to load go to "
                                                 "OUT_STEM.failures.tsv beside it (id, path, reason)")
-    p.add_argument("--batch-size", type=_at_least(1), default=None)
+    p.add_argument("--batch-size", type=_at_least(1), default=None,
+                   help="volumes per batch on the devices (default: 8, or 2 per device if more)")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="a scan that cannot be loaded: skip (default: report it, predict the others; exit code 1 "
                         "only if every scan fails) or raise (stop at the first)")
@@ -414,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "OUT_STEM.failures.tsv beside it")
     p.add_argument("--layer", default="features",
                    help="features (default), logits, probs or block0..block5 (each block's output, average-pooled)")
-    p.add_argument("--batch-size", type=_at_least(1), default=None)
+    p.add_argument("--batch-size", type=_at_least(1), default=None,
+                   help="volumes per batch on the devices (default: 8, or 2 per device if more)")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="a scan that cannot be loaded: skip (default: report it, embed the others) or raise")
     p.set_defaults(func=_embed)
@@ -468,9 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also trace 3 jaxtl steps per case with the JAX profiler into DIR/<case> (TensorBoard / "
                         "Perfetto) and print the kernels that took the most time")
     p.add_argument("--stream", type=_at_least(0), default=None, metavar="K",
-                   help="embed: also time K batches dispatched back to back, features fetched after the last (as "
-                        "jaxtl.embed runs a cohort: no host round trip between batches); default 8 on GPUs/TPUs, "
-                        "0 (off) on CPUs")
+                   help="embed cases: also time K batches already on the device, dispatched back to back with "
+                        "their features fetched after the last, on both sides (3 rounds): the device's throughput "
+                        "without the host round trip of each step (host-to-device copies not included: those are "
+                        "in jaxtl.embed()'s end-to-end figure); default 8 on GPUs/TPUs, 0 (off) on CPUs")
     p.add_argument("--out", default=None, help="JSONL file to append to (default benchmarks/results/<hardware>.jsonl)")
     p.add_argument("--results", nargs="+", default=["benchmarks/results"],
                    help="report: .jsonl files or directories (default benchmarks/results)")

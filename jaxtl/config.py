@@ -211,6 +211,8 @@ def _parse(raw: str, current: Any, key: str, hint: Any = None) -> Any:
         # --set tasks=age or tasks=age,sex: plain words only (an override string keeps its commas and brackets)
         parts = [v.strip() for v in value.split(",")]
         value = tuple(parts) if all(re.fullmatch(r"[\w.\-]+", v) for v in parts) else (value,)
+    if isinstance(current, tuple) and current and dataclasses.is_dataclass(current[0]):
+        return _select_rows(value, current, key, raw)
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise ValueError(f"--set {key}={raw}: expected True or False")
@@ -224,6 +226,24 @@ def _parse(raw: str, current: Any, key: str, hint: Any = None) -> Any:
     if type(value) is not type(current):
         raise ValueError(f"--set {key}={raw}: expected a {type(current).__name__}")
     return value
+
+
+def _select_rows(value: Any, current: tuple, key: str, raw: str) -> tuple:
+    """`--set methods=features,direct` for a tuple of dataclass rows: the rows whose first field is one of the
+    names, in the names' order, and a row `type(row)(name)` (its defaults) for a name no row has."""
+    cls = type(current[0])
+    first = dataclasses.fields(cls)[0].name
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not names or not all(
+            isinstance(n, str) and re.fullmatch(r"[\w.\-]+", n) for n in names):
+        have = ", ".join(dict.fromkeys(str(getattr(r, first)) for r in current))
+        raise ValueError(f"--set {key}={raw}: give {first} names, e.g. --set {key}={getattr(current[0], first)} "
+                         f"(the config's rows with that {first}: {have}; another name adds a row with defaults); "
+                         "rows of other settings: edit the config file")
+    rows = []
+    for name in names:
+        rows += [r for r in current if getattr(r, first) == name] or [cls(name)]
+    return tuple(rows)
 
 
 def to_dict(config: Any) -> dict:

@@ -140,7 +140,7 @@ def run_demo(config: DemoConfig = DEMO, *, progress: bool = True) -> Path:
         overrides = (f"task='{task}'", *config.pretrain, *(config.pretrain_sex if task == "sex" else ()))
         spec = PretrainSpec(str(out / f"pretrain_{task}"), task, str(CONFIGS / "sfcn_demo.py"), overrides, source)
         with stage(f"pretrain {task} SFCN"):
-            ensure_model(spec, data_dir, progress)
+            ensure_model(spec, data_dir, progress, skip_hint="")
         model_dirs[task] = str(out / f"pretrain_{task}" / "model")
     experiments = {}
     for name, cohort in targets.items():

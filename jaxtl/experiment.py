@@ -30,6 +30,7 @@ from jaxtl.bench import provenance
 from jaxtl.config import load_config
 from jaxtl.embed import model_downsample
 from jaxtl.transfer import (
+    METHODS,
     NonFiniteError,
     Target,
     TransferConfig,
@@ -249,8 +250,11 @@ def ensure_cohort(spec: SimulatedCohort | str, data_dir: str | os.PathLike, prog
     return str(cache)
 
 
-def ensure_model(spec: PretrainSpec | str, data_dir: str | os.PathLike, progress: bool = True) -> JaxtlModel:
-    """Load a pretrained model; a `PretrainSpec` whose model does not exist yet is pretrained first."""
+def ensure_model(spec: PretrainSpec | str, data_dir: str | os.PathLike, progress: bool = True, *,
+                 skip_hint: str = "; give a model instead (age_model= / sex_model=, e.g. --set age_model=DIR) to skip "
+                                  "this") -> JaxtlModel:
+    """Load a pretrained model; a `PretrainSpec` whose model does not exist yet is pretrained first (said on stderr,
+    with `skip_hint`)."""
     if isinstance(spec, str):
         return load_model(spec)
     if spec.checkpoint not in ("best", "model"):
@@ -281,9 +285,8 @@ def ensure_model(spec: PretrainSpec | str, data_dir: str | os.PathLike, progress
     else:
         from jaxtl.train import pretrain
 
-        if progress:
-            print(f"building the {spec.task} source model: pretraining {spec.config} ({cfg.epochs} epochs) in "
-                  f"{spec.workdir}; pass a model (age_model= / sex_model=) to skip this", file=sys.stderr, flush=True)
+        print(f"building the {spec.task} source model: pretraining {spec.config} ({cfg.epochs} epochs) in "
+              f"{spec.workdir}{skip_hint}", file=sys.stderr, flush=True)
         cache = ensure_cohort(spec.cohort, data_dir, progress)
         if cfg.task != spec.task:
             raise ValueError(f"pretraining config {spec.config} trains {cfg.task!r}, the spec asks for {spec.task!r}")
@@ -427,6 +430,13 @@ def check_experiment(config: ExperimentConfig) -> None:
             raise ValueError(f"{field}: unknown task(s) {', '.join(map(repr, unknown))}; use age and/or sex")
     if not config.tasks:
         raise ValueError("tasks is empty; use age and/or sex (e.g. --set tasks=age,sex)")
+    for field, methods in (("methods", [m.method for m in config.methods]),
+                           ("scarcity.methods", config.scarcity.methods if config.scarcity else ())):
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"{field}: unknown method(s) {', '.join(map(repr, unknown))}; use {', '.join(METHODS)}")
+    if not config.methods:
+        raise ValueError("methods is empty; e.g. --set methods=features,ft_step,scratch")
 
 
 def check_models(models: dict[str, JaxtlModel]) -> None:
@@ -496,13 +506,20 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Path:
 
     todo = planned_runs(config)
     bar = tqdm(todo, desc=f"experiment {config.name}", unit="run", disable=not progress)
-    for task, spec, r, share in bar:
+    for i, (task, spec, r, share) in enumerate(bar, 1):
         key = _run_key(task, spec.name(task), r, share)
         if key in done and not done[key].get("error"):
             continue
         bar.set_postfix_str(key)
         record = {"key": key, "setup": setup, "models": _weights_used(spec, task, digests),
                   **_one_run(models, target, config, task, spec, r, share, progress)}
+        if not progress:  # no bar (a log file): a line per run
+            test = record.get("test")
+            result = f"error: {record['error']}" if record.get("error") else \
+                f"test {metric_name(task)} {'—' if test is None else format(test, '.4g')}"
+            what = f"{task} {spec.name(task)}, repeat {r}" + (f", share {share:g}" if share != 1 else "")
+            print(f"experiment {config.name}: run {i}/{len(todo)} ({what}): {result} ({record['seconds']:.0f} s)",
+                  file=sys.stderr, flush=True)
         done[key] = record
         with runs_path.open("a") as f:
             f.write(json.dumps(_clean(record)) + "\n")

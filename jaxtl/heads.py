@@ -396,16 +396,21 @@ class BiasCorrection:
     split for networks, out-of-fold training predictions for scikit-learn heads); correct any prediction,
     also of scans without a known age, as `(predicted - intercept) / slope`; the corrected brain-age gap is
     `corrected - age` (= the residual of the fit divided by the slope). `split` records which
-    predictions the fit used. A slope below `MIN_SLOPE` means the predictions barely follow age: the
-    correction is then unusable and gives NaN (with a warning) instead of inflated ages.
+    predictions the fit used. The correction divides every prediction error by the slope, so it is usable only
+    where the predictions clearly follow age: a slope of at least `MIN_SLOPE` (errors at most 5x larger) and at
+    least `MIN_T` standard errors above 0 (`slope_se`, from the fit's residuals). Otherwise it gives NaN (with a
+    warning) instead of inflated ages (a slope of 0.105 from a dozen scans had turned predictions into ages
+    from -143 to 446).
     """
 
     slope: float = 1.0
     intercept: float = 0.0
     n: int = 0
     split: str = "none"
+    slope_se: float | None = None  # None: not known (corrections saved before it was recorded)
 
-    MIN_SLOPE = 0.1
+    MIN_SLOPE = 0.2
+    MIN_T = 2.0
 
     @_on_class_only
     def fit(cls, predicted, age, split: str = "train") -> BiasCorrection:
@@ -414,17 +419,23 @@ class BiasCorrection:
         ok = np.isfinite(predicted) & np.isfinite(age)
         if ok.sum() < 3 or np.ptp(age[ok]) == 0:
             raise ValueError(f"bias correction needs at least 3 scans with different ages, got {int(ok.sum())}")
-        slope, intercept = np.polyfit(age[ok], predicted[ok], 1)
-        bc = cls(float(slope), float(intercept), int(ok.sum()), split)
+        a, p = age[ok], predicted[ok]
+        slope, intercept = np.polyfit(a, p, 1)
+        n = len(a)
+        resid = p - (slope * a + intercept)
+        se = np.sqrt(resid @ resid / (n - 2) / np.sum((a - a.mean()) ** 2)) if n > 2 else np.inf
+        bc = cls(float(slope), float(intercept), n, split, float(se))
         if not bc.usable:
-            warnings.warn(f"age-bias slope {slope:.3f} < {cls.MIN_SLOPE}: the predictions hardly follow age, so "
-                          "(pred - intercept) / slope is meaningless; corrected ages are left empty (NaN)",
-                          stacklevel=2)
+            warnings.warn(f"age-bias slope {slope:.3f} (standard error {se:.3f}, {n} scans): the predictions hardly "
+                          f"follow age (a usable correction needs a slope of at least {cls.MIN_SLOPE} and "
+                          f"{cls.MIN_T:g} standard errors above 0), so (pred - intercept) / slope would multiply "
+                          "their errors; corrected ages are left empty (NaN)", stacklevel=2)
         return bc
 
     @property
     def usable(self) -> bool:
-        return self.slope >= self.MIN_SLOPE
+        clear = self.slope_se is None or self.slope >= self.MIN_T * self.slope_se
+        return self.slope >= self.MIN_SLOPE and clear
 
     def apply(self, predicted) -> np.ndarray:
         predicted = np.asarray(predicted, np.float64)

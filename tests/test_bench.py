@@ -147,7 +147,10 @@ def test_embed_batches_back_to_back(tiny, monkeypatch):
     assert st["peak_fraction"] == pytest.approx(flops * st["vol_per_s"] / 1e12)
     assert "3 batches back to back: jaxtl" in bench.summary_line(rec | {"torch": None})
     row = bench.report_markdown([_fake_record("cpu-test-2core") | {"stream": st}])
-    assert f"| {st['vol_per_s']:.3g} ({100 * st['peak_fraction']:.0f}) / {st['torch_vol_per_s']:.3g} |" in row
+    assert f"| K=3: {st['vol_per_s']:.3g} ({100 * st['peak_fraction']:.0f}) / {st['torch_vol_per_s']:.3g} |" in row
+    # the report names the peak behind each hardware and dtype's "% peak"
+    hw = _fake_record("cpu-test-2core")["hardware"]
+    assert bench._peaks([rec | {"hardware": hw}]) == f"- {bench.hardware_name(hw)}, float32: test peak\n"
     train = bench.run_case(bench.Case("train", "tiny", 4, 2, "float32"), warmup=0, repeats=1, use_torch=False,
                            stream=3)
     assert "stream" not in train  # embed only
@@ -170,8 +173,18 @@ def test_bench_and_trainer_steps_compile_with_the_compiler_options(tiny, monkeyp
 
 def test_run_case_without_torch(tiny, monkeypatch):
     monkeypatch.setattr(bench, "torch_available", lambda: False)
+    calls, real = [], bench.jaxtl_embed
+
+    def spy(*args, **kwargs):
+        runner = real(*args, **kwargs)
+        api = runner.api
+        runner.api = lambda: calls.append(1) or api()
+        return runner
+
+    monkeypatch.setattr(bench, "jaxtl_embed", spy)
     rec = bench.run_case(bench.Case("embed", "tiny", 4, 1, "bfloat16"), warmup=0, repeats=1)
     assert rec["torch"] is None and rec["ratio"] is None and "not installed" in rec["torch_skipped"]
+    assert len(calls) == 2 and rec["api_step_s"]["n"] == 1  # without warm-up: jaxtl.embed's compile untimed
 
 
 def _fake_record(hw_id, case="embed", vol=10.0, torch_vol=5.0, when="2026-01-01T00:00:00+00:00"):

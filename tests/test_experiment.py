@@ -138,6 +138,14 @@ def test_overrides_take_the_documented_alternatives(tmp_path, monkeypatch):
         load_experiment_config("configs/experiment_ixi.py", ["target=caches/ixi", "target.n=5"])
     with pytest.raises(FileNotFoundError, match="then from"):
         load_experiment_config("configs/nope.py")
+    # methods by name: the config's rows of each (both `features` rows), a row with defaults for another method
+    cfg = load_experiment_config("configs/experiment_ixi.py", ["methods=features,direct,ft_final"])
+    assert cfg.methods == (MethodSpec("features"), MethodSpec("features", pretrained="other"), MethodSpec("direct"),
+                           MethodSpec("ft_final"))
+    assert load_experiment_config("configs/experiment_ixi.py", ['methods=["direct"]']).methods == (
+        MethodSpec("direct"),)
+    with pytest.raises(ValueError, match=r"give method names, e.g. --set methods=ft_step"):
+        load_experiment_config("configs/experiment_ixi.py", ["methods=[1,2]"])
 
 
 def test_failed_runs_are_reported_and_tried_again(tiny_models, ixi_tiny, tmp_path, monkeypatch, capsys):
@@ -156,6 +164,9 @@ def test_failed_runs_are_reported_and_tried_again(tiny_models, ixi_tiny, tmp_pat
     with pytest.warns(UserWarning, match=r"1 of 1 runs failed .*direct transfer \(age-pretr.\) \(age, repeat 0"):
         run_experiment(cfg, progress=False)
     assert [r["error"] for r in experiment.failed_runs(cfg)] == ["only 1 labelled training scans"]
+    # without progress bars (a log file) each run is a line
+    assert "experiment tiny: run 1/1 (age direct transfer (age-pretr.), repeat 0): error: only 1 labelled " \
+        "training scans" in capsys.readouterr().err
     assert not experiment.failed_runs(dataclasses.replace(cfg, methods=(MethodSpec("features"),)))  # not planned
     assert "| failed |" in (tmp_path / "exp" / "table.md").read_text()
     monkeypatch.setattr(experiment, "transfer", real)  # fixed: the rerun tries the failed run again
@@ -164,6 +175,7 @@ def test_failed_runs_are_reported_and_tried_again(tiny_models, ixi_tiny, tmp_pat
         warnings.filterwarnings("ignore", message=".*outside the model's bins")
         run_experiment(cfg, progress=False)
     assert not experiment.failed_runs(cfg) and "| failed |" not in (tmp_path / "exp" / "table.md").read_text()
+    assert re.search(r"run 1/1 \(age direct .*, repeat 0\): test mae [\d.]+ \(\d+ s\)", capsys.readouterr().err)
 
 
 def test_experiment_refuses_unknown_tasks_and_models_of_different_resolutions(tiny_models, tmp_path):
@@ -174,6 +186,10 @@ def test_experiment_refuses_unknown_tasks_and_models_of_different_resolutions(ti
         check_experiment(ExperimentConfig(tasks=("age", "sexx")))
     with pytest.raises(ValueError, match="tasks is empty"):
         check_experiment(ExperimentConfig(tasks=()))
+    with pytest.raises(ValueError, match=r"methods: unknown method\(s\) 'featurs'; use direct, features"):
+        check_experiment(ExperimentConfig(methods=(MethodSpec("featurs"),)))
+    with pytest.raises(ValueError, match=r"scarcity.methods: unknown method\(s\) 'x'"):
+        check_experiment(ExperimentConfig(scarcity=ScarcityConfig(methods=("x",))))
     age, sex = load_model(tiny_models["age"]), load_model(tiny_models["sex"])
     check_models({"age": age, "sex": sex})
     one_mm = dataclasses.replace(sex, input_shape=(160, 192, 160), preprocessing={**sex.preprocessing, "downsample": 1})

@@ -260,6 +260,18 @@ def test_bias_correction():
     with pytest.warns(UserWarning, match="hardly follow age"):
         flat = BiasCorrection.fit(50 + rng.normal(size=50), rng.uniform(20, 80, 50))
     assert np.all(np.isnan(flat.apply([40.0, 60.0])))
+    # a small slope multiplies errors (1/0.15): refused even when it is clearly above 0
+    with pytest.warns(UserWarning, match="slope 0.1"):
+        small = BiasCorrection.fit(0.15 * age + 40 + rng.normal(scale=0.5, size=200), age)
+    assert small.slope / small.slope_se > 10 and not small.usable
+    # a slope of 0.5 from 8 very noisy scans: not distinguishable from 0 (the -143..446 years case)
+    few = rng.uniform(20, 80, 8)
+    with pytest.warns(UserWarning, match="standard error"):
+        noisy = BiasCorrection.fit(0.5 * few + 25 + rng.normal(scale=30, size=8), few)
+    assert noisy.slope < noisy.MIN_T * noisy.slope_se and np.all(np.isnan(noisy.apply([40.0])))
+    assert bc.usable and bc.slope / bc.slope_se > 20
+    old = {k: v for k, v in bc.to_dict().items() if k != "slope_se"}  # a head saved before slope_se existed
+    assert BiasCorrection.from_dict(old).usable and BiasCorrection.from_dict(old).slope_se is None
     with pytest.raises(ValueError, match="at least 3"):
         BiasCorrection.fit([1.0, 2.0], [1.0, 2.0])
     # bc.fit(...) on an object would read as fitting it in place (scikit-learn style) but leave it as it was
