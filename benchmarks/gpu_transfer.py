@@ -8,7 +8,7 @@ lift it, per batch of B volumes (median of `repeats`):
   cast_bfloat16  converting the float32 batch to bfloat16 on the host (numpy, one thread)
   put_threads    B device_puts of one float32 volume each, from B threads at once
   embed_<dtype>  jaxtl.embed() over N in-memory volumes (batches of B, the next one read while one runs) with
-                 Peng's SFCN computing in <dtype>: vol/s, compile excluded (a first call on B volumes); and
+                 Peng's SFCN computing in <dtype>: vol/s of a second call (the first, untimed, compiles); and
                  <dtype>_from_float16: the same volumes held as float16 (a prepared cache's type), copied as such
 
 On a CPU it runs a small shape and channel list (plumbing only). One record -> OUT.jsonl ("kind": "transfer").
@@ -69,7 +69,9 @@ def measure(batch: int, n: int, repeats: int, shape: tuple[int, ...], channels: 
     for host in ("float32", "float16"):  # float16: as a prepared cache holds them (copied as they are since 00cb72c)
         vols = volumes.astype(host)
         for dtype in ("float32", "bfloat16"):
-            jaxtl.embed(vols[:batch], model, batch_size=batch, dtype=dtype, progress=False)  # compile
+            # untimed: the compile, and the device allocator's growth to N volumes' buffers (on the H200 the
+            # first dtype timed, float32 after a call on one batch, had run at 68 vol/s, 118 ms a batch)
+            jaxtl.embed(vols, model, batch_size=batch, dtype=dtype, progress=False)
             start = time.perf_counter()
             jaxtl.embed(vols, model, batch_size=batch, dtype=dtype, progress=False)
             key = dtype if host == "float32" else f"{dtype}_from_{host}"
