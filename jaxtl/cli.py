@@ -140,8 +140,9 @@ def _predict(args: argparse.Namespace) -> int:
     corrected, predicted = columns.get("prediction_corrected"), columns["prediction"]
     if corrected is not None and np.isnan(corrected).all() and not np.isnan(predicted).all():
         print(f"jaxtl predict: {args.model} has no usable age-bias correction, so prediction_corrected and "
-              "gap_corrected are empty; `jaxtl transfer --method direct` on a cohort with known ages fits one",
-              file=sys.stderr)
+              "gap_corrected are empty (a plain model has none: `jaxtl transfer --method direct` on a cohort with "
+              "known ages fits one; a head's own correction is refused where its slope is too small or uncertain, "
+              "`bias_usable` in its metrics.json)", file=sys.stderr)
     _report_qc(args.command, columns, out)
     if n_failed:
         print(f"jaxtl predict: {n_failed} of {n} scans failed: see {failures}", file=sys.stderr)

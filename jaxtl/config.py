@@ -185,15 +185,31 @@ def _replace_path(obj: Any, parents: list[str], field: str, raw: str, key: str) 
         hint = typing.get_type_hints(type(obj)).get(field)
     except (NameError, TypeError):
         hint = None
+    row = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple and typing.get_args(hint) else None
+    if dataclasses.is_dataclass(row):  # a tuple of rows, e.g. methods: selected by name (`_select_rows`)
+        return dataclasses.replace(obj, **{field: _select_rows(_literal(raw), getattr(obj, field), row,
+                                                               _default_of(type(obj), field), key, raw)})
     return dataclasses.replace(obj, **{field: _parse(raw, getattr(obj, field), key, hint)})
+
+
+def _default_of(cls: type, field: str) -> Any:
+    """`field`'s default in dataclass `cls` (() when it has none)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == field)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else ()
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # bare strings: --set model.dtype=bfloat16
 
 
 def _parse(raw: str, current: Any, key: str, hint: Any = None) -> Any:
     """`raw` as a value for a field now holding `current`, declared as `hint` (a union admits each member)."""
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw  # bare strings: --set model.dtype=bfloat16
+    value = _literal(raw)
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
         else ()
     if value is None and type(None) in allowed:  # --set scarcity=None
@@ -211,8 +227,6 @@ def _parse(raw: str, current: Any, key: str, hint: Any = None) -> Any:
         # --set tasks=age or tasks=age,sex: plain words only (an override string keeps its commas and brackets)
         parts = [v.strip() for v in value.split(",")]
         value = tuple(parts) if all(re.fullmatch(r"[\w.\-]+", v) for v in parts) else (value,)
-    if isinstance(current, tuple) and current and dataclasses.is_dataclass(current[0]):
-        return _select_rows(value, current, key, raw)
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise ValueError(f"--set {key}={raw}: expected True or False")
@@ -228,21 +242,21 @@ def _parse(raw: str, current: Any, key: str, hint: Any = None) -> Any:
     return value
 
 
-def _select_rows(value: Any, current: tuple, key: str, raw: str) -> tuple:
-    """`--set methods=features,direct` for a tuple of dataclass rows: the rows whose first field is one of the
-    names, in the names' order, and a row `type(row)(name)` (its defaults) for a name no row has."""
-    cls = type(current[0])
+def _select_rows(value: Any, current: tuple, cls: type, defaults: tuple, key: str, raw: str) -> tuple:
+    """`--set methods=features,direct` for a tuple of dataclass rows (`cls`): for each name, the rows whose first
+    field it is, from the config (`current`), else from the field's default (`defaults`), else `cls(name)`."""
     first = dataclasses.fields(cls)[0].name
     names = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
     if not isinstance(names, list | tuple) or not names or not all(
             isinstance(n, str) and re.fullmatch(r"[\w.\-]+", n) for n in names):
-        have = ", ".join(dict.fromkeys(str(getattr(r, first)) for r in current))
-        raise ValueError(f"--set {key}={raw}: give {first} names, e.g. --set {key}={getattr(current[0], first)} "
-                         f"(the config's rows with that {first}: {have}; another name adds a row with defaults); "
-                         "rows of other settings: edit the config file")
+        have = ", ".join(dict.fromkeys(str(getattr(r, first)) for r in (*current, *defaults))) or "none"
+        raise ValueError(f"--set {key}={raw}: give {first} names, e.g. --set {key}=NAME,NAME (rows of the config "
+                         f"or its defaults: {have}; another name adds a row with default settings); rows of other "
+                         "settings: edit the config file")
     rows = []
-    for name in names:
-        rows += [r for r in current if getattr(r, first) == name] or [cls(name)]
+    for name in dict.fromkeys(names):
+        rows += ([r for r in current if getattr(r, first) == name] or [r for r in defaults if getattr(r, first) == name]
+                 or [cls(name)])
     return tuple(rows)
 
 

@@ -430,6 +430,9 @@ def check_experiment(config: ExperimentConfig) -> None:
             raise ValueError(f"{field}: unknown task(s) {', '.join(map(repr, unknown))}; use age and/or sex")
     if not config.tasks:
         raise ValueError("tasks is empty; use age and/or sex (e.g. --set tasks=age,sex)")
+    if not all(isinstance(m, MethodSpec) for m in config.methods):
+        raise ValueError(f"methods: {config.methods!r}: give MethodSpec rows in a config file, or method names with "
+                         "--set methods=features,ft_step")
     for field, methods in (("methods", [m.method for m in config.methods]),
                            ("scarcity.methods", config.scarcity.methods if config.scarcity else ())):
         unknown = [m for m in methods if m not in METHODS]

@@ -397,10 +397,10 @@ class BiasCorrection:
     also of scans without a known age, as `(predicted - intercept) / slope`; the corrected brain-age gap is
     `corrected - age` (= the residual of the fit divided by the slope). `split` records which
     predictions the fit used. The correction divides every prediction error by the slope, so it is usable only
-    where the predictions clearly follow age: a slope of at least `MIN_SLOPE` (errors at most 5x larger) and at
-    least `MIN_T` standard errors above 0 (`slope_se`, from the fit's residuals). Otherwise it gives NaN (with a
-    warning) instead of inflated ages (a slope of 0.105 from a dozen scans had turned predictions into ages
-    from -143 to 446).
+    where the predictions clearly follow age: a slope of at least `MIN_SLOPE` (errors at most 5x larger) that is
+    significantly above 0 (two-sided 5% t-test on the fit's residuals, `slope_se`; a correction saved before
+    `slope_se` was recorded is judged by its slope alone). Otherwise it gives NaN (with a warning) instead of
+    inflated ages (a slope of 0.105 from a dozen scans had turned predictions into ages from -143 to 446).
     """
 
     slope: float = 1.0
@@ -410,7 +410,6 @@ class BiasCorrection:
     slope_se: float | None = None  # None: not known (corrections saved before it was recorded)
 
     MIN_SLOPE = 0.2
-    MIN_T = 2.0
 
     @_on_class_only
     def fit(cls, predicted, age, split: str = "train") -> BiasCorrection:
@@ -421,21 +420,29 @@ class BiasCorrection:
             raise ValueError(f"bias correction needs at least 3 scans with different ages, got {int(ok.sum())}")
         a, p = age[ok], predicted[ok]
         slope, intercept = np.polyfit(a, p, 1)
-        n = len(a)
+        n = len(a)  # >= 3
         resid = p - (slope * a + intercept)
-        se = np.sqrt(resid @ resid / (n - 2) / np.sum((a - a.mean()) ** 2)) if n > 2 else np.inf
+        se = np.sqrt(resid @ resid / (n - 2) / np.sum((a - a.mean()) ** 2))
         bc = cls(float(slope), float(intercept), n, split, float(se))
         if not bc.usable:
-            warnings.warn(f"age-bias slope {slope:.3f} (standard error {se:.3f}, {n} scans): the predictions hardly "
-                          f"follow age (a usable correction needs a slope of at least {cls.MIN_SLOPE} and "
-                          f"{cls.MIN_T:g} standard errors above 0), so (pred - intercept) / slope would multiply "
-                          "their errors; corrected ages are left empty (NaN)", stacklevel=2)
+            warnings.warn(f"{bc.why_unusable()}; corrected ages are left empty (NaN). Fit it on more scans, or on "
+                          "scans covering a wider age range (jaxtl transfer --bias-split)", stacklevel=2)
         return bc
 
     @property
     def usable(self) -> bool:
-        clear = self.slope_se is None or self.slope >= self.MIN_T * self.slope_se
-        return self.slope >= self.MIN_SLOPE and clear
+        return self.why_unusable() is None
+
+    def why_unusable(self) -> str | None:
+        """Why the correction is refused (None: it is usable)."""
+        said = f"age-bias slope {self.slope:.3f}" + (
+            "" if self.slope_se is None else f" (standard error {self.slope_se:.3f}, {self.n} scans)")
+        if not self.slope >= self.MIN_SLOPE:
+            return (f"{said} is below {self.MIN_SLOPE}: (pred - intercept) / slope would multiply the prediction "
+                    f"errors by more than {1 / self.MIN_SLOPE:g}")
+        if self.slope_se is not None and not self.slope >= t_critical(self.n - 2) * self.slope_se:
+            return f"{said} is not significantly above 0 (t-test, 5%): the predictions do not clearly follow age"
+        return None
 
     def apply(self, predicted) -> np.ndarray:
         predicted = np.asarray(predicted, np.float64)
@@ -448,7 +455,22 @@ class BiasCorrection:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> BiasCorrection | None:
-        return None if d is None else cls(**d)
+        """A saved correction; one saved by an earlier version (no `slope_se`) that was usable then (slope >= 0.1)
+        but is refused now warns why."""
+        if d is None:
+            return None
+        bc = cls(**d)
+        if "slope_se" not in d and not bc.usable and bc.slope >= 0.1:
+            warnings.warn(f"the saved {bc.why_unusable()}; its corrected ages, given by earlier jaxtl versions, are "
+                          "now left empty (NaN) (refit the head with jaxtl transfer)", stacklevel=2)
+        return bc
+
+
+def t_critical(dof: int) -> float:
+    """The two-sided 5% critical value of Student's t with `dof` degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, dof))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -888,6 +888,7 @@ def transfer(backbone: JaxtlModel, target: Target, config: TransferConfig, *, sp
         "baseline": _baseline(y, split, config.task),
         "bias_correction": head.bias.to_dict() if head.bias is not None else None,
         "bias_split": head.bias.split if head.bias is not None else None,  # predictions the correction was fitted on
+        "bias_usable": head.bias.usable if head.bias is not None else None,  # False: corrected columns left empty
         "config": _jsonable(dataclasses.asdict(config)),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 
 from jaxtl import cli
+from jaxtl.config import override
 from jaxtl.experiment import (
     ExperimentConfig,
     ManifoldConfig,
@@ -144,8 +145,15 @@ def test_overrides_take_the_documented_alternatives(tmp_path, monkeypatch):
                            MethodSpec("ft_final"))
     assert load_experiment_config("configs/experiment_ixi.py", ['methods=["direct"]']).methods == (
         MethodSpec("direct"),)
-    with pytest.raises(ValueError, match=r"give method names, e.g. --set methods=ft_step"):
+    with pytest.raises(ValueError, match=r"give method names, e.g. --set methods=NAME,NAME \(rows of the config or "
+                                         r"its defaults: ft_step, ft_full"):
         load_experiment_config("configs/experiment_ixi.py", ["methods=[1,2]"])
+    # a config without a row of that name takes the default rows (ft_step: age only), once per name
+    only_features = dataclasses.replace(load_experiment_config("configs/experiment_ixi.py"),
+                                        methods=(MethodSpec("features"),))
+    assert override(only_features, "methods=ft_step,ft_step,features").methods == (
+        MethodSpec("ft_step", tasks=("age",)), MethodSpec("features"))
+    assert override(dataclasses.replace(only_features, methods=()), "methods=direct").methods == (MethodSpec("direct"),)
 
 
 def test_failed_runs_are_reported_and_tried_again(tiny_models, ixi_tiny, tmp_path, monkeypatch, capsys):
@@ -190,6 +198,8 @@ def test_experiment_refuses_unknown_tasks_and_models_of_different_resolutions(ti
         check_experiment(ExperimentConfig(methods=(MethodSpec("featurs"),)))
     with pytest.raises(ValueError, match=r"scarcity.methods: unknown method\(s\) 'x'"):
         check_experiment(ExperimentConfig(scarcity=ScarcityConfig(methods=("x",))))
+    with pytest.raises(ValueError, match=r"methods: \('features',\): give MethodSpec rows in a config file"):
+        check_experiment(ExperimentConfig(methods=("features",)))
     age, sex = load_model(tiny_models["age"]), load_model(tiny_models["sex"])
     check_models({"age": age, "sex": sex})
     one_mm = dataclasses.replace(sex, input_shape=(160, 192, 160), preprocessing={**sex.preprocessing, "downsample": 1})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -257,7 +258,7 @@ def test_bias_correction():
     gap, gap_c = pred - age, corrected - age
     assert abs(np.corrcoef(gap, age)[0, 1]) > 0.9 and abs(np.corrcoef(gap_c, age)[0, 1]) < 0.1
     assert BiasCorrection.from_dict(bc.to_dict()) == bc
-    with pytest.warns(UserWarning, match="hardly follow age"):
+    with pytest.warns(UserWarning, match="corrected ages are left empty"):
         flat = BiasCorrection.fit(50 + rng.normal(size=50), rng.uniform(20, 80, 50))
     assert np.all(np.isnan(flat.apply([40.0, 60.0])))
     # a small slope multiplies errors (1/0.15): refused even when it is clearly above 0
@@ -266,12 +267,20 @@ def test_bias_correction():
     assert small.slope / small.slope_se > 10 and not small.usable
     # a slope of 0.5 from 8 very noisy scans: not distinguishable from 0 (the -143..446 years case)
     few = rng.uniform(20, 80, 8)
-    with pytest.warns(UserWarning, match="standard error"):
+    with pytest.warns(UserWarning, match="not significantly above 0"):
         noisy = BiasCorrection.fit(0.5 * few + 25 + rng.normal(scale=30, size=8), few)
-    assert noisy.slope < noisy.MIN_T * noisy.slope_se and np.all(np.isnan(noisy.apply([40.0])))
+    assert noisy.slope > noisy.MIN_SLOPE and np.all(np.isnan(noisy.apply([40.0])))
+    # 3 scans: t = 9 (2 standard errors would pass) is below the 5% critical value of t with 1 dof, 12.7
+    three = BiasCorrection(slope=0.9, intercept=5.0, n=3, split="val", slope_se=0.1)
+    assert not three.usable and dataclasses.replace(three, n=30).usable
     assert bc.usable and bc.slope / bc.slope_se > 20
     old = {k: v for k, v in bc.to_dict().items() if k != "slope_se"}  # a head saved before slope_se existed
     assert BiasCorrection.from_dict(old).usable and BiasCorrection.from_dict(old).slope_se is None
+    with pytest.warns(UserWarning, match=r"the saved age-bias slope 0.150 is below 0.2.*refit the head"):
+        assert not BiasCorrection.from_dict(old | {"slope": 0.15}).usable  # saved when 0.1 was the limit
+    with warnings.catch_warnings():  # one fitted now warned when it was fitted, not again when loaded
+        warnings.simplefilter("error")
+        assert not BiasCorrection.from_dict(small.to_dict()).usable
     with pytest.raises(ValueError, match="at least 3"):
         BiasCorrection.fit([1.0, 2.0], [1.0, 2.0])
     # bc.fit(...) on an object would read as fitting it in place (scikit-learn style) but leave it as it was

@@ -291,7 +291,7 @@ def test_network_bias_correction_is_fitted_on_the_validation_split(monkeypatch, 
     monkeypatch.setattr(tl, "fit_method", lambda *a, **k: (head, pred.copy()))
     cfg = dataclasses.replace(FAST, task="age", method="ft_step")
     r = transfer(backbone, target, cfg, split=split, progress=False)
-    assert r.head.bias.split == r.metrics["bias_split"] == "val"
+    assert r.head.bias.split == r.metrics["bias_split"] == "val" and r.metrics["bias_usable"] is True
     np.testing.assert_allclose((r.head.bias.slope, r.head.bias.intercept), (0.7, 15.0), atol=1e-9)
     assert abs(r.metrics["test"]["mean_gap_corrected"]) < 1e-9 and r.metrics["test"]["r_corrected"] > 0.99
     # no validation scans: fall back to the training split, say so, and label it in-sample
