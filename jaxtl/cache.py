@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import time
@@ -277,8 +278,11 @@ def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
-    for process in processes:
-        process.join(timeout=5)
+    # wait on each process's sentinel, not join(): the pool's own thread may reap a process first, and one reaped
+    # elsewhere reads as alive to is_alive() and join() (which then waited its whole timeout)
+    pending, deadline = {p.sentinel for p in processes}, time.monotonic() + 5
+    while pending and (left := deadline - time.monotonic()) > 0:
+        pending -= set(multiprocessing.connection.wait(list(pending), timeout=left))
 
 
 def _process_scan(path: str, downsample: int, dtype: str) -> tuple[np.ndarray | None, dict]:

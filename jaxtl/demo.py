@@ -262,7 +262,9 @@ def _report(config: DemoConfig, experiments: dict[str, ExperimentConfig], model_
               f"Test MAE {test.get('mae', float('nan')):.2f} years, r {test.get('r', float('nan')):.2f}; "
               f"predictions in [{rel(brain_age['dir'] / 'predictions.csv')}]"
               f"({rel(brain_age['dir'] / 'predictions.csv')}) (gap and bias-corrected gap, the correction fitted "
-              "on the training split only).", ""]
+              "on the training split only" + (
+                  f"; refused here, its corrected columns empty: slope {m['bias_correction']['slope']:.3f}, too small "
+                  "or not significantly above 0" if m.get("bias_usable") is False else "") + ").", ""]
     lines += [f"![{p}]({rel(brain_age['dir'] / p)})" for p in brain_age["plots"]] + [""]
     lines += ["## The simulated brains", "", f"![montage]({rel(montage)})", ""]
     lines += ["## Timings", "", "| stage | seconds, first run | seconds, this run |", "|---|---|---|"]

@@ -79,6 +79,9 @@ def test_ci_demo_end_to_end_and_rerun(ci_data, tmp_path, capsys, monkeypatch):
     text = report.read_text()
     for section in SECTIONS:
         assert section in text, section
+    # a refused age-bias correction is said, not left as unexplained empty columns
+    usable = json.loads((out / "brain_age" / "metrics.json").read_text())["bias_usable"]
+    assert ("refused here, its corrected columns empty" in text) == (usable is False)
     for link in re.findall(r"\]\(([^)]+)\)", text):  # every image and file the report links exists
         assert (out / link).exists(), link
     assert re.search(r"\| age \| [\d.]+ years MAE \| [\d.]+ years MAE \| 1", text), text
