@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 import warnings
@@ -120,6 +121,10 @@ def _transfer(args: argparse.Namespace) -> int:
     print(f"{args.method} {args.task}: test {name} {m['test'].get(name, float('nan')):.4g} "
           f"(train {n['train']}, val {n['val']}, test {n['test']}); wrote {result.out_dir}/predictions.csv, "
           f"metrics.json, head/")
+    predictions = Path(result.out_dir) / "predictions.csv"
+    with predictions.open(newline="") as f:  # scans with input warnings trained and tested the head too
+        _report_qc(args.command, {"qc_warnings": [row.get("qc_warnings", "") for row in csv.DictReader(f)]},
+                   predictions)
     return 0
 
 

@@ -126,6 +126,7 @@ class VolumeReader:
         self._kind = ""
         self._failures: dict[int, SkippedScan] = {}
         self._warned: dict[int, list[str]] = {}
+        self._mean_checked = False
         self._setup(volumes)
 
     @property
@@ -254,7 +255,11 @@ class VolumeReader:
 
     def read(self, start: int, stop: int, pool: concurrent.futures.Executor | None = None) -> np.ndarray | jax.Array:
         if self._kind == "array":
-            return _input_array(self._array[start:stop])  # a jax.Array stays on its device: no host round trip
+            batch = _input_array(self._array[start:stop])  # a jax.Array stays on its device: no host round trip
+            if self.check and not self._mean_checked and isinstance(batch, np.ndarray):
+                self._mean_checked = True  # the first batch: arrays come preprocessed alike
+                _warn_if_unnormalised(batch, start)
+            return batch
         idx = range(start, stop)
         vols = list(pool.map(self._try, idx)) if pool is not None and len(idx) > 1 else [self._try(i) for i in idx]
         loaded = [v for v in vols if isinstance(v, np.ndarray)]
@@ -282,6 +287,23 @@ class VolumeReader:
 
 
 _KEPT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16))
+MEAN_RANGE = (0.5, 2.0)  # a volume divided by its mean over the whole grid: about 1.46 over Peng's crop
+
+
+def _warn_if_unnormalised(batch: np.ndarray, start: int) -> None:
+    """An `InputWarning` when a volume of an array batch is far from Peng's intensity normalisation (divided by the
+    mean: raw scanner intensities, z-scores and such gave other ages without a word)."""
+    from jaxtl.data import InputWarning
+
+    means = batch.reshape(len(batch), -1).mean(axis=1, dtype=np.float64)
+    # not finite: refused with its batch on the device (InputError)
+    bad = np.flatnonzero(np.isfinite(means) & ((means < MEAN_RANGE[0]) | (means > MEAN_RANGE[1])))
+    if bad.size:
+        warnings.warn(InputWarning(
+            f"volume {start + bad[0]} has mean intensity {means[bad[0]]:.3g} ({bad.size} of the first "
+            f"{len(batch)} outside {MEAN_RANGE[0]}-{MEAN_RANGE[1]}): SFCN expects each volume divided by its mean "
+            "(about 1.46 over the 160x192x160 crop of the MNI grid); load scans with jaxtl.load_volume, or divide "
+            "each array by its mean before cropping (check=False silences this)"), stacklevel=2)
 
 
 def _pandas_column(frame: Any) -> np.ndarray:

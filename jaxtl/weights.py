@@ -269,8 +269,8 @@ def convert_torch_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike
             hint = "--task sex (a 2-output head is a sex model)"
         else:
             hint = f"--bins MIN MAX with MAX - MIN = {head_w.shape[0]}"
-        raise ValueError(f"{path}: the head has {head_w.shape[0]} outputs but task '{task}' "
-                         f"{'with bins ' + str(tuple(bin_range)) if task == 'age' else ''} needs "
+        raise ValueError(f"{path}: the head has {head_w.shape[0]} outputs but task '{task}'"
+                         f"{' with bins ' + str(tuple(bin_range)) if task == 'age' else ''} needs "
                          f"{task_obj.num_outputs}; use {hint}")
     _check_keys_and_shapes(sd, channels, task_obj.num_outputs, path)
     model = SFCN(channels, task_obj.num_outputs, rngs=nnx.Rngs(0))

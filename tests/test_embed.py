@@ -284,6 +284,22 @@ def test_steps_compile_with_the_devices_compiler_options(age_model, volumes, mon
         embed(volumes[:2], age_model, progress=False)
 
 
+def test_arrays_far_from_the_intensity_normalisation_warn(age_model, volumes):
+    """Arrays are taken as preprocessed; one far from Peng's normalisation (each volume divided by its mean) warns
+    once, naming the volume, instead of giving other ages without a word; check=False silences it."""
+    from jaxtl.data import InputWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        embed(volumes, age_model, progress=False)  # loaded with load_volume: normalised
+        embed(volumes * 1000, age_model, progress=False, check=False)
+    raw = volumes.copy()
+    raw[1] *= 1000  # e.g. one scan's raw scanner intensities (in the first batch, the one checked)
+    with pytest.warns(InputWarning, match=r"volume 1 has mean intensity .*jaxtl.load_volume") as caught:
+        embed(raw, age_model, progress=False, batch_size=2)
+    assert len([w for w in caught if issubclass(w.category, InputWarning)]) == 1  # the first batch is checked
+
+
 def test_host_batches_copied_from_threads_equal_one_copy(age_model, volumes, monkeypatch):
     """On GPUs a host batch goes to the devices one volume per thread (`to_devices`): the same features."""
     E = importlib.import_module("jaxtl.embed")

@@ -599,6 +599,13 @@ def test_input_warnings_are_columns_of_predictions_and_features(tiny_models, ixi
                                   config=FAST, progress=False)
         found = list(result.predictions["qc_warnings"])
         assert found[:10] == [""] * 10 and (found[10], found[11]) == (qc[1], qc[3]), method
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["transfer", "--model", str(tiny_models["age"]), "--cohort", str(labelled), "--task", "age",
+                         "--method", "features", "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    # the command says so too: those scans trained and tested the head
+    assert "2 of 12 scans have input warnings (their qc_warnings column in " in capsys.readouterr().err
 
 
 def test_cli_embed_writes_features_per_scan(tiny_models, ixi_tiny, tmp_path, capsys):
