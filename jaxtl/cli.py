@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import warnings
@@ -121,10 +120,8 @@ def _transfer(args: argparse.Namespace) -> int:
     print(f"{args.method} {args.task}: test {name} {m['test'].get(name, float('nan')):.4g} "
           f"(train {n['train']}, val {n['val']}, test {n['test']}); wrote {result.out_dir}/predictions.csv, "
           f"metrics.json, head/")
-    predictions = Path(result.out_dir) / "predictions.csv"
-    with predictions.open(newline="") as f:  # scans with input warnings trained and tested the head too
-        _report_qc(args.command, {"qc_warnings": [row.get("qc_warnings", "") for row in csv.DictReader(f)]},
-                   predictions)
+    if "qc_warnings" in result.predictions:  # scans with input warnings trained and tested the head too
+        _report_qc(args.command, result.predictions, Path(result.out_dir) / "predictions.csv")
     return 0
 
 

@@ -410,6 +410,7 @@ class BiasCorrection:
     slope_se: float | None = None  # None: not known (corrections saved before it was recorded)
 
     MIN_SLOPE = 0.2
+    _MIN_SLOPE_BEFORE = 0.1  # the limit before slope_se was recorded
 
     @_on_class_only
     def fit(cls, predicted, age, split: str = "train") -> BiasCorrection:
@@ -455,12 +456,12 @@ class BiasCorrection:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> BiasCorrection | None:
-        """A saved correction; one saved by an earlier version (no `slope_se`) that was usable then (slope >= 0.1)
-        but is refused now warns why."""
+        """A saved correction; one saved by an earlier version (no `slope_se`) that was usable then but is refused
+        now warns why."""
         if d is None:
             return None
         bc = cls(**d)
-        if "slope_se" not in d and not bc.usable and bc.slope >= 0.1:
+        if "slope_se" not in d and not bc.usable and bc.slope >= cls._MIN_SLOPE_BEFORE:
             warnings.warn(f"the saved {bc.why_unusable()}; its corrected ages, given by earlier jaxtl versions, are "
                           "now left empty (NaN) (refit the head with jaxtl transfer)", stacklevel=2)
         return bc
