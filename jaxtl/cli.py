@@ -113,8 +113,13 @@ def _transfer(args: argparse.Namespace) -> int:
                                "bin_range": tuple(args.bins) if args.bins else None}.items() if v is not None}
     if args.split:
         extra["split"] = tuple(args.split)
-    result = run_transfer(args.model, args.cohort, args.out, task=args.task, method=args.method,
-                          overwrite=args.overwrite, progress=not args.no_progress, **extra)
+    from jaxtl.embed import SkippedScansWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in failures.tsv
+        result = run_transfer(args.model, args.cohort, args.out, task=args.task, method=args.method,
+                              overwrite=args.overwrite, progress=not args.no_progress, on_error=args.on_error,
+                              **extra)
     m, name = result.metrics, ("mae" if args.task == "age" else "balanced_accuracy")
     n = m["n"]
     print(f"{args.method} {args.task}: test {name} {m['test'].get(name, float('nan')):.4g} "
@@ -122,6 +127,9 @@ def _transfer(args: argparse.Namespace) -> int:
           f"metrics.json, head/")
     if "qc_warnings" in result.predictions:  # scans with input warnings trained and tested the head too
         _report_qc(args.command, result.predictions, Path(result.out_dir) / "predictions.csv")
+    if result.failures:
+        print(f"jaxtl transfer: {len(result.failures)} scans could not be loaded and were left out of the split: "
+              f"see {Path(result.out_dir) / 'failures.tsv'}", file=sys.stderr)
     return 0
 
 
@@ -393,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the age-bias correction is fitted on (default auto: val for networks, out-of-fold "
                         "train predictions for scikit-learn heads)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
+                   help="a scan that cannot be loaded or a table row with problems: skip (default: every scan is "
+                        "read once first; the failures are left out and listed in OUT/failures.tsv) or raise")
     p.set_defaults(func=_transfer)
 
     p = sub.add_parser("predict", help="apply a fitted head (jaxtl transfer --out DIR: DIR/head) or a model "

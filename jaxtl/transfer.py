@@ -28,6 +28,7 @@ weights for scikit-learn heads) and balanced accuracy is reported, which is what
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import json
@@ -50,7 +51,15 @@ from tqdm.auto import tqdm
 
 from jaxtl.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxtl.conv import default_devices
-from jaxtl.embed import VolumeReader, apply_batched, embed, model_downsample, resolve_model, warn_skipped
+from jaxtl.embed import (
+    SkippedScansWarning,
+    VolumeReader,
+    apply_batched,
+    embed,
+    model_downsample,
+    resolve_model,
+    warn_skipped,
+)
 from jaxtl.heads import (
     BiasCorrection,
     check_head,
@@ -298,6 +307,59 @@ class Target:
         images = np.concatenate([first, reader.read(1, len(reader))]) if len(reader) > 1 else first
         src = ArraySource(images, self.ages.astype(np.float32), self.sexes.astype(np.float32), self.ids)
         return dataclasses.replace(self, source=src, _memo=self._memo)
+
+    def select(self, indices: np.ndarray) -> Target:
+        """The scans at `indices` (a NIfTI, cache or in-memory target); features and voxels are recomputed."""
+        from jaxtl.cache import NiftiSource
+
+        idx = np.asarray(indices, dtype=int)
+        if isinstance(self.source, NiftiSource):
+            source = NiftiSource(self.source.cohort.select(idx), downsample=self.source.downsample,
+                                 check=self.source.check)
+        elif isinstance(self.source, ArraySource):
+            s = self.source
+            source = ArraySource(s.images[idx], s.ages[idx], s.sexes[idx], s.ids[idx])
+        else:
+            raise ValueError(f"cannot select scans of a {type(self.source).__name__} target")
+        return dataclasses.replace(self, source=source, ids=self.ids[idx], participant_ids=self.participant_ids[idx],
+                                   sessions=self.sessions[idx], sites=self.sites[idx], ages=self.ages[idx],
+                                   sexes=self.sexes[idx], _memo={})
+
+
+def drop_unloadable(target: Target, *, progress: bool = True) -> tuple[Target, tuple]:
+    """Read every scan of a NIfTI-backed target once; return the target without the scans that failed to load
+    and their `jaxtl.cache.Failure`s (id, path, reason). Caches and in-memory targets are returned as they are."""
+    from jaxtl.cache import Failure, NiftiSource
+
+    if not isinstance(target.source, NiftiSource):
+        return target, ()
+    reader = VolumeReader(target.source, downsample=target.downsample, on_error="skip")
+    step = 2 * reader.workers
+    with concurrent.futures.ThreadPoolExecutor(reader.workers) as pool, \
+            tqdm(total=len(reader), desc="reading scans", unit="scan", disable=not progress) as bar:
+        for start in range(0, len(reader), step):
+            stop = min(start + step, len(reader))
+            reader.read(start, stop, pool)
+            bar.update(stop - start)
+    failures = tuple(Failure(str(target.ids[f.index]), f.path, f.reason) for f in reader.failures)
+    if not failures:
+        return target, ()
+    if len(failures) == len(target):
+        raise ValueError(f"{target.name}: none of its {len(target)} scans could be loaded, e.g. {failures[0].reason}")
+    keep = np.setdiff1d(np.arange(len(target)), [f.index for f in reader.failures])
+    warnings.warn(f"{target.name}: {len(failures)} of {len(target)} scans could not be loaded and are left out, "
+                  f"e.g. {failures[0].reason}", SkippedScansWarning, stacklevel=2)
+    return target.select(keep), failures
+
+
+def _write_failures(path: Path, failures: Sequence) -> None:
+    """`failures.tsv` (id, path, reason, as `jaxtl prepare`'s) when scans failed; a stale one is removed."""
+    from jaxtl.cache import _tsv
+
+    if failures:
+        path.write_text(_tsv(failures))
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _voxels(source, factor: int, progress: bool) -> np.ndarray:
@@ -852,6 +914,7 @@ class TransferResult:
     predictions: dict[str, np.ndarray]
     head: TransferHead
     out_dir: Path | None = None
+    failures: tuple = ()  # `run_transfer(on_error="skip")`: the scans left out, as `jaxtl.cache.Failure`s
 
 
 def transfer(backbone: JaxtlModel, target: Target, config: TransferConfig, *, split: np.ndarray | None = None,
@@ -920,7 +983,8 @@ def _baseline(y: np.ndarray, split: np.ndarray, task: str) -> dict:
 
 def run_transfer(model: JaxtlModel | str | os.PathLike, cohort: Any, out_dir: str | os.PathLike, *,
                  task: str = "age", method: str = "features", config: TransferConfig | None = None,
-                 progress: bool = True, overwrite: bool = False, plots: bool = True, **overrides) -> TransferResult:
+                 progress: bool = True, overwrite: bool = False, plots: bool = True, on_error: str = "raise",
+                 **overrides) -> TransferResult:
     """Fit a transfer method on a target cohort and write its outputs to `out_dir`.
 
     `model`: pretrained jaxtl model (directory, published name or `JaxtlModel`). `cohort`: a prepared cache
@@ -929,6 +993,10 @@ def run_transfer(model: JaxtlModel | str | os.PathLike, cohort: Any, out_dir: st
 
     Writes predictions.csv (participant_id, session, site, split, age|sex, prediction, and for age
     prediction_corrected, gap = predicted - chronological, gap_corrected), metrics.json, head/ and PNG plots.
+
+    `on_error="skip"` (NIfTI cohorts; a prepared cache never skips): table rows with problems are dropped with a
+    warning, and every scan is read once first (`drop_unloadable`); those that cannot be loaded are left out of
+    the split and listed in `out_dir/failures.tsv` (`result.failures`, "failed_to_load" in metrics.json).
     """
     out = Path(out_dir)
     if (out / "metrics.json").exists() and not overwrite:
@@ -939,11 +1007,18 @@ def run_transfer(model: JaxtlModel | str | os.PathLike, cohort: Any, out_dir: st
     backbone = resolve_model(model)
     if not isinstance(backbone, JaxtlModel):
         raise ValueError("run_transfer needs a JaxtlModel or a model directory (it must know its preprocessing)")
-    target = open_target(cohort, model_downsample(backbone), sex_required=task == "sex")
+    target = open_target(cohort, model_downsample(backbone), sex_required=task == "sex",
+                         check_files=on_error != "skip", on_error=on_error)
     if target.shape != tuple(backbone.input_shape):
         raise ValueError(f"{target.name}: volumes of shape {target.shape}, the model expects {backbone.input_shape}")
+    failures: tuple = ()
+    if on_error == "skip":
+        target, failures = drop_unloadable(target, progress=progress)
     result = transfer(backbone, target, config, progress=progress)
+    result.failures = failures
+    result.metrics["failed_to_load"] = len(failures)
     out.mkdir(parents=True, exist_ok=True)
+    _write_failures(out / "failures.tsv", failures)
     result.head.save(out / "head")
     write_predictions(out / "predictions.csv", result.predictions)
     (out / "metrics.json").write_text(json.dumps(_jsonable(result.metrics), indent=2) + "\n")
@@ -1026,7 +1101,7 @@ def write_cohort_predictions(path: str | os.PathLike, columns: dict[str, np.ndar
     the scans that failed to `<path stem>.failures.tsv` beside it (id, path, reason, as `jaxtl prepare`'s
     failures.tsv; a stale one is removed when none failed). Returns (CSV, failures file, number failed).
     """
-    from jaxtl.cache import Failure, _tsv
+    from jaxtl.cache import Failure
 
     path = Path(path)
     failures_path = path.with_name(f"{path.stem}.failures.tsv")
@@ -1036,11 +1111,8 @@ def write_cohort_predictions(path: str | os.PathLike, columns: dict[str, np.ndar
     if error is not None:
         kept = {k: np.asarray(v)[~failed] for k, v in kept.items()}
     write_predictions(path, kept)
-    if failed.any():
-        rows = [Failure(str(columns["id"][i]), str(columns["path"][i]), str(error[i])) for i in np.flatnonzero(failed)]
-        failures_path.write_text(_tsv(rows))
-    else:
-        failures_path.unlink(missing_ok=True)
+    _write_failures(failures_path, [Failure(str(columns["id"][i]), str(columns["path"][i]), str(error[i]))
+                                    for i in np.flatnonzero(failed)])
     return path, failures_path, int(failed.sum())
 
 

@@ -509,6 +509,38 @@ def test_cli_predict_skips_scans_that_fail_and_reports_them(tiny_models, ixi_tin
     assert "line 2" in capsys.readouterr().err
 
 
+def test_cli_transfer_leaves_out_scans_that_fail_to_load(tiny_models, ixi_tiny, tmp_path, capsys):
+    """`jaxtl transfer` on a NIfTI table: a corrupt file, NaN voxels, a missing file and an unparseable age are
+    left out of the split (listed in failures.tsv and metrics.json), not a stop; `--on-error raise` stops."""
+    cohort = read_cohort(ixi_tiny[0]).select(range(16))
+    corrupt, nonfinite = _bad_scans(tmp_path, cohort.paths[0])
+    missing = str(tmp_path / "sub-gone_T1w.nii.gz")
+    rows = [(s.participant_id, s.path, s.age) for s in cohort]
+    rows += [("sub-corrupt", corrupt, 40), ("sub-nan", nonfinite, 50), ("sub-gone", missing, 60)]
+    table = tmp_path / "cohort.csv"
+    table.write_text("participant_id,path,age\n" + "".join(f"{i},{p},{a}\n" for i, p, a in rows)
+                     + f"sub-old,{cohort.paths[1]},thirty\n")
+    out = tmp_path / "tl"
+    argv = ["transfer", "--model", str(tiny_models["age"]), "--cohort", str(table), "--method", "features",
+            "--out", str(out), "--no-progress"]
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"3 scans could not be loaded and were left out of the split: see {out / 'failures.tsv'}" in err
+    failed = [line.split("\t") for line in (out / "failures.tsv").read_text().splitlines()]
+    assert failed[0] == ["id", "path", "reason"]
+    assert [(r[0], r[1]) for r in failed[1:]] == [("sub-corrupt", corrupt), ("sub-nan", nonfinite),
+                                                  ("sub-gone", missing)]
+    pred = read_predictions(out / "predictions.csv")
+    assert sorted(pred["participant_id"]) == sorted(cohort.participant_ids)  # nor the row aged "thirty"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["failed_to_load"] == 3 and sum(metrics["n"].values()) == 16
+    table.write_text("participant_id,path,age\n" + "".join(f"{i},{p},{a}\n" for i, p, a in rows[:17]))
+    assert cli.main([*argv, "--overwrite", "--on-error", "raise"]) == 2
+    assert "sub-corrupt_T1w.nii.gz: unreadable" in capsys.readouterr().err
+
+
 def test_heads_predict_nan_for_skipped_scans(tiny_models, ixi_tiny, tmp_path):
     """Feature and voxel heads predict on the scans that loaded; the others get NaN, rows stay aligned."""
     from sklearn.linear_model import Ridge
