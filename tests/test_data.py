@@ -309,6 +309,23 @@ def test_wrong_contrast_warns(mni):
     _quiet(load_volume, nib.Nifti1Image(inverted, MNI_AFFINE), check=False)
 
 
+def test_voxels_mirrored_against_the_header_warn_with_the_axis(mni):
+    """A header that does not match the voxels (data reversed along an axis, affine kept) is named as such with its
+    world axis, whatever the storage order; a left-right mirror cannot be told from the template and passes."""
+    img = _reoriented(nib.Nifti1Image(mni, MNI_AFFINE), perm=(1, 2, 0), flips=(False, True, False))  # y, z, x stored
+    _quiet(conform, img)
+    arr = np.asarray(img.dataobj)
+    for axis, world in ((0, "anterior-posterior"), (1, "superior-inferior")):
+        mirrored = nib.Nifti1Image(np.flip(arr, axis).copy(), img.affine)
+        with pytest.warns(InputWarning, match=rf"mirrored {world} relative to the header .* with voxel axis {axis} "
+                                              r"reversed\).*dcm2niix") as caught:
+            conform(mirrored)
+        assert len(caught) == 1  # not also "far from the template"
+    _quiet(conform, nib.Nifti1Image(np.flip(arr, 2).copy(), img.affine))  # left-right
+    assert data.mirrored_axis(arr, img.affine) is None
+    assert data.mirrored_axis(np.flip(arr, 0), img.affine)[0] == 0
+
+
 def test_qform_sform_disagreement_warns_and_uses_sform(mni, tmp_path):
     img = nib.Nifti1Image(mni, MNI_AFFINE)
     qform = MNI_AFFINE.copy()
