@@ -130,6 +130,11 @@ class VolumeReader:
         self._setup(volumes)
 
     @property
+    def in_memory(self) -> bool:
+        """True for an array of volumes (nothing to load)."""
+        return self._kind == "array"
+
+    @property
     def failures(self) -> tuple[SkippedScan, ...]:
         """Scans skipped so far (`on_error="skip"`), in input order."""
         return tuple(self._failures[i] for i in sorted(self._failures))
@@ -374,6 +379,9 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
     if n < batch_size:  # few volumes: a power-of-two batch per device, not a mostly padded full one
         batch_size = min(batch_size, n_dev * (1 << max(0, math.ceil(math.log2(-(-n // n_dev))))))
+    else:  # equal batches, so that the last is not mostly padding (10 volumes: 2 x 5, not 2 x 8)
+        per_batch = -(-n // -(-n // batch_size))
+        batch_size = -(-per_batch // n_dev) * n_dev
     graphdef, state = nnx.split(model)  # the caller's model stays in its mode; the network runs in eval mode
     graphdef = _eval_graphdef(graphdef, state, None if dtype is None else jnp.dtype(dtype))
     state = jax.device_put(state, NamedSharding(mesh, P()))
@@ -381,7 +389,9 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     fn = _jitted(layer, mesh)
     outs, in_flight = [], None  # in_flight: the last batch dispatched and its size, fetched after the next dispatch
     starts = list(range(0, n, batch_size))
-    bar = tqdm(total=n, unit="vol", desc=f"embed ({layer})", disable=not progress or n <= batch_size)
+    # one batch of arrays is quick; one of files to load (seconds to minutes at 1mm on a CPU) still shows a bar
+    quick = n <= batch_size and reader.in_memory
+    bar = tqdm(total=n, unit="vol", desc=f"embed ({layer})", disable=not progress or quick)
     put_threads = _put_threads(mesh, batch_size)
 
     def next_batch(s: int, pool, put_pool) -> tuple[jax.Array, int]:
@@ -537,7 +547,9 @@ def embed(volumes: Any, model: JaxtlModel | SFCN | str | os.PathLike, *, layer: 
     (160x192x160), then block-averaged by the model's `downsample` (e.g. 40x48x40 for 4).
     Layers: "features" (the 64-d average-pooled vector the paper re-uses), "logits" (log-probabilities),
     "probs", and "block0".."block5" (each conv block's output, average-pooled).
-    `dtype=jnp.bfloat16` computes in bfloat16 with float32 parameters.
+    `dtype=jnp.bfloat16` computes in bfloat16 with float32 parameters. `batch_size`: at most this many volumes per
+    step (default `max(8, 2 x devices)`, a multiple of the device count); the volumes are cut into equal batches
+    (10 volumes: two of 5), and fewer than one batch run in a power-of-two batch per device.
 
     `on_error` (NIfTI inputs: paths, images, cohorts): "raise" (default) stops at the first scan that cannot
     be loaded or conformed with a `jaxtl.InputError` naming the file, as a script would expect: NaN rows

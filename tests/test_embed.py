@@ -99,6 +99,14 @@ def test_padding_the_last_batch_changes_nothing(age_model, volumes):
     np.testing.assert_allclose(one_by_one, full[:2], rtol=1e-6, atol=1e-7)
 
 
+def test_one_batch_of_files_shows_progress(age_model, paths, volumes, capsys):
+    """Files take seconds to load and embed even in one batch (minutes at 1mm on a CPU): a bar; arrays: none."""
+    embed(list(paths[:2]), age_model)
+    assert "embed (features): 100%" in capsys.readouterr().err
+    embed(volumes[:2], age_model)
+    assert "embed (features)" not in capsys.readouterr().err
+
+
 def test_few_volumes_run_in_a_small_batch_and_bad_arrays_are_refused(age_model, volumes, monkeypatch):
     """One volume is not padded to a batch of 8 (a power of two per device instead); NaN volumes and a single
     (D, H, W, 1) volume without its batch axis are refused, naming what is wrong."""
@@ -115,6 +123,8 @@ def test_few_volumes_run_in_a_small_batch_and_bad_arrays_are_refused(age_model, 
     for n, batch in ((1, 1), (3, 4), (6, 8)):
         assert embed(volumes[:n], age_model, progress=False).shape == (n, TINY_CHANNELS[-1])
         assert shapes.pop()[0] == batch
+    embed(volumes[:5], age_model, batch_size=4, progress=False)  # equal batches: 3 + 3, not 4 + 4 (3 rows padding)
+    assert [s[0] for s in shapes] == [3, 3]
     bad = volumes[:3].copy()
     bad[1, 5, 5, 5] = np.nan
     with pytest.raises(InputError, match="volume 1 has NaN or infinite voxels"):
