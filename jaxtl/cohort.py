@@ -181,8 +181,13 @@ def read_cohort(
         scans, problems = _read_table_cohort(path, named, sex_required, coding)
     else:
         raise CohortError(f"{path}: no such file or directory")
-    if not check_files:
+    if not check_files:  # kept: they fail when loaded; the table's hint (where relative paths are read) said here
+        missing = [(line, msg) for line, msg in problems if msg.startswith(FILE_NOT_FOUND)]
         problems = [(line, msg) for line, msg in problems if not msg.startswith(FILE_NOT_FOUND)]
+        if missing:
+            listing = "".join(f"\n  {line}: {msg}" for line, msg in missing[:5])
+            warnings.warn(f"{path}: {len(missing)} image file(s) not found{listing}"
+                          f"{'' if len(missing) <= 5 else chr(10) + '  ...'}", stacklevel=2)
     if problems:
         _report(path, problems, on_error)
     bad_rows = {line for line, _ in problems}
@@ -313,6 +318,38 @@ def age_unit(table: Path, column: str, sidecars: Sequence[Path] = ()) -> float:
                               "\"Units\" to \"year\", \"month\", \"week\" or \"day\"")
         return per_unit
     return 1.0
+
+
+def levels_coding(table: Path, column: str) -> dict[str, float] | None:
+    """The sex coding a BIDS sidecar (`table` with .json) states in its `{column: {"Levels": {"1": "male", ...}}}`;
+    None when it states none that names both sexes (e.g. {"M": "male", "F": "female"} codes nothing new)."""
+    import json
+
+    sidecar = table.with_suffix(".json")
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8-sig", errors="replace")) if sidecar.is_file() else {}
+    except ValueError:
+        return None  # age_unit warns of invalid JSON
+    meta = {str(k).lower(): v for k, v in meta.items()} if isinstance(meta, dict) else {}
+    entry = meta.get(column.lower())
+    levels = {str(k).lower(): v for k, v in entry.items()}.get("levels") if isinstance(entry, dict) else None
+    if not isinstance(levels, dict):
+        return None
+    coding = {}
+    for value, meaning in levels.items():
+        try:
+            sex = parse_sex(str(meaning))
+        except ValueError:
+            continue  # "other", descriptions
+        if not math.isnan(sex):
+            coding[str(value).strip().lower()] = sex
+    if sorted(set(coding.values())) != [0.0, 1.0]:
+        return None
+    try:
+        plain = all(parse_sex(value) == sex for value, sex in coding.items())
+    except ValueError:
+        plain = False
+    return None if plain else coding
 
 
 def parse_sex(text: str) -> float:
@@ -571,6 +608,8 @@ def _read_table_cohort(
         raise CohortError(f"{path}: no 'path' column (columns: {', '.join(raw)}){hint}")
     _check_coding_has_column(path, raw, cols, coding)
     _warn_unrecognised(path, raw, cols)
+    if coding is None and "sex" in cols:  # a BIDS-style sidecar (the table with .json) may state the coding
+        coding = levels_coding(path, raw[cols["sex"]])
     root = path.parent
     paths = [_resolve(cells[cols["path"]], root) for _, cells in rows]
     fallback_ids = _ids_from_paths(paths, root)
@@ -605,11 +644,13 @@ def _read_table_cohort(
             scan_id = fallback
         scans.append((where, Scan(scan_id, participant, image, session, age, sex, row.get("site", ""))))
     _warn_bad_sex(path, bad_sex)
-    problems += _duplicate_ids(scans)
+    problems += _duplicate_ids(_with_runs(scans))
     return scans, sorted(problems, key=_line_key)
 
 
 def _not_found(image: Path, text: str, table: Path) -> str:
+    if image.is_symlink():
+        return f"{FILE_NOT_FOUND}: {image} is a broken link (a DataLad/git-annex file not fetched? `datalad get`)"
     relative = not Path(text).expanduser().is_absolute()
     return f"{FILE_NOT_FOUND}: {image}" + (f" (relative paths are read from {table.name}'s folder)" * relative)
 
@@ -617,6 +658,21 @@ def _not_found(image: Path, text: str, table: Path) -> str:
 def _resolve(text: str, root: Path) -> Path:
     p = Path(text).expanduser()
     return p if p.is_absolute() else root / p
+
+
+def _with_runs(scans: list[tuple[str, Scan]]) -> list[tuple[str, Scan]]:
+    """Scans sharing an id whose files are different BIDS runs (`_run-1`, `_run-2`) get the run in their id
+    (`sub-02_ses-01_run-1`), in place."""
+    by_id = collections.defaultdict(list)
+    for k, (_, scan) in enumerate(scans):
+        by_id[scan.id].append(k)
+    for ks in by_id.values():
+        runs = [_bids_entity(scans[k][1].path, "run") for k in ks]
+        if len(ks) > 1 and None not in runs and len(set(runs)) == len(runs):
+            for k, run in zip(ks, runs, strict=True):
+                where, scan = scans[k]
+                scans[k] = (where, dataclasses.replace(scan, id=f"{scan.id}_{run}"))
+    return scans
 
 
 def _duplicate_ids(scans: list[tuple[str, Scan]]) -> list[tuple[str, str]]:
@@ -682,7 +738,8 @@ def _read_bids(
         p
         for pattern in ("sub-*/anat/*_T1w.nii*", "sub-*/ses-*/anat/*_T1w.nii*")
         for p in root.glob(pattern)
-        if p.name.endswith((".nii", ".nii.gz")) and p.is_file()
+        # not hidden files (macOS `._` copies); broken links are scans whose content is not fetched (DataLad)
+        if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".") and (p.is_file() or p.is_symlink())
     )
     if not images:
         raise CohortError(
@@ -698,20 +755,24 @@ def _read_bids(
         session_ages[subject] = ages
         problems += session_problems
     scans, unlabelled = [], []
+    labelled = {subject for subject, _ in labels}
     for image in images:
         subject = image.relative_to(root).parts[0]
         session = _bids_entity(image, "ses") or ""
-        if subject not in labels and subject not in bad_subjects:
+        # participants.tsv rows are per subject, or per session when it has a session column
+        key = (subject, session) if (subject, session) in labels or (subject, session) in bad_subjects \
+            else (subject, "")
+        if subject not in labelled and not any(k[0] == subject for k in bad_subjects):
             unlabelled.append(subject)
-        age, sex, site = labels.get(subject, (math.nan, math.nan, ""))
+        age, sex, site = labels.get(key, (math.nan, math.nan, ""))
         age = session_ages[subject].get(session, age)
         scan_id = re.sub(r"_T1w$", "", _strip_suffix(image.name))
         # a subject whose participants.tsv row is bad shares that row's fate (reported or skipped)
-        where = bad_subjects.get(subject, str(image.relative_to(root)))
+        where = bad_subjects.get(key, str(image.relative_to(root)))
         scans.append((where, Scan(scan_id, subject, image, session, age, sex, site)))
     problems += _duplicate_ids(scans)
     if labels and unlabelled:
-        unpadded = {s.removeprefix("sub-").lstrip("0"): s for s in labels}
+        unpadded = {s.removeprefix("sub-").lstrip("0"): s for s in labelled}
         near = next((f"; {u} and {unpadded[key]} may be the same subject (zero padding)" for u in unlabelled
                      if (key := u.removeprefix("sub-").lstrip("0")) in unpadded), "")
         warnings.warn(
@@ -719,9 +780,12 @@ def _read_bids(
             f"(e.g. {unlabelled[0]}); their labels are missing{near}",
             stacklevel=3,
         )
-    n_scans = collections.Counter(s.participant_id for _, s in scans)
-    shared = sorted({s.participant_id for _, s in scans if n_scans[s.participant_id] > 1 and s.session
-                     and s.session not in session_ages[s.participant_id] and math.isfinite(s.age)})
+    sessions_of = collections.defaultdict(set)
+    for _, s in scans:
+        sessions_of[s.participant_id].add(s.session)
+    shared = sorted({s.participant_id for _, s in scans if len(sessions_of[s.participant_id]) > 1 and s.session
+                     and s.session not in session_ages[s.participant_id] and math.isfinite(s.age)
+                     and (s.participant_id, s.session) not in labels})
     if shared:
         warnings.warn(
             f"{root}: {len(shared)} subject(s) with several sessions take one age from participants.tsv for all of "
@@ -729,7 +793,7 @@ def _read_bids(
             f"age), or brain-age gaps of follow-up scans are off by the years between sessions",
             stacklevel=3,
         )
-    without_images = sorted(set(labels) - {p.relative_to(root).parts[0] for p in images})
+    without_images = sorted(labelled - {p.relative_to(root).parts[0] for p in images})
     if without_images:
         warnings.warn(
             f"{root}: {len(without_images)} participant(s) in participants.tsv without a T1w image"
@@ -763,24 +827,30 @@ def _select_t1w(root: Path, images: list[Path], bids_filter: dict[str, str | Non
         key = (image.relative_to(root).parts[0], ents.get("ses", ""), *(ents.get(k) for k in wildcards))
         groups.setdefault(key, []).append(image)
     several = [g for g in groups.values() if len(g) > 1]
-    same = next((g for g in several if len({tuple(sorted(_entities(p).items())) for p in g}) == 1), None)
+    same = [g for g in several if len({tuple(sorted(_entities(p).items())) for p in g}) == 1]
+    several = [g for g in several if g not in same]
+    problems = []
     if same:  # nothing to choose by: one scan stored twice
-        raise CohortError(f"{root}: {', '.join(str(p.relative_to(root)) for p in same)} are the same scan "
-                          "(same BIDS entities) in two files, e.g. .nii and .nii.gz: remove one of them")
+        listing = "".join(f"\n  {', '.join(str(p.relative_to(root)) for p in g)}" for g in same)
+        problems.append(f"{len(same)} scan(s) stored twice with the same BIDS entities (e.g. .nii and .nii.gz): "
+                        f"remove one file of each:{listing}")
     if several:
         example = several[0]
         varying = _entity_values(example)
         first = next((k for k in varying if k != "ses"), "space")
-        raise CohortError(
-            f"{root}: {len(several)} subject/session(s) have several T1w images, e.g. "
+        problems.append(
+            f"{len(several)} subject/session(s) have several T1w images, e.g. "
             f"{', '.join(p.name for p in example)} (they differ in {_format_entities(varying)}). jaxtl takes one "
             f"brain-extracted T1w image linearly registered to MNI152 1mm per scan; choose it by BIDS entities: "
             f"read_cohort(..., bids_filter={{{first!r}: VALUE}}) or `jaxtl prepare --bids-filter {first}=VALUE` "
             f"(then use the cache; ENTITY= selects images "
             f"without that entity, ENTITY=* keeps every value as a separate scan, as runs are by default). "
             f"Standard-space outputs of fMRIPrep and similar pipelines are non-linearly normalised and often "
-            f"resampled; the paper's models saw linear registrations"
+            f"resampled; the paper's models saw linear registrations. All of them: "
+            + "; ".join(", ".join(str(p.relative_to(root)) for p in g) for g in several)
         )
+    if problems:
+        raise CohortError(f"{root}: " + "\n".join(problems))
     return selected
 
 
@@ -813,7 +883,8 @@ def _participants(
     root: Path, named: Mapping[str, str] | None = None, sex_required: bool = False,
     coding: dict[str, float] | None = None,
 ) -> tuple[dict[str, tuple[float, float, str]], dict[str, str], list[tuple[str, str]]]:
-    """Labels by participant_id, the bad rows' locations by participant_id, and the problems."""
+    """Labels by (participant_id, session), the bad rows' locations by the same keys, and the problems. The
+    session is "" unless participants.tsv has a session column (one row per session, not BIDS but common)."""
     path = _participants_file(root)
     if path is None:
         warnings.warn(f"{root}: no participants.tsv; ages and sexes are missing", stacklevel=4)
@@ -826,10 +897,12 @@ def _participants(
                           "name it with id_column= (jaxtl prepare --id-column NAME)")
     _check_coding_has_column(path, raw, cols, coding)
     _warn_unrecognised(path, raw, cols)
-    labels: dict[str, tuple[float, float, str]] = {}
-    bad: dict[str, str] = {}
-    first: dict[str, int] = {}
+    labels: dict[tuple[str, str], tuple[float, float, str]] = {}
+    bad: dict[tuple[str, str], str] = {}
+    first: dict[tuple[str, str], int] = {}
     bad_sex: list[tuple[str, str]] = []
+    if coding is None and "sex" in cols:  # BIDS: participants.json may state the coding ({"1": "male", ...})
+        coding = levels_coding(path, raw[cols["sex"]])
     coding, one_two = _sex_reading(raw, rows, cols, coding)
     unit = age_unit(path, raw[cols["age"]]) if "age" in cols else 1.0
     for line, cells in rows:
@@ -840,19 +913,24 @@ def _participants(
             problems.append((where, "empty participant_id"))
             continue
         subject = subject if subject.startswith("sub-") else f"sub-{subject}"
-        if subject in first:
-            problems.append((where, f"duplicate participant_id {subject!r} (first at line {first[subject]})"))
-            bad.setdefault(subject, where)
+        session = row.get("session", "")
+        key = (subject, session if not session or session.startswith("ses-") else f"ses-{session}")
+        if key in first:
+            hint = ("" if "session" in cols else "; one row per session? add a session_id column, or give each "
+                    "session's age in sub-XX/sub-XX_sessions.tsv")
+            problems.append((where, f"duplicate participant_id {subject!r}{' ' + key[1] if key[1] else ''} (first at "
+                                    f"line {first[key]}){hint}"))
+            bad.setdefault(key, where)
             continue
-        first[subject] = line
+        first[key] = line
         try:
             age = parse_age(row.get("age", ""), unit)
             sex = _row_sex(row.get("sex", ""), f"line {line}", bad_sex, sex_required=sex_required, one_two=one_two,
                            coding=coding)
-            labels[subject] = (age, sex, row.get("site", ""))
+            labels[key] = (age, sex, row.get("site", ""))
         except ValueError as e:
             problems.append((where, f"{subject}: {e}"))
-            bad[subject] = where
+            bad[key] = where
     _warn_bad_sex(path, bad_sex)
     return labels, bad, problems
 

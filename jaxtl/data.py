@@ -182,6 +182,10 @@ def _open(source: Source) -> tuple[nib.spatialimages.SpatialImage, str]:
         raise TypeError(f"expected a path or a nibabel image, got {type(source).__name__}")
     path = Path(source)
     name = str(path)
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{name}: broken symbolic link (to {os.readlink(path)}): its content is not here, as in a "
+                         "DataLad or git-annex dataset not fetched yet; get it (`datalad get PATH`, "
+                         "`git annex get PATH`) or copy the file itself")
     if not path.is_file():
         raise InputError(f"{name}: file not found" if not path.exists() else f"{name}: not a file")
     if path.stat().st_size == 0:

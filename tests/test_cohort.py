@@ -175,6 +175,82 @@ def test_bids_warns_of_one_age_for_several_sessions_and_of_zero_padding(tmp_path
     assert not any("several sessions" in str(w.message) for w in record)
 
 
+def test_participants_tsv_with_one_row_per_session(tmp_path):
+    """A participants.tsv with a session column (not BIDS, but common) labels each session; without one, a second
+    row of a subject is a duplicate whose message says how to give per-session labels."""
+    _touch(tmp_path, "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz", "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
+           "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tsession_id\tage\tsex\nsub-01\tses-1\t50\tF\n"
+                                               "sub-01\t2\t53\tF\nsub-02\t\t60\tM\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor "several sessions take one age"
+        cohort = read_cohort(tmp_path)
+    assert cohort.ids.tolist() == ["sub-01_ses-1", "sub-01_ses-2", "sub-02_ses-1"]
+    assert cohort.ages.tolist() == [50, 53, 60] and cohort.sexes.tolist() == [0, 0, 1]
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\nsub-01\t50\nsub-01\t53\nsub-02\t60\n")
+    with pytest.raises(CohortError, match=r"line 3: duplicate participant_id 'sub-01' \(first at line 2\); one row "
+                                          r"per session\? add a session_id column"):
+        read_cohort(tmp_path)
+
+
+def test_one_session_with_two_runs_is_not_several_sessions(tmp_path):
+    _touch(tmp_path, "sub-01/ses-1/anat/sub-01_ses-1_run-1_T1w.nii.gz",
+           "sub-01/ses-1/anat/sub-01_ses-1_run-2_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\nsub-01\t50\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_cohort(tmp_path).ids.tolist() == ["sub-01_ses-1_run-1", "sub-01_ses-1_run-2"]
+
+
+def test_table_rows_of_two_runs_take_the_run_in_their_ids(tmp_path):
+    _touch(tmp_path, "sub-02_ses-01_run-1_T1w.nii.gz", "sub-02_ses-01_run-2_T1w.nii.gz", "sub-03_T1w.nii.gz")
+    (tmp_path / "c.csv").write_text("participant_id,session,path,age\nsub-02,ses-01,sub-02_ses-01_run-1_T1w.nii.gz,50\n"
+                                    "sub-02,ses-01,sub-02_ses-01_run-2_T1w.nii.gz,50\nsub-03,,sub-03_T1w.nii.gz,40\n")
+    assert read_cohort(tmp_path / "c.csv").ids.tolist() == ["sub-02_ses-01_run-1", "sub-02_ses-01_run-2", "sub-03"]
+
+
+def test_participants_json_levels_state_the_sex_coding(tmp_path):
+    _touch(tmp_path, "sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tsex\nsub-01\t1\nsub-02\t2\n")
+    with pytest.warns(UserWarning, match="2 sex value"):  # 1/2 is ambiguous without its sidecar
+        assert np.isnan(read_cohort(tmp_path).sexes).all()
+    (tmp_path / "participants.json").write_text('{"sex": {"Description": "sex", "Levels": {"1": "male", '
+                                                '"2": "female", "3": "other"}}}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_cohort(tmp_path).sexes.tolist() == [1, 0]
+    (tmp_path / "participants.json").write_text('{"sex": {"Levels": {"1": "female", "2": "male"}}}')
+    assert read_cohort(tmp_path).sexes.tolist() == [0, 1]
+    (tmp_path / "participants.tsv").write_text("participant_id\tsex\nsub-01\tM\nsub-02\tF\n")
+    (tmp_path / "participants.json").write_text('{"sex": {"Levels": {"M": "male", "F": "female"}}}')
+    assert read_cohort(tmp_path).sexes.tolist() == [1, 0]  # levels that code nothing new change nothing
+
+
+def test_unfetched_datalad_files_are_scans_that_name_the_fix(tmp_path):
+    """git-annex / DataLad datasets hold broken links until `datalad get`: scans, whose loading says so."""
+    from jaxtl.data import InputError, load_volume
+
+    (tmp_path / "sub-01" / "anat").mkdir(parents=True)
+    link = tmp_path / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    link.symlink_to("../../.git/annex/objects/XX/sub-01_T1w.nii.gz")
+    cohort = read_cohort(tmp_path)
+    assert cohort.ids.tolist() == ["sub-01"]
+    with pytest.raises(InputError, match=r"broken symbolic link .* not fetched yet; get it \(`datalad get PATH`"):
+        load_volume(link)
+    (tmp_path / "t.csv").write_text(f"path\n{link}\n")
+    with pytest.raises(CohortError, match=r"file not found: .* is a broken link .*`datalad get`"):
+        read_cohort(tmp_path / "t.csv")
+
+
+def test_missing_files_kept_for_skipping_readers_are_named_with_the_tables_hint(tmp_path):
+    (tmp_path / "t").mkdir()
+    _touch(tmp_path, "t/a.nii.gz")
+    (tmp_path / "t" / "c.csv").write_text("path\na.nii.gz\nimgs/b.nii.gz\n")
+    with pytest.warns(UserWarning, match=r"1 image file\(s\) not found\n  line 3: file not found: .*b.nii.gz "
+                                         r"\(relative paths are read from c.csv's folder\)"):
+        assert len(read_cohort(tmp_path / "t" / "c.csv", check_files=False)) == 2
+
+
 def test_skip_mode_drops_bad_rows_with_a_warning(tmp_path):
     _touch(tmp_path, "a.nii.gz", "b.nii.gz")
     (tmp_path / "c.csv").write_text("participant_id,path,age\ns1,a.nii.gz,50\ns2,nope.nii.gz,50\ns3,b.nii.gz,old\n")
@@ -405,11 +481,16 @@ def test_bids_derivatives_with_several_t1w_per_subject_must_be_chosen(tmp_path):
         read_cohort(fmriprep, bids_filter={"space": "MNI152Lin"})
     with pytest.raises(ValueError, match="bids_filter applies to BIDS directories"):
         read_cohort(tmp_path / "participants.tsv", bids_filter={"space": "x"})
-    # one scan stored twice (.nii beside .nii.gz): nothing to filter by, so the message says so
-    _touch(tmp_path, "derivatives/fmriprep/sub-02/anat/sub-02_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii")
-    with pytest.raises(CohortError, match=r"sub-02_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii(.gz)?, .* are the "
-                                          r"same scan \(same BIDS entities\) in two files, e.g. .nii and .nii.gz"):
+    # one scan stored twice (.nii beside .nii.gz): nothing to filter by, so the message says so; a macOS `._` copy
+    # is no scan
+    _touch(tmp_path, "derivatives/fmriprep/sub-02/anat/sub-02_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii",
+           "derivatives/fmriprep/sub-01/anat/._sub-01_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz")
+    twice = (r"1 scan\(s\) stored twice with the same BIDS entities \(e.g. .nii and .nii.gz\): remove one file of each:"
+             r"\n  sub-02/anat/sub-02_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii(.gz)?, sub-02/anat/")
+    with pytest.raises(CohortError, match=twice + r"[^\n]*$"):
         read_cohort(fmriprep, bids_filter={"space": "MNI152NLin2009cAsym", "res": None})
+    with pytest.raises(CohortError, match=twice + r".*\n1 subject/session\(s\) have several T1w images"):
+        read_cohort(fmriprep)  # every problem of the directory in one error
 
 
 def test_label_columns_hint_lists_the_columns(tmp_path):

@@ -589,6 +589,12 @@ def test_cli_refuses_meaningless_numbers_and_reports_os_errors_in_one_line(tmp_p
     assert "--n not used with --preview" in capsys.readouterr().err
 
 
+def test_python_dash_m_jaxtl_is_the_command():
+    proc = subprocess.run([sys.executable, "-m", "jaxtl", "simulate", "--help"], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0 and "usage: jaxtl simulate" in proc.stdout, proc.stderr
+
+
 def test_cli_prints_jaxtls_warnings_in_one_line(monkeypatch):
     import warnings
 
