@@ -19,17 +19,40 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cohort_options(args: argparse.Namespace) -> dict:
+    """`read_cohort` keywords from the options `_add_cohort_options` adds (only those given)."""
+    from jaxtl.cohort import parse_bids_filter, parse_sex_coding
+
+    options = {f"{field}_column": getattr(args, f"{field}_column") for field in COHORT_COLUMNS}
+    options |= {"bids_filter": parse_bids_filter(args.bids_filter) if args.bids_filter else None,
+                "sex_coding": parse_sex_coding(args.sex_coding) if args.sex_coding else None}
+    return {k: v for k, v in options.items() if v}
+
+
+def _cohort(args: argparse.Namespace, sex_required: bool = False):
+    """`--cohort` as given, or (with cohort options) read here: a `Cohort` for `run_transfer`, `predict_cohort`
+    and `embed_cohort`, read as they would with `--on-error`."""
+    options = _cohort_options(args)
+    if not options:
+        return args.cohort
+    if (Path(args.cohort) / "index.json").exists():
+        raise ValueError(f"{args.cohort} is a prepared cache: it holds the labels read when it was prepared; "
+                         "--age-column, --sex-coding and the like apply to `jaxtl prepare` (or give the BIDS "
+                         "directory or table itself)")
+    from jaxtl.cohort import read_cohort
+
+    return read_cohort(args.cohort, on_error=args.on_error, check_files=args.on_error != "skip",
+                       sex_required=sex_required, **options)
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from jaxtl.cache import prepare_cache
-    from jaxtl.cohort import parse_bids_filter, parse_sex_coding, read_cohort
+    from jaxtl.cohort import read_cohort
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cohort = read_cohort(args.cohort, on_error="skip" if args.skip_bad_rows else "raise",
-                             age_column=args.age_column, sex_column=args.sex_column, site_column=args.site_column,
-                             id_column=args.id_column, path_column=args.path_column,
-                             bids_filter=parse_bids_filter(args.bids_filter),
-                             sex_coding=parse_sex_coding(args.sex_coding) if args.sex_coding else None)
+                             **_cohort_options(args))
     for w in caught:
         print(f"jaxtl prepare: warning: {w.message}", file=sys.stderr)
     summary = prepare_cache(cohort, args.out_dir, dtype=args.dtype, downsample=args.downsample,
@@ -106,6 +129,7 @@ TRANSFER_METHODS = ("direct", "features", "ft_final", "ft_step", "ft_full", "scr
 
 
 def _transfer(args: argparse.Namespace) -> int:
+    from jaxtl.embed import SkippedScansWarning
     from jaxtl.transfer import run_transfer
 
     extra = {k: v for k, v in {"head": args.head, "seed": args.seed, "share": args.share, "paper_hps": args.paper_hps,
@@ -113,13 +137,11 @@ def _transfer(args: argparse.Namespace) -> int:
                                "bin_range": tuple(args.bins) if args.bins else None}.items() if v is not None}
     if args.split:
         extra["split"] = tuple(args.split)
-    from jaxtl.embed import SkippedScansWarning
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in failures.tsv
-        result = run_transfer(args.model, args.cohort, args.out, task=args.task, method=args.method,
-                              overwrite=args.overwrite, progress=not args.no_progress, on_error=args.on_error,
-                              **extra)
+        result = run_transfer(args.model, _cohort(args, sex_required=args.task == "sex"), args.out, task=args.task,
+                              method=args.method, overwrite=args.overwrite, progress=not args.no_progress,
+                              on_error=args.on_error, **extra)
     m, name = result.metrics, ("mae" if args.task == "age" else "balanced_accuracy")
     n = m["n"]
     print(f"{args.method} {args.task}: test {name} {m['test'].get(name, float('nan')):.4g} "
@@ -142,7 +164,7 @@ def _predict(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the model runs, not after
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in the failures file
-        columns = predict_cohort(args.model, args.cohort, batch_size=args.batch_size, on_error=args.on_error,
+        columns = predict_cohort(args.model, _cohort(args), batch_size=args.batch_size, on_error=args.on_error,
                                  progress=not args.no_progress)
     out, failures, n_failed = write_cohort_predictions(args.out, columns)
     n = len(columns["prediction"])
@@ -175,7 +197,7 @@ def _embed(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in the failures file
-        columns = embed_cohort(args.model, args.cohort, layer=args.layer, batch_size=args.batch_size,
+        columns = embed_cohort(args.model, _cohort(args), layer=args.layer, batch_size=args.batch_size,
                                on_error=args.on_error, progress=not args.no_progress)
     out, failures, n_failed = write_cohort_predictions(args.out, columns)
     n, width = len(columns["id"]), sum(k.startswith("sfcn_") for k in columns)
@@ -313,6 +335,24 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+COHORT_COLUMNS = {"age": "'Age (years)'", "sex": "'SEX_ID (1=m, 2=f)'", "site": "SITE_ID", "id": "IXI_ID",
+                  "path": "T1_brain_lin"}
+
+
+def _add_cohort_options(p: argparse.ArgumentParser) -> None:
+    """How a BIDS directory or table is read (`read_cohort`'s keywords), for every command that reads one."""
+    g = p.add_argument_group("reading a BIDS directory or table (not a prepared cache)")
+    for field, example in COHORT_COLUMNS.items():
+        g.add_argument(f"--{field}-column", metavar="NAME",
+                       help=f"the cohort's {field} column when named otherwise, e.g. {example}")
+    g.add_argument("--sex-coding", metavar="VALUE=F|M,...",
+                   help="how the sex column codes sex when not F/M or 0/1, e.g. 1=M,2=F (a column named like "
+                        "'SEX_ID (1=m, 2=f)' is read by the coding its name spells, a BIDS sidecar's Levels too)")
+    g.add_argument("--bids-filter", action="append", default=[], metavar="ENTITY=VALUE",
+                   help="BIDS: pick one T1w per subject/session, e.g. space=MNI152Lin (ENTITY= : without the "
+                        "entity; ENTITY=* : every value as its own scan; repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -338,16 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=64, help="volumes per shard file")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="drop cohort rows with problems (with a warning) instead of stopping")
-    for field, example in (("age", "'Age (years)'"), ("sex", "'SEX_ID (1=m, 2=f)'"), ("site", "SITE_ID"),
-                           ("id", "IXI_ID"), ("path", "T1_brain_lin")):
-        p.add_argument(f"--{field}-column", metavar="NAME",
-                       help=f"the cohort's {field} column when named otherwise, e.g. {example}")
-    p.add_argument("--sex-coding", metavar="VALUE=F|M,...",
-                   help="how the sex column codes sex when not F/M or 0/1, e.g. 1=M,2=F (a column named like "
-                        "'SEX_ID (1=m, 2=f)' is read by the coding its name spells)")
-    p.add_argument("--bids-filter", action="append", default=[], metavar="ENTITY=VALUE",
-                   help="BIDS: pick one T1w per subject/session, e.g. space=MNI152Lin (ENTITY= : without the "
-                        "entity; ENTITY=* : every value as its own scan; repeatable)")
+    _add_cohort_options(p)
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("pretrain", help="pretrain SFCN data-parallel on a prepared cache (resumes from --workdir)")
@@ -404,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="a scan that cannot be loaded or a table row with problems: skip (default: every scan is "
                         "read once first; the failures are left out and listed in OUT/failures.tsv) or raise")
+    _add_cohort_options(p)
     p.set_defaults(func=_transfer)
 
     p = sub.add_parser("predict", help="apply a fitted head (jaxtl transfer --out DIR: DIR/head) or a model "
@@ -418,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="a scan that cannot be loaded: skip (default: report it, predict the others; exit code 1 "
                         "only if every scan fails) or raise (stop at the first)")
+    _add_cohort_options(p)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("embed", help="write a cohort's SFCN features (the 64-d vector the paper re-uses, or another "
@@ -434,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="volumes per batch on the devices (default: 8, or 2 per device if more)")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                    help="a scan that cannot be loaded: skip (default: report it, embed the others) or raise")
+    _add_cohort_options(p)
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("experiment", help="the paper's experiment: methods x tasks x repeats, scarcity curve, "

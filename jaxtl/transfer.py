@@ -382,7 +382,7 @@ def open_target(cohort: Any, downsample: int = 1, *, sex_required: bool = False,
 
     if isinstance(cohort, Target):
         return cohort
-    name = str(cohort)
+    name = cohort.source if isinstance(cohort, Cohort) else str(cohort)
     if isinstance(cohort, str | os.PathLike) and (Path(cohort) / "index.json").exists():
         index = read_index(cohort)
         if int(index.get("downsample", 1)) != downsample:

@@ -668,3 +668,12 @@ def test_cli_embed_writes_features_per_scan(tiny_models, ixi_tiny, tmp_path, cap
     assert "1 of 3 scans failed" in capsys.readouterr().err
     table = read_predictions(out)
     assert table["id"].size == 2 and "sfcn_logits0" in table and (out.parent / "ixi.failures.tsv").exists()
+    # a table read as `jaxtl prepare` would: columns named otherwise and a sex coding, on embed/predict/transfer
+    cohort.write_text("T1,Age (years),SEX_ID\n" + f"{good[0]},30,1\n{corrupt},40,2\n{good[1]},50,2\n")
+    argv = ["embed", "--model", str(tiny_models["age"]), "--cohort", str(cohort), "--out", str(out), "--no-progress",
+            "--path-column", "T1", "--age-column", "Age (years)", "--sex-column", "SEX_ID", "--sex-coding", "1=M,2=F"]
+    assert cli.main(argv) == 0
+    table = read_predictions(out)
+    assert list(table["age"]) == [30, 50] and list(table["sex"]) == [1, 0]
+    assert cli.main([*argv[:4], str(ixi_tiny[1]), *argv[5:]]) == 2  # a cache holds the labels it was prepared with
+    assert "is a prepared cache: it holds the labels read when it was prepared" in capsys.readouterr().err
