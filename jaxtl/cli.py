@@ -29,7 +29,7 @@ def _cohort_options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in options.items() if v}
 
 
-def _cohort(args: argparse.Namespace, sex_required: bool = False):
+def _cohort(args: argparse.Namespace, sex_required: bool = False, labels_required: bool = True):
     """`--cohort` as given, or (with cohort options) read here: a `Cohort` for `run_transfer`, `predict_cohort`
     and `embed_cohort`, read as they would with `--on-error`."""
     options = _cohort_options(args)
@@ -42,7 +42,7 @@ def _cohort(args: argparse.Namespace, sex_required: bool = False):
     from jaxtl.cohort import read_cohort
 
     return read_cohort(args.cohort, on_error=args.on_error, check_files=args.on_error != "skip",
-                       sex_required=sex_required, **options)
+                       sex_required=sex_required, labels_required=labels_required, **options)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -164,8 +164,8 @@ def _predict(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the model runs, not after
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in the failures file
-        columns = predict_cohort(args.model, _cohort(args), batch_size=args.batch_size, on_error=args.on_error,
-                                 progress=not args.no_progress)
+        columns = predict_cohort(args.model, _cohort(args, labels_required=False), batch_size=args.batch_size,
+                                 on_error=args.on_error, progress=not args.no_progress)
     out, failures, n_failed = write_cohort_predictions(args.out, columns)
     n = len(columns["prediction"])
     print(f"wrote {n - n_failed} predictions to {out}")
@@ -197,8 +197,8 @@ def _embed(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in the failures file
-        columns = embed_cohort(args.model, _cohort(args), layer=args.layer, batch_size=args.batch_size,
-                               on_error=args.on_error, progress=not args.no_progress)
+        columns = embed_cohort(args.model, _cohort(args, labels_required=False), layer=args.layer,
+                               batch_size=args.batch_size, on_error=args.on_error, progress=not args.no_progress)
     out, failures, n_failed = write_cohort_predictions(args.out, columns)
     n, width = len(columns["id"]), sum(k.startswith("sfcn_") for k in columns)
     print(f"wrote {n - n_failed} scans x {width} {args.layer} columns to {out}")

@@ -145,6 +145,7 @@ def read_cohort(
     sex_required: bool = False,
     check_files: bool = True,
     sex_coding: Mapping[str, str] | None = None,
+    labels_required: bool = True,
 ) -> Cohort:
     """Read a BIDS dataset directory, a CSV/TSV table (column `path`, optional `participant_id`,
     `session`, `age`, `sex`, `site`) or a `.txt` list of image paths (one per line) into a `Cohort`.
@@ -159,7 +160,9 @@ def read_cohort(
     `sex_coding` maps the sex column's values to F/M (e.g. `{"1": "M", "2": "F"}`); without it, a column whose
     name spells a coding ("SEX_ID (1=m, 2=f)") is read by that coding.
     `check_files=False` keeps rows whose image file is missing (they fail when loaded: for readers that skip
-    scans which cannot be loaded, such as `jaxtl predict`).
+    scans which cannot be loaded, such as `jaxtl predict`). `labels_required=False` (readers that need no labels,
+    such as `jaxtl predict` and `jaxtl embed`): an age that cannot be read, or a subject's labels given twice, leave
+    the label missing with a warning and keep the scans.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -170,15 +173,18 @@ def read_cohort(
     named = {field: column for field, column in named.items() if column}
     if bids_filter and not path.is_dir():
         raise ValueError(f"{path}: bids_filter applies to BIDS directories, not to tables")
+    label_problems: list[tuple[str, str]] = []  # labels_required=False: labels left missing, scans kept
     if path.is_dir():
-        scans, problems = _read_bids(path, named, dict(bids_filter or {}), sex_required, coding)
+        scans, problems = _read_bids(path, named, dict(bids_filter or {}), sex_required, coding,
+                                     None if labels_required else label_problems)
     elif path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
         raise CohortError(f"{path}: an image, not a cohort; give a BIDS directory, a CSV/TSV with a 'path' column or "
                           "a .txt list of image paths (one image: jaxtl.load_volume, or jaxtl.embed([path], model))")
     elif path.is_file() and not named and _is_path_list(path):
         scans, problems = _read_path_list(path)
     elif path.is_file():
-        scans, problems = _read_table_cohort(path, named, sex_required, coding)
+        scans, problems = _read_table_cohort(path, named, sex_required, coding,
+                                             None if labels_required else label_problems)
     else:
         raise CohortError(f"{path}: no such file or directory")
     if not check_files:  # kept: they fail when loaded; the table's hint (where relative paths are read) said here
@@ -188,6 +194,10 @@ def read_cohort(
             listing = "".join(f"\n  {line}: {msg}" for line, msg in missing[:5])
             warnings.warn(f"{path}: {len(missing)} image file(s) not found{listing}"
                           f"{'' if len(missing) <= 5 else chr(10) + '  ...'}", stacklevel=2)
+    if label_problems:
+        listing = "".join(f"\n  {line}: {msg}" for line, msg in sorted(label_problems, key=_line_key))
+        warnings.warn(f"{path}: {len(label_problems)} label(s) not understood, left missing (the scans are kept):"
+                      f"{listing}", stacklevel=2)
     if problems:
         _report(path, problems, on_error)
     bad_rows = {line for line, _ in problems}
@@ -596,8 +606,10 @@ def _read_path_list(path: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str,
 
 def _read_table_cohort(
     path: Path, named: Mapping[str, str] | None = None, sex_required: bool = False,
-    coding: dict[str, float] | None = None,
+    coding: dict[str, float] | None = None, label_problems: list[tuple[str, str]] | None = None,
 ) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]]]:
+    """Scans and problems; with `label_problems` (labels not required) an unreadable age is recorded there and
+    left missing."""
     raw, header, rows, problems = _read_table(path)
     cols = _find_columns(header, raw, path, named or {})
     if "path" not in cols:
@@ -624,7 +636,7 @@ def _read_table_cohort(
         try:
             if not row["path"]:
                 raise ValueError("empty path")
-            age = parse_age(row.get("age", ""), unit)
+            age = _age_or_missing(row.get("age", ""), unit, where, label_problems)
             sex = _row_sex(row.get("sex", ""), where, bad_sex, sex_required=sex_required, one_two=one_two,
                            coding=coding)
         except ValueError as e:
@@ -646,6 +658,17 @@ def _read_table_cohort(
     _warn_bad_sex(path, bad_sex)
     problems += _duplicate_ids(_with_runs(scans))
     return scans, sorted(problems, key=_line_key)
+
+
+def _age_or_missing(text: str, unit: float, where: str, label_problems: list[tuple[str, str]] | None) -> float:
+    """`parse_age`; with `label_problems` (labels not required) an unreadable age is recorded there, NaN."""
+    try:
+        return parse_age(text, unit)
+    except ValueError as e:
+        if label_problems is None:
+            raise
+        label_problems.append((where, str(e)))
+        return math.nan
 
 
 def _not_found(image: Path, text: str, table: Path) -> str:
@@ -733,6 +756,7 @@ def _bids_entity(path: Path, key: str) -> str | None:
 def _read_bids(
     root: Path, named: Mapping[str, str] | None = None, bids_filter: dict[str, str | None] | None = None,
     sex_required: bool = False, coding: dict[str, float] | None = None,
+    label_problems: list[tuple[str, str]] | None = None,
 ) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]]]:
     images = sorted(
         p
@@ -747,13 +771,13 @@ def _read_bids(
             "pass a BIDS directory or a CSV/TSV with a 'path' column"
         )
     images = _select_t1w(root, images, bids_filter or {})
-    labels, bad_subjects, problems = _participants(root, named or {}, sex_required, coding)
+    labels, bad_subjects, problems = _participants(root, named or {}, sex_required, coding, label_problems)
     session_ages = {}
     for subject in sorted({p.relative_to(root).parts[0] for p in images}):
         ages, session_problems = _session_ages(_labels_file(root, f"{subject}/{subject}_sessions.tsv"),
                                                (named or {}).get("age"))
         session_ages[subject] = ages
-        problems += session_problems
+        (problems if label_problems is None else label_problems).extend(session_problems)
     scans, unlabelled = [], []
     labelled = {subject for subject, _ in labels}
     for image in images:
@@ -881,10 +905,12 @@ def _participants_file(root: Path) -> Path | None:
 
 def _participants(
     root: Path, named: Mapping[str, str] | None = None, sex_required: bool = False,
-    coding: dict[str, float] | None = None,
+    coding: dict[str, float] | None = None, label_problems: list[tuple[str, str]] | None = None,
 ) -> tuple[dict[str, tuple[float, float, str]], dict[str, str], list[tuple[str, str]]]:
     """Labels by (participant_id, session), the bad rows' locations by the same keys, and the problems. The
-    session is "" unless participants.tsv has a session column (one row per session, not BIDS but common)."""
+    session is "" unless participants.tsv has a session column (one row per session, not BIDS but common).
+    With `label_problems` (labels not required), a row's unreadable labels and a subject given twice are recorded
+    there and its labels left missing, instead of a bad row."""
     path = _participants_file(root)
     if path is None:
         warnings.warn(f"{root}: no participants.tsv; ages and sexes are missing", stacklevel=4)
@@ -918,9 +944,14 @@ def _participants(
         if key in first:
             hint = ("" if "session" in cols else "; one row per session? add a session_id column, or give each "
                     "session's age in sub-XX/sub-XX_sessions.tsv")
-            problems.append((where, f"duplicate participant_id {subject!r}{' ' + key[1] if key[1] else ''} (first at "
-                                    f"line {first[key]}){hint}"))
-            bad.setdefault(key, where)
+            problem = (where, f"duplicate participant_id {subject!r}{' ' + key[1] if key[1] else ''} (first at "
+                              f"line {first[key]}){hint}")
+            if label_problems is None:
+                problems.append(problem)
+                bad.setdefault(key, where)
+            else:  # which row is right is unknown: no labels
+                label_problems.append(problem)
+                labels[key] = (math.nan, math.nan, "")
             continue
         first[key] = line
         try:
@@ -929,8 +960,12 @@ def _participants(
                            coding=coding)
             labels[key] = (age, sex, row.get("site", ""))
         except ValueError as e:
-            problems.append((where, f"{subject}: {e}"))
-            bad[key] = where
+            if label_problems is None:
+                problems.append((where, f"{subject}: {e}"))
+                bad[key] = where
+            else:
+                label_problems.append((where, f"{subject}: {e}"))
+                labels[key] = (math.nan, math.nan, row.get("site", ""))
     _warn_bad_sex(path, bad_sex)
     return labels, bad, problems
 

@@ -374,9 +374,10 @@ def _voxels(source, factor: int, progress: bool) -> np.ndarray:
 
 
 def open_target(cohort: Any, downsample: int = 1, *, sex_required: bool = False, check_files: bool = True,
-                on_error: str = "raise") -> Target:
+                on_error: str = "raise", labels_required: bool = True) -> Target:
     """A prepared cache directory, a cohort (BIDS directory / CSV / TSV / `Cohort`) or a `Target`;
-    `check_files` and `on_error` (rows with problems, e.g. an unparseable age) as in `read_cohort`."""
+    `check_files`, `on_error` (rows with problems, e.g. an unparseable age) and `labels_required` as in
+    `read_cohort`."""
     from jaxtl.cache import CacheSource, NiftiSource, read_index
     from jaxtl.cohort import Cohort, read_cohort
 
@@ -396,7 +397,8 @@ def open_target(cohort: Any, downsample: int = 1, *, sex_required: bool = False,
     if isinstance(cohort, str | os.PathLike):
         if not Path(cohort).exists():
             raise FileNotFoundError(f"{cohort}: no such cohort (BIDS directory, CSV/TSV table or cache directory)")
-        cohort = read_cohort(cohort, sex_required=sex_required, check_files=check_files, on_error=on_error)
+        cohort = read_cohort(cohort, sex_required=sex_required, check_files=check_files, on_error=on_error,
+                             labels_required=labels_required)
     if not isinstance(cohort, Cohort):
         raise ValueError(f"expected a cohort path, a cache directory or a Cohort, got {type(cohort).__name__}")
     src = NiftiSource(cohort, downsample=downsample)
@@ -1044,7 +1046,8 @@ def predict_cohort(head: TransferHead | str | os.PathLike, cohort: Any, *, progr
     """
     head = head if isinstance(head, TransferHead) else load_head(head)
     # skip: rows with problems (dropped with a warning) and missing files (failed scans) too
-    target = open_target(cohort, head.downsample, check_files=on_error != "skip", on_error=on_error)
+    target = open_target(cohort, head.downsample, check_files=on_error != "skip", on_error=on_error,
+                         labels_required=False)
     reader = VolumeReader(target.source, downsample=head.downsample, on_error=on_error)
     pred = head.predict(reader, progress=progress, batch_size=batch_size)
     y = target.labels(head.task)
@@ -1074,7 +1077,7 @@ def embed_cohort(model: JaxtlModel | str | os.PathLike, cohort: Any, *, layer: s
 
     model = resolve_model(model)
     downsample = model_downsample(model)
-    target = open_target(cohort, downsample, check_files=on_error != "skip", on_error=on_error)
+    target = open_target(cohort, downsample, check_files=on_error != "skip", on_error=on_error, labels_required=False)
     reader = VolumeReader(target.source, downsample=downsample, on_error=on_error)
     feats = embed(reader, model, layer=layer, progress=progress, batch_size=batch_size)
     cols = {"id": target.ids, "participant_id": target.participant_ids, "session": target.sessions,

@@ -500,13 +500,25 @@ def test_cli_predict_skips_scans_that_fail_and_reports_them(tiny_models, ixi_tin
     assert rows[0][1] == missing and rows[0][2] == f"{missing}: file not found"
     assert cli.main([*argv, "--on-error", "raise"]) == 2
     assert f"line 3: file not found: {missing}" in capsys.readouterr().err
-    # a row the table cannot give (an age that is no number) is dropped with a warning, not a stop
+    # a label the table cannot give (an age that is no number): predict needs none, so the scan is predicted
+    # without it, with a warning (it had been dropped, in neither the CSV nor the failures)
     table.write_text(f"path,age\n{good[0]},thirty\n{good[1]},50\n")
-    with pytest.warns(UserWarning, match=r"skipping 1 row\(s\) with problems:\n  line 2: .*'thirty'"):
-        assert cli.main(argv) == 0
-    assert list(read_predictions(out)["id"]) == ["sub-ixi00002"]
-    assert cli.main([*argv, "--on-error", "raise"]) == 2
-    assert "line 2" in capsys.readouterr().err
+    for mode in ("skip", "raise"):
+        with pytest.warns(UserWarning, match=r"1 label\(s\) not understood, left missing \(the scans are kept\):"
+                                             r"\n  line 2: .*'thirty'"):
+            assert cli.main([*argv, "--on-error", mode]) == 0
+        pred = read_predictions(out)
+        assert list(pred["id"]) == ["sub-ixi00001", "sub-ixi00002"] and np.isnan(pred["age"][0])
+    # in BIDS: a subject's row given twice leaves its labels missing, its scans predicted
+    bids = tmp_path / "bids"
+    for i, path in enumerate(good[:2], 1):
+        (bids / f"sub-0{i}" / "anat").mkdir(parents=True)
+        (bids / f"sub-0{i}" / "anat" / f"sub-0{i}_T1w.nii.gz").symlink_to(path)
+    (bids / "participants.tsv").write_text("participant_id\tage\nsub-01\t40\nsub-01\t41\nsub-02\t50\n")
+    with pytest.warns(UserWarning, match=r"line 3: duplicate participant_id 'sub-01'"):
+        assert cli.main([*argv[:4], str(bids), *argv[5:]]) == 0
+    pred = read_predictions(out)
+    assert list(pred["id"]) == ["sub-01", "sub-02"] and np.isnan(pred["age"][0]) and pred["age"][1] == 50
 
 
 def test_cli_transfer_leaves_out_scans_that_fail_to_load(tiny_models, ixi_tiny, tmp_path, capsys):
