@@ -682,8 +682,9 @@ def manifold_outputs(models: dict[str, JaxtlModel], target: Target, config: Expe
         feats = target.features(models[src], progress=progress)[idx]
         z = (feats - feats.mean(0)) / (feats.std(0) + 1e-8)
         perplexity = min(mc.tsne_perplexity, (len(idx) - 1) / 3)
+        tsne = TSNE(2, init="pca", perplexity=perplexity, random_state=config.seed)
         embs = {"PCA": PCA(2, random_state=config.seed).fit_transform(z),
-                "t-SNE": TSNE(2, init="pca", perplexity=perplexity, random_state=config.seed).fit_transform(z)}
+                "t-SNE": _cached_fit(tsne, z, out / f".manifold_tsne_{src}.npz")}
         for name, e in embs.items():
             for c, (cname, values, cmap) in enumerate(colours):
                 ax = axes[r, c]
@@ -703,6 +704,24 @@ def manifold_outputs(models: dict[str, JaxtlModel], target: Target, config: Expe
     (out / "manifold.csv").write_text("\n".join(csv_rows) + "\n")
     return ("### Brain manifold\n\n![manifold](manifold.png)\n\n"
             f"PCA and t-SNE of the 64-d features of {len(idx)} target scans; coordinates in manifold.csv.\n")
+
+
+def _cached_fit(estimator, x: np.ndarray, path: Path) -> np.ndarray:
+    """`estimator.fit_transform(x)`, kept in `path` and reused while `x` and the estimator's parameters are the same
+    (a resumed experiment re-renders its report without refitting t-SNE, most of a rerun's time)."""
+    import hashlib
+
+    import sklearn
+
+    key = hashlib.sha256(x.tobytes() + repr((x.shape, sorted(estimator.get_params().items()),
+                                             sklearn.__version__)).encode()).hexdigest()
+    if path.exists():
+        with np.load(path) as saved:
+            if str(saved["key"]) == key:
+                return saved["value"]
+    value = estimator.fit_transform(x)
+    np.savez(path, key=key, value=value)
+    return value
 
 
 def _means(runs: list[dict], task: str) -> dict[str, tuple[float, float] | None]:

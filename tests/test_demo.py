@@ -98,11 +98,19 @@ def test_ci_demo_end_to_end_and_rerun(ci_data, tmp_path, capsys, monkeypatch):
     # a second run reuses data, models and finished runs (failed runs would be tried again)
     assert not [r for r in runs if r.get("error")]  # every method ran, the elastic net on few scans of a sex too
     n_runs = len(runs)
+    from sklearn.manifold import TSNE
+
+    import jaxtl.train
+
+    monkeypatch.setattr(jaxtl.train, "pretrain", ctrl_c)  # nothing is trained again
+    monkeypatch.setattr(TSNE, "fit_transform", ctrl_c)  # nor the manifold's t-SNE refitted
+    manifold = (exp / "manifold.csv").read_text()
     report = run_demo(config, progress=False)
     assert len((exp / "results.jsonl").read_text().splitlines()) == n_runs
+    assert (exp / "manifold.csv").read_text() == manifold
     rows = re.findall(r"\| (pretrain \w+ SFCN|experiment ixi)(?: \(resumed\))? \| ([\d.]+) \| ([\d.]+) \|",
                       report.read_text())
-    assert len(rows) == 3 and all(float(this) < 0.5 * float(first) for _, first, this in rows), rows
+    assert len(rows) == 3, rows  # each stage's time in the first run and in this one
 
 
 def test_ci_demo_on_the_accelerator_path(ci_data, tmp_path):
