@@ -162,8 +162,16 @@ class ExperimentConfig:
 
 
 def load_experiment_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
-    """`get_config()` of a config file, with `field.sub=value` overrides (as `jaxtl pretrain --set`)."""
-    return load_config(path, overrides, expected=ExperimentConfig)
+    """`get_config()` of a config file, with `field.sub=value` overrides (as `jaxtl pretrain --set`). Overriding
+    `methods` (and not the scarcity curve's) narrows `scarcity.methods` to those methods (no curve if none is left)."""
+    config = load_config(path, overrides, expected=ExperimentConfig)
+    keys = {item.partition("=")[0].strip() for item in overrides or ()}
+    if "methods" in keys and config.scarcity is not None and not keys & {"scarcity", "scarcity.methods"}:
+        chosen = {spec.method for spec in config.methods}
+        kept = tuple(m for m in config.scarcity.methods if m in chosen)
+        config = dataclasses.replace(
+            config, scarcity=dataclasses.replace(config.scarcity, methods=kept) if kept else None)
+    return config
 
 
 # ------------------------------------------------------------------------------------------------

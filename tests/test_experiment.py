@@ -143,6 +143,12 @@ def test_overrides_take_the_documented_alternatives(tmp_path, monkeypatch):
     cfg = load_experiment_config("configs/experiment_ixi.py", ["methods=features,direct,ft_final"])
     assert cfg.methods == (MethodSpec("features"), MethodSpec("features", pretrained="other"), MethodSpec("direct"),
                            MethodSpec("ft_final"))
+    # ... and the scarcity curve keeps only those methods (none left: no curve), unless it is set itself
+    assert load_experiment_config("configs/experiment_ixi.py").scarcity.methods == ("features", "ft_step", "scratch")
+    assert cfg.scarcity.methods == ("features",)
+    assert load_experiment_config("configs/experiment_ixi.py", ["methods=direct"]).scarcity is None
+    assert load_experiment_config("configs/experiment_ixi.py", ["methods=direct", "scarcity.methods=scratch"]
+                                  ).scarcity.methods == ("scratch",)
     assert load_experiment_config("configs/experiment_ixi.py", ['methods=["direct"]']).methods == (
         MethodSpec("direct"),)
     with pytest.raises(ValueError, match=r"give method names, e.g. --set methods=NAME,NAME \(rows of the config or "
