@@ -18,5 +18,5 @@ def get_config() -> TrainConfig:
         epochs=130,
         model=ModelConfig(channels=(32, 64, 128, 256, 256, 64), dropout=0.5, dtype="float32"),
         optim=OptimConfig(lr=0.01, momentum=0.9, weight_decay=1e-3, step_epochs=30, gamma=0.3),
-        data=DataConfig(shift=2, mirror=True, wrap=True, val_fraction=0.1, test_fraction=0.1, workers=0),
+        data=DataConfig(downsample=1, shift=2, mirror=True, wrap=True, val_fraction=0.1, test_fraction=0.1, workers=0),
     )

@@ -46,6 +46,7 @@ class DataConfig:
     test_fraction: float = 0.1
     split_seed: int | None = None  # seed of the participant-level train/val/test split; None: TrainConfig.seed
     workers: int = 0  # grain worker processes; 0 = threads in the main process, faster for a cache
+    downsample: int | None = None  # the cache resolution the recipe is for (1: 1mm); None: any
 
 
 @dataclasses.dataclass(frozen=True)

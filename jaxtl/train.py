@@ -666,6 +666,11 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     workdir = Path(workdir)
     _check_workdir(workdir)
     source = CacheSource(cohort)
+    if config.data.downsample not in (None, source.downsample):
+        raise ValueError(f"{cohort}: a cache prepared with --downsample {source.downsample}, and this recipe is for "
+                         f"--downsample {config.data.downsample} (data.downsample; Peng's UK Biobank recipes are "
+                         f"1mm): prepare the cohort with --downsample {config.data.downsample}, or train the recipe "
+                         f"at this resolution anyway with --set data.downsample={source.downsample}")
     smallest = min_input_side(len(config.model.channels))
     if min(source.shape) < smallest:
         raise ValueError(f"{cohort}: volumes of shape {source.shape} are too small for "

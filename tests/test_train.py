@@ -46,7 +46,16 @@ def test_shipped_configs_load(name):
         assert cfg.model.channels == (32, 64, 128, 256, 256, 64) and cfg.bin_range == (42, 82)
         assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.01, 0.9, 1e-3)
         assert (cfg.optim.step_epochs, cfg.optim.gamma, cfg.batch_size, cfg.epochs) == (30, 0.3, 8, 130)
-        assert (cfg.data.shift, cfg.data.mirror) == (2, True)
+        assert (cfg.data.shift, cfg.data.mirror, cfg.data.downsample) == (2, True, 1)
+
+
+def test_a_1mm_recipe_refuses_a_coarser_cache(ixi_tiny, tmp_path):
+    """Peng's UK Biobank recipes are for 1mm: on a 4mm cache they would train silently on 40x48x40 volumes."""
+    cfg = load_config(REPO / "configs" / "sfcn_age_ukb.py")
+    with pytest.raises(ValueError, match=r"prepared with --downsample 4, and this recipe is for --downsample 1 .*"
+                                         r"--set data.downsample=4"):
+        pretrain(cfg, ixi_tiny[1], tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_split_keeps_each_participant_in_one_split():
