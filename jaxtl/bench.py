@@ -991,7 +991,7 @@ def summary_line(r: dict) -> str:
         s += f", PyTorch {st['torch_vol_per_s']:.3g} (jaxtl/PyTorch {st['ratio']:.2f})" if st.get("ratio") else ""
     if r.get("other_cpu_cores") and is_busy(r):
         s += (f" [BUSY: other processes used up to {max(v for v in r['other_cpu_cores'].values() if v is not None)}"
-              " cores; the ratio is not reliable]")
+              f" cores; the timings{' and the ratio' if r.get('ratio') else ''} are not reliable]")
     return s
 
 

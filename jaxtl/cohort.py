@@ -861,13 +861,15 @@ def _select_t1w(root: Path, images: list[Path], bids_filter: dict[str, str | Non
     if several:
         example = several[0]
         varying = _entity_values(example)
-        first = next((k for k in varying if k != "ses"), "space")
+        keys = [k for k in varying if k != "ses"] or ["space"]
+        as_dict = ", ".join(f"{k!r}: VALUE" for k in keys)
+        as_flags = " ".join(f"--bids-filter {k}=VALUE" for k in keys)
         problems.append(
             f"{len(several)} subject/session(s) have several T1w images, e.g. "
             f"{', '.join(p.name for p in example)} (they differ in {_format_entities(varying)}). jaxtl takes one "
             f"brain-extracted T1w image linearly registered to MNI152 1mm per scan; choose it by BIDS entities: "
-            f"read_cohort(..., bids_filter={{{first!r}: VALUE}}) or `jaxtl prepare --bids-filter {first}=VALUE` "
-            f"(then use the cache; ENTITY= selects images "
+            f"read_cohort(..., bids_filter={{{as_dict}}}) or `{as_flags}` on jaxtl prepare, transfer, predict, "
+            f"embed (ENTITY= selects images "
             f"without that entity, ENTITY=* keeps every value as a separate scan, as runs are by default). "
             f"Standard-space outputs of fMRIPrep and similar pipelines are non-linearly normalised and often "
             f"resampled; the paper's models saw linear registrations. All of them: "

@@ -785,7 +785,7 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         bar.close()
         who = f"process {jax.process_index()}/{n_proc}: " if n_proc > 1 else ""
         why = "stopped by Ctrl-C" if watch.signum == signal.SIGINT else "preempted"
-        print(f"jaxtl pretrain: {who}{why} at step {step}: checkpoint saved, rerun the same command "
+        print(f"pretraining in {workdir}: {who}{why} at step {step}: checkpoint saved, rerun the same command "
               f"to resume (exit status {watch.exit_code})", file=sys.stderr, flush=True)
         raise Preempted(step, watch.exit_code)
 

@@ -526,6 +526,8 @@ def test_other_processes_cpu_marks_records_busy_and_the_report_prefers_quiet_one
                                          "vol_per_s": 11.0}]) == [quiet]
     no_torch = {"torch": None}
     assert "BUSY" in bench.summary_line(busy | no_torch) and "BUSY" not in bench.summary_line(quiet | no_torch)
+    assert "cores; the timings and the ratio are not reliable]" in bench.summary_line(busy | no_torch)
+    assert "cores; the timings are not reliable]" in bench.summary_line(lone)  # no ratio to speak of
 
 
 def test_the_report_keeps_records_of_other_xla_options_apart():

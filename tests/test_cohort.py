@@ -468,7 +468,9 @@ def test_bids_derivatives_with_several_t1w_per_subject_must_be_chosen(tmp_path):
     message = str(info.value)
     for fragment in ["1 subject/session(s) have several T1w images", "sub-01_desc-preproc_T1w.nii.gz",
                      "sub-01_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz",
-                     "res: 2, <none>", "space: <none>, MNI152NLin2009cAsym", "`jaxtl prepare --bids-filter res=VALUE`",
+                     "res: 2, <none>", "space: <none>, MNI152NLin2009cAsym",
+                     "bids_filter={'res': VALUE, 'space': VALUE}",
+                     "`--bids-filter res=VALUE --bids-filter space=VALUE`",
                      "linearly registered to MNI152 1mm"]:
         assert fragment in message, fragment
     cohort = read_cohort(fmriprep, bids_filter={"space": "MNI152NLin2009cAsym", "res": None})

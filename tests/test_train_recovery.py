@@ -89,7 +89,8 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resumes_bitwise(ukb_cache, clean,
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=240)[1]
     assert proc.returncode == PREEMPTED_EXIT_CODE == 143, err[-3000:]
-    stopped = int(re.search(r"preempted at step (\d+): checkpoint saved, rerun the same command to resume", err)[1])
+    stopped = int(re.search(rf"pretraining in {re.escape(str(work))}: preempted at step (\d+): checkpoint saved, rerun "
+                            r"the same command to resume", err)[1])
     assert 1 <= stopped < 12  # mid-epoch unless the machine stalled for several steps
     with ocp.CheckpointManager(work / "checkpoints") as mngr:
         assert mngr.latest_step() == stopped
