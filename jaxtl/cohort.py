@@ -331,8 +331,8 @@ def age_unit(table: Path, column: str, sidecars: Sequence[Path] = ()) -> float:
 
 
 def levels_coding(table: Path, column: str) -> dict[str, float] | None:
-    """The sex coding a BIDS sidecar (`table` with .json) states in its `{column: {"Levels": {"1": "male", ...}}}`;
-    None when it states none that names both sexes (e.g. {"M": "male", "F": "female"} codes nothing new)."""
+    """The sex coding a BIDS sidecar (`table` with .json) states in its `{column: {"Levels": {"1": "male", ...}}}`
+    (BIDS: the keys are the column's values); None when it states none that names both sexes."""
     import json
 
     sidecar = table.with_suffix(".json")
@@ -353,13 +353,7 @@ def levels_coding(table: Path, column: str) -> dict[str, float] | None:
             continue  # "other", descriptions
         if not math.isnan(sex):
             coding[str(value).strip().lower()] = sex
-    if sorted(set(coding.values())) != [0.0, 1.0]:
-        return None
-    try:
-        plain = all(parse_sex(value) == sex for value, sex in coding.items())
-    except ValueError:
-        plain = False
-    return None if plain else coding
+    return coding if sorted(set(coding.values())) == [0.0, 1.0] else None
 
 
 def parse_sex(text: str) -> float:
@@ -660,14 +654,15 @@ def _read_table_cohort(
     return scans, sorted(problems, key=_line_key)
 
 
-def _age_or_missing(text: str, unit: float, where: str, label_problems: list[tuple[str, str]] | None) -> float:
+def _age_or_missing(text: str, unit: float, where: str, label_problems: list[tuple[str, str]] | None,
+                    prefix: str = "") -> float:
     """`parse_age`; with `label_problems` (labels not required) an unreadable age is recorded there, NaN."""
     try:
         return parse_age(text, unit)
     except ValueError as e:
         if label_problems is None:
             raise
-        label_problems.append((where, str(e)))
+        label_problems.append((where, f"{prefix}{e}"))
         return math.nan
 
 
@@ -777,23 +772,34 @@ def _read_bids(
         ages, session_problems = _session_ages(_labels_file(root, f"{subject}/{subject}_sessions.tsv"),
                                                (named or {}).get("age"))
         session_ages[subject] = ages
-        (problems if label_problems is None else label_problems).extend(session_problems)
+        if label_problems is None:
+            problems += session_problems
+        else:  # that session's age falls back to participants.tsv's
+            label_problems += [(w, f"{m} (the participants.tsv age is used)") for w, m in session_problems]
     scans, unlabelled = [], []
     labelled = {subject for subject, _ in labels}
+    rows_of = collections.defaultdict(list)  # subject -> its participants.tsv keys, good rows and bad
+    for key in (*labels, *bad_subjects):
+        rows_of[key[0]].append(key)
+    no_row = []  # scans of subjects with per-session rows, none of them for the scan's session
     for image in images:
         subject = image.relative_to(root).parts[0]
         session = _bids_entity(image, "ses") or ""
-        # participants.tsv rows are per subject, or per session when it has a session column
-        key = (subject, session) if (subject, session) in labels or (subject, session) in bad_subjects \
-            else (subject, "")
-        if subject not in labelled and not any(k[0] == subject for k in bad_subjects):
+        key = _row_key(rows_of[subject], session)
+        if not rows_of[subject]:
             unlabelled.append(subject)
+        elif key is None:
+            no_row.append(f"{subject} {session}")
         age, sex, site = labels.get(key, (math.nan, math.nan, ""))
         age = session_ages[subject].get(session, age)
         scan_id = re.sub(r"_T1w$", "", _strip_suffix(image.name))
         # a subject whose participants.tsv row is bad shares that row's fate (reported or skipped)
         where = bad_subjects.get(key, str(image.relative_to(root)))
         scans.append((where, Scan(scan_id, subject, image, session, age, sex, site)))
+    if no_row:
+        warnings.warn(f"{root}: {len(no_row)} scan(s) whose session has no row in participants.tsv (e.g. "
+                      f"{no_row[0]}), though their subject has rows for other sessions; their labels are missing",
+                      stacklevel=3)
     problems += _duplicate_ids(scans)
     if labels and unlabelled:
         unpadded = {s.removeprefix("sub-").lstrip("0"): s for s in labelled}
@@ -827,6 +833,20 @@ def _read_bids(
     return scans, problems
 
 
+def _row_key(keys: Sequence[tuple[str, str]], session: str) -> tuple[str, str] | None:
+    """Which of a subject's participants.tsv rows (`keys`: (subject, session), session "" for a row of the whole
+    subject) labels its scan of `session`: that session's (also "1" for "ses-01"), else the subject's, else its only
+    row (e.g. a per-subject table with a `visit` column), else None."""
+    def bare(s: str) -> str:
+        s = s.removeprefix("ses-")
+        return s.lstrip("0") or s
+
+    return (next((k for k in keys if k[1] == session), None)
+            or next((k for k in keys if k[1] and session and bare(k[1]) == bare(session)), None)
+            or next((k for k in keys if not k[1]), None)
+            or (keys[0] if len(keys) == 1 else None))
+
+
 def _entities(path: Path) -> dict[str, str]:
     """BIDS entities of a file name, e.g. {"sub": "01", "space": "MNI152Lin", "res": "2"}."""
     parts = re.sub(r"_T1w$", "", _strip_suffix(path.name)).split("_")
@@ -855,7 +875,8 @@ def _select_t1w(root: Path, images: list[Path], bids_filter: dict[str, str | Non
     several = [g for g in several if g not in same]
     problems = []
     if same:  # nothing to choose by: one scan stored twice
-        listing = "".join(f"\n  {', '.join(str(p.relative_to(root)) for p in g)}" for g in same)
+        listing = "".join(f"\n  {', '.join(str(p.relative_to(root)) for p in g)}" for g in same[:5])
+        listing += f"\n  and {len(same) - 5} more" if len(same) > 5 else ""
         problems.append(f"{len(same)} scan(s) stored twice with the same BIDS entities (e.g. .nii and .nii.gz): "
                         f"remove one file of each:{listing}")
     if several:
@@ -872,8 +893,9 @@ def _select_t1w(root: Path, images: list[Path], bids_filter: dict[str, str | Non
             f"embed (ENTITY= selects images "
             f"without that entity, ENTITY=* keeps every value as a separate scan, as runs are by default). "
             f"Standard-space outputs of fMRIPrep and similar pipelines are non-linearly normalised and often "
-            f"resampled; the paper's models saw linear registrations. All of them: "
-            + "; ".join(", ".join(str(p.relative_to(root)) for p in g) for g in several)
+            f"resampled; the paper's models saw linear registrations. Listed: "
+            + "; ".join(", ".join(str(p.relative_to(root)) for p in g) for g in several[:5])
+            + (f"; and {len(several) - 5} more" if len(several) > 5 else "")
         )
     if problems:
         raise CohortError(f"{root}: " + "\n".join(problems))
@@ -941,7 +963,7 @@ def _participants(
             problems.append((where, "empty participant_id"))
             continue
         subject = subject if subject.startswith("sub-") else f"sub-{subject}"
-        session = row.get("session", "")
+        session = "" if row.get("session", "").strip().lower() in _MISSING else row["session"].strip()
         key = (subject, session if not session or session.startswith("ses-") else f"ses-{session}")
         if key in first:
             hint = ("" if "session" in cols else "; one row per session? add a session_id column, or give each "
@@ -957,7 +979,7 @@ def _participants(
             continue
         first[key] = line
         try:
-            age = parse_age(row.get("age", ""), unit)
+            age = _age_or_missing(row.get("age", ""), unit, where, label_problems, prefix=f"{subject}: ")
             sex = _row_sex(row.get("sex", ""), f"line {line}", bad_sex, sex_required=sex_required, one_two=one_two,
                            coding=coding)
             labels[key] = (age, sex, row.get("site", ""))

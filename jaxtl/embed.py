@@ -379,9 +379,11 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
     batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
     if n < batch_size:  # few volumes: a power-of-two batch per device, not a mostly padded full one
         batch_size = min(batch_size, n_dev * (1 << max(0, math.ceil(math.log2(-(-n // n_dev))))))
-    else:  # equal batches, so that the last is not mostly padding (10 volumes: 2 x 5, not 2 x 8)
-        per_batch = -(-n // -(-n // batch_size))
-        batch_size = -(-per_batch // n_dev) * n_dev
+    else:  # about equal batches, so that the last is not mostly padding (10 volumes: 2 x 6, not 2 x 8), in
+        # steps of a quarter of the batch size per device (at most 4 batch shapes to compile)
+        step = max(1, batch_size // n_dev // 4)
+        per_device = -(-n // -(-n // batch_size) // n_dev)
+        batch_size = -(-per_device // step) * step * n_dev
     graphdef, state = nnx.split(model)  # the caller's model stays in its mode; the network runs in eval mode
     graphdef = _eval_graphdef(graphdef, state, None if dtype is None else jnp.dtype(dtype))
     state = jax.device_put(state, NamedSharding(mesh, P()))
@@ -548,8 +550,9 @@ def embed(volumes: Any, model: JaxtlModel | SFCN | str | os.PathLike, *, layer: 
     Layers: "features" (the 64-d average-pooled vector the paper re-uses), "logits" (log-probabilities),
     "probs", and "block0".."block5" (each conv block's output, average-pooled).
     `dtype=jnp.bfloat16` computes in bfloat16 with float32 parameters. `batch_size`: at most this many volumes per
-    step (default `max(8, 2 x devices)`, a multiple of the device count); the volumes are cut into equal batches
-    (10 volumes: two of 5), and fewer than one batch run in a power-of-two batch per device.
+    step (default `max(8, 2 x devices)`, a multiple of the device count); the volumes are cut into about equal
+    batches in steps of a quarter of it per device (10 volumes, one device: two batches of 6, not 8 + 8 with 6 rows
+    of padding), and fewer than one batch run in a power-of-two batch per device.
 
     `on_error` (NIfTI inputs: paths, images, cohorts): "raise" (default) stops at the first scan that cannot
     be loaded or conformed with a `jaxtl.InputError` naming the file, as a script would expect: NaN rows

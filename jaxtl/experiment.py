@@ -723,12 +723,16 @@ def _cached_fit(estimator, x: np.ndarray, path: Path) -> np.ndarray:
 
     key = hashlib.sha256(x.tobytes() + repr((x.shape, sorted(estimator.get_params().items()),
                                              sklearn.__version__)).encode()).hexdigest()
-    if path.exists():
+    try:
         with np.load(path) as saved:
             if str(saved["key"]) == key:
                 return saved["value"]
+    except (OSError, ValueError, KeyError, EOFError):  # none yet, or unreadable: fit again
+        pass
     value = estimator.fit_transform(x)
-    np.savez(path, key=key, value=value)
+    tmp = path.with_name(f"{path.name}.tmp.npz")
+    np.savez(tmp, key=key, value=value)
+    os.replace(tmp, path)  # a kill while writing leaves no half-written cache
     return value
 
 

@@ -309,10 +309,12 @@ class Target:
         return dataclasses.replace(self, source=src, _memo=self._memo)
 
     def select(self, indices: np.ndarray) -> Target:
-        """The scans at `indices` (a NIfTI, cache or in-memory target); features and voxels are recomputed."""
+        """The scans at `indices` (integers or a boolean mask) of a NIfTI or in-memory target; features and voxels
+        are recomputed."""
         from jaxtl.cache import NiftiSource
 
-        idx = np.asarray(indices, dtype=int)
+        idx = np.asarray(indices)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(int)
         if isinstance(self.source, NiftiSource):
             source = NiftiSource(self.source.cohort.select(idx), downsample=self.source.downsample,
                                  check=self.source.check)
@@ -347,8 +349,8 @@ def drop_unloadable(target: Target, *, progress: bool = True) -> tuple[Target, t
     if len(failures) == len(target):
         raise ValueError(f"{target.name}: none of its {len(target)} scans could be loaded, e.g. {failures[0].reason}")
     keep = np.setdiff1d(np.arange(len(target)), [f.index for f in reader.failures])
-    warnings.warn(f"{target.name}: {len(failures)} of {len(target)} scans could not be loaded and are left out, "
-                  f"e.g. {failures[0].reason}", SkippedScansWarning, stacklevel=2)
+    warnings.warn(SkippedScansWarning(f"{target.name}: {len(failures)} of {len(target)} scans could not be loaded "
+                                      f"and are left out, e.g. {failures[0].reason}", reader.failures), stacklevel=2)
     return target.select(keep), failures
 
 

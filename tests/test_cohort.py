@@ -191,6 +191,21 @@ def test_participants_tsv_with_one_row_per_session(tmp_path):
     with pytest.raises(CohortError, match=r"line 3: duplicate participant_id 'sub-01' \(first at line 2\); one row "
                                           r"per session\? add a session_id column"):
         read_cohort(tmp_path)
+    # sessions written "01" for ses-1, n/a (the subject's row), a session without a row (labels missing, said)
+    _touch(tmp_path, "sub-01/ses-3/anat/sub-01_ses-3_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tsession_id\tage\nsub-01\t01\t50\n"
+                                               "sub-01\tses-2\t53\nsub-02\tn/a\t60\n")
+    with pytest.warns(UserWarning, match=r"1 scan\(s\) whose session has no row in participants.tsv \(e.g. sub-01 "
+                                         r"ses-3\)"):
+        cohort = read_cohort(tmp_path)
+    np.testing.assert_array_equal(cohort.ages, [50, 53, np.nan, 60])
+    # a per-subject column named like a session (visit) on images without sessions: the subject's only row
+    other = tmp_path / "other"
+    _touch(other, "sub-01/anat/sub-01_T1w.nii.gz")
+    (other / "participants.tsv").write_text("participant_id\tvisit\tage\nsub-01\tbaseline\t50\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_cohort(other).ages.tolist() == [50]
 
 
 def test_one_session_with_two_runs_is_not_several_sessions(tmp_path):
@@ -224,6 +239,24 @@ def test_participants_json_levels_state_the_sex_coding(tmp_path):
     (tmp_path / "participants.tsv").write_text("participant_id\tsex\nsub-01\tM\nsub-02\tF\n")
     (tmp_path / "participants.json").write_text('{"sex": {"Levels": {"M": "male", "F": "female"}}}')
     assert read_cohort(tmp_path).sexes.tolist() == [1, 0]  # levels that code nothing new change nothing
+    # levels as 0/1 with a third value: stated, so the column is no ambiguous 1/2 coding; "other" is missing
+    _touch(tmp_path, "sub-03/anat/sub-03_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tsex\nsub-01\t0\nsub-02\t1\nsub-03\t2\n")
+    (tmp_path / "participants.json").write_text('{"sex": {"Levels": {"0": "female", "1": "male", "2": "other"}}}')
+    with pytest.warns(UserWarning, match=r"1 sex value\(s\) not understood, set to missing \(NaN\): line 4 '2'"):
+        np.testing.assert_array_equal(read_cohort(tmp_path).sexes, [0, 1, np.nan])
+
+
+def test_labels_not_required_keep_the_scans_and_the_labels_they_can(tmp_path):
+    _touch(tmp_path, "sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz")
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\told\tF\nsub-02\t50\tM\n")
+    with pytest.raises(CohortError, match="line 2: sub-01: "):
+        read_cohort(tmp_path)
+    with pytest.warns(UserWarning, match=r"1 label\(s\) not understood, left missing \(the scans are kept\):\n  "
+                                         r"participants.tsv line 2: sub-01: "):
+        cohort = read_cohort(tmp_path, labels_required=False)
+    np.testing.assert_array_equal(cohort.ages, [np.nan, 50])
+    assert cohort.sexes.tolist() == [0, 1]  # sub-01's sex is kept
 
 
 def test_unfetched_datalad_files_are_scans_that_name_the_fix(tmp_path):

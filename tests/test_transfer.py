@@ -548,6 +548,16 @@ def test_cli_transfer_leaves_out_scans_that_fail_to_load(tiny_models, ixi_tiny, 
     assert sorted(pred["participant_id"]) == sorted(cohort.participant_ids)  # nor the row aged "thirty"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["failed_to_load"] == 3 and sum(metrics["n"].values()) == 16
+    # in Python: the warning carries every failure; Target.select takes indices or a mask
+    from jaxtl.embed import SkippedScansWarning
+    from jaxtl.transfer import drop_unloadable, open_target
+
+    target = open_target(table, 4, check_files=False, on_error="skip")
+    with pytest.warns(SkippedScansWarning) as caught:
+        kept, failures = drop_unloadable(target, progress=False)
+    assert [f.index for f in caught[0].message.failures] == [16, 17, 18] and len(failures) == 3 and len(kept) == 16
+    mask = np.arange(len(target)) % 2 == 0
+    assert list(target.select(mask).ids) == list(target.ids[mask]) == list(target.select(np.flatnonzero(mask)).ids)
     table.write_text("participant_id,path,age\n" + "".join(f"{i},{p},{a}\n" for i, p, a in rows[:17]))
     assert cli.main([*argv, "--overwrite", "--on-error", "raise"]) == 2
     assert "sub-corrupt_T1w.nii.gz: unreadable" in capsys.readouterr().err
