@@ -782,6 +782,7 @@ def _read_bids(
     for key in (*labels, *bad_subjects):
         rows_of[key[0]].append(key)
     no_row = []  # scans of subjects with per-session rows, none of them for the scan's session
+    own_row = set()
     for image in images:
         subject = image.relative_to(root).parts[0]
         session = _bids_entity(image, "ses") or ""
@@ -793,6 +794,8 @@ def _read_bids(
         age, sex, site = labels.get(key, (math.nan, math.nan, ""))
         age = session_ages[subject].get(session, age)
         scan_id = re.sub(r"_T1w$", "", _strip_suffix(image.name))
+        if key is not None and key[1] and _bare_session(key[1]) == _bare_session(session):
+            own_row.add(scan_id)  # labelled by its own session's row
         # a subject whose participants.tsv row is bad shares that row's fate (reported or skipped)
         where = bad_subjects.get(key, str(image.relative_to(root)))
         scans.append((where, Scan(scan_id, subject, image, session, age, sex, site)))
@@ -815,7 +818,7 @@ def _read_bids(
         sessions_of[s.participant_id].add(s.session)
     shared = sorted({s.participant_id for _, s in scans if len(sessions_of[s.participant_id]) > 1 and s.session
                      and s.session not in session_ages[s.participant_id] and math.isfinite(s.age)
-                     and (s.participant_id, s.session) not in labels})
+                     and s.id not in own_row})
     if shared:
         warnings.warn(
             f"{root}: {len(shared)} subject(s) with several sessions take one age from participants.tsv for all of "
@@ -833,16 +836,18 @@ def _read_bids(
     return scans, problems
 
 
+def _bare_session(session: str) -> str:
+    """"ses-01" -> "1": session labels compared without the prefix and zero padding."""
+    s = session.removeprefix("ses-")
+    return s.lstrip("0") or s
+
+
 def _row_key(keys: Sequence[tuple[str, str]], session: str) -> tuple[str, str] | None:
     """Which of a subject's participants.tsv rows (`keys`: (subject, session), session "" for a row of the whole
     subject) labels its scan of `session`: that session's (also "1" for "ses-01"), else the subject's, else its only
     row (e.g. a per-subject table with a `visit` column), else None."""
-    def bare(s: str) -> str:
-        s = s.removeprefix("ses-")
-        return s.lstrip("0") or s
-
     return (next((k for k in keys if k[1] == session), None)
-            or next((k for k in keys if k[1] and session and bare(k[1]) == bare(session)), None)
+            or next((k for k in keys if k[1] and session and _bare_session(k[1]) == _bare_session(session)), None)
             or next((k for k in keys if not k[1]), None)
             or (keys[0] if len(keys) == 1 else None))
 
