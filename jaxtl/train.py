@@ -400,6 +400,32 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _check_shared_workdir(workdir: Path) -> None:
+    """Several processes write one checkpoint into one run directory: refuse (on every process, so none waits in a
+    collective) unless all of them see the directory process 0 wrote to."""
+    if jax.process_count() == 1:
+        return
+    import secrets
+
+    from jax.experimental import multihost_utils
+
+    token = workdir / ".processes"
+    if jax.process_index() == 0:
+        token.write_text(secrets.token_hex(8))
+    mine = np.frombuffer(bytes.fromhex(token.read_text()) if jax.process_index() == 0 else bytes(8), np.uint8)
+    expected = bytes(np.asarray(multihost_utils.broadcast_one_to_all(mine))).hex()  # also a barrier
+    try:
+        seen = token.read_text() == expected
+    except OSError:
+        seen = False
+    everyone = np.asarray(multihost_utils.process_allgather(np.array([seen])))
+    if not everyone.all():
+        blind = np.flatnonzero(~everyone.reshape(-1)).tolist()
+        raise ValueError(f"{workdir}: process(es) {blind} do not see the run directory process 0 writes to; every "
+                         "process must be given the same directory on a filesystem they all share (NFS, a "
+                         "shared disk, ...), as the checkpoint is written by all of them together")
+
+
 def _check_config(workdir: Path, config: TrainConfig) -> dict | None:
     """Write `config.json` for a new run; for an existing one, refuse a config that differs in anything but
     `RESUMABLE_FIELDS`. Returns the saved config (flat `section.field` keys) or None for a new run."""
@@ -431,14 +457,9 @@ def config_changes(workdir: Path, config: TrainConfig, allowed: tuple[str, ...] 
 
 
 def _check_resume(meta: dict, workdir: Path, config: TrainConfig, steps_per_epoch: int, n_proc: int) -> None:
-    """Refuse to resume a checkpoint (its `meta`) written by another number of processes than `n_proc`, or
-    past `config.epochs`."""
+    """Refuse to resume a checkpoint (its `meta`) past `config.epochs`. (Another process count `n_proc` than the
+    checkpoint's is fine: the data stream does not depend on it, and a fresh iterator is positioned at the step.)"""
     step = meta["step"]
-    saved_procs = meta.get("process_count")  # absent in checkpoints of older versions
-    if saved_procs is not None and saved_procs != n_proc:
-        raise ValueError(f"{workdir}: the checkpoint at step {step} was written by {saved_procs} process(es), "
-                         f"this run has {n_proc}; the data iterator state is per process, so resume with "
-                         f"{saved_procs} processes (--num-processes {saved_procs}), or use a new --workdir")
     if step > config.epochs * steps_per_epoch:
         done = math.ceil(step / steps_per_epoch)
         raise ValueError(f"{workdir} has trained {step} steps ({step / steps_per_epoch:g} epochs), more than "
@@ -690,7 +711,14 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     _check_labels(source, np.arange(len(source)), config, str(cohort))
     volumes = _check_volumes(workdir, source, cohort)
     saved_config = _check_config(workdir, config)
+    _check_shared_workdir(workdir)
     is_main = jax.process_index() == 0
+    if is_main:  # also in logs (--no-progress): a launch that sees fewer devices than meant shows here
+        mesh_devices = default_devices()
+        print(f"jaxtl pretrain: {n_proc} process(es), {len(mesh_devices)} {mesh_devices[0].platform} device(s) "
+              f"({jax.local_device_count()} on this process), global batch {config.batch_size} "
+              f"({config.batch_size // len(mesh_devices)} per device), {len(train_idx)} training scans",
+              file=sys.stderr, flush=True)
     if is_main:
         _write_json(workdir / "volumes.json", volumes)
         parts = {k: idx for k, idx in zip(("train", "val", "test"), (train_idx, val_idx, test_idx), strict=True)}
@@ -718,11 +746,12 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         saved_workers = meta.get("workers", (saved_config or {}).get("data.workers"))
         items = {"state": ocp.args.StandardRestore(_state_target(trainer.state, trainer.mesh))}
         # checkpoints without data_start predate batching per epoch: their iterator state counts records
-        if saved_workers == config.data.workers and "data_start" in meta:  # the saved iterator state fits
+        same_procs = meta.get("process_count", n_proc) == n_proc  # the iterator state is saved per process
+        if saved_workers == config.data.workers and "data_start" in meta and same_procs:  # the saved state fits
             data_start = meta.get("data_start", 0)
             data_iter = iter(train_dataset(source, train_idx, config, data_start))
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        else:  # other worker processes or an older pipeline: a fresh one positioned at the step
+        else:  # other worker or host processes, or an older pipeline: a fresh one positioned at the step
             data_start = step
             data_iter = iter(train_dataset(source, train_idx, config, data_start))
         trainer.state = mngr.restore(latest, args=ocp.args.Composite(**items))["state"]
@@ -929,7 +958,12 @@ def _test_metrics(trainer: Trainer, best_dir: Path, source: CacheSource, train_i
     constant prediction: the test split's majority share)."""
     key = "mae" if label_key == "age" else "accuracy"
     out = {f"test_{key}": trainer.evaluate(source, test_idx, label_key, progress=progress)}
-    if (best_dir / "model.json").exists():
+    exported = (best_dir / "model.json").exists()
+    if jax.process_count() > 1:  # every process must run the evaluation below, or none (it is collective)
+        from jax.experimental import multihost_utils
+
+        exported = bool(multihost_utils.broadcast_one_to_all(np.array(exported)))
+    if exported:
         exported = load_model(best_dir, dtype=jnp.dtype(trainer.config.model.dtype))
         # As host arrays: placing arrays committed to one local device on a multi-process mesh would be a
         # cross-host transfer; host arrays are put on every process's devices (multi-host safe).

@@ -339,17 +339,13 @@ def test_pretrain_end_to_end_and_resume_is_noop(ukb_cache, tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
     with pytest.raises(ValueError, match=r"trained 18 steps \(3 epochs\), more than epochs=2.*--set epochs=3"):
         pretrain(cfg, ukb_cache, run, progress=False)
-    # the checkpoint records the process count; a resume with another count is refused
+    # the checkpoint records the process count (a resume with another count positions a fresh data iterator:
+    # test_train_recovery.py::test_two_processes_match_one_process)
     import orbax.checkpoint as ocp
-
-    from jaxtl.train import _check_resume
 
     with ocp.CheckpointManager(run / "checkpoints") as mngr:
         meta = mngr.restore(18, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     assert meta["step"] == 18 and meta["process_count"] == 1
-    _check_resume(meta, run, tiny_config("epochs=3"), 6, n_proc=1)
-    with pytest.raises(ValueError, match=r"written by 1 process\(es\), this run has 2.*--num-processes 1"):
-        _check_resume(meta, run, tiny_config("epochs=3"), 6, n_proc=2)
 
 
 def test_resume_drops_records_after_the_checkpoint_and_may_change_workers(ukb_cache, tmp_path):

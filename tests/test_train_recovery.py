@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -296,9 +297,14 @@ def test_two_processes_match_one_process(ukb_cache, tmp_path):
     outs = _run_two_processes_retrying(ukb_cache, multi_dir, extra, expected_rc=143, sigterm_after=1)
     stopped = {int(re.search(r"process \d/2: preempted at step (\d+): checkpoint saved", out)[1]) for out in outs}
     assert len(stopped) == 1, outs  # the same step on both processes
+    # the checkpoint of 2 processes resumes on 1 (a pod or cluster back with fewer hosts): same data stream
+    shutil.copytree(multi_dir, tmp_path / "fewer")
+    cmd, env = pretrain_command(ukb_cache, tmp_path / "fewer", *extra, devices=4)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     _run_two_processes_retrying(ukb_cache, multi_dir, extra, expected_rc=0)
     single = [r["loss"] for r in steps_logged(tmp_path / "single")]
     multi = [r["loss"] for r in steps_logged(multi_dir)]
+    np.testing.assert_allclose([r["loss"] for r in steps_logged(tmp_path / "fewer")], single, rtol=1e-3)
     assert [r["step"] for r in steps_logged(multi_dir)] == list(range(1, len(single) + 1)) and len(single) >= 3
     # Same batches, same dropout masks: equal up to float reduction order, which drifts slowly over steps.
     np.testing.assert_allclose(multi[:3], single[:3], rtol=1e-4)
@@ -311,6 +317,20 @@ def test_two_processes_match_one_process(ukb_cache, tmp_path):
     finals = {name: [r["final"] for r in rs if "final" in r] for name, rs in records.items()}
     assert len(finals["multi"]) == 1 and "test_mae_best" in finals["multi"][0]  # best/ evaluated on the 2-process mesh
     assert finals["multi"][0]["test_mae"] == pytest.approx(finals["single"][0]["test_mae"], rel=1e-3)
+
+
+def test_processes_that_do_not_share_the_run_directory_are_refused(ukb_cache, tmp_path):
+    """Each process given its own directory (no shared filesystem): every process stops with the reason, none
+    waits in a collective (orbax had hung writing the checkpoint)."""
+    port = _free_port()
+    procs = []
+    for pid in (0, 1):
+        cmd, env = pretrain_command(ukb_cache, tmp_path / f"host{pid}", "epochs=1", devices=2)
+        cmd += ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 2 and "process(es) [1] do not see the run directory process 0 writes to" in out, out
 
 
 def test_restore_on_a_different_device_count(ukb_cache, tmp_path):
