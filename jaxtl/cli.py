@@ -101,10 +101,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     out = pretrain(config, args.cohort, args.workdir, max_steps=args.max_steps, progress=not args.no_progress,
                    profile=args.profile)
-    summary = _pretrain_summary(final_record(args.workdir))
-    if summary:
-        print(summary)
-    print(f"final model: {out}")
+    import jax
+
+    if jax.process_index() == 0:  # once, not once per host
+        summary = _pretrain_summary(final_record(args.workdir))
+        if summary:
+            print(summary)
+        print(f"final model: {out}")
     return 0
 
 

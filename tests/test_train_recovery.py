@@ -301,7 +301,11 @@ def test_two_processes_match_one_process(ukb_cache, tmp_path):
     shutil.copytree(multi_dir, tmp_path / "fewer")
     cmd, env = pretrain_command(ukb_cache, tmp_path / "fewer", *extra, devices=4)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
-    _run_two_processes_retrying(ukb_cache, multi_dir, extra, expected_rc=0)
+    outs = _run_two_processes_retrying(ukb_cache, multi_dir, extra, expected_rc=0)
+    # what the run sees, and its summary, said once (by process 0)
+    assert "jaxtl pretrain: 2 process(es), 4 cpu device(s) (2 on this process), global batch 4 (1 per device)" \
+        in outs[0] and "process(es)" not in outs[1]
+    assert ["final model:" in out for out in outs] == [True, False]
     single = [r["loss"] for r in steps_logged(tmp_path / "single")]
     multi = [r["loss"] for r in steps_logged(multi_dir)]
     np.testing.assert_allclose([r["loss"] for r in steps_logged(tmp_path / "fewer")], single, rtol=1e-3)
