@@ -291,11 +291,13 @@ class Subset:
 def train_dataset(source, indices: np.ndarray, config: TrainConfig, start_batch: int = 0) -> grain.IterDataset:
     """The training stream (`jaxtl.cache.make_dataset`): per epoch a seeded reshuffle of `indices` cut into
     `len(indices) // batch_size` global batches (the rest dropped), endless repeat, shift/mirror augmentation,
-    this process's block of every global batch, float32 batches; `start_batch` skips that many batches."""
+    this process's block of every global batch; `start_batch` skips that many batches. Batches are float16 from a
+    float16 cache (the model casts on the device, exactly: half the bytes to copy there), else float32."""
     d = config.data
+    dtype = np.float16 if np.dtype(getattr(source, "stored_dtype", np.float32)) == np.float16 else np.float32
     return make_dataset(Subset(source, indices), batch_size=config.batch_size // jax.process_count(),
                         seed=config.seed, num_epochs=None, workers=d.workers, wrap=d.wrap, max_shift=d.shift,
-                        flip_p=0.5 if d.mirror else 0.0, dtype=np.float32,
+                        flip_p=0.5 if d.mirror else 0.0, dtype=dtype,
                         process_index=jax.process_index(), process_count=jax.process_count(),
                         start_batch=start_batch)
 

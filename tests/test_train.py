@@ -109,7 +109,13 @@ def test_pipeline_batches_and_host_blocks(ukb_cache):
     cfg = tiny_config()
     it = iter(train_dataset(source, np.arange(24), cfg))
     b = next(it)
-    assert b["image"].shape == (4, 40, 48, 40) and b["image"].dtype == np.float32 and b["age"].shape == (4,)
+    # float16 from a float16 cache (half the bytes to the device), cast there exactly: the same step as float32
+    assert b["image"].shape == (4, 40, 48, 40) and b["image"].dtype == np.float16 and b["age"].shape == (4,)
+    losses = []
+    for images in (b["image"], b["image"].astype(np.float32)):
+        trainer = Trainer.create(cfg, 6)
+        losses.append(float(trainer.step(trainer.global_batch(images), trainer.global_batch(b["age"]), 0)[0]))
+    assert losses[0] == losses[1]
     again = next(iter(train_dataset(source, np.arange(24), cfg)))
     np.testing.assert_array_equal(b["image"], again["image"])  # seeded: same batches every run
     # steps_per_epoch = 26 // 4 = 6 batches make one epoch: 24 distinct scans each, reshuffled
