@@ -960,12 +960,12 @@ def _test_metrics(trainer: Trainer, best_dir: Path, source: CacheSource, train_i
     constant prediction: the test split's majority share)."""
     key = "mae" if label_key == "age" else "accuracy"
     out = {f"test_{key}": trainer.evaluate(source, test_idx, label_key, progress=progress)}
-    exported = (best_dir / "model.json").exists()
+    has_best = (best_dir / "model.json").exists()
     if jax.process_count() > 1:  # every process must run the evaluation below, or none (it is collective)
         from jax.experimental import multihost_utils
 
-        exported = bool(multihost_utils.broadcast_one_to_all(np.array(exported)))
-    if exported:
+        has_best = bool(multihost_utils.broadcast_one_to_all(np.array(has_best)))
+    if has_best:
         exported = load_model(best_dir, dtype=jnp.dtype(trainer.config.model.dtype))
         # As host arrays: placing arrays committed to one local device on a multi-process mesh would be a
         # cross-host transfer; host arrays are put on every process's devices (multi-host safe).
