@@ -90,7 +90,12 @@ def _init_distributed(args: argparse.Namespace) -> None:
     pid = args.process_id if args.process_id is not None else os.environ.get("JAX_PROCESS_ID")
     if jax.config.jax_platforms in (None, "", "cpu") and address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-    jax.distributed.initialize(address, None if num is None else int(num), None if pid is None else int(pid))
+    # All three given: nothing to detect. JAX's SLURM / Open MPI detection would still run (under srun or mpirun) and
+    # give each process one GPU (its local rank); with explicit values each process uses all its host's devices
+    # (JAX_LOCAL_DEVICE_IDS still chooses). --distributed alone: JAX detects everything, one process per GPU there.
+    explicit = address is not None and num is not None and pid is not None and not args.distributed
+    jax.distributed.initialize(address, None if num is None else int(num), None if pid is None else int(pid),
+                               **({"cluster_detection_method": "deactivate"} if explicit else {}))
 
 
 def _pretrain(args: argparse.Namespace) -> int:

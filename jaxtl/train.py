@@ -383,7 +383,8 @@ def _state_target(state, mesh):
 
 
 # Config fields a resumed run may change. These do not change what is computed:
-NEUTRAL_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data.workers")
+# data.downsample only checks which cache a recipe is given (runs saved before it existed read None)
+NEUTRAL_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data.workers", "data.downsample")
 # `epochs` may change too, as long as the run has not already gone past it: the learning rate schedule is a function
 # of the step alone. So may that schedule (`SCHEDULE_FIELDS`): the rate is an input of each step, and resuming with a
 # lower one is the way on after a non-finite loss. Momentum and weight decay are part of the restored optimizer

@@ -50,12 +50,16 @@ def test_shipped_configs_load(name):
 
 
 def test_a_1mm_recipe_refuses_a_coarser_cache(ixi_tiny, tmp_path):
-    """Peng's UK Biobank recipes are for 1mm: on a 4mm cache they would train silently on 40x48x40 volumes."""
+    """Peng's UK Biobank recipes are for 1mm: on a 4mm cache they would train silently on 40x48x40 volumes. The
+    field changes nothing computed: a run saved before it existed (None) resumes under a config that sets it."""
     cfg = load_config(REPO / "configs" / "sfcn_age_ukb.py")
     with pytest.raises(ValueError, match=r"prepared with --downsample 4, and this recipe is for --downsample 1 .*"
                                          r"--set data.downsample=4"):
         pretrain(cfg, ixi_tiny[1], tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+    from jaxtl.train import RESUMABLE_FIELDS
+
+    assert "data.downsample" in RESUMABLE_FIELDS
 
 
 def test_split_keeps_each_participant_in_one_split():
@@ -535,7 +539,7 @@ def test_distributed_init_skips_only_marked_grain_workers(monkeypatch, capsys):
     from jaxtl.cache import GRAIN_WORKER_ENV
 
     calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: calls.append(a))
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append(a + tuple(kw.values())))
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", GRAIN_WORKER_ENV):
         monkeypatch.delenv(name, raising=False)
     args = argparse.Namespace(coordinator=None, distributed=True, num_processes=2, process_id=1)
@@ -546,7 +550,12 @@ def test_distributed_init_skips_only_marked_grain_workers(monkeypatch, capsys):
     cli._init_distributed(args)
     assert len(calls) == 1
     assert "not calling jax.distributed.initialize() in grain data worker" in capsys.readouterr().err
-    monkeypatch.delenv(GRAIN_WORKER_ENV)  # ranks without a coordinator would each train alone: refused
+    monkeypatch.delenv(GRAIN_WORKER_ENV)
+    # all three given: JAX's SLURM/Open MPI detection (one GPU per process) is off, each process sees its host's
+    cli._init_distributed(argparse.Namespace(coordinator="host0:1234", distributed=False, num_processes=2,
+                                             process_id=1))
+    assert calls[-1] == ("host0:1234", 2, 1, "deactivate")
+    # ranks without a coordinator would each train alone: refused
     with pytest.raises(ValueError, match="--num-processes/--process-id need --coordinator"):
         cli._init_distributed(argparse.Namespace(coordinator=None, distributed=False, num_processes=2, process_id=1))
 
