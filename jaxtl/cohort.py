@@ -16,6 +16,7 @@ import collections
 import csv
 import dataclasses
 import io
+import json
 import math
 import re
 import warnings
@@ -191,13 +192,10 @@ def read_cohort(
         missing = [(line, msg) for line, msg in problems if msg.startswith(FILE_NOT_FOUND)]
         problems = [(line, msg) for line, msg in problems if not msg.startswith(FILE_NOT_FOUND)]
         if missing:
-            listing = "".join(f"\n  {line}: {msg}" for line, msg in missing[:5])
-            warnings.warn(f"{path}: {len(missing)} image file(s) not found{listing}"
-                          f"{'' if len(missing) <= 5 else chr(10) + '  ...'}", stacklevel=2)
+            warnings.warn(f"{path}: {len(missing)} image file(s) not found{_listing(missing, limit=5)}", stacklevel=2)
     if label_problems:
-        listing = "".join(f"\n  {line}: {msg}" for line, msg in sorted(label_problems, key=_line_key))
         warnings.warn(f"{path}: {len(label_problems)} label(s) not understood, left missing (the scans are kept):"
-                      f"{listing}", stacklevel=2)
+                      f"{_listing(sorted(label_problems, key=_line_key))}", stacklevel=2)
     if problems:
         _report(path, problems, on_error)
     bad_rows = {line for line, _ in problems}
@@ -242,17 +240,22 @@ def label_columns_hint(source: str | Path, field: str) -> str:
             f"`jaxtl prepare --{field}-column NAME`){coding}")
 
 
+def _listing(problems: Sequence[tuple[str, str]], limit: int | None = None) -> str:
+    """One indented line per (where, problem), each after a newline; "  ..." for those past `limit`."""
+    shown = problems if limit is None else problems[:limit]
+    return "".join(f"\n  {line}: {msg}" for line, msg in shown) + ("\n  ..." if len(shown) < len(problems) else "")
+
+
 def _report(path: Path, problems: list[tuple[str, str]], on_error: str) -> None:
-    listing = "\n".join(f"  {line}: {msg}" for line, msg in problems)
+    listing = _listing(problems)
     n = len(problems)
     if on_error == "raise":
         raise CohortError(
             f"{path}: {n} problem{'s' * (n > 1)} (fix {'them' if n > 1 else 'it'}, or skip those rows: "
             f"read_cohort(..., on_error='skip'), `jaxtl prepare --skip-bad-rows`; `jaxtl predict` and `jaxtl embed` "
-            f"skip them unless --on-error raise):"
-            f"\n{listing}"
+            f"skip them unless --on-error raise):{listing}"
         )
-    warnings.warn(f"{path}: skipping {n} row(s) with problems:\n{listing}", stacklevel=3)
+    warnings.warn(f"{path}: skipping {n} row(s) with problems:{listing}", stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,28 +300,33 @@ def _years_per_unit(unit: str) -> float | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _sidecar_entry(sidecar: Path, column: str) -> dict | None:
+    """A BIDS JSON sidecar's description of `column` (keys in lower case; {} when it is not an object), None when
+    the file or the column is not there. Invalid JSON raises `json.JSONDecodeError` (its `.doc` is the text)."""
+    if not sidecar.is_file():
+        return None
+    meta = json.loads(sidecar.read_text(encoding="utf-8-sig", errors="replace"))
+    meta = {str(k).lower(): v for k, v in meta.items()} if isinstance(meta, dict) else {}
+    entry = meta.get(column.lower())
+    if entry is None:
+        return None
+    return {str(k).lower(): v for k, v in entry.items()} if isinstance(entry, dict) else {}
+
+
 def age_unit(table: Path, column: str, sidecars: Sequence[Path] = ()) -> float:
     """Years per unit of `table`'s age `column`, from its BIDS JSON sidecar (`table` with .json, else the first of
     `sidecars` that describes the column): its `{column: {"Units": ...}}`. 1.0 (years) when none states a unit."""
-    import json
-
     for sidecar in (table.with_suffix(".json"), *sidecars):
-        if not sidecar.is_file():
-            continue
-        text = sidecar.read_text(encoding="utf-8-sig", errors="replace")
         try:
-            meta = json.loads(text)
-        except ValueError as e:
-            if f'"{column.lower()}"' in text.lower():  # it may state the age unit: do not guess
+            entry = _sidecar_entry(sidecar, column)
+        except json.JSONDecodeError as e:
+            if f'"{column.lower()}"' in e.doc.lower():  # it may state the age unit: do not guess
                 raise CohortError(f"{sidecar}: not valid JSON ({e}), and it describes the age column {column!r}; "
                                   "fix it") from None
             warnings.warn(f"{sidecar}: not valid JSON ({e}); ignored", stacklevel=4)
             continue
-        meta = {str(k).lower(): v for k, v in meta.items()} if isinstance(meta, dict) else {}
-        entry = meta.get(column.lower())
         if entry is None:  # BIDS inheritance: a sidecar further up may describe the column
             continue
-        entry = {str(k).lower(): v for k, v in entry.items()} if isinstance(entry, dict) else {}
         unit = entry.get("units", entry.get("unit"))
         if unit is None or unit == "":
             return 1.0  # the nearest description of the column replaces those above it, unit included
@@ -333,16 +341,11 @@ def age_unit(table: Path, column: str, sidecars: Sequence[Path] = ()) -> float:
 def levels_coding(table: Path, column: str) -> dict[str, float] | None:
     """The sex coding a BIDS sidecar (`table` with .json) states in its `{column: {"Levels": {"1": "male", ...}}}`
     (BIDS: the keys are the column's values); None when it states none that names both sexes."""
-    import json
-
-    sidecar = table.with_suffix(".json")
     try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8-sig", errors="replace")) if sidecar.is_file() else {}
-    except ValueError:
+        entry = _sidecar_entry(table.with_suffix(".json"), column)
+    except json.JSONDecodeError:
         return None  # age_unit warns of invalid JSON
-    meta = {str(k).lower(): v for k, v in meta.items()} if isinstance(meta, dict) else {}
-    entry = meta.get(column.lower())
-    levels = {str(k).lower(): v for k, v in entry.items()}.get("levels") if isinstance(entry, dict) else None
+    levels = (entry or {}).get("levels")
     if not isinstance(levels, dict):
         return None
     coding = {}
