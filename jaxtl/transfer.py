@@ -239,9 +239,14 @@ class TransferConfig:
 class ArraySource:
     """In-memory random-access source with the items of `CacheSource`."""
 
-    def __init__(self, images: np.ndarray, ages: np.ndarray, sexes: np.ndarray, ids: np.ndarray):
+    def __init__(self, images: np.ndarray, ages: np.ndarray, sexes: np.ndarray, ids: np.ndarray,
+                 qc: np.ndarray | None = None):
         self.images, self.ages, self.sexes, self.ids = images, ages, sexes, ids
+        self.qc = np.full(len(images), "", object) if qc is None else qc  # the input warnings of loading each
         self.shape = tuple(images.shape[1:])
+
+    def qc_warnings(self) -> np.ndarray:
+        return self.qc
 
     def __len__(self) -> int:
         return len(self.images)
@@ -305,7 +310,10 @@ class Target:
             raise ValueError(f"{self.name}: {gb:.1f} GB of volumes; prepare a cache first "
                              f"(`jaxtl prepare {self.name} CACHE_DIR --downsample {self.downsample}`) and pass it")
         images = np.concatenate([first, reader.read(1, len(reader))]) if len(reader) > 1 else first
-        src = ArraySource(images, self.ages.astype(np.float32), self.sexes.astype(np.float32), self.ids)
+        return self._with_images(images, reader.qc_warnings())
+
+    def _with_images(self, images: np.ndarray, qc: np.ndarray) -> Target:
+        src = ArraySource(images, self.ages.astype(np.float32), self.sexes.astype(np.float32), self.ids, qc)
         return dataclasses.replace(self, source=src, _memo=self._memo)
 
     def select(self, indices: np.ndarray) -> Target:
@@ -320,7 +328,7 @@ class Target:
                                  check=self.source.check)
         elif isinstance(self.source, ArraySource):
             s = self.source
-            source = ArraySource(s.images[idx], s.ages[idx], s.sexes[idx], s.ids[idx])
+            source = ArraySource(s.images[idx], s.ages[idx], s.sexes[idx], s.ids[idx], s.qc[idx])
         else:
             raise ValueError(f"cannot select scans of a {type(self.source).__name__} target")
         return dataclasses.replace(self, source=source, ids=self.ids[idx], participant_ids=self.participant_ids[idx],
@@ -328,26 +336,35 @@ class Target:
                                    sexes=self.sexes[idx], _memo={})
 
 
-def drop_unloadable(target: Target, *, progress: bool = True) -> tuple[Target, tuple]:
+def drop_unloadable(target: Target, *, progress: bool = True, keep_gb: float = 4.0) -> tuple[Target, tuple]:
     """Read every scan of a NIfTI-backed target once; return the target without the scans that failed to load
-    and their `jaxtl.cache.Failure`s (id, path, reason). Caches and in-memory targets are returned as they are."""
+    and their `jaxtl.cache.Failure`s (id, path, reason). Caches and in-memory targets are returned as they are.
+
+    When the cohort's volumes take at most `keep_gb` GB (float32), the returned target holds them in memory,
+    so the transfer method does not read the files again."""
     from jaxtl.cache import Failure, NiftiSource
 
     if not isinstance(target.source, NiftiSource):
         return target, ()
     reader = VolumeReader(target.source, downsample=target.downsample, on_error="skip")
-    step = 2 * reader.workers
+    step, chunks = 2 * reader.workers, []
     with concurrent.futures.ThreadPoolExecutor(reader.workers) as pool, \
             tqdm(total=len(reader), desc="reading scans", unit="scan", disable=not progress) as bar:
         for start in range(0, len(reader), step):
             stop = min(start + step, len(reader))
-            reader.read(start, stop, pool)
+            batch = reader.read(start, stop, pool)
+            if start == 0 and batch.nbytes / len(batch) * len(reader) <= keep_gb * 1e9:
+                chunks = [batch]
+            elif chunks:
+                chunks.append(batch)
             bar.update(stop - start)
     failures = tuple(Failure(str(target.ids[f.index]), f.path, f.reason) for f in reader.failures)
-    if not failures:
-        return target, ()
     if len(failures) == len(target):
         raise ValueError(f"{target.name}: none of its {len(target)} scans could be loaded, e.g. {failures[0].reason}")
+    if chunks:
+        target = target._with_images(np.concatenate(chunks).astype(np.float32, copy=False), reader.qc_warnings())
+    if not failures:
+        return target, ()
     keep = np.setdiff1d(np.arange(len(target)), [f.index for f in reader.failures])
     warnings.warn(SkippedScansWarning(f"{target.name}: {len(failures)} of {len(target)} scans could not be loaded "
                                       f"and are left out, e.g. {failures[0].reason}", reader.failures), stacklevel=2)
@@ -999,8 +1016,9 @@ def run_transfer(model: JaxtlModel | str | os.PathLike, cohort: Any, out_dir: st
     prediction_corrected, gap = predicted - chronological, gap_corrected), metrics.json, head/ and PNG plots.
 
     `on_error="skip"` (NIfTI cohorts; a prepared cache never skips): table rows with problems are dropped with a
-    warning, and every scan is read once first (`drop_unloadable`); those that cannot be loaded are left out of
-    the split and listed in `out_dir/failures.tsv` (`result.failures`, "failed_to_load" in metrics.json).
+    warning, and every scan is read once first (`drop_unloadable`, which keeps them in memory up to 4 GB); those
+    that cannot be loaded are left out of the split and listed in `out_dir/failures.tsv` (`result.failures`,
+    "failed_to_load" in metrics.json).
     """
     out = Path(out_dir)
     if (out / "metrics.json").exists() and not overwrite:

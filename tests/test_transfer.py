@@ -11,10 +11,12 @@ import pytest
 from conftest import TINY_CHANNELS
 from flax import nnx
 
+from jaxtl import cache as cache_module
 from jaxtl import cli
 from jaxtl import transfer as transfer_module
 from jaxtl.cache import CacheSource
 from jaxtl.cohort import read_cohort
+from jaxtl.data import load_volume
 from jaxtl.heads import BiasCorrection
 from jaxtl.model import SFCN
 from jaxtl.transfer import (
@@ -521,7 +523,7 @@ def test_cli_predict_skips_scans_that_fail_and_reports_them(tiny_models, ixi_tin
     assert list(pred["id"]) == ["sub-01", "sub-02"] and np.isnan(pred["age"][0]) and pred["age"][1] == 50
 
 
-def test_cli_transfer_leaves_out_scans_that_fail_to_load(tiny_models, ixi_tiny, tmp_path, capsys):
+def test_cli_transfer_leaves_out_scans_that_fail_to_load(tiny_models, ixi_tiny, tmp_path, capsys, monkeypatch):
     """`jaxtl transfer` on a NIfTI table: a corrupt file, NaN voxels, a missing file and an unparseable age are
     left out of the split (listed in failures.tsv and metrics.json), not a stop; `--on-error raise` stops."""
     cohort = read_cohort(ixi_tiny[0]).select(range(16))
@@ -535,9 +537,13 @@ def test_cli_transfer_leaves_out_scans_that_fail_to_load(tiny_models, ixi_tiny, 
     out = tmp_path / "tl"
     argv = ["transfer", "--model", str(tiny_models["age"]), "--cohort", str(table), "--method", "features",
             "--out", str(out), "--no-progress"]
+    loads = []
+    monkeypatch.setattr(cache_module, "load_volume", lambda path, **kw: loads.append(path) or load_volume(path, **kw))
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         assert cli.main(argv) == 0
+    # each file read once: the scans are kept in memory for the method
+    assert sorted(map(str, loads)) == sorted(map(str, (p for _, p, _ in rows)))
     err = capsys.readouterr().err
     assert f"3 scans could not be loaded and were left out of the split: see {out / 'failures.tsv'}" in err
     failed = [line.split("\t") for line in (out / "failures.tsv").read_text().splitlines()]
@@ -550,12 +556,17 @@ def test_cli_transfer_leaves_out_scans_that_fail_to_load(tiny_models, ixi_tiny, 
     assert metrics["failed_to_load"] == 3 and sum(metrics["n"].values()) == 16
     # in Python: the warning carries every failure; Target.select takes indices or a mask
     from jaxtl.embed import SkippedScansWarning
-    from jaxtl.transfer import drop_unloadable, open_target
+    from jaxtl.transfer import ArraySource, drop_unloadable, open_target
 
     target = open_target(table, 4, check_files=False, on_error="skip")
     with pytest.warns(SkippedScansWarning) as caught:
         kept, failures = drop_unloadable(target, progress=False)
     assert [f.index for f in caught[0].message.failures] == [16, 17, 18] and len(failures) == 3 and len(kept) == 16
+    assert isinstance(kept.source, ArraySource) and len(kept.source) == 16
+    with pytest.warns(SkippedScansWarning):
+        on_disk, _ = drop_unloadable(target, progress=False, keep_gb=0.001)  # more than that: read again later
+    assert list(on_disk.ids) == list(kept.ids) and not isinstance(on_disk.source, ArraySource)
+    np.testing.assert_array_equal(kept.source[3]["image"], on_disk.source[3]["image"])
     mask = np.arange(len(target)) % 2 == 0
     assert list(target.select(mask).ids) == list(target.ids[mask]) == list(target.select(np.flatnonzero(mask)).ids)
     table.write_text("participant_id,path,age\n" + "".join(f"{i},{p},{a}\n" for i, p, a in rows[:17]))
