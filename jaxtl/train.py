@@ -676,18 +676,13 @@ class _PreemptionWatch:
         return self.signalled
 
 
-def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.PathLike, *,
-             progress: bool = True, max_steps: int | None = None, profile: tuple[int, int] | None = None) -> Path:
-    """Pretrain SFCN on a prepared cache; resumes automatically from `workdir`.
-
-    Returns the exported final model directory (`workdir/model`); its meta has `complete` False when
-    `max_steps` (smoke runs, tests) stopped the run before its last step. `profile=(first, last)`: trace
-    steps first..last (input pipeline included) with the JAX profiler into `workdir/profile` (`Profile`).
-    """
+def _open_run(config: TrainConfig, cohort: str | os.PathLike, workdir: Path, profile: tuple[int, int] | None
+              ) -> tuple[CacheSource, int, tuple[np.ndarray, ...], dict, dict | None]:
+    """The checks before a run starts or resumes (config, cache, run directory): the cache, the split seed, the
+    (train, val, test) indices, the volumes record and the saved config (None for a new run)."""
     check_train_config(config)  # before anything is written to workdir
     if profile is not None and not 1 <= profile[0] <= profile[1]:
         raise ValueError(f"profile={profile!r}: give steps (FIRST, LAST) with 1 <= FIRST <= LAST (--profile 10:20)")
-    workdir = Path(workdir)
     _check_workdir(workdir)
     source = CacheSource(cohort)
     if config.data.downsample not in (None, source.downsample):
@@ -714,6 +709,42 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
     _check_labels(source, np.arange(len(source)), config, str(cohort))
     volumes = _check_volumes(workdir, source, cohort)
     saved_config = _check_config(workdir, config)
+    return source, split_seed, (train_idx, val_idx, test_idx), volumes, saved_config
+
+
+@contextlib.contextmanager
+def _on_every_process(when: str):
+    """Checks that may fail on some processes only (a cache or directory one host cannot see): all processes
+    stop, the others naming the failed ones, instead of waiting in the next collective until it times out."""
+    if jax.process_count() == 1:
+        yield
+        return
+    from jax.experimental import multihost_utils
+
+    try:
+        yield
+    except Exception:
+        multihost_utils.process_allgather(np.array([True]))
+        raise
+    failed = np.asarray(multihost_utils.process_allgather(np.array([False]))).reshape(-1)
+    if failed.any():
+        raise ValueError(f"process(es) {np.flatnonzero(failed).tolist()} of {len(failed)} stopped {when}: "
+                         "see their output for why")
+
+
+def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.PathLike, *,
+             progress: bool = True, max_steps: int | None = None, profile: tuple[int, int] | None = None) -> Path:
+    """Pretrain SFCN on a prepared cache; resumes automatically from `workdir`.
+
+    Returns the exported final model directory (`workdir/model`); its meta has `complete` False when
+    `max_steps` (smoke runs, tests) stopped the run before its last step. `profile=(first, last)`: trace
+    steps first..last (input pipeline included) with the JAX profiler into `workdir/profile` (`Profile`).
+    """
+    workdir = Path(workdir)
+    with _on_every_process("before pretraining started"):
+        source, split_seed, (train_idx, val_idx, test_idx), volumes, saved_config = _open_run(
+            config, cohort, workdir, profile)
+    n_proc = jax.process_count()
     _check_shared_workdir(workdir)
     is_main = jax.process_index() == 0
     if is_main:  # also in logs (--no-progress): a launch that sees fewer devices than meant shows here

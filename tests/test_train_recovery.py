@@ -323,18 +323,29 @@ def test_two_processes_match_one_process(ukb_cache, tmp_path):
     assert finals["multi"][0]["test_mae"] == pytest.approx(finals["single"][0]["test_mae"], rel=1e-3)
 
 
-def test_processes_that_do_not_share_the_run_directory_are_refused(ukb_cache, tmp_path):
-    """Each process given its own directory (no shared filesystem): every process stops with the reason, none
-    waits in a collective (orbax had hung writing the checkpoint)."""
+def _two_processes_failing(ukb_cache, workdirs, caches=None) -> list[tuple[int, str]]:
+    """Two processes started with their own run directory (and cache): (exit status, output) of each."""
     port = _free_port()
     procs = []
     for pid in (0, 1):
-        cmd, env = pretrain_command(ukb_cache, tmp_path / f"host{pid}", "epochs=1", devices=2)
+        cmd, env = pretrain_command((caches or [ukb_cache] * 2)[pid], workdirs[pid], "epochs=1", devices=2)
         cmd += ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 2 and "process(es) [1] do not see the run directory process 0 writes to" in out, out
+    return [(p.returncode, out) for p, out in zip(procs, outs, strict=True)]
+
+
+def test_processes_that_do_not_share_the_run_directory_are_refused(ukb_cache, tmp_path):
+    """Each process given its own directory (no shared filesystem): every process stops with the reason, none
+    waits in a collective (orbax had hung writing the checkpoint). A check that fails on one process only (its
+    host lacks the cache) stops the others too, naming it (they had waited in the first collective until it timed
+    out)."""
+    for rc, out in _two_processes_failing(ukb_cache, [tmp_path / "host0", tmp_path / "host1"]):
+        assert rc == 2 and "process(es) [1] do not see the run directory process 0 writes to" in out, out
+    missing = tmp_path / "not-on-this-host"
+    (rc0, out0), (rc1, out1) = _two_processes_failing(ukb_cache, [tmp_path / "run"] * 2, [ukb_cache, missing])
+    assert rc1 == 2 and f"error: {missing}" in out1, out1
+    assert rc0 == 2 and "error: process(es) [1] of 2 stopped before pretraining started: see their output" in out0, out0
 
 
 def test_restore_on_a_different_device_count(ukb_cache, tmp_path):
