@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtl.model import PENG_CHANNELS, TRANSFER_CHANNELS
+from jaxtl.model import PENG_CHANNELS, TRANSFER_CHANNELS, check_train_batch
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHANNELS = (16, 32, 64, 64, 64, 64)  # = configs/sfcn_demo.py (checked by tests/test_bench.py)
@@ -121,6 +121,8 @@ def plan_cases(suites: Sequence[str], configs: Sequence[str], resolutions: Seque
             for res in ([FIXED_RESOLUTION[config]] if config in FIXED_RESOLUTION else resolutions):
                 for dtype in dtypes:
                     case = Case(suite, config, res, DEFAULT_BATCH[res] * devices if batch is None else batch, dtype)
+                    if suite == "train":  # per device: PyTorch's reference runs one device's batch
+                        check_train_batch(case.batch // devices, len(CONFIGS[config]), input_shape(res))
                     if case not in cases:
                         cases.append(case)
     return cases
@@ -195,6 +197,8 @@ def hardware_info() -> dict[str, Any]:
         "cpu_physical_cores": _physical_cores(cpus),
         "cpu_vendor": info.get("vendor_id"),
         "cpu_family": int(info["cpu family"]) if info.get("cpu family", "").isdigit() else None,
+        "cpu_model_number": int(info["model"]) if info.get("model", "").isdigit() else None,
+        "cpu_stepping": int(info["stepping"]) if info.get("stepping", "").isdigit() else None,
         "cpu_mhz": _cpu_max_mhz() or (float(info["cpu MHz"]) if "cpu MHz" in info else None),
         "cpu_flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
         "hostname": platform.node(),
@@ -217,29 +221,32 @@ def _physical_cores(cpus: Sequence[int]) -> int | None:
 
 
 def hardware_id(hw: dict[str, Any]) -> str:
-    """'cpu-amd-epyc-fam26-2core', 'gpu-nvidia-h100-80gb-hbm3-x8': a file-name-safe label of the hardware. A CPU
-    model name without a model number (VMs report "AMD EPYC" for several generations) gets the CPU family."""
+    """'cpu-amd-epyc-fam25-m17-2core', 'gpu-nvidia-h100-80gb-hbm3-x8': a file-name-safe label of the hardware. A
+    CPU model name without a model number (VMs report "AMD EPYC" or "Intel(R) Xeon(R) Processor" for several
+    generations) gets the CPU family and model number (Zen 3 and Zen 4 share family 25, Intel's cores family 6)."""
     def slug(s: str) -> str:
         return "-".join("".join(c if c.isalnum() else " " for c in s.lower()).split())
 
     if hw.get("accelerator"):
         return f"{hw['platform']}-{slug(hw['accelerator'])}-x{hw['accelerator_count']}"
-    model, family = hw.get("cpu_model") or "unknown", _generic_family(hw)
-    return f"cpu-{slug(model)}{'' if family is None else f'-fam{family}'}-{hw['cpu_cores']}core"
+    generation = "".join(f"-{tag}{n}" for tag, n in zip(("fam", "m"), _generation(hw), strict=True) if n is not None)
+    return f"cpu-{slug(hw.get('cpu_model') or 'unknown')}{generation}-{hw['cpu_cores']}core"
 
 
-def _generic_family(hw: dict[str, Any]) -> int | None:
-    """The CPU family where the model name has no model number to tell generations apart, else None."""
-    model = hw.get("cpu_model") or ""
-    return None if any(c.isdigit() for c in model) else hw.get("cpu_family")
+def _generation(hw: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(family, model number) where the CPU's model name has no model number to tell generations apart, else
+    (None, None); records made before the model number was recorded have None there."""
+    if any(c.isdigit() for c in hw.get("cpu_model") or ""):
+        return None, None
+    return hw.get("cpu_family"), hw.get("cpu_model_number")
 
 
 def hardware_name(hw: dict[str, Any]) -> str:
-    """'NVIDIA H200 x1', 'AMD EPYC family 25 (2 cores)': the report's hardware column (family as in `hardware_id`)."""
+    """'NVIDIA H200 x1', 'AMD EPYC family 25 model 17 (2 cores)': the report's hardware column (as `hardware_id`)."""
     if hw.get("accelerator"):
         return f"{hw['accelerator']} x{hw['accelerator_count']}"
-    family = _generic_family(hw)
-    generation = "" if family is None else f" family {family}"
+    generation = "".join(f" {tag} {n}" for tag, n in zip(("family", "model"), _generation(hw), strict=True)
+                         if n is not None)
     return f"{hw.get('cpu_model') or 'unknown'}{generation} ({hw['cpu_cores']} cores)"
 
 
@@ -254,7 +261,8 @@ def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
 
     CPU: physical cores (of the CPUs the process may run on; SMT siblings share them) x 2 (FMA) x vector lanes x 2
     FMA pipes x clock, with 16 float32 lanes for AVX-512 (8 on
-    AMD family 25 = Zen 4, which executes 512-bit operations in two halves), 8 for AVX2, and twice that for
+    AMD family 25 = Zen 4, which executes 512-bit operations in two halves), 8 for AVX2 (4 on AMD before Zen 2),
+    and twice that for
     bfloat16 with AVX512_BF16 (VDPBF16PS); no bfloat16 peak with AMX. Intel parts with one AVX-512 FMA unit
     per core have half this peak (not visible in /proc/cpuinfo). The clock is cpufreq's maximum, else
     /proc/cpuinfo's MHz (on virtual machines the nominal TSC clock: boost clocks make the true peak higher).
@@ -269,10 +277,12 @@ def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
     flags, mhz = set(hw.get("cpu_flags", [])), hw.get("cpu_mhz")
     if not mhz:
         return None, "CPU clock unknown"
+    amd = hw.get("cpu_vendor") == "AuthenticAMD"
     if "avx512f" in flags:
-        lanes = 8 if (hw.get("cpu_vendor") == "AuthenticAMD" and hw.get("cpu_family") == 25) else 16
+        lanes = 8 if (amd and hw.get("cpu_family") == 25) else 16
     elif "avx2" in flags:
-        lanes = 8
+        lanes = 4 if (amd and hw.get("cpu_family") in (21, 22, 23) and (hw.get("cpu_model_number") or 0) < 0x30) \
+            else 8  # Bulldozer..Zen+ split 256-bit AVX2 into 128-bit halves (Zen 2 = family 23, model >= 0x30)
     else:
         return None, "no AVX2/AVX-512: peak not estimated"
     if dtype == "bfloat16":
@@ -285,14 +295,21 @@ def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
                   f"= {peak / 1e9:.0f} GFLOP/s (nominal clock)")
 
 
-def versions() -> dict[str, str | None]:
+# Environment variables that change what a run measures (allocator, threads, devices), recorded where set.
+RECORDED_ENV = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR",
+                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KMP_AFFINITY", "OMP_PROC_BIND",
+                "CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS", "JAXTL_CONV_IMPL", "TF_GPU_ALLOCATOR")
+
+
+def versions() -> dict[str, Any]:
     import flax
     import jax
     import jaxlib
 
     out = {"python": platform.python_version(), "numpy": np.__version__, "jax": jax.__version__,
            "jaxlib": jaxlib.__version__, "flax": flax.__version__, "torch": None,
-           "xla_flags": os.environ.get("XLA_FLAGS") or None}
+           "xla_flags": os.environ.get("XLA_FLAGS") or None,
+           "env": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ}}
     if importlib.util.find_spec("torch") is not None:
         import torch
 
@@ -344,7 +361,7 @@ def git_commit() -> dict[str, Any]:
 
 # Other processes using more than this many cores' worth of CPU (before, during or after the timed steps) make a
 # record "busy": PyTorch's OpenMP threads slow down far more than jaxtl's under contention (demo train on this
-# project's 2-core VM: PyTorch 22x, jaxtl 4.5x), so a busy record's ratio says little.
+# project's 2-core VM: PyTorch 22x, jaxtl 3.6x), so a busy record's ratio says little.
 BUSY_CORES = 0.25
 # On a GPU or TPU the host only feeds the device, and the end-to-end `jaxtl.embed()` steps' host-to-device copies
 # show up as other CPU time (the driver's kernel work is not this process's): the H200 records of 2026-11-27 show
@@ -469,6 +486,17 @@ def _device_peak_memory() -> int | None:
     if not stats or stats[0] is None or "peak_bytes_in_use" not in stats[0]:
         return None
     return int(max(s["peak_bytes_in_use"] for s in stats))
+
+
+def _process_peak_rss() -> int | None:
+    """The process's resident-memory high-water mark in bytes (host memory: jaxtl's and PyTorch's together, since
+    the process started); None where `resource` is missing."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
 def case_peak_memory(before: int | None, after: int | None) -> int | None:
@@ -665,7 +693,8 @@ def torch_runner(case: Case, x: np.ndarray, ages: np.ndarray, state: dict, *, th
     step, model, inp = build(chosen)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    info = {"device": device, "threads": torch.get_num_threads(), "memory_format": chosen,
+    info = {"device": device, "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "memory_format": chosen,
             "autocast": "bfloat16" if case.dtype == "bfloat16" else None, "batch": per_device_batch,
             "format_probe_s": probe or None}
 
@@ -756,7 +785,8 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
     rec["vol_per_s"] = case.batch / med
     rec["vol_per_s_per_device"] = rec["vol_per_s"] / n_dev
     rec["gflop_per_s"] = flops * case.batch / med / 1e9
-    rec["memory"] = {**jx.memory, "device_peak_bytes": case_peak_memory(peak_before, _device_peak_memory())}
+    rec["memory"] = {**jx.memory, "device_peak_bytes": case_peak_memory(peak_before, _device_peak_memory()),
+                     "process_peak_rss_bytes": _process_peak_rss()}
     if jx.api:  # end to end: host batch in, features out (includes transfers; compiles once, in the warm-up)
         rec["api_step_s"] = step_stats(times["api"])
         rec["api_vol_per_s"] = case.batch / rec["api_step_s"]["median"]
@@ -1104,6 +1134,17 @@ def _stream(r: dict) -> str:
         f" / {_fmt(st['torch_vol_per_s'])}" if st.get("torch_vol_per_s") else "")
 
 
+def _timed(r: dict) -> str:
+    """The report's sample cell: timed steps and their inter-quartile range as % of the median, jaxtl / PyTorch:
+    "20 (1.6%) / 20 (0.4%)"."""
+    def cell(st: dict | None) -> str:
+        if not st or not st.get("n"):
+            return "—"
+        return f"{st['n']} ({100 * st['iqr'] / st['median']:.1f}%)" if st.get("median") else str(st["n"])
+
+    return cell(r.get("step_s")) + (f" / {cell(r['torch'].get('step_s'))}" if r.get("torch") else "")
+
+
 def _peaks(records: Sequence[dict]) -> str:
     """The peaks the report's "% peak" columns use, one line per hardware and dtype."""
     seen = {(hardware_name(r["hardware"]), r.get("dtype")): r["peak_assumption"] for r in latest(records)
@@ -1116,22 +1157,24 @@ def report_markdown(records: Sequence[dict]) -> str:
     rows = latest(records)
     lines = ["| hardware | case | config | input | dtype | batch | jaxtl vol/s (all devices) | PyTorch vol/s (one "
              "device) | jaxtl/PyTorch per device | GFLOP/s | % peak | K batches on the device back to back: jaxtl "
-             "vol/s (% peak) / PyTorch vol/s (one device) | compile s | load (1 min) | others' CPU (cores) | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vol/s (% peak) / PyTorch vol/s (one device) | timed steps (IQR % of median) jaxtl / PyTorch | "
+             "compile s | load (1 min) | others' CPU (cores) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hw = r["hardware"]
         hw_name = hardware_name(hw)
         t = r.get("torch") or {}
         shape = "x".join(map(str, r["input_shape"])) if r.get("input_shape") else "—"
-        ratio = "—" if r.get("ratio") is None else f"{r['ratio']:.2f}"
-        busy = " (busy)" if is_busy(r) else ""  # on jaxtl's figure, which every row has
+        busy = " (busy)" if is_busy(r) else ""  # on the ratio, which load distorts most; else on jaxtl's figure
+        ratio, busy_vol = ("—", busy) if r.get("ratio") is None else (f"{r['ratio']:.2f}{busy}", "")
         other = [v for v in (r.get("other_cpu_cores") or {}).values() if v is not None]
         load = (r.get("load_avg") or {}).get("end")
         lines.append(
             f"| {hw_name} | {r['case']}{_variant(r)} | {r['config']} | {r.get('resolution_mm')}mm {shape} | "
-            f"{_fmt(r.get('dtype'), 's')} | {_fmt(r.get('batch'), 'd')} | {_fmt(r.get('vol_per_s'))}{busy} | "
+            f"{_fmt(r.get('dtype'), 's')} | {_fmt(r.get('batch'), 'd')} | {_fmt(r.get('vol_per_s'))}{busy_vol} | "
             f"{_fmt(t.get('vol_per_s'))} | {ratio} | {_fmt(r.get('gflop_per_s'), '.0f')} | "
             f"{_fmt(None if r.get('peak_fraction') is None else 100 * r['peak_fraction'], '.0f')} | {_stream(r)} | "
+            f"{_timed(r)} | "
             f"{_fmt(r.get('compile_s'), '.1f')} | {_fmt(load[0] if load else None, '.1f')} | "
             f"{_fmt(max(other) if other else None, '.2f')} | {_commit(r)} |")
     return "\n".join(lines) + "\n"
@@ -1142,7 +1185,7 @@ def chart_rows(records: Sequence[dict]) -> tuple[list[str], list[float], list[fl
     one device; 0 where it did not run)."""
     rows = [r for r in latest(records) if r["case"] in ("embed", "train")]
     labels = [f"{hardware_id(r['hardware'])} | {r['case']} {r['config']} {r['resolution_mm']}mm {r['dtype']} "
-              f"b{r['batch']}{_variant(r)}"
+              f"b{r['batch']}{_variant(r)} @{_commit(r)}"
               + (" (busy)" if is_busy(r) else "") for r in rows]
     jx = [r.get("vol_per_s_per_device") or r["vol_per_s"] for r in rows]
     pt = [(r.get("torch") or {}).get("vol_per_s") or 0 for r in rows]
@@ -1168,11 +1211,11 @@ def report_chart(records: Sequence[dict], path: str | os.PathLike) -> Path:
         if b:
             ax.text(max(a, b) * 1.1, yi, f"x{a / b:.2f}", va="center", fontsize=8)
     ax.set_yticks(y, labels, fontsize=8)
-    ax.invert_yaxis()
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top, no empty margin above or below the bars
     ax.set_xscale("log")
     # a decade below the smallest bar: log-scale bars start from an arbitrary point, and matplotlib's own limit
-    # could make a 1.8x ratio look like 20x where there are few bars
-    ax.set_xlim(left=min((v for v in (*jx, *pt) if v > 0), default=1.0) / 10)
+    # could make a 1.8x ratio look like 20x where there are few bars; room on the right for the ratio labels
+    ax.set_xlim(min((v for v in (*jx, *pt) if v > 0), default=1.0) / 10, max((*jx, *pt, 1.0)) * 8)
     ax.set_xlabel("volumes / s per device (log scale)")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)  # above the bars, not on them
     fig.suptitle("SFCN throughput: jaxtl vs PyTorch reference, measured in the same process", fontsize=11)

@@ -186,6 +186,18 @@ def min_input_side(n_blocks: int) -> int:
     return 2 ** (n_blocks - 1)
 
 
+def check_train_batch(batch_size: int, n_blocks: int, shape: tuple[int, ...]) -> None:
+    """Refuse a training batch whose last BatchNorm would normalise over a single value (a batch of 1 where the last
+    block is 1x1x1, e.g. 4mm inputs): its output is then constant and no gradient reaches the earlier blocks
+    (PyTorch refuses it too: "Expected more than 1 value per channel when training")."""
+    side = 2 ** (n_blocks - 1)
+    voxels = math.prod(s // side for s in shape)
+    if batch_size * voxels < 2:
+        raise ValueError(f"a training batch of {batch_size} at input {'x'.join(map(str, shape))} leaves the last "
+                         f"block's BatchNorm {batch_size * voxels} value per channel to normalise (no gradient "
+                         "passes it): train with a batch of at least 2")
+
+
 class SFCN(nnx.Module):
     """Simple Fully Convolutional Network (Peng et al. 2021).
 

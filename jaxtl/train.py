@@ -48,7 +48,7 @@ from jaxtl.cache import CacheSource, make_dataset
 from jaxtl.config import OptimConfig, TrainConfig, check_train_config, to_dict
 from jaxtl.conv import default_devices, trace_settings
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
-from jaxtl.model import SFCN, WEIGHTS, jit_on_mesh, min_input_side
+from jaxtl.model import SFCN, WEIGHTS, check_train_batch, jit_on_mesh, min_input_side
 from jaxtl.weights import DEFAULT_PREPROCESSING, load_model, save_model
 
 
@@ -695,6 +695,7 @@ def _open_run(config: TrainConfig, cohort: str | os.PathLike, workdir: Path, pro
         raise ValueError(f"{cohort}: volumes of shape {source.shape} are too small for "
                          f"{len(config.model.channels)} blocks (model.channels={config.model.channels}): each side "
                          f"must be at least {smallest} voxels; use fewer blocks or a cache of a finer --downsample")
+    check_train_batch(config.batch_size, len(config.model.channels), source.shape)
     n_proc, n_dev = jax.process_count(), len(default_devices())
     if config.batch_size % n_dev or config.batch_size % n_proc:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the device count "

@@ -72,7 +72,7 @@ from jaxtl.heads import (
     save_estimator,
 )
 from jaxtl.labels import AgeTask, SexTask, check_in_range, make_task
-from jaxtl.model import SFCN, WEIGHTS
+from jaxtl.model import SFCN, WEIGHTS, check_train_batch
 from jaxtl.weights import JaxtlModel, load_model, save_model
 
 METHODS = ("direct", "features", "ft_final", "ft_step", "ft_full", "scratch", "reinit", "elastic")
@@ -561,6 +561,7 @@ def train_phase(model: SFCN, source: Any, indices: np.ndarray, task: AgeTask | S
     from jaxtl.train import Trainer, train_dataset
 
     batch = device_batch(phase.batch_size, len(indices), len(default_devices()))
+    check_train_batch(batch, len(model.channels), tuple(source.shape))
     steps_per_epoch = len(indices) // batch
     config = TrainConfig(
         task=task.name, bin_range=task.bin_range if isinstance(task, AgeTask) else (42.0, 82.0),

@@ -32,6 +32,11 @@ def test_plan_cases():
     assert cases[0].shape == (160, 192, 160) and cases[2].channels == bench.DEMO_CHANNELS
     assert {c.batch for c in bench.plan_cases(["embed"], ["transfer"], [2], ["bfloat16"], batch=6)} == {6}
     assert bench.plan_cases(["input"], ["peng"], [4], ["float32"])[0].suite == "input"
+    # a train step at batch 1 with a 1x1x1 last block: PyTorch refuses it, jaxtl's would pass no gradient
+    assert bench.plan_cases(["embed"], ["demo"], [4], ["float32"], batch=1)[0].batch == 1
+    with pytest.raises(ValueError, match="a training batch of 1 at input 40x48x40"):
+        bench.plan_cases(["embed", "train"], ["demo"], [4], ["float32"], batch=1)
+    assert bench.plan_cases(["train"], ["peng"], [2], ["float32"], batch=1)[0].batch == 1  # 80x96x80: 2x3x2
     for bad in (dict(suites=["nope"]), dict(configs=["big"]), dict(dtypes=["float16"]), dict(resolutions=[3])):
         args = dict(suites=["embed"], configs=["peng"], resolutions=[2], dtypes=["float32"]) | bad
         with pytest.raises(ValueError):
@@ -58,6 +63,9 @@ def test_peak_flops():
     assert bench.peak_flops(cpu, "bfloat16")[0] == 2 * bench.peak_flops(cpu, "float32")[0]
     assert bench.peak_flops(cpu | {"cpu_family": 25}, "float32")[0] == 2 * 2 * 8 * 2 * 2.5e9  # Zen 4: 2 x 256 bit
     assert bench.peak_flops(cpu | {"cpu_flags": ["avx2"]}, "bfloat16")[0] == 2 * 2 * 8 * 2 * 2.5e9
+    zen1 = cpu | {"cpu_flags": ["avx2"], "cpu_family": 23, "cpu_model_number": 1}  # 128-bit FMA units
+    assert bench.peak_flops(zen1, "float32")[0] == 2 * 2 * 4 * 2 * 2.5e9
+    assert bench.peak_flops(zen1 | {"cpu_model_number": 0x31}, "float32")[0] == 2 * 2 * 8 * 2 * 2.5e9  # Zen 2
     assert bench.peak_flops(cpu | {"cpu_mhz": None}, "float32")[0] is None
     # 2 logical CPUs that are one core's SMT siblings: one core's vector units
     assert bench.peak_flops(cpu | {"cpu_physical_cores": 1}, "float32")[0] == 1 * 2 * 16 * 2 * 2.5e9
@@ -81,9 +89,16 @@ def test_peak_flops():
                               "cpu_cores": 2}) == "cpu-amd-epyc-fam26-2core"
     assert bench.hardware_id({"accelerator": None, "cpu_model": "AMD EPYC 9B14 96-Core Processor", "cpu_family": 25,
                               "cpu_cores": 4}) == "cpu-amd-epyc-9b14-96-core-processor-4core"
-    # the report's hardware column tells the two generations apart too
-    assert bench.hardware_name({"accelerator": None, "cpu_model": "AMD EPYC", "cpu_family": 25,
-                                "cpu_cores": 2}) == "AMD EPYC family 25 (2 cores)"
+    # one family holds several generations (Zen 3 and Zen 4: 25; Intel: 6): the model number tells them apart
+    generic = {"accelerator": None, "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_family": 6, "cpu_cores": 16}
+    ids = {bench.hardware_id(generic | {"cpu_model_number": m}) for m in (106, 143)}  # Ice Lake, Sapphire Rapids
+    assert ids == {"cpu-intel-r-xeon-r-processor-fam6-m106-16core", "cpu-intel-r-xeon-r-processor-fam6-m143-16core"}
+    # the report's hardware column tells the generations apart too
+    assert bench.hardware_name({"accelerator": None, "cpu_model": "AMD EPYC", "cpu_family": 25, "cpu_model_number": 17,
+                                "cpu_cores": 2}) == "AMD EPYC family 25 model 17 (2 cores)"
+    assert bench.hardware_name({"accelerator": None, "cpu_model": "AMD EPYC", "cpu_family": 26,
+                                "cpu_cores": 2}) == "AMD EPYC family 26 (2 cores)"  # a record from before the field
+    assert "cpu_model_number" in hw and "cpu_stepping" in hw and hw["id"] == bench.hardware_id(hw)
     assert bench.hardware_name({"accelerator": "NVIDIA H200", "accelerator_count": 1}) == "NVIDIA H200 x1"
     assert bench.peak_flops(gpu | {"accelerator": "NVIDIA H200 NVL"}, "bfloat16")[0] == 8 * 835e12
 
@@ -111,6 +126,7 @@ def test_run_case_record_and_ratio(tiny, suite):
                                                / 1e9, rel=1e-3)
     t = rec["torch"]
     assert t["memory_format"] in ("channels_last", "contiguous") and t["threads"] >= 1 and len(t["step_s"]["all"]) == 2
+    assert t["interop_threads"] >= 1 and rec["memory"]["process_peak_rss_bytes"] > 10**7  # host memory on a CPU
     assert rec["ratio"] == pytest.approx(rec["vol_per_s_per_device"] / t["vol_per_s"], rel=1e-3)
     paired = np.median(np.array(t["step_s"]["all"]) / np.array(rec["step_s"]["all"]))
     assert rec["ratio_paired"] == pytest.approx(paired, rel=1e-2)
@@ -208,8 +224,12 @@ def test_run_suite_input_records_and_report(tmp_path, monkeypatch, capsys):
     fake = types.SimpleNamespace(run_input_bench=lambda **kw: [dict(s) for s in stages])
     monkeypatch.setattr(bench, "_load_input_bench", lambda: fake)
     out = tmp_path / "results" / "cpu-test.jsonl"
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # settings that change a measurement are recorded
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
     records = bench.run_suite(bench.plan_cases(["input"], ["peng"], [4], ["float32"]), out, note="test")
     assert [r["config"] for r in records] == ["memcpy", "grain:w1"] and records[0]["note"] == "test"
+    assert records[0]["versions"]["env"]["OMP_NUM_THREADS"] == "2"
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in records[0]["versions"]["env"]
     assert all(r["hardware"]["id"] and r["versions"]["jax"] and "commit" in r["git"] for r in records)
     assert all(set(r["other_cpu_cores"]) == {"start", "end"} for r in records)  # input records can be marked busy
     # a second machine, and an older duplicate that the report must drop
@@ -229,6 +249,12 @@ def test_run_suite_input_records_and_report(tmp_path, monkeypatch, capsys):
     labels, jx, pt = bench.chart_rows([multi])
     assert labels[0].startswith("gpu-fake-x8 | embed") and jx == [100.0] and pt == [100.0]
     assert "| 800 | 100 | 1.00 |" in bench.report_markdown([multi])
+    # how many steps were timed and how tight they were, on each side
+    torch_steps = {"n": 3, "median": 2.0, "iqr": 0.1}
+    timed = multi | {"step_s": {"n": 20, "median": 0.5, "iqr": 0.01},
+                     "torch": {"vol_per_s": 100.0, "step_s": torch_steps}}
+    assert "| 20 (2.0%) / 3 (5.0%) |" in bench.report_markdown([timed])
+    assert "| — |" in bench.report_markdown([multi | {"torch": None, "ratio": None}])
     assert main(["bench", "report", "--results", str(out.parent), "--report-out", str(tmp_path / "r2.md")]) == 0
     assert (tmp_path / "r2.png").exists()
     (tmp_path / "bad").mkdir()
@@ -518,6 +544,7 @@ def test_other_processes_cpu_marks_records_busy_and_the_report_prefers_quiet_one
     assert [r["vol_per_s"] for r in bench.latest([quiet, busy])] == [10.0]  # the newer one was busy
     assert [r["vol_per_s"] for r in bench.latest([busy])] == [99.0]  # nothing quiet: the busy one, marked
     assert "(busy)" in bench.report_markdown([busy, old_loaded]) and "(busy)" not in bench.report_markdown([quiet])
+    assert "| 99 | 5 | 19.80 (busy) |" in bench.report_markdown([busy])  # on the ratio, which load distorts most
     # rows without a PyTorch ratio (jaxtl only, the input suite) are marked too, on jaxtl's figure
     lone = busy | {"torch": None, "ratio": None}
     assert "| 99 (busy) | — | — |" in bench.report_markdown([lone])
@@ -550,4 +577,4 @@ def test_the_report_keeps_records_of_other_xla_options_apart():
     table = bench.report_markdown([plain, by_hand, default])
     assert "| embed (pallas) | peng |" in table and "| embed (pallas; xla_gpu_force_conv_nhwc) | peng |" in table
     labels, _, _ = bench.chart_rows([plain, default])
-    assert labels[1].endswith("b4 (pallas; xla_gpu_force_conv_nhwc)"), labels
+    assert labels[1].endswith("b4 (pallas; xla_gpu_force_conv_nhwc) @abc123"), labels  # and the commit

@@ -107,6 +107,26 @@ def test_train_mode_matches_pytorch_batchnorm():
         np.testing.assert_allclose(np.asarray(bn_j.var[...]), bn_t.running_var.numpy(), rtol=1e-4)
 
 
+def test_a_batch_of_one_with_a_one_voxel_last_block_is_refused_for_training():
+    """BatchNorm over one value per channel (batch 1, last block 1x1x1) gives a constant: no gradient reaches the
+    earlier blocks, so training that way is refused (check_train_batch); a batch of 2 trains them."""
+    from jaxtl.model import check_train_batch
+
+    model = SFCN((4, 4, 4, 4), 3, dropout=0.0, rngs=nnx.Rngs(0))
+    model.train()
+    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 8))
+
+    def first_kernel_grad(batch):
+        grads = nnx.grad(lambda m: m(batch)[:, 0].sum())(model)
+        return np.abs(np.asarray(grads.blocks[0].conv.kernel[...])).max()
+
+    assert first_kernel_grad(x[:1]) == 0 and first_kernel_grad(x) > 0
+    with pytest.raises(ValueError, match="a training batch of 1 at input 8x8x8 .* 1 value per channel"):
+        check_train_batch(1, 4, (8, 8, 8))
+    check_train_batch(2, 4, (8, 8, 8))
+    check_train_batch(1, 4, (16, 8, 8))  # 2x1x1: two values
+
+
 def test_conv_flops_full_size():
     assert conv_flops(PENG_CHANNELS, (160, 192, 160)) == pytest.approx(131.65e9, rel=1e-3)
 

@@ -455,7 +455,10 @@ def test_bad_config_values_are_refused_before_the_workdir_is_written(ukb_cache, 
                        ("model.channels=(4,4,4,4,4,4,4)", r"too small for 7 blocks .* at least 64 voxels"),
                        ("data.shift=-1", r"data.shift=-1: .*>= 0"),
                        ("data.test_fraction=-0.5", r"^data.test_fraction=-0.5: give a fraction >= 0"),
-                       ("optim.gamma=0.0", "optim.gamma=0.0: give the learning rate's positive step factor")):
+                       ("optim.gamma=0.0", "optim.gamma=0.0: give the learning rate's positive step factor"),
+                       # 4mm: the last block is 1x1x1, and one scan's BatchNorm statistics pass no gradient
+                       ("batch_size=1", r"a training batch of 1 at input 40x48x40 leaves the last block's BatchNorm "
+                                        r"1 value per channel .* at least 2")):
         with pytest.raises(ValueError, match=match):
             pretrain(tiny_config(bad), ukb_cache, tmp_path / "run", progress=False)
         assert not (tmp_path / "run").exists(), bad
