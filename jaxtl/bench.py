@@ -623,9 +623,10 @@ def torch_reference_state(channels: Sequence[int], seed: int = 0) -> dict:
 
 
 def torch_runner(case: Case, x: np.ndarray, ages: np.ndarray, state: dict, *, threads: int, memory_format: str,
-                 per_device_batch: int) -> Runner | None:
+                 per_device_batch: int, compile: bool = False) -> Runner | None:
     """Peng's SFCN in PyTorch on one device, batch = jaxtl's per-device batch; `memory_format` "auto" probes
-    channels-last 3D and contiguous (2 warm-up + 2 timed steps each) and keeps the faster."""
+    channels-last 3D and contiguous (2 warm-up + 2 timed steps each) and keeps the faster. `compile`: the model
+    through `torch.compile` (inductor; the first call compiles, timed apart as `first_call_s`)."""
     import torch
 
     from jaxtl.torch_sfcn import PengSFCN
@@ -653,33 +654,37 @@ def torch_runner(case: Case, x: np.ndarray, ages: np.ndarray, state: dict, *, th
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         if case.suite == "embed":
             model.eval()
+            features = torch.compile(model.features) if compile else model.features
 
             def step():
                 with torch.inference_mode(), autocast:
-                    out = model.features(inp)
+                    out = features(inp)
                 sync()
                 return out
-            return step, model, inp
+            return step, features, inp
         model.train()
+        forward = torch.compile(model) if compile else model
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
         kl = torch.nn.KLDivLoss(reduction="batchmean")
 
         def step():
             opt.zero_grad(set_to_none=True)
             with autocast:
-                log_probs = model(inp)
+                log_probs = forward(inp)
             loss = kl(log_probs.float(), targets)
             loss.backward()
             opt.step()
             return loss.item()
-        return step, model, inp
+        return step, None, inp
 
     formats = ["channels_last", "contiguous"] if memory_format == "auto" else [memory_format]
-    probe = {}
-    if len(formats) > 1:
-        for fmt in formats:  # the faster of 2 timed steps after 2 warm-up steps (cuDNN autotuning, allocator)
-            step, _, _ = build(fmt)
-            step()
+    probe, first_call, built = {}, {}, {}
+    for fmt in formats:  # the faster of 2 timed steps after 2 warm-up steps (cuDNN autotuning, allocator)
+        built[fmt] = step, _, _ = build(fmt)
+        start = time.perf_counter()
+        step()  # torch.compile compiles here
+        first_call[fmt] = round(time.perf_counter() - start, 3)
+        if len(formats) > 1:
             step()
             times = []
             for _ in range(2):
@@ -687,24 +692,22 @@ def torch_runner(case: Case, x: np.ndarray, ages: np.ndarray, state: dict, *, th
                 step()
                 times.append(time.perf_counter() - start)
             probe[fmt] = round(min(times), 4)
-        chosen = min(probe, key=probe.get)
-    else:
-        chosen = formats[0]
-    step, model, inp = build(chosen)
+    chosen = min(probe, key=probe.get) if probe else formats[0]
+    step, features, inp = built[chosen]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     info = {"device": device, "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-            "memory_format": chosen,
-            "autocast": "bfloat16" if case.dtype == "bfloat16" else None, "batch": per_device_batch,
-            "format_probe_s": probe or None}
+            "memory_format": chosen, "compiled": "torch.compile (inductor)" if compile else None,
+            "first_call_s": first_call, "autocast": "bfloat16" if case.dtype == "bfloat16" else None,
+            "batch": per_device_batch, "format_probe_s": probe or None}
 
     def output():
         with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=case.dtype == "bfloat16"):
-            return model.features(inp).float().cpu().numpy()
+            return features(inp).float().cpu().numpy()
 
     def stream(k: int) -> list[np.ndarray]:  # as jaxtl's: k forward passes queued, then their features copied
         with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=case.dtype == "bfloat16"):
-            outs = [model.features(inp) for _ in range(k)]
+            outs = [features(inp) for _ in range(k)]
         return [o.float().cpu().numpy() for o in outs]
 
     embed_case = case.suite == "embed"
@@ -729,7 +732,8 @@ def _inputs(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = "auto", use_torch: bool = True,
              torch_memory_format: str = "auto", threads: int | None = None,
-             profile: str | os.PathLike | None = None, stream: int | None = None) -> dict[str, Any]:
+             profile: str | os.PathLike | None = None, stream: int | None = None,
+             torch_compile: bool = False) -> dict[str, Any]:
     """Measure one embed/train case (jaxtl and, if available, PyTorch interleaved); the case part of a record.
 
     `profile`: after the timed steps, trace `PROFILE_STEPS` more jaxtl steps with the JAX profiler into
@@ -758,7 +762,7 @@ def run_case(case: Case, *, warmup: int = 2, repeats: int = 5, conv_impl: str = 
     else:
         raise ValueError(f"run_case handles embed and train, not {case.suite!r}")
     tr = torch_runner(case, x, ages, state, threads=threads, memory_format=torch_memory_format,
-                      per_device_batch=case.batch // n_dev) if want_torch else None
+                      per_device_batch=case.batch // n_dev, compile=torch_compile) if want_torch else None
     fns = {"jaxtl": jx.step} | ({"torch": tr.step} if tr else {}) | ({"api": jx.api} if jx.api else {})
     if not warmup:  # first calls never timed: jaxtl.embed compiles its own step, PyTorch autotunes cuDNN
         for fn in (jx.api, tr and tr.step):
@@ -952,7 +956,8 @@ def run_input_case(case: Case, *, repeats: int = 3, n_cache: int = 16, work_dir:
 def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, warmup: int = 2, repeats: int = 5,
               conv_impl: str = "auto", use_torch: bool = True, torch_memory_format: str = "auto",
               note: str | None = None, log: Callable[[str], None] | None = None,
-              profile: str | os.PathLike | None = None, stream: int | None = None) -> list[dict]:
+              profile: str | os.PathLike | None = None, stream: int | None = None,
+              torch_compile: bool = False) -> list[dict]:
     """Run `cases`, append one JSON record per case (per stage for `input`) to `out`; returns the records.
     `profile`: a directory for a JAX profiler trace of each embed/train case; `stream`: embed batches timed back
     to back (see `run_case`)."""
@@ -973,7 +978,8 @@ def run_suite(cases: Sequence[Case], out: str | os.PathLike | None = None, *, wa
                 recs = run_input_case(case, repeats=repeats)
             else:
                 recs = [run_case(case, warmup=warmup, repeats=repeats, conv_impl=conv_impl, use_torch=use_torch,
-                                 torch_memory_format=torch_memory_format, profile=profile, stream=stream)]
+                                 torch_memory_format=torch_memory_format, profile=profile, stream=stream,
+                                 torch_compile=torch_compile)]
         except Exception as e:  # noqa: BLE001 - e.g. out of device memory at a large batch: go on, fail at the end
             first = (str(e).splitlines() or [""])[0][:300]
             failures.append(f"{case.label()}: {type(e).__name__}: {first}")
@@ -1087,14 +1093,20 @@ def xla_options(r: dict) -> str:
     return " ".join(sorted(kept))
 
 
+def _torch_compiled(r: dict) -> bool:
+    return bool((r.get("torch") or {}).get("compiled"))
+
+
 def _key(r: dict) -> tuple:
     return (hardware_id(r["hardware"]), r["case"], r["config"], r.get("resolution_mm"), r.get("dtype"), r.get("batch"),
-            r.get("conv_impl"), xla_options(r))
+            r.get("conv_impl"), xla_options(r), _torch_compiled(r))
 
 
 def _variant(r: dict) -> str:
-    """What sets a record apart beyond config, dtype and batch: " (pallas; xla_gpu_force_conv_nhwc)"."""
-    parts = [p for p in (r.get("conv_impl") if r.get("conv_impl") != "fast" else None, xla_options(r)) if p]
+    """What sets a record apart beyond config, dtype and batch: " (pallas; xla_gpu_force_conv_nhwc)", " (vs
+    torch.compile)"."""
+    parts = [p for p in (r.get("conv_impl") if r.get("conv_impl") != "fast" else None, xla_options(r),
+                         "vs torch.compile" if _torch_compiled(r) else None) if p]
     return f" ({'; '.join(parts)})" if parts else ""
 
 

@@ -297,7 +297,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         records = bench.run_suite(cases, out, warmup=args.warmup, repeats=args.repeats, conv_impl=args.conv_impl,
                                   use_torch=not args.no_torch, torch_memory_format=args.torch_format, note=args.note,
-                                  profile=args.profile, stream=args.stream)
+                                  profile=args.profile, stream=args.stream, torch_compile=args.torch_compile)
     except bench.SuiteFailed as e:
         print(f"wrote {len(e.records)} records to {out}; {len(e.failures)} case(s) FAILED:", file=sys.stderr)
         for f in e.failures:
@@ -521,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "elsewhere; pallas: XLA with the first block as fused GPU kernels)")
     p.add_argument("--torch-format", choices=["auto", "channels_last", "contiguous"], default="auto",
                    help="PyTorch memory format (default auto: the faster of the two)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="run the PyTorch reference through torch.compile (inductor; needs a C++ compiler on CPUs, "
+                        "its compile is timed apart): a separate row of the report")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--note", default=None, help="free text stored in every record (e.g. machine load)")
     p.add_argument("--profile", default=None, metavar="DIR",

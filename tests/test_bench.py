@@ -103,6 +103,23 @@ def test_peak_flops():
     assert bench.peak_flops(gpu | {"accelerator": "NVIDIA H200 NVL"}, "bfloat16")[0] == 8 * 835e12
 
 
+@pytest.mark.parametrize("suite", ["embed", "train"])
+def test_torch_compile_reference_is_its_own_row(tiny, monkeypatch, suite):
+    """--torch-compile runs PyTorch's model through torch.compile (here a spy: inductor's compile takes ~20 s),
+    records it, and the report keeps it apart from the eager reference."""
+    torch = pytest.importorskip("torch")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    rec = bench.run_case(bench.Case(suite, "tiny", 4, 2, "float32"), warmup=0, repeats=1, torch_compile=True,
+                         torch_memory_format="contiguous")
+    assert len(compiled) == 1 and rec["torch"]["compiled"] == "torch.compile (inductor)"
+    assert set(rec["torch"]["first_call_s"]) == {"contiguous"}
+    eager = rec | {"torch": rec["torch"] | {"compiled": None}, "time": "2030-01-01T00:00:00+00:00"}
+    hw = _fake_record("cpu-test-2core")["hardware"]
+    assert len(bench.latest([rec | {"hardware": hw}, eager | {"hardware": hw}])) == 2
+    assert f"| {suite} (vs torch.compile) |" in bench.report_markdown([rec | {"hardware": hw}])
+
+
 def test_step_stats_and_interleaving():
     s = bench.step_stats([4.0, 1.0, 3.0, 2.0])
     assert (s["median"], s["min"], s["max"], s["iqr"], s["n"]) == (2.5, 1.0, 4.0, 1.5, 4)
