@@ -163,13 +163,24 @@ def _transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output_file(out: str) -> None:
+    """Before the model runs (hours on a large cohort), not after: --out's folder is created, and a directory or
+    an unwritable path is refused."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name, e.g. {path / 'predictions.csv'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise PermissionError(f"--out {out}: cannot write there; give a path this user can write")
+
+
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from jaxtl.embed import SkippedScansWarning
     from jaxtl.transfer import predict_cohort, write_cohort_predictions
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before the model runs, not after
+    _check_output_file(args.out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in the failures file
         columns = predict_cohort(args.model, _cohort(args, labels_required=False), batch_size=args.batch_size,
@@ -179,10 +190,13 @@ def _predict(args: argparse.Namespace) -> int:
     print(f"wrote {n - n_failed} predictions to {out}")
     corrected, predicted = columns.get("prediction_corrected"), columns["prediction"]
     if corrected is not None and np.isnan(corrected).all() and not np.isnan(predicted).all():
+        is_head = (Path(args.model) / "head.json").exists()
+        why = ("its correction is refused where the slope is too small or uncertain: `bias_usable` in the transfer "
+               "run's metrics.json" if is_head else
+               "a plain model has none: `jaxtl transfer --method direct` on a cohort with known ages fits one, "
+               "then predict with its OUT/head")
         print(f"jaxtl predict: {args.model} has no usable age-bias correction, so prediction_corrected and "
-              "gap_corrected are empty (a plain model has none: `jaxtl transfer --method direct` on a cohort with "
-              "known ages fits one; a head's own correction is refused where its slope is too small or uncertain, "
-              "`bias_usable` in its metrics.json)", file=sys.stderr)
+              f"gap_corrected are empty ({why})", file=sys.stderr)
     _report_qc(args.command, columns, out)
     if n_failed:
         print(f"jaxtl predict: {n_failed} of {n} scans failed: see {failures}", file=sys.stderr)
@@ -202,7 +216,7 @@ def _embed(args: argparse.Namespace) -> int:
     from jaxtl.embed import SkippedScansWarning
     from jaxtl.transfer import embed_cohort, write_cohort_predictions
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    _check_output_file(args.out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedScansWarning)  # reported below, and in full in the failures file
         columns = embed_cohort(args.model, _cohort(args, labels_required=False), layer=args.layer,

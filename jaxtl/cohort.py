@@ -149,7 +149,8 @@ def read_cohort(
     labels_required: bool = True,
 ) -> Cohort:
     """Read a BIDS dataset directory, a CSV/TSV table (column `path`, optional `participant_id`,
-    `session`, `age`, `sex`, `site`) or a `.txt` list of image paths (one per line) into a `Cohort`.
+    `session`, `age`, `sex`, `site`), a `.txt` list of image paths (one per line) or a plain folder of images
+    (`*.nii[.gz]`, `*.mgz` directly in it; unlabelled, ids from the file names) into a `Cohort`.
 
     `age_column=`, `sex_column=`, `site_column=`, `id_column=`, `path_column=` name columns with other
     names (e.g. IXI's "Age (years)"; in BIDS, columns of participants.tsv). `bids_filter` picks one T1w
@@ -175,7 +176,9 @@ def read_cohort(
     if bids_filter and not path.is_dir():
         raise ValueError(f"{path}: bids_filter applies to BIDS directories, not to tables")
     label_problems: list[tuple[str, str]] = []  # labels_required=False: labels left missing, scans kept
-    if path.is_dir():
+    if path.is_dir() and not named and not bids_filter and _is_image_folder(path):
+        scans, problems = _read_image_folder(path)
+    elif path.is_dir():
         scans, problems = _read_bids(path, named, dict(bids_filter or {}), sex_required, coding,
                                      None if labels_required else label_problems)
     elif path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES):
@@ -599,6 +602,23 @@ def _read_path_list(path: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str,
         scans.append((where, Scan(scan_id, participant, image, _bids_entity(image, "ses") or "")))
     problems += _duplicate_ids(scans)
     return scans, sorted(problems, key=_line_key)
+
+
+def _is_image_folder(path: Path) -> bool:
+    """A plain folder of images (e.g. `scans/*.nii.gz`, as brainageR takes them), not a BIDS dataset."""
+    if (path / "dataset_description.json").exists() or any(path.glob("sub-*")):
+        return False
+    return any(p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".") for p in path.iterdir())
+
+
+def _read_image_folder(path: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str, str]]]:
+    """Every image directly in `path` (sorted; no labels; ids from the file names), as a `.txt` list of them."""
+    images = sorted(p for p in path.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES)
+                    and not p.name.startswith(".") and (p.is_file() or p.is_symlink()))
+    ids = _ids_from_paths(images, path)
+    scans = [(p.name, Scan(i, _bids_entity(p, "sub") or i, p, _bids_entity(p, "ses") or ""))
+             for p, i in zip(images, ids, strict=True)]
+    return scans, _duplicate_ids(scans)
 
 
 def _read_table_cohort(

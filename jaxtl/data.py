@@ -249,12 +249,31 @@ def _read_data(img: nib.spatialimages.SpatialImage, name: str) -> np.ndarray:
         data = data.copy()  # never hand out (or later modify) the caller's in-memory array
     data = data.reshape(shape[:3])
     lo, hi = float(data.min()), float(data.max())  # NaN and inf propagate into min/max
+    if not (np.isfinite(lo) and np.isfinite(hi)) and _nan_background(data):
+        n_nan = int(np.count_nonzero(np.isnan(data)))
+        data[np.isnan(data)] = 0.0
+        _warn_input(f"{name}: {n_nan} NaN voxels around the brain (a masked image's background, as SPM writes "
+                    "it) read as 0", stacklevel=4)
+        lo, hi = float(data.min()), float(data.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise InputError(_non_finite_message(data, name))
     if lo == hi:
         what = "all-zero" if lo == 0 else f"constant (every voxel = {lo:g})"
         raise InputError(f"{name}: {what} volume, no image content")
     return data
+
+
+def _nan_background(data: np.ndarray) -> bool:
+    """Whether every non-finite voxel is a NaN connected to the image's border (outside the brain: a masked
+    image's background), not a hole in the brain or an infinity."""
+    nan = np.isnan(data)
+    if not nan.any() or np.isinf(data).any():
+        return False
+    labels, _ = scipy.ndimage.label(nan)
+    border = np.zeros_like(nan)
+    border[[0, -1]], border[:, [0, -1]], border[:, :, [0, -1]] = True, True, True
+    outside = np.unique(labels[border & nan])
+    return bool(np.isin(labels[nan], outside).all())
 
 
 def _non_finite_message(data: np.ndarray, name: str) -> str:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -261,7 +262,7 @@ class VolumeReader:
     def read(self, start: int, stop: int, pool: concurrent.futures.Executor | None = None) -> np.ndarray | jax.Array:
         if self._kind == "array":
             batch = _input_array(self._array[start:stop])  # a jax.Array stays on its device: no host round trip
-            if self.check and not self._mean_checked and isinstance(batch, np.ndarray):
+            if self.check and not self._mean_checked:
                 self._mean_checked = True  # the first batch: arrays come preprocessed alike
                 _warn_if_unnormalised(batch, start)
             return batch
@@ -281,7 +282,12 @@ class VolumeReader:
             shape = next(iter(shapes)) if shapes else self._fill_shape()
             dtype = loaded[0].dtype if loaded else np.float32
             vols = [v if isinstance(v, np.ndarray) else np.zeros(shape, dtype) for v in vols]
-        return np.stack(vols)
+        batch = np.stack(vols)
+        if self.check and not self._mean_checked and self._kind == "items" and not any(
+                isinstance(self._items[i], str | os.PathLike | nib.spatialimages.SpatialImage) for i in idx):
+            self._mean_checked = True  # a list of arrays: checked as an array is (files: by load_volume)
+            _warn_if_unnormalised(batch, start)
+        return batch
 
     def shape(self) -> tuple[int, ...]:
         if self._kind == "array":
@@ -295,12 +301,15 @@ _KEPT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat1
 MEAN_RANGE = (0.5, 2.0)  # a volume divided by its mean over the whole grid: about 1.46 over Peng's crop
 
 
-def _warn_if_unnormalised(batch: np.ndarray, start: int) -> None:
+def _warn_if_unnormalised(batch: np.ndarray | jax.Array, start: int) -> None:
     """An `InputWarning` when a volume of an array batch is far from Peng's intensity normalisation (divided by the
     mean: raw scanner intensities, z-scores and such gave other ages without a word)."""
     from jaxtl.data import InputWarning
 
-    means = batch.reshape(len(batch), -1).mean(axis=1, dtype=np.float64)
+    if isinstance(batch, jax.Array):  # on its device: only the means come back
+        means = np.asarray(jnp.mean(batch.reshape(len(batch), -1).astype(jnp.float32), axis=1), np.float64)
+    else:
+        means = batch.reshape(len(batch), -1).mean(axis=1, dtype=np.float64)
     # not finite: refused with its batch on the device (InputError)
     bad = np.flatnonzero(np.isfinite(means) & ((means < MEAN_RANGE[0]) | (means > MEAN_RANGE[1])))
     if bad.size:
@@ -354,6 +363,23 @@ def _open_path(path: Path, downsample: int):
 # Running the network
 
 
+def _batch_size(n: int, batch_size: int | None, n_dev: int) -> int:
+    """The batch `apply_batched` runs `n` volumes in on `n_dev` devices, `batch_size` (None: the default) at most."""
+    batch_size = batch_size or max(8, 2 * n_dev)
+    # a multiple of the device count, never above the one asked for (it may bound memory), one volume per device
+    # at least
+    batch_size = max(1, batch_size // n_dev) * n_dev
+    if n < batch_size:  # few volumes: a power-of-two batch per device, not a mostly padded full one
+        batch_size = min(batch_size, n_dev * (1 << max(0, math.ceil(math.log2(-(-n // n_dev))))))
+    else:  # about equal batches, so that the last is not mostly padding (10 volumes: 2 x 6, not 2 x 8), in
+        # steps of a quarter of the batch size per device (at most 5 batch shapes to compile)
+        cap = batch_size // n_dev
+        step = max(1, cap // 4)
+        per_device = -(-n // -(-n // batch_size) // n_dev)
+        batch_size = min(cap, -(-per_device // step) * step) * n_dev
+    return batch_size
+
+
 def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_size: int | None = None,
                   progress: bool = True, dtype=None, downsample: int = 1, check: bool = True,
                   expected_shape: Sequence[int] | None = None, workers: int | None = None) -> np.ndarray:
@@ -375,15 +401,7 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
         raise ValueError("no volumes to process")
     mesh = _data_mesh()
     n_dev = mesh.size
-    batch_size = batch_size or max(8, 2 * n_dev)
-    batch_size = -(-batch_size // n_dev) * n_dev  # a multiple of the device count
-    if n < batch_size:  # few volumes: a power-of-two batch per device, not a mostly padded full one
-        batch_size = min(batch_size, n_dev * (1 << max(0, math.ceil(math.log2(-(-n // n_dev))))))
-    else:  # about equal batches, so that the last is not mostly padding (10 volumes: 2 x 6, not 2 x 8), in
-        # steps of a quarter of the batch size per device (at most 4 batch shapes to compile)
-        step = max(1, batch_size // n_dev // 4)
-        per_device = -(-n // -(-n // batch_size) // n_dev)
-        batch_size = -(-per_device // step) * step * n_dev
+    batch_size = _batch_size(n, batch_size, n_dev)
     graphdef, state = nnx.split(model)  # the caller's model stays in its mode; the network runs in eval mode
     graphdef = _eval_graphdef(graphdef, state, None if dtype is None else jnp.dtype(dtype))
     state = jax.device_put(state, NamedSharding(mesh, P()))
@@ -484,6 +502,7 @@ def warn_skipped(reader: VolumeReader, stacklevel: int = 2) -> None:
 
 
 _EVAL_GRAPHDEFS: dict[tuple[Any, Any], Any] = {}
+_EVAL_GRAPHDEFS_LOCK = threading.Lock()
 COMPUTE_DTYPES = tuple(map(jnp.dtype, ("float32", "bfloat16", "float16")))
 
 
@@ -492,15 +511,20 @@ def _eval_graphdef(graphdef: Any, state: Any, dtype: jnp.dtype | None) -> Any:
     same parameter state fits it. Cached: building it (a new SFCN for another dtype) took longer per call than
     a GPU's whole batch."""
     key = (graphdef, dtype)
-    if key not in _EVAL_GRAPHDEFS:
-        model = nnx.merge(graphdef, state)
-        model.eval()
-        if dtype is not None and dtype != jnp.dtype(model.dtype):
-            model = _with_dtype(model, dtype)
-        if len(_EVAL_GRAPHDEFS) >= 64:
+    with _EVAL_GRAPHDEFS_LOCK:  # embed may run on several threads at once (a service holding many models)
+        found = _EVAL_GRAPHDEFS.get(key)
+    if found is not None:
+        return found
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    if dtype is not None and dtype != jnp.dtype(model.dtype):
+        model = _with_dtype(model, dtype)
+    found = nnx.graphdef(model)
+    with _EVAL_GRAPHDEFS_LOCK:
+        while len(_EVAL_GRAPHDEFS) >= 64:
             _EVAL_GRAPHDEFS.pop(next(iter(_EVAL_GRAPHDEFS)))
-        _EVAL_GRAPHDEFS[key] = nnx.graphdef(model)
-    return _EVAL_GRAPHDEFS[key]
+        _EVAL_GRAPHDEFS[key] = found
+    return found
 
 
 def _with_dtype(model: SFCN, dtype) -> SFCN:
@@ -550,7 +574,8 @@ def embed(volumes: Any, model: JaxtlModel | SFCN | str | os.PathLike, *, layer: 
     Layers: "features" (the 64-d average-pooled vector the paper re-uses), "logits" (log-probabilities),
     "probs", and "block0".."block5" (each conv block's output, average-pooled).
     `dtype=jnp.bfloat16` computes in bfloat16 with float32 parameters. `batch_size`: at most this many volumes per
-    step (default `max(8, 2 x devices)`, a multiple of the device count); the volumes are cut into about equal
+    step (default `max(8, 2 x devices)`; rounded down to a multiple of the device count, at least one volume per
+    device); the volumes are cut into about equal
     batches in steps of a quarter of it per device (10 volumes, one device: two batches of 6, not 8 + 8 with 6 rows
     of padding), and fewer than one batch run in a power-of-two batch per device.
 
@@ -580,17 +605,18 @@ def predict(volumes: Any, model: JaxtlModel | str | os.PathLike, *, batch_size: 
 
     Accepts the same `volumes` and `on_error` as `embed` ("skip": NaN for scans that cannot be loaded).
     `model` may also be a fitted transfer head directory (`jaxtl transfer --out DIR`: DIR/head); its raw
-    predictions are returned (bias-corrected ages: `jaxtl.load_head(path)`, `.corrected(...)`).
+    predictions are returned (bias-corrected ages: `jaxtl.load_head(path)`, `.corrected(...)`). float64 either way.
     """
     if isinstance(model, str | os.PathLike) and (Path(model) / "head.json").exists():
         from jaxtl.transfer import load_head
 
-        if dtype is not None or not check:
-            raise ValueError(f"{model} is a transfer head: dtype= and check= apply to models only; leave them out")
-        return load_head(model).predict(volumes, progress=progress, batch_size=batch_size, on_error=on_error)
+        if dtype is not None:
+            raise ValueError(f"{model} is a transfer head: dtype= applies to models only; leave it out")
+        return load_head(model).predict(volumes, progress=progress, batch_size=batch_size, on_error=on_error,
+                                        check=check)
     model = resolve_model(model)
     if not isinstance(model, JaxtlModel):
         raise ValueError("predict needs a JaxtlModel (from jaxtl.load_model), which knows its task and bins")
     log_probs = embed(volumes, model, layer="logits", batch_size=batch_size, dtype=dtype, progress=progress,
                       check=check, on_error=on_error)
-    return np.asarray(model.task.decode(jnp.asarray(log_probs)))
+    return np.asarray(model.task.decode(jnp.asarray(log_probs)), np.float64)

@@ -27,10 +27,12 @@ from sklearn.decomposition import PCA
 from sklearn.feature_selection import SelectKBest, r_regression
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.linear_model import ElasticNetCV, LogisticRegressionCV, RidgeCV
+from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import GridSearchCV, GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVR
+from sklearn.utils import ClassifierTags, RegressorTags
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -301,8 +303,11 @@ class ElasticBaseline(BaseEstimator):
         folds = list(inner_cv(self.task, self.cv, self.seed, grouped).split(X, y, groups))
         outer_train = min(len(train) for train, _ in folds)  # the smallest training size inside the folds
         # a small class: as many inner folds as the smallest training fold has members of it
+        # age: no more inner folds than the smallest training fold has scans (groups); ElasticNetCV's had failed in
+        # every fold of a small cohort, leaving the grid search to pick its first candidate on NaN scores
         inner = min(inner_cv(self.task, self.cv, self.seed).get_n_splits(y=y[train]) for train, _ in folds) \
-            if sex else None
+            if sex else min(self.cv, *(len(np.unique(np.asarray(groups)[train])) if grouped else len(train)
+                                       for train, _ in folds))
         most = self._components(outer_train, X.shape[1])  # components kept inside every fold
         grid = {"select__k": [k for k in self.n_features if k <= most] or [min(min(self.n_features), most)]}
         with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="jaxtl-pca-") as cache:
@@ -332,6 +337,19 @@ class ElasticBaseline(BaseEstimator):
         """Class probabilities, columns in the order of `classes_` (sex baseline only)."""
         X = self._voxels(X)
         return self.pipeline_.predict_proba(X)
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """R^2 (age) or accuracy (sex), as scikit-learn's regressors and classifiers score."""
+        metric = accuracy_score if self.task == "sex" else r2_score
+        return float(metric(y, self.predict(X), sample_weight=sample_weight))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        if self.task == "sex":  # a classifier for scikit-learn (stratified folds in cross_val_score)
+            tags.estimator_type, tags.classifier_tags = "classifier", ClassifierTags(multi_class=False)
+        elif self.task == "age":
+            tags.estimator_type, tags.regressor_tags = "regressor", RegressorTags()
+        return tags
 
 
 def _flat(X):

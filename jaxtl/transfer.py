@@ -38,7 +38,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -193,7 +193,8 @@ class TransferConfig:
     epoch_scale: float = 1.0  # multiply all epochs (and lr-step lengths), e.g. 0.1 for CPU demos
     cv: int = 5  # inner cross-validation folds of the scikit-learn heads
     bias_split: str = "auto"  # age-bias fit: "train" (out-of-fold for scikit-learn heads), "val", or "auto":
-    # val for networks (they fit their training scans closely), out-of-fold train for scikit-learn heads
+    # val for trained networks (they fit their training scans closely), out-of-fold train for scikit-learn heads,
+    # train + val for direct (nothing is trained on the cohort: every labelled scan but the test split's)
     reinit_as: str | None = None  # reinit trains like: None = ft_step for age, ft_full for sex (paper)
     elastic_mm: int = 4  # elastic baseline on voxels block-averaged to this size (TL: 1mm + IncrementalPCA)
     elastic_features: tuple[int, ...] = (10, 30, 60, 150)
@@ -208,7 +209,7 @@ class TransferConfig:
         """The split the age-bias correction is fitted on ("auto" resolved by method)."""
         if self.bias_split != "auto":
             return self.bias_split
-        return "train" if self.method in ("features", "elastic") else "val"
+        return {"features": "train", "elastic": "train", "direct": "train+val"}.get(self.method, "val")
 
     def check(self) -> None:
         if self.task not in ("age", "sex"):
@@ -617,19 +618,20 @@ class TransferHead:
     path: Path | None = None
 
     def predict(self, volumes: Any, *, progress: bool = True, batch_size: int | None = None,
-                on_error: str = "raise") -> np.ndarray:
-        """Raw predictions (age in years, or P(male)) for anything `jaxtl.embed` accepts.
+                on_error: Literal["raise", "skip"] = "raise", check: bool = True) -> np.ndarray:
+        """Raw predictions (age in years, or P(male)), float64, for anything `jaxtl.embed` accepts.
 
-        `on_error="skip"`: NaN for scans that cannot be loaded, with a warning (see `jaxtl.embed`).
+        `on_error="skip"`: NaN for scans that cannot be loaded, with a warning (see `jaxtl.embed`); `check=False`
+        silences the intensity-normalisation warning for arrays, as `jaxtl.embed`'s.
         """
         if self.kind in ("network", "features"):
-            reader = _reader_for(volumes, model_downsample(self.model), on_error)
+            reader = _reader_for(volumes, model_downsample(self.model), on_error, check)
             out = embed(reader, self.model, layer="logits" if self.kind == "network" else self.layer,
                         progress=progress, batch_size=batch_size)
             if self.kind == "network":
                 return np.asarray(self.model.task.decode(jnp.asarray(out)), np.float64)
             return _predict_loaded(out, reader, self.predict_features)
-        reader = _reader_for(volumes, self.downsample, on_error)
+        reader = _reader_for(volumes, self.downsample, on_error, check)
         voxels = _voxels(reader, self.voxel_factor, progress)
         warn_skipped(reader)
         return _predict_loaded(voxels, reader, self.predict_voxels)
@@ -665,9 +667,9 @@ class TransferHead:
         return out
 
 
-def _reader_for(volumes: Any, downsample: int, on_error: str = "raise") -> VolumeReader:
+def _reader_for(volumes: Any, downsample: int, on_error: str = "raise", check: bool = True) -> VolumeReader:
     return volumes if isinstance(volumes, VolumeReader) else VolumeReader(volumes, downsample=downsample,
-                                                                          on_error=on_error)
+                                                                          on_error=on_error, check=check)
 
 
 def _predict_loaded(x: np.ndarray, reader: VolumeReader, predict) -> np.ndarray:
@@ -733,7 +735,7 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
     method, task_name, seed = config.method, config.task, config.seed
     y = target.labels(task_name)
     train = np.flatnonzero(split == "train")
-    if len(train) < 2:
+    if not np.isfinite(y).any() or (len(train) < 2 and method != "direct"):  # direct trains on nothing
         if not np.isfinite(y).any():
             from jaxtl.cohort import label_columns_hint
 
@@ -959,9 +961,13 @@ def transfer(backbone: JaxtlModel, target: Target, config: TransferConfig, *, sp
                           "the training split's in-sample predictions instead (it under-corrects there)",
                           stacklevel=2)
             bias_split = "train"
-        fit_on = split == bias_split
-        label = bias_split  # network training predictions are in-sample; scikit-learn ones out-of-fold (_fit_sklearn)
-        if bias_split == "train":
+        fit_on = np.isin(split, bias_split.split("+"))
+        # trained networks' training predictions are in-sample; scikit-learn ones out-of-fold (_fit_sklearn);
+        # direct transfer trains nothing on the cohort
+        label = bias_split
+        if config.method == "direct":
+            label += " (held out: direct transfer trains on no scan)"
+        elif bias_split == "train":
             label += " (in-sample)" if head.kind == "network" else " (out-of-fold)"
         head.bias = BiasCorrection.fit(pred[fit_on], y[fit_on], label)
         corrected = head.corrected(pred)
@@ -1140,13 +1146,18 @@ def write_cohort_predictions(path: str | os.PathLike, columns: dict[str, np.ndar
     return path, failures_path, int(failed.sum())
 
 
+def _delimiter(path: Path) -> str:
+    """Tab for a .tsv file (BIDS' tables), comma otherwise."""
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
 def write_predictions(path: str | os.PathLike, columns: dict[str, np.ndarray]) -> Path:
-    """CSV, one row per scan; missing values empty (read as NaN by pandas and NA by R)."""
+    """CSV (TSV for a .tsv `path`), one row per scan; missing values empty (read as NaN by pandas and NA by R)."""
     path = Path(path)
     names = list(columns)
     n = len(next(iter(columns.values())))
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, delimiter=_delimiter(path))
         w.writerow(names)
         for i in range(n):
             w.writerow([_cell(columns[k][i]) for k in names])
@@ -1155,7 +1166,7 @@ def write_predictions(path: str | os.PathLike, columns: dict[str, np.ndarray]) -
 
 def read_predictions(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+        rows = list(csv.reader(f, delimiter=_delimiter(Path(path))))
     cols = {name: [r[j] for r in rows[1:]] for j, name in enumerate(rows[0])}
     out = {}
     for name, values in cols.items():

@@ -144,6 +144,9 @@ def _resolve(name_or_dir: str | os.PathLike) -> Path:
         inside = [p.parent for p in (path / "model" / "model.json", path / "best" / "model.json",
                                      path / "head" / "head.json") if p.exists()]
         hint = f"; did you mean {' or '.join(str(p) for p in inside)}?" if inside else ""
+        if path.is_file() and path.suffix.lower() in (".p", ".pt", ".pth", ".pkl"):
+            hint = (f"; a PyTorch weights file (e.g. Peng's) is converted once: `jaxtl convert {path} MODEL_DIR "
+                    "--task age --bins 42 82` (see README, SFCN and Peng's weights), then pass MODEL_DIR")
         raise FileNotFoundError(f"{path} is not a jaxtl model directory (no model.json){hint}")
     raise FileNotFoundError(
         f"no jaxtl model at {path}; pass a model directory or one of: {', '.join(PUBLISHED)}"

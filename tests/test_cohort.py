@@ -3,6 +3,7 @@
 import math
 import pickle
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,6 +373,11 @@ def test_bids_without_participants_and_non_bids_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CohortError, match="not a BIDS dataset"):
         read_cohort(tmp_path / "empty")
+    # a plain folder of images (as brainageR takes them): unlabelled scans, ids from the file names
+    _touch(tmp_path / "scans", "control_02.nii.gz", "control_01.nii", "patient 1.mgz", "._control_01.nii", "notes.txt")
+    folder = read_cohort(tmp_path / "scans")
+    assert folder.ids.tolist() == ["control_01", "control_02", "patient 1"] and np.isnan(folder.ages).all()
+    assert [Path(p).name for p in folder.paths] == ["control_01.nii", "control_02.nii.gz", "patient 1.mgz"]
 
 
 def test_cohort_object(tmp_path):

@@ -269,6 +269,13 @@ def test_non_finite_refusal_counts_them_and_says_how_to_fix(tmp_path):
     arr[10, 10, 10] = np.nan  # inside the brain
     with pytest.raises(InputError, match=r"5 of 9600 .*\(1 inside the box around the non-zero \(brain\) voxels"):
         load_volume(_save(nib.Nifti1Image(arr, affine), tmp_path / "nan_brain.nii.gz"))
+    # a masked image's NaN background (SPM), no infinity, no hole in the brain: read as 0, with a warning
+    arr[19, 23, 19], arr[10, 10, 10] = 0.0, 1.0
+    zeros = load_volume(_save(nib.Nifti1Image(arr, affine), tmp_path / "zero_background.nii.gz"), check=False)
+    arr[arr == 0] = np.nan
+    with pytest.warns(data.InputWarning, match=r"NaN voxels around the brain \(a masked image's background"):
+        masked = load_volume(_save(nib.Nifti1Image(arr, affine), tmp_path / "nan_masked.nii.gz"), check=False)
+    np.testing.assert_array_equal(masked, zeros)
 
 
 def test_a_cropped_array_with_the_uncropped_header_is_refused(mni):

@@ -107,6 +107,18 @@ def test_one_batch_of_files_shows_progress(age_model, paths, volumes, capsys):
     assert "embed (features)" not in capsys.readouterr().err
 
 
+def test_batch_size_is_an_upper_bound():
+    """`batch_size` bounds the volumes per step (it may be what fits in memory): batches are about equal and never
+    larger (17 volumes at 9 had run as 2 x 10), a multiple of the device count below it (5 on 2 devices: 4)."""
+    E = importlib.import_module("jaxtl.embed")
+    assert E._batch_size(17, 9, 1) == 9 and E._batch_size(10, 8, 1) == 6 and E._batch_size(100, None, 1) == 8
+    assert E._batch_size(17, 5, 2) == 4 and E._batch_size(3, 1, 2) == 2  # at least one volume per device
+    assert E._batch_size(3, None, 1) == 4 and E._batch_size(1, None, 1) == 1  # few: a power of two
+    for n in range(1, 40):
+        for cap in range(1, 12):
+            assert 1 <= E._batch_size(n, cap, 1) <= cap
+
+
 def test_few_volumes_run_in_a_small_batch_and_bad_arrays_are_refused(age_model, volumes, monkeypatch):
     """One volume is not padded to a batch of 8 (a power of two per device instead); NaN volumes and a single
     (D, H, W, 1) volume without its batch axis are refused, naming what is wrong."""
@@ -308,6 +320,9 @@ def test_arrays_far_from_the_intensity_normalisation_warn(age_model, volumes):
     with pytest.warns(InputWarning, match=r"volume 1 has mean intensity .*jaxtl.load_volume") as caught:
         embed(raw, age_model, progress=False, batch_size=2)
     assert len([w for w in caught if issubclass(w.category, InputWarning)]) == 1  # the first batch is checked
+    for given in (jnp.asarray(raw), list(raw)):  # a jax array (checked on its device) and a list of arrays too
+        with pytest.warns(InputWarning, match=r"volume 1 has mean intensity"):
+            embed(given, age_model, progress=False, batch_size=2)
 
 
 def test_host_batches_copied_from_threads_equal_one_copy(age_model, volumes, monkeypatch):
@@ -406,3 +421,26 @@ def test_on_error_raise_is_the_default_and_names_the_file(age_model, paths, bad_
         warnings.simplefilter("error")
         assert not np.isnan(embed(np.zeros((1, 40, 48, 40), np.float32) + 1, age_model, on_error="skip",
                                   progress=False)).any()
+
+
+def test_eval_graph_cache_is_safe_on_threads(monkeypatch):
+    """Many models embedded from several threads at once, past the cache's cap: no KeyError (two threads had
+    evicted the same entry, or one the entry another was returning)."""
+    import concurrent.futures
+    import sys
+
+    from flax import nnx
+
+    from jaxtl.model import SFCN
+
+    E = importlib.import_module("jaxtl.embed")
+    monkeypatch.setattr(E, "_EVAL_GRAPHDEFS", {})
+    splits = [nnx.split(SFCN((2, 2), k, rngs=nnx.Rngs(0))) for k in range(2, 82)]  # 80 graphs > the cap of 64
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race showed within a few hundred calls
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            graphs = list(pool.map(lambda i: E._eval_graphdef(*splits[i % 80], None), range(800)))
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(graphs) == 800 and len(E._EVAL_GRAPHDEFS) <= 64

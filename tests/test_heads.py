@@ -223,6 +223,29 @@ def test_elastic_baseline_with_fewer_voxels_than_scans():
         ElasticClassifier(cv=3).fit(X, np.arange(40) % 3)
 
 
+def test_elastic_baseline_is_a_regressor_or_classifier_by_task_and_fits_small_cohorts():
+    """ElasticBaseline (exported for either task) scores and cross-validates as scikit-learn's regressors /
+    classifiers do; on a few scans the age baseline's inner folds fit the smallest outer training fold (they had
+    all failed, and the search had picked its first candidate on NaN scores)."""
+    from sklearn.base import is_classifier, is_regressor
+    from sklearn.model_selection import cross_val_score
+
+    from jaxtl import ElasticBaseline
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(30, 8))
+    age = 50 + 10 * X[:, 0] + rng.normal(size=30)
+    sex = (X[:, 1] > 0).astype(int)
+    assert is_regressor(ElasticBaseline("age")) and is_classifier(ElasticBaseline("sex"))
+    assert cross_val_score(ElasticBaseline("age", cv=3), X, age, cv=3).mean() > 0.5
+    assert cross_val_score(ElasticBaseline("sex", cv=3), X, sex, cv=3).mean() > 0.6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "test scores are non-finite"
+        small = ElasticRegressor(n_features=(1, 2, 3)).fit(X[:6], age[:6])
+        ElasticRegressor().fit(X[:5], age[:5])  # had failed: "All the 5 fits failed"
+    assert small.best_params_["select__k"] in (1, 2, 3)
+
+
 def test_elastic_baseline_on_voxels():
     rng = np.random.default_rng(3)
     n, shape = 60, (6, 7, 6)

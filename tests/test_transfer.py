@@ -279,8 +279,9 @@ def test_network_bias_correction_is_fitted_on_the_validation_split(monkeypatch, 
     correction is fitted on the validation split; scikit-learn heads keep out-of-fold training predictions."""
     from jaxtl import transfer as tl
 
-    for method in ("direct", "ft_final", "ft_step", "ft_full", "scratch", "reinit"):
+    for method in ("ft_final", "ft_step", "ft_full", "scratch", "reinit"):
         assert TransferConfig(method=method).bias_fit_split() == "val", method
+    assert TransferConfig(method="direct").bias_fit_split() == "train+val"  # nothing trained on the cohort
     for method in ("features", "elastic"):
         assert TransferConfig(method=method).bias_fit_split() == "train", method
     assert TransferConfig(method="ft_step", bias_split="train").bias_fit_split() == "train"
@@ -301,6 +302,22 @@ def test_network_bias_correction_is_fitted_on_the_validation_split(monkeypatch, 
         r2 = transfer(backbone, target, cfg, split=np.where(split == "val", "test", split), progress=False)
     assert r2.head.bias.split == r2.metrics["bias_split"] == "train (in-sample)"
     np.testing.assert_allclose(r2.head.bias.slope, 1.0)
+
+
+def test_direct_bias_correction_uses_every_labelled_scan_but_the_test_split(tiny_models, target):
+    """Direct transfer trains nothing on the cohort, so the correction is fitted on train + val (labelled held-out
+    predictions); with --split 1 0 0 on every labelled scan, as brainageR users fit it on their controls (the
+    method had refused a split without training scans, and fitted on val alone)."""
+    backbone = load_model(tiny_models["age"])
+    cfg = dataclasses.replace(FAST, task="age", method="direct")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = transfer(backbone, target, cfg, progress=False)
+        everything = transfer(backbone, target, dataclasses.replace(cfg, split=(0.0, 1.0, 0.0)), progress=False)
+    split = r.predictions["split"]
+    assert r.head.bias.split == r.metrics["bias_split"] == "train+val (held out: direct transfer trains on no scan)"
+    assert r.head.bias.n == int(np.isin(split, ["train", "val"]).sum()) and (split == "test").any()
+    assert everything.head.bias.n == len(target) and everything.metrics["n"]["train"] == 0
 
 
 def _fit_without_training(monkeypatch, backbone, target, split, config):
@@ -423,8 +440,15 @@ def test_cli_transfer_then_predict(tiny_models, ixi_tiny, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         np.testing.assert_allclose(predict(list(paths), out / "head", progress=False), new["prediction"], rtol=1e-4)
-    with pytest.raises(ValueError, match="is a transfer head: dtype= and check= apply to models only"):
+    with pytest.raises(ValueError, match="is a transfer head: dtype= applies to models only"):
         predict(list(paths), out / "head", dtype="bfloat16", progress=False)
+    # a head's predictions are float64 as a model's; check=False silences the array intensity warning for both
+    raw = np.stack([load_volume(p, downsample=4) for p in paths[:2]]) * 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        by_head = predict(raw, out / "head", check=False, progress=False)
+        by_model = predict(raw, tiny_models["age"], check=False, progress=False)
+    assert by_head.dtype == by_model.dtype == np.float64
     assert cli.main(["transfer", "--model", str(tmp_path / "nope"), "--cohort", str(ixi_tiny[1]),
                      "--out", str(tmp_path / "x")]) == 2
     assert "no jaxtl model" in capsys.readouterr().err
@@ -673,7 +697,7 @@ def test_input_warnings_are_columns_of_predictions_and_features(tiny_models, ixi
     assert "2 of 12 scans have input warnings (their qc_warnings column in " in capsys.readouterr().err
 
 
-def test_cli_embed_writes_features_per_scan(tiny_models, ixi_tiny, tmp_path, capsys):
+def test_cli_embed_writes_features_per_scan(tiny_models, ixi_tiny, tmp_path, capsys, monkeypatch):
     from jaxtl.embed import embed
 
     out = tmp_path / "features" / "ixi.csv"
@@ -710,3 +734,10 @@ def test_cli_embed_writes_features_per_scan(tiny_models, ixi_tiny, tmp_path, cap
     assert list(table["age"]) == [30, 50] and list(table["sex"]) == [1, 0]
     assert cli.main([*argv[:4], str(ixi_tiny[1]), *argv[5:]]) == 2  # a cache holds the labels it was prepared with
     assert "is a prepared cache: it holds the labels read when it was prepared" in capsys.readouterr().err
+    # a .tsv output is tab-separated; an --out that is a directory is refused before any scan is read
+    tsv = out.with_suffix(".tsv")
+    assert cli.main([*argv[:6], str(tsv), *argv[7:]]) == 0
+    assert tsv.read_text().startswith("id\tparticipant_id\t") and list(read_predictions(tsv)["age"]) == [30, 50]
+    monkeypatch.setattr(transfer_module, "embed_cohort", lambda *a, **k: pytest.fail("ran before --out was checked"))
+    assert cli.main([*argv[:6], str(tmp_path), *argv[7:]]) == 2
+    assert f"--out {tmp_path} is a directory; give a file name" in capsys.readouterr().err

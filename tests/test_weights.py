@@ -219,6 +219,10 @@ def test_load_model_not_a_model_dir(tmp_path):
     (tmp_path / "model" / "model.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=f"did you mean {tmp_path / 'model'}\\?"):
         jaxtl.load_model(tmp_path)
+    # Peng's PyTorch file given as the model: the conversion named
+    (tmp_path / "run_20190719_00_epoch_best_mae.p").write_bytes(b"\x80")
+    with pytest.raises(FileNotFoundError, match="a PyTorch weights file .* is converted once: `jaxtl convert"):
+        jaxtl.load_model(tmp_path / "run_20190719_00_epoch_best_mae.p")
 
 
 def test_saved_sigma_zero_survives_loading(tmp_path):
