@@ -19,6 +19,10 @@
 #                for both dtypes "up to what fits"; 39.1% of the bf16 peak at batch 64 with the flag) -> nhwc.jsonl
 #                                                   <= 6 min; runs that would pass the call's limit are skipped
 #   conv_fusion  (not a default) --xla_gpu_experimental_enable_conv_fusion=true: 1613 vs 1581 vol/s, no gain
+#   compiled     (not a default; first after `default` when there is time) Peng 1mm embed bfloat16 and float32,
+#                batch 8, beside PyTorch through torch.compile (channels-last): on the Zen 4 CPU compiled PyTorch's
+#                float32 embed was 1.33x its eager speed (jaxtl 0.86x of it); on the H200 eager PyTorch's first
+#                block was most of its step, so the ratios may move most there (-> $OUT/nhwc.jsonl)   <= 3 min
 # Kept: first_block, first_block_network (gpu_first_block.py: the fused block's tunings, then the network with the
 # fastest), blocks (gpu_blocks.py: each block alone beside PyTorch), variants, train (transfer + demo configs), demo.
 # One device call runs at most 10 minutes and a session has about 15 minutes of device time, machine start
@@ -38,7 +42,7 @@ source benchmarks/gpu_env.sh
 STAGES=${STAGES:-default transfer profile batches}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
 # each stage's worst case (its timeouts), s: a stage that could run past $LIMIT is skipped
-declare -A WORST=([default]=210 [batches]=70 [transfer]=120 [profile]=110 [conv_fusion]=90 [first_block]=240
+declare -A WORST=([default]=210 [compiled]=170 [batches]=70 [transfer]=120 [profile]=110 [conv_fusion]=90 [first_block]=240
                   [first_block_network]=300 [blocks]=120 [variants]=150 [train]=90 [demo]=200)
 stage() { echo "== $1 (t=$((SECONDS - start)) s)" | tee -a "$OUT/log"; }
 rc() {  # $1: a run's exit status (call right after its pipeline, with "${PIPESTATUS[0]}"): logged unless 0
@@ -79,6 +83,9 @@ batches() {  # each run only if its limit fits in the call; bf16 batch 64 took 6
       bench_flags "" $limit --suite embed --dtype $dtype --batch $b --no-torch
     done
   done
+}
+compiled() {  # inductor compiles at the first call (timed apart); one memory format, so once per dtype
+  bench_flags "" 170 --suite embed --dtype bfloat16,float32 --batch 8 --torch-compile --torch-format channels_last
 }
 conv_fusion() {
   bench_flags "--xla_gpu_experimental_enable_conv_fusion=true" 90 --suite embed,train --dtype bfloat16 --batch 8 \

@@ -270,7 +270,7 @@ def test_non_finite_refusal_counts_them_and_says_how_to_fix(tmp_path):
     with pytest.raises(InputError, match=r"5 of 9600 .*\(1 inside the box around the non-zero \(brain\) voxels"):
         load_volume(_save(nib.Nifti1Image(arr, affine), tmp_path / "nan_brain.nii.gz"))
     # a masked image's NaN background (SPM), no infinity, no hole in the brain: read as 0, with a warning
-    arr[19, 23, 19], arr[10, 10, 10] = 0.0, 1.0
+    arr[19, 23, 19], arr[10, 10, 10], arr[0, 0, :3] = 0.0, 1.0, 0.0
     zeros = load_volume(_save(nib.Nifti1Image(arr, affine), tmp_path / "zero_background.nii.gz"), check=False)
     arr[arr == 0] = np.nan
     with pytest.warns(data.InputWarning, match=r"NaN voxels around the brain \(a masked image's background"):
