@@ -735,17 +735,18 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
     method, task_name, seed = config.method, config.task, config.seed
     y = target.labels(task_name)
     train = np.flatnonzero(split == "train")
-    if not np.isfinite(y).any() or (len(train) < 2 and method != "direct"):  # direct trains on nothing
-        if not np.isfinite(y).any():
-            from jaxtl.cohort import label_columns_hint
+    if not np.isfinite(y).any():
+        from jaxtl.cohort import label_columns_hint
 
-            raise ValueError(f"no scan of {target.name or 'the cohort'} has a label for {task_name} (all missing); "
-                             f"{label_columns_hint(target.name, task_name)}")
-        raise ValueError(f"only {len(train)} labelled training scans; need more data or a larger split[0]")
-    if task_name == "sex" and len(np.unique(y[train])) < 2:
-        raise ValueError(f"{target.name or 'the cohort'}: every training scan has sex {int(y[train][0])} "
-                         "(0 = female, 1 = male); a sex classifier needs both (check the cohort's sex column and "
-                         "the warnings read_cohort gave)")
+        raise ValueError(f"no scan of {target.name or 'the cohort'} has a label for {task_name} (all missing); "
+                         f"{label_columns_hint(target.name, task_name)}")
+    if method != "direct":  # direct transfer trains on nothing: any split will do
+        if len(train) < 2:
+            raise ValueError(f"only {len(train)} labelled training scans; need more data or a larger split[0]")
+        if task_name == "sex" and len(np.unique(y[train])) < 2:
+            raise ValueError(f"{target.name or 'the cohort'}: every training scan has sex {int(y[train][0])} "
+                             "(0 = female, 1 = male); a sex classifier needs both (check the cohort's sex column "
+                             "and the warnings read_cohort gave)")
     common = dict(downsample=target.downsample, input_shape=target.shape)
     meta = {"seed": seed, "cohort": target.name}
     groups = training_groups(target.participant_ids[train])

@@ -318,6 +318,12 @@ def test_direct_bias_correction_uses_every_labelled_scan_but_the_test_split(tiny
     assert r.head.bias.split == r.metrics["bias_split"] == "train+val (held out: direct transfer trains on no scan)"
     assert r.head.bias.n == int(np.isin(split, ["train", "val"]).sum()) and (split == "test").any()
     assert everything.head.bias.n == len(target) and everything.metrics["n"]["train"] == 0
+    # nor does direct sex transfer need a training split (it had failed indexing an empty one)
+    sex = dataclasses.replace(cfg, task="sex", split=(0.0, 1.0, 0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = transfer(load_model(tiny_models["sex"]), target, sex, progress=False)
+    assert r.metrics["n"]["val"] == len(target) and r.predictions["prediction"].shape == (len(target),)
 
 
 def _fit_without_training(monkeypatch, backbone, target, split, config):
