@@ -196,7 +196,7 @@ class VolumeReader:
         item = self._items[i]
         if self._kind == "source":
             item = item["image"] if isinstance(item, dict) else item
-        if isinstance(item, str | os.PathLike | nib.spatialimages.SpatialImage):
+        if _is_file_item(item):
             from jaxtl.data import load_volume
 
             return load_volume(item, downsample=self.downsample, check=self.check)
@@ -284,7 +284,7 @@ class VolumeReader:
             vols = [v if isinstance(v, np.ndarray) else np.zeros(shape, dtype) for v in vols]
         batch = np.stack(vols)
         if self.check and not self._mean_checked and self._kind == "items" and not any(
-                isinstance(self._items[i], str | os.PathLike | nib.spatialimages.SpatialImage) for i in idx):
+                _is_file_item(self._items[i]) for i in idx):
             self._mean_checked = True  # a list of arrays: checked as an array is (files: by load_volume)
             _warn_if_unnormalised(batch, start)
         return batch
@@ -295,6 +295,11 @@ class VolumeReader:
         if self._kind == "source" and hasattr(self._items, "shape"):
             return tuple(self._items.shape)
         return tuple(self._one(0).shape)
+
+
+def _is_file_item(item: Any) -> bool:
+    """A path or nibabel image, loaded (and checked) by `load_volume`, not an array given as it is."""
+    return isinstance(item, str | os.PathLike | nib.spatialimages.SpatialImage)
 
 
 _KEPT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16))
