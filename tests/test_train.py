@@ -285,11 +285,17 @@ out = []
 for devices in (jax.devices(), jax.devices()[:1]):
     mesh = make_mesh(devices)
     tr = Trainer.create(cfg, 10, mesh=mesh)
+    params = lambda: jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(tr.model(), nnx.Param)))
+    start = params()
     losses = [float(tr.step(tr.global_batch(x), tr.global_batch(y), s)[0]) for s in range(3)]
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(tr.model(), nnx.Param)))
-    out.append((losses, params))
+    out.append((losses, jax.tree.map(np.subtract, params(), start)))
 np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
-jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), out[0][1], out[1][1])
+# What 3 steps changed, equal up to float reduction order (on an Intel Xeon VM a conv kernel's update differs by
+# 0.26% of its norm; a mistake in the sharding, e.g. gradients or BatchNorm statistics not reduced over the
+# devices, changes the updates by a large part of their size)
+def close(a, b):
+    assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b) + 1e-6, (np.linalg.norm(a - b), np.linalg.norm(b))
+jax.tree.map(close, out[0][1], out[1][1])
 print("OK", out[0][0])
 """
     assert "OK" in run_python(code, devices=4).stdout
