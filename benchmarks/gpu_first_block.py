@@ -219,7 +219,7 @@ def network_output(blocks: Path) -> Path:
 
 
 def network(blocks: Path, modes: list[str], dtypes: list[str], batch: int, repeats: int, hw, vers, commit,
-            config: str = "peng", resolution: int = 1) -> None:
+            config: str = "peng", resolution: int = 1, warmup: int = 3) -> None:
     """The embed / train step (Peng's SFCN at 1mm) with `conv_impl="pallas"` beside PyTorch, each with the fastest
     correct tuning of the block records in `blocks` (the defaults where there is none), and the XLA path's embed;
     records -> `network_output(blocks)`."""
@@ -235,7 +235,7 @@ def network(blocks: Path, modes: list[str], dtypes: list[str], batch: int, repea
         suite = "embed" if mode == "eval" else "train"
         start = time.perf_counter()
         table["float32" if jnp.dtype(dtype_name).itemsize >= 4 else "bfloat16"] = tuning
-        rec = bench.run_case(bench.Case(suite, config, resolution, batch, dtype_name), warmup=3,
+        rec = bench.run_case(bench.Case(suite, config, resolution, batch, dtype_name), warmup=warmup,
                              repeats=repeats, conv_impl="pallas")
         rec = bench._base_record(hw, vers, commit, f"gpu_first_block.py: {suite} with conv_impl=pallas") | rec
         rec["first_block_tuning"] = tuning
@@ -244,7 +244,7 @@ def network(blocks: Path, modes: list[str], dtypes: list[str], batch: int, repea
         print(f"{dtype_name} {bench.summary_line(rec)} [first_block {tuning}; {time.perf_counter() - start:.0f} s]",
               flush=True)
         if mode == "eval":  # the XLA path's embed on the same machine, for the kernel's whole-network gain
-            rec = bench.run_case(bench.Case(suite, config, resolution, batch, dtype_name), warmup=3,
+            rec = bench.run_case(bench.Case(suite, config, resolution, batch, dtype_name), warmup=warmup,
                                  repeats=repeats, conv_impl="xla", use_torch=False)
             rec = bench._base_record(hw, vers, commit, "gpu_first_block.py: embed with conv_impl=xla") | rec
             with out.open("a") as f:

@@ -234,6 +234,11 @@ def _paper_mean(dataset: str, task: str, label: str) -> tuple[float, float] | No
 # Data and models
 
 
+def cohort_root(spec: SimulatedCohort, data_dir: str | os.PathLike) -> Path:
+    """The folder of a simulated cohort in `data_dir`: its BIDS dataset in bids/, its cache in cache/."""
+    return Path(data_dir) / f"{spec.preset}_n{spec.n}_seed{spec.seed}_{spec.resolution}mm"
+
+
 def ensure_cohort(spec: SimulatedCohort | str, data_dir: str | os.PathLike, progress: bool = True) -> str:
     """Path of the target: a simulated cohort is generated and prepared into a cache the first time."""
     if isinstance(spec, str):
@@ -241,7 +246,7 @@ def ensure_cohort(spec: SimulatedCohort | str, data_dir: str | os.PathLike, prog
     from jaxtl.cache import prepare_cache
     from jaxtl.simulate import SIMULATOR_VERSION, simulate, simulator_version
 
-    root = Path(data_dir) / f"{spec.preset}_n{spec.n}_seed{spec.seed}_{spec.resolution}mm"
+    root = cohort_root(spec, data_dir)
     cache = root / "cache"
     made_by = simulator_version(root / "bids")
     if made_by is not None and made_by != SIMULATOR_VERSION:  # kept: earlier results were computed on it

@@ -51,16 +51,22 @@ class SFCNEmbedder(TransformerMixin, BaseEstimator):
     `model` is a `JaxtlModel`, an `SFCN`, a model directory or a published name (loaded once, lazily).
     `X` is anything `jaxtl.embed` accepts that scikit-learn can index: an `(N, D, H, W)` array or a
     list/array of NIfTI paths. Like nilearn's maskers, `fit(X, y)` takes `y` only for compatibility.
+    The other parameters are `jaxtl.embed`'s: with `on_error="skip"` a scan that fails to load gives a row of NaN
+    (and one warning naming it), which a later step must handle (e.g. `SimpleImputer`) or scikit-learn refuses it.
     """
 
     def __init__(self, model=None, *, layer: str = "features", batch_size: int | None = None,
-                 dtype: str | None = None, downsample: int | None = None, progress: bool = False):
+                 dtype: str | None = None, downsample: int | None = None, progress: bool = False,
+                 check: bool = True, workers: int | None = None, on_error: str = "raise"):
         self.model = model
         self.layer = layer
         self.batch_size = batch_size
         self.dtype = dtype
         self.downsample = downsample
         self.progress = progress
+        self.check = check
+        self.workers = workers
+        self.on_error = on_error
 
     def _loaded(self):
         from jaxtl.embed import resolve_model
@@ -74,8 +80,10 @@ class SFCNEmbedder(TransformerMixin, BaseEstimator):
         return cached[1]
 
     def fit(self, X=None, y=None):
-        from jaxtl.embed import layer_names
+        from jaxtl.embed import ON_ERROR, layer_names
 
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         model = self._loaded()
         if self.layer not in layer_names(model):
             raise ValueError(f"unknown layer {self.layer!r}; use one of {', '.join(layer_names(model))}")
@@ -85,7 +93,8 @@ class SFCNEmbedder(TransformerMixin, BaseEstimator):
         from jaxtl.embed import embed
 
         return embed(X, self._loaded(), layer=self.layer, batch_size=self.batch_size, dtype=self.dtype,
-                     downsample=self.downsample, progress=self.progress)
+                     downsample=self.downsample, progress=self.progress, check=self.check, workers=self.workers,
+                     on_error=self.on_error)
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         from jaxtl.embed import _check_layer, _unwrap

@@ -365,7 +365,7 @@ def test_gpu_first_block_sweep_plumbing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fb, "TUNING", dict(fb.TUNING))
     monkeypatch.setattr(fb, "TRAIN_TUNING", dict(fb.TRAIN_TUNING))
-    mod.network(out, ["eval", "train"], ["float32"], 2, 1, {}, {}, {}, config="demo", resolution=4)
+    mod.network(out, ["eval", "train"], ["float32"], 2, 1, {}, {}, {}, config="demo", resolution=4, warmup=1)
     assert len(out.read_text().splitlines()) == 2  # the block records' file is left as it was
     step, embed, xla = [json.loads(line) for line in mod.network_output(out).read_text().splitlines()]
     assert mod.network_output(out).name == "fb_network.jsonl"

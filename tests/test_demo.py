@@ -17,38 +17,54 @@ SECTIONS = ["# jaxtl demo", "> **Simulated brains.**", "## Source models", "## F
 
 
 @pytest.fixture(scope="module")
-def ci_data(tmp_path_factory):
-    """The demo's first stage at CI scale (simulated cohorts and their caches), made once for both demo runs."""
-    from jaxtl.experiment import ensure_cohort
+def ci_data(ukb_cache, tmp_path_factory):
+    """The demo's first stage at CI scale (simulated cohorts and their caches), made once for both demo runs. Its
+    source cohort is the suite's shared `ukb` cohort (same preset, size, seed and resolution): copied, not simulated
+    again."""
+    from jaxtl.experiment import SimulatedCohort, cohort_root, ensure_cohort
 
     data = tmp_path_factory.mktemp("demo_data")
     source, targets = demo_cohorts(CI)
+    if source == SimulatedCohort("ukb", 32, 0, 4):
+        shutil.copytree(ukb_cache.parent, cohort_root(source, data), ignore=shutil.ignore_patterns(".built"))
     for cohort in (source, *targets.values()):
         ensure_cohort(cohort, data, progress=False)
     return data
 
 
-def test_ci_demo_end_to_end_and_rerun(ci_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("JAXTL_HOME", str(tmp_path / "home"))  # a cold compilation cache, as on a fresh machine
-    out = tmp_path / "demo"
-    shutil.copytree(ci_data, out / "data")
-    config = dataclasses.replace(CI, out_dir=str(out))
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def ci_run(ci_data, tmp_path_factory):
+    """The CI-scale demo in a fresh folder with a cold compilation cache (as on a fresh machine), stopped at its
+    experiment stage by a Ctrl-C and run again: (output folder, timings.json of the stopped run). Its pretrained
+    models are reused by the accelerator-path test."""
     import jaxtl.demo as demo
 
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
+    out = tmp_path_factory.mktemp("ci_run") / "demo"
+    shutil.copytree(ci_data, out / "data")
+    config = dataclasses.replace(CI, out_dir=str(out))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXTL_HOME", str(out.parent / "home"))
+        with pytest.MonkeyPatch.context() as stop:
+            # a first run stopped at its experiment stage: the stages it finished keep their times in timings.json
+            stop.setattr(demo, "run_experiment", _ctrl_c)
+            with pytest.raises(KeyboardInterrupt):
+                run_demo(config, progress=False)
+        timed = json.loads((out / "timings.json").read_text())
+        report = run_demo(config, progress=False)
+    assert report == out / "REPORT.md"
+    return out, timed
 
-    # a first run stopped at its experiment stage: the stages it finished keep their times in timings.json
-    finish_experiment = demo.run_experiment
-    monkeypatch.setattr(demo, "run_experiment", ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        run_demo(config, progress=False)
-    timed = json.loads((out / "timings.json").read_text())
+
+def test_ci_demo_end_to_end_and_rerun(ci_run, capsys, monkeypatch):
+    out, timed = ci_run
+    report = out / "REPORT.md"
+    config = dataclasses.replace(CI, out_dir=str(out))
     assert set(timed) == {"simulate + prepare cohorts", "pretrain age SFCN", "pretrain sex SFCN", "_running"}
     assert timed["_running"] == ["experiment ixi"]
-    monkeypatch.setattr(demo, "run_experiment", finish_experiment)
-    report = run_demo(config, progress=False)
-    assert report == out / "REPORT.md"
     assert json.loads((out / "timings.json").read_text())["pretrain age SFCN"] == timed["pretrain age SFCN"]
     assert "| experiment ixi (resumed) |" in report.read_text()
 
@@ -102,8 +118,9 @@ def test_ci_demo_end_to_end_and_rerun(ci_data, tmp_path, capsys, monkeypatch):
 
     import jaxtl.train
 
-    monkeypatch.setattr(jaxtl.train, "pretrain", ctrl_c)  # nothing is trained again
-    monkeypatch.setattr(TSNE, "fit_transform", ctrl_c)  # nor the manifold's t-SNE refitted
+    monkeypatch.setenv("JAXTL_HOME", str(out.parent / "home"))
+    monkeypatch.setattr(jaxtl.train, "pretrain", _ctrl_c)  # nothing is trained again
+    monkeypatch.setattr(TSNE, "fit_transform", _ctrl_c)  # nor the manifold's t-SNE refitted
     manifold = (exp / "manifold.csv").read_text()
     report = run_demo(config, progress=False)
     assert len((exp / "results.jsonl").read_text().splitlines()) == n_runs
@@ -113,12 +130,15 @@ def test_ci_demo_end_to_end_and_rerun(ci_data, tmp_path, capsys, monkeypatch):
     assert len(rows) == 3, rows  # each stage's time in the first run and in this one
 
 
-def test_ci_demo_on_the_accelerator_path(ci_data, tmp_path):
+def test_ci_demo_on_the_accelerator_path(ci_run, tmp_path):
     """The demo as it runs on a GPU/TPU host: several devices (the batch sharded over a 2-device mesh) and
-    XLA's convolutions (conv_impl "auto" resolves to "xla" there), in a fresh interpreter."""
+    XLA's convolutions (conv_impl "auto" resolves to "xla" there), in a fresh interpreter. The source models are
+    the CI demo run's (pretraining on several devices: test_train_recovery; with XLA's convolutions there:
+    test_first_block's train steps), so this run starts at the experiment stage."""
     from conftest import run_python
 
-    shutil.copytree(ci_data, tmp_path / "demo" / "data")
+    for name in ("data", "pretrain_age", "pretrain_sex"):
+        shutil.copytree(ci_run[0] / name, tmp_path / "demo" / name)
     # every stage, with the methods cut to frozen features and fine-tuning age (XLA's convolutions compile slowly on
     # a CPU): training from scratch runs the train step fine-tuning runs, the elastic net runs on the host alone;
     # the scarcity curve with features only (fine-tuning at each share again took ~20 s of CI's time)
@@ -136,6 +156,7 @@ print("REPORT", report)
     proc = run_python(code, devices=2, timeout=600, JAXTL_HOME=str(tmp_path / "home"))
     text = (tmp_path / "demo" / "REPORT.md").read_text()
     assert "REPORT" in proc.stdout and all(section in text for section in SECTIONS)
+    assert "source model: pretraining" not in proc.stderr  # the copied models were used
     assert "scarcity.png" in text and "manifold.png" in text
 
 

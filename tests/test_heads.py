@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from sklearn.utils.estimator_checks import estimator_checks_generator
 
 from jaxtl import heads
 from jaxtl.cache import CacheSource
-from jaxtl.embed import embed
+from jaxtl.data import InputError, InputWarning
+from jaxtl.embed import SkippedScansWarning, embed
 from jaxtl.heads import (
     AGE_HEADS,
     BiasCorrection,
@@ -57,7 +59,8 @@ def test_embedder_in_a_pipeline_with_cross_val_score(tiny_models, cache_xy):
 def test_embedder_params_clone_and_paths(tiny_models, ixi_tiny):
     emb = SFCNEmbedder(str(tiny_models["age"]), layer="block2", batch_size=4)
     assert emb.get_params() == {"model": str(tiny_models["age"]), "layer": "block2", "batch_size": 4,
-                                "dtype": None, "downsample": None, "progress": False}
+                                "dtype": None, "downsample": None, "progress": False, "check": True,
+                                "workers": None, "on_error": "raise"}
     twin = clone(emb)
     assert twin.get_params() == emb.get_params() and twin is not emb
     pipe = make_pipeline(emb, RidgeCV())
@@ -82,6 +85,22 @@ def test_embedder_params_clone_and_paths(tiny_models, ixi_tiny):
     # CV splits hand them over
     import pandas as pd
 
+    # embed's options: a scan that fails to load stops the transform, or (on_error="skip") is a NaN row; zero
+    # volumes are warned about (not normalised) only with check=True
+    missing = str(Path(paths[0]).parent / "sub-gone_T1w.nii.gz")
+    with pytest.raises(InputError, match="sub-gone"):
+        clone(emb).transform([*paths, missing])
+    with pytest.warns(SkippedScansWarning, match="sub-gone"):
+        skipped = SFCNEmbedder(m, on_error="skip", workers=1).fit().transform([*paths, missing])
+    assert np.isnan(skipped[3]).all() and np.isfinite(skipped[:3]).all()
+    zeros = np.zeros((2, *m.input_shape), np.float32)
+    with pytest.warns(InputWarning, match="mean intensity"):
+        SFCNEmbedder(m).transform(zeros)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert SFCNEmbedder(m, check=False).transform(zeros).shape == (2, 8)
+    with pytest.raises(ValueError, match="on_error must be"):
+        SFCNEmbedder(m, on_error="ignore").fit()
     series = pd.Series(paths, index=[7, 3, 5])
     np.testing.assert_allclose(clone(emb).transform(series), out, rtol=1e-6)
     y = np.arange(9.0)
@@ -329,3 +348,26 @@ def test_every_public_name_is_in_the_readme():
 
     readme = (REPO / "README.md").read_text()
     assert [n for n in jaxtl.__all__ if f"`{n}`" not in readme] == []
+
+
+def test_import_jaxtl_is_light_and_every_public_name_resolves():
+    """`import jaxtl` (and so the `jaxtl` command) loads neither scikit-learn nor grain; the other public names are
+    imported when first used; `jaxtl.embed` and `jaxtl.simulate` are the functions."""
+    from conftest import run_python
+
+    code = """
+import sys, jaxtl
+assert not {"sklearn", "grain", "jaxtl.transfer", "jaxtl.cache"} & set(sys.modules), sorted(sys.modules)
+assert callable(jaxtl.embed) and callable(jaxtl.simulate)
+for name in jaxtl.__all__:
+    assert getattr(jaxtl, name).__name__ == name, name
+assert set(jaxtl.__all__) <= set(dir(jaxtl)) and "sklearn" in sys.modules
+try:
+    jaxtl.not_a_name
+except AttributeError as e:
+    assert "not_a_name" in str(e)
+else:
+    raise AssertionError("no AttributeError")
+print("OK")
+"""
+    assert "OK" in run_python(code).stdout
