@@ -316,6 +316,19 @@ def test_wrong_contrast_warns(mni):
     _quiet(load_volume, nib.Nifti1Image(inverted, MNI_AFFINE), check=False)
 
 
+def test_a_hot_voxel_is_named_as_such_not_as_misregistration(mni):
+    """One voxel far brighter than the brain (a reconstruction or conversion artefact) had read as "far from the
+    template" (it dominates the correlation) or, outside the brain, as not registered (it held most of the
+    intensity): the warning names the voxels and how to clip them, and nothing else is said."""
+    for where, times in (((91, 109, 91), 1e3), ((3, 3, 3), 1e8)):  # in the brain; outside it, most of the intensity
+        arr = mni.copy()
+        arr[where] = times * mni.max()
+        with pytest.warns(InputWarning, match=r"1 voxel\(s\) far brighter than the rest .*fslmaths IN -min") as caught:
+            conform(nib.Nifti1Image(arr, MNI_AFFINE))
+        assert len(caught) == 1, [str(w.message) for w in caught]
+        _quiet(conform, nib.Nifti1Image(arr, MNI_AFFINE), check=False)  # the refusals are not fooled either
+
+
 def test_voxels_mirrored_against_the_header_warn_with_the_axis(mni):
     """A header that does not match the voxels (data reversed along an axis, affine kept) is named as such with its
     world axis, whatever the storage order; a left-right mirror cannot be told from the template and passes."""
