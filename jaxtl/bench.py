@@ -298,7 +298,7 @@ def peak_flops(hw: dict[str, Any], dtype: str) -> tuple[float | None, str]:
 # Environment variables that change what a run measures (allocator, threads, devices), recorded where set.
 RECORDED_ENV = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR",
                 "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KMP_AFFINITY", "OMP_PROC_BIND",
-                "CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS", "JAXTL_CONV_IMPL", "TF_GPU_ALLOCATOR")
+                "CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS", "JAXTL_CONV_IMPL", "JAXTL_TILE_MB", "TF_GPU_ALLOCATOR")
 
 
 def versions() -> dict[str, Any]:
@@ -553,9 +553,16 @@ def jaxtl_embed(case: Case, x: np.ndarray, conv_impl: str = "auto", torch_state:
         return [np.asarray(o) for o in outs]
 
     return Runner(step=step, compile_s=compile_s, memory=_compiled_memory(compiled),
-                  info={"conv_impl": resolve_impl(conv_impl),
+                  info={"conv_impl": resolve_impl(conv_impl), "conv_tile_bytes": _tile_bytes(conv_impl),
                         "compiler_options": compiler_options(list(mesh.devices.flat))}, output=step,
                   api=lambda: embed(x, model, batch_size=case.batch, progress=False), stream=stream)
+
+
+def _tile_bytes(conv_impl: str) -> int | None:
+    """jaxtl.conv's tile size where its CPU convolution runs, else None."""
+    from jaxtl import conv
+
+    return conv.TILE_BYTES if conv.resolve_impl(conv_impl) == "fast" else None
 
 
 def jaxtl_train(case: Case, x: np.ndarray, ages: np.ndarray, conv_impl: str = "auto",
@@ -586,7 +593,7 @@ def jaxtl_train(case: Case, x: np.ndarray, ages: np.ndarray, conv_impl: str = "a
         return float(loss)
 
     return Runner(step=step, compile_s=compile_s, memory=_compiled_memory(compiled),
-                  info={"conv_impl": resolve_impl(conv_impl),
+                  info={"conv_impl": resolve_impl(conv_impl), "conv_tile_bytes": _tile_bytes(conv_impl),
                         "compiler_options": compiler_options(list(trainer.mesh.devices.flat)),
                         "weights": "PyTorch's" if torch_state else "own init"})
 

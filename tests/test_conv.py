@@ -217,3 +217,30 @@ def test_sfcn_fast_equals_xla_eval_and_train():
         for (path, a), (_, b) in zip(results["fast"][i], results["xla"][i], strict=True):
             if path[-2:] != ("conv", "bias"):
                 _close(a[...], b[...], tol=1e-3 if i == 1 else 1e-4)
+
+
+def test_tile_size_follows_the_l2_cache(tmp_path, monkeypatch):
+    """4x one core's L2 cache (sysfs), between 2 and 32 MB; 4 MB where unknown; $JAXTL_TILE_MB wins."""
+    from jaxtl import conv
+
+    def sysfs(*levels):
+        root = tmp_path / "-".join(f"{lv}{t}{s}" for lv, t, s in levels)
+        for i, (level, kind, size) in enumerate(levels):
+            d = root / f"index{i}"
+            d.mkdir(parents=True)
+            (d / "level").write_text(f"{level}\n")
+            (d / "type").write_text(f"{kind}\n")
+            (d / "size").write_text(f"{size}\n")
+        return str(root)
+
+    intel = sysfs((1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "2048K"), (3, "Unified", "266240K"))
+    assert conv._l2_bytes(intel) == 2 << 20
+    assert conv._l2_bytes(sysfs((1, "Data", "32K"), (2, "Unified", "1M"))) == 1 << 20
+    assert conv._l2_bytes(sysfs((1, "Data", "32K"))) is None and conv._l2_bytes(str(tmp_path / "none")) is None
+    monkeypatch.delenv("JAXTL_TILE_MB", raising=False)
+    mb = 1 << 20
+    for l2, want in ((2 * mb, 8 * mb), (mb, 4 * mb), (256 << 10, 2 * mb), (32 * mb, 32 * mb), (None, 4 * mb)):
+        monkeypatch.setattr(conv, "_l2_bytes", lambda l2=l2: l2)
+        assert conv.default_tile_bytes() == want, l2
+    monkeypatch.setenv("JAXTL_TILE_MB", "1.5")
+    assert conv.default_tile_bytes() == 3 << 19
