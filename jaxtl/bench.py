@@ -340,7 +340,8 @@ def provenance() -> str:
 
 
 def git_commit() -> dict[str, Any]:
-    """HEAD of the checkout jaxtl runs from, and whether tracked files differ from it."""
+    """HEAD of the checkout jaxtl runs from, and whether tracked files differ from it (the bench's own records
+    under benchmarks/results/ aside: a run appending to them made the next run of the same invocation "dirty")."""
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
@@ -351,7 +352,8 @@ def git_commit() -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     if commit is None and os.environ.get("JAXTL_GIT_COMMIT"):  # a copy of the tree without .git
         return {"commit": os.environ["JAXTL_GIT_COMMIT"], "dirty": None, "source": "JAXTL_GIT_COMMIT"}
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results") \
+        if commit else None
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

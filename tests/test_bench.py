@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 import types
@@ -595,3 +596,23 @@ def test_the_report_keeps_records_of_other_xla_options_apart():
     assert "| embed (pallas) | peng |" in table and "| embed (pallas; xla_gpu_force_conv_nhwc) | peng |" in table
     labels, _, _ = bench.chart_rows([plain, default])
     assert labels[1].endswith("b4 (pallas; xla_gpu_force_conv_nhwc) @abc123"), labels  # and the commit
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_the_records(tmp_path, monkeypatch):
+    """A record's `dirty` says whether the code differs from the commit; appending records to a tracked results
+    file (the previous run of the same invocation) does not count."""
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "cpu.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(bench, "REPO", tmp_path)
+    assert bench.git_commit()["dirty"] is False
+    (tmp_path / "benchmarks" / "results" / "cpu.jsonl").write_text("{}\n{}\n")
+    assert bench.git_commit()["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert bench.git_commit()["dirty"] is True
