@@ -43,9 +43,9 @@ def _l2_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | No
     """One core's level-2 cache in bytes (Linux sysfs), None where unknown."""
     try:
         for index in sorted(os.listdir(cache_dir)):
-            path = os.path.join(cache_dir, index)
             if not index.startswith("index"):
                 continue
+            path = os.path.join(cache_dir, index)
             with open(os.path.join(path, "level")) as f:
                 level = f.read().strip()
             with open(os.path.join(path, "type")) as f:
@@ -63,9 +63,16 @@ def _l2_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | No
 def default_tile_bytes() -> int:
     """Patch matrix + output of one tile: $JAXTL_TILE_MB if set, else 4x one core's L2 cache (4 MB where unknown),
     between 2 and 32 MB. Measured fastest (Peng's SFCN embed, float32): 4 MB on AMD Zen 5 with 1 MB of L2 (8 MB
-    0.92x, 32 MB 0.85x); 8-32 MB on an Intel Xeon (family 6 model 207) with 2 MB of L2 (4 MB 0.91-0.94x of 8 MB)."""
+    0.92x, 32 MB 0.85x); 8-32 MB on an Intel Xeon (family 6 model 207) with 2 MB of L2 (4 MB 0.90-0.94x of 8 MB)."""
     if os.environ.get("JAXTL_TILE_MB"):
-        return max(1, int(float(os.environ["JAXTL_TILE_MB"]) * (1 << 20)))
+        value = os.environ["JAXTL_TILE_MB"]
+        try:
+            mb = float(value)
+        except ValueError:
+            mb = float("nan")
+        if not 0 < mb < float("inf"):
+            raise ValueError(f"JAXTL_TILE_MB={value!r}: expected a positive number of megabytes (e.g. 8), or unset it")
+        return max(1 << 16, int(mb * (1 << 20)))
     l2 = _l2_bytes()
     return min(max(4 * l2, 2 << 20), 32 << 20) if l2 else 4 << 20
 

@@ -244,3 +244,7 @@ def test_tile_size_follows_the_l2_cache(tmp_path, monkeypatch):
         assert conv.default_tile_bytes() == want, l2
     monkeypatch.setenv("JAXTL_TILE_MB", "1.5")
     assert conv.default_tile_bytes() == 3 << 19
+    for bad in ("8MB", "0", "-2", "nan"):
+        monkeypatch.setenv("JAXTL_TILE_MB", bad)
+        with pytest.raises(ValueError, match=f"JAXTL_TILE_MB='{bad}': expected a positive number of megabytes"):
+            conv.default_tile_bytes()

@@ -81,10 +81,6 @@ def test_embedder_params_clone_and_paths(tiny_models, ixi_tiny):
     for bad in ("conv9", "block9"):  # not names of made-up columns, nor an IndexError
         with pytest.raises(ValueError, match="unknown layer"):
             SFCNEmbedder(m, layer=bad).get_feature_names_out()
-    # paths in a pandas Series whose index is not 0..n-1 (sorted, filtered): read by position, as scikit-learn's
-    # CV splits hand them over
-    import pandas as pd
-
     # embed's options: a scan that fails to load stops the transform, or (on_error="skip") is a NaN row; zero
     # volumes are warned about (not normalised) only with check=True
     missing = str(Path(paths[0]).parent / "sub-gone_T1w.nii.gz")
@@ -101,6 +97,10 @@ def test_embedder_params_clone_and_paths(tiny_models, ixi_tiny):
         assert SFCNEmbedder(m, check=False).transform(zeros).shape == (2, 8)
     with pytest.raises(ValueError, match="on_error must be"):
         SFCNEmbedder(m, on_error="ignore").fit()
+    # paths in a pandas Series whose index is not 0..n-1 (sorted, filtered): read by position, as scikit-learn's
+    # CV splits hand them over
+    import pandas as pd
+
     series = pd.Series(paths, index=[7, 3, 5])
     np.testing.assert_allclose(clone(emb).transform(series), out, rtol=1e-6)
     y = np.arange(9.0)
