@@ -349,7 +349,9 @@ def git_commit() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return None
 
-    commit = git("rev-parse", "HEAD")
+    # only jaxtl's own checkout: an installed jaxtl (site-packages) inside some other repository is not its commit
+    top = git("rev-parse", "--show-toplevel")
+    commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == REPO.resolve() else None
     if commit is None and os.environ.get("JAXTL_GIT_COMMIT"):  # a copy of the tree without .git
         return {"commit": os.environ["JAXTL_GIT_COMMIT"], "dirty": None, "source": "JAXTL_GIT_COMMIT"}
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results") \
@@ -1106,16 +1108,22 @@ def _torch_compiled(r: dict) -> bool:
     return bool((r.get("torch") or {}).get("compiled"))
 
 
+def _tile_override(r: dict) -> str | None:
+    """'JAXTL_TILE_MB=4' where the run set jaxtl.conv's tile size by hand."""
+    mb = ((r.get("versions") or {}).get("env") or {}).get("JAXTL_TILE_MB")
+    return f"JAXTL_TILE_MB={mb}" if mb else None
+
+
 def _key(r: dict) -> tuple:
     return (hardware_id(r["hardware"]), r["case"], r["config"], r.get("resolution_mm"), r.get("dtype"), r.get("batch"),
-            r.get("conv_impl"), xla_options(r), _torch_compiled(r))
+            r.get("conv_impl"), xla_options(r), _torch_compiled(r), _tile_override(r))
 
 
 def _variant(r: dict) -> str:
     """What sets a record apart beyond config, dtype and batch: " (pallas; xla_gpu_force_conv_nhwc)", " (vs
     torch.compile)"."""
     parts = [p for p in (r.get("conv_impl") if r.get("conv_impl") != "fast" else None, xla_options(r),
-                         "vs torch.compile" if _torch_compiled(r) else None) if p]
+                         _tile_override(r), "vs torch.compile" if _torch_compiled(r) else None) if p]
     return f" ({'; '.join(parts)})" if parts else ""
 
 

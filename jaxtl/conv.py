@@ -31,6 +31,7 @@ import functools
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -39,24 +40,27 @@ import numpy as np
 from jax import lax
 
 
-def _l2_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
-    """One core's level-2 cache in bytes (Linux sysfs), None where unknown."""
+def _l2_bytes(cache_dir: str | None = None) -> int | None:
+    """The level-2 cache of a core this process may run on, in bytes (Linux sysfs), None where unknown."""
+    if cache_dir is None:
+        cpu = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+        cache_dir = f"/sys/devices/system/cpu/cpu{cpu}/cache"
     try:
-        for index in sorted(os.listdir(cache_dir)):
-            if not index.startswith("index"):
-                continue
-            path = os.path.join(cache_dir, index)
-            with open(os.path.join(path, "level")) as f:
-                level = f.read().strip()
-            with open(os.path.join(path, "type")) as f:
-                kind = f.read().strip()
-            if level == "2" and kind in ("Unified", "Data"):
-                with open(os.path.join(path, "size")) as f:
-                    size = f.read().strip()
-                units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
-    except (OSError, ValueError):
+        indices = sorted(i for i in os.listdir(cache_dir) if i.startswith("index"))
+    except OSError:
         return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    for index in indices:
+        try:
+            fields = {}
+            for name in ("level", "type", "size"):
+                with open(os.path.join(cache_dir, index, name)) as f:
+                    fields[name] = f.read().strip()
+            if fields["level"] == "2" and fields["type"] in ("Unified", "Data"):
+                size = fields["size"]
+                return int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
+        except (OSError, ValueError):
+            continue  # an index without these files (some arm64 kernels), or an unreadable size
     return None
 
 
@@ -70,9 +74,10 @@ def default_tile_bytes() -> int:
             mb = float(value)
         except ValueError:
             mb = float("nan")
-        if not 0 < mb < float("inf"):
-            raise ValueError(f"JAXTL_TILE_MB={value!r}: expected a positive number of megabytes (e.g. 8), or unset it")
-        return max(1 << 16, int(mb * (1 << 20)))
+        if 0 < mb < float("inf"):
+            return max(1 << 16, int(mb * (1 << 20)))
+        warnings.warn(f"JAXTL_TILE_MB={value!r} ignored: expected a positive number of megabytes (e.g. 8)",
+                      stacklevel=2)
     l2 = _l2_bytes()
     return min(max(4 * l2, 2 << 20), 32 << 20) if l2 else 4 << 20
 
@@ -417,9 +422,9 @@ def _pool_bwd(res, g):
 max_pool2.defvjp(_pool_fwd, _pool_bwd)
 
 
-def _block_reference(x, w, b, mul, add, pool):
+def _block_reference(x, w, b, mul, add, pool, tile_bytes=TILE_BYTES):
     """The unfused composition (used for gradients of the fused block)."""
-    y = _conv(x, w, b, TILE_BYTES).astype(jnp.float32) * mul + add
+    y = _conv(x, w, b, tile_bytes).astype(jnp.float32) * mul + add
     if pool:
         y = max_pool2(y)
     return jnp.maximum(y, 0).astype(x.dtype)
@@ -445,7 +450,7 @@ def _block_fwd(x, w, b, mul, add, pool, tile_bytes):
 
 
 def _block_bwd(pool, tile_bytes, res, ct):
-    _, vjp = jax.vjp(functools.partial(_block_reference, pool=pool), *res)
+    _, vjp = jax.vjp(functools.partial(_block_reference, pool=pool, tile_bytes=tile_bytes), *res)
     return vjp(ct)
 
 

@@ -616,3 +616,16 @@ def test_git_commit_is_dirty_for_code_changes_not_for_the_records(tmp_path, monk
     assert bench.git_commit()["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert bench.git_commit()["dirty"] is True
+    # jaxtl installed into a folder inside another repository (a venv's site-packages): not jaxtl's commit
+    monkeypatch.setattr(bench, "REPO", tmp_path / "benchmarks")
+    monkeypatch.delenv("JAXTL_GIT_COMMIT", raising=False)
+    assert bench.git_commit() == {"commit": None, "dirty": None}
+
+
+def test_the_report_keeps_a_hand_set_tile_size_apart():
+    """A run with $JAXTL_TILE_MB (a tile-size sweep) is its own row, named; it does not replace the default's."""
+    default = _fake_record("cpu-test-2core", vol=10.0) | {"versions": {"env": {}}}
+    swept = _fake_record("cpu-test-2core", vol=9.0, when="2026-01-02T00:00:00+00:00") | {
+        "versions": {"env": {"JAXTL_TILE_MB": "4"}}}
+    assert sorted(r["vol_per_s"] for r in bench.latest([default, swept])) == [9.0, 10.0]
+    assert "| embed (JAXTL_TILE_MB=4) | peng |" in bench.report_markdown([default, swept])
