@@ -6,14 +6,16 @@ target cohort, brain-age outputs) / `run_experiment` (the paper's table).
 """
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 # `jaxtl.embed` and `jaxtl.simulate` are these functions, not the submodules of the same names: imported here, first
 from jaxtl.embed import SkippedScan, SkippedScansWarning, embed, predict
 from jaxtl.simulate import simulate
 
-# The rest is imported when first used (`jaxtl.load_model`, `from jaxtl import run_transfer`): `import jaxtl` and
-# the `jaxtl` command start without scikit-learn, grain or orbax where a command does not need them.
+# The rest is imported when first used (`jaxtl.load_model`, `from jaxtl import run_transfer`, the submodules as
+# `jaxtl.transfer`): `import jaxtl` and the `jaxtl` command start without scikit-learn or grain where a command does
+# not need them.
 _LAZY = {
     "jaxtl.cache": ("CacheSource", "NiftiSource", "prepare_cache"),
     "jaxtl.cohort": ("Cohort", "read_cohort"),
@@ -48,9 +50,12 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
 
 
 def __getattr__(name: str):
-    if name not in _MODULE_OF:
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"jaxtl.{name}") is not None:
+        value = importlib.import_module(f"jaxtl.{name}")  # `import jaxtl; jaxtl.transfer.embed_cohort(...)`
+    else:
         raise AttributeError(f"module 'jaxtl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
     globals()[name] = value
     return value
 

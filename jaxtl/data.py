@@ -49,9 +49,10 @@ MIN_TEMPLATE_CORRELATION = 0.5  # warn below this correlation with the MNI152 te
 # flipped scans correlate 0.39-0.53, registered ones 0.77-0.88 in the tests' simulated and template images).
 CHECK_MIRRORED_BELOW = 0.7
 MIRRORED_GAIN = 0.15  # a reversed axis must correlate at least this much better to be called mirrored
-# Voxels above this multiple of the brain's 99.9th percentile are artefacts (a hot voxel from reconstruction or
-# conversion), not anatomy: T1 tissue intensities within a brain differ by a few times at most.
-HOT_VOXEL_FACTOR = 10.0
+# Voxels beyond this multiple of the brain's median intensity (either sign) are artefacts (hot voxels from
+# reconstruction or conversion), not anatomy: T1 tissue intensities differ by a few times at most (nilearn's MNI152
+# template: its brightest voxel is 1.43x the median of its brain).
+HOT_VOXEL_FACTOR = 20.0
 
 _FIX_REGISTRATION = (
     "skull-strip it and register it linearly to MNI152 1mm first "
@@ -361,34 +362,41 @@ def _check_field_of_view(affine: np.ndarray, shape: tuple[int, ...], name: str) 
 
 
 def _hot_voxels(volume: np.ndarray) -> tuple[int, float, float] | None:
-    """(count, brightest, the brain's 99.9th percentile) of voxels above `HOT_VOXEL_FACTOR` times that percentile;
-    None when there are none."""
+    """(count, the most extreme value, the brain's median) of voxels beyond `HOT_VOXEL_FACTOR` times that median in
+    absolute value (the median: a few thousand hot voxels do not move it); None when there are none."""
     brain = volume[reference_mask()]
-    k = int(0.999 * (brain.size - 1))
-    typical = float(np.partition(brain, k)[k])
-    if not typical > 0:
+    brain = brain[brain > 0]
+    if brain.size == 0:
         return None
-    count = int(np.count_nonzero(volume > HOT_VOXEL_FACTOR * typical))
-    return (count, float(volume.max()), typical) if count else None
+    typical = float(np.median(brain))
+    far = np.abs(volume) > HOT_VOXEL_FACTOR * typical
+    count = int(np.count_nonzero(far))
+    if not count:
+        return None
+    extreme = float(volume.reshape(-1)[np.argmax(np.abs(volume))])
+    return count, extreme, typical
 
 
 def _check_conformed(volume: np.ndarray, name: str, check: bool, data: np.ndarray, affine: np.ndarray) -> None:
+    hot = _hot_voxels(volume)
+    if hot is not None:
+        count, extreme, typical = hot
+        cap = np.float32(HOT_VOXEL_FACTOR * typical)
+        if check:
+            _warn_input(
+                f"{name}: {count} voxel(s) far outside the image's intensity range (up to {extreme:.4g}, "
+                f"{abs(extreme) / typical:.3g}x the brain's median {typical:.4g}): an artefact of reconstruction or "
+                "conversion, not anatomy; it skews the mean the image is divided by and the features. Clip the image "
+                f"(e.g. fslmaths IN -max 0 -min {cap:.4g} OUT) and check it in a viewer", stacklevel=3)
+        # the checks below judge the rest of the image: those voxels read as the brain's median
+        volume = np.where(np.abs(volume) > cap, np.float32(typical), volume)
+        data = np.where(np.abs(data) > cap, np.float32(typical), data)
     mean = float(np.mean(volume, dtype=np.float64))
     if not mean > 0:
         raise InputError(
             f"{name}: mean intensity {mean:g} <= 0 on the MNI grid; expected a T1 with non-negative "
             "intensities (not a z-scored or difference image)"
         )
-    hot = _hot_voxels(volume)
-    if hot is not None:
-        count, peak, typical = hot
-        if check:
-            _warn_input(
-                f"{name}: {count} voxel(s) far brighter than the rest of the image (up to {peak:.4g}, "
-                f"{peak / typical:.3g}x the brain's 99.9th percentile {typical:.4g}): an artefact of reconstruction "
-                "or conversion, not anatomy; it skews the mean the image is divided by and the features. Clip "
-                f"the image (e.g. fslmaths IN -min {typical:.4g} OUT) and check it in a viewer", stacklevel=3)
-        volume = np.minimum(volume, np.float32(HOT_VOXEL_FACTOR * typical))  # the checks below judge the rest
     signal = np.clip(volume, 0, None)
     total = float(signal.sum(dtype=np.float64))
     inside = float(signal[reference_mask()].sum(dtype=np.float64)) / total

@@ -104,6 +104,13 @@ def _data_mesh() -> jax.sharding.Mesh:
 # Inputs
 
 
+def check_workers(workers: Any) -> None:
+    """`workers`: None (the default, up to 4 threads) or a whole number >= 1."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int | np.integer)
+                                or workers < 1):
+        raise ValueError(f"workers must be None or a whole number >= 1 (threads loading scans), got {workers!r}")
+
+
 class VolumeReader:
     """Uniform random access to volumes given in any of the accepted forms.
 
@@ -120,6 +127,7 @@ class VolumeReader:
                  on_error: Literal["raise", "skip"] = "raise"):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        check_workers(workers)
         self.downsample, self.check, self.on_error = downsample, check, on_error
         self.workers = workers or min(4, os.cpu_count() or 1)
         self._array = None

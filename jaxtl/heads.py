@@ -52,7 +52,8 @@ class SFCNEmbedder(TransformerMixin, BaseEstimator):
     `X` is anything `jaxtl.embed` accepts that scikit-learn can index: an `(N, D, H, W)` array or a
     list/array of NIfTI paths. Like nilearn's maskers, `fit(X, y)` takes `y` only for compatibility.
     The other parameters are `jaxtl.embed`'s: with `on_error="skip"` a scan that fails to load gives a row of NaN
-    (and one warning naming it), which a later step must handle (e.g. `SimpleImputer`) or scikit-learn refuses it.
+    (and one warning naming it), which scikit-learn's estimators refuse: drop those rows (`np.isnan(F).all(axis=1)`)
+    before fitting, and mask their predictions (an imputer would predict them from mean features, silently).
     """
 
     def __init__(self, model=None, *, layer: str = "features", batch_size: int | None = None,
@@ -80,10 +81,13 @@ class SFCNEmbedder(TransformerMixin, BaseEstimator):
         return cached[1]
 
     def fit(self, X=None, y=None):
-        from jaxtl.embed import ON_ERROR, layer_names
+        from jaxtl.embed import ON_ERROR, check_workers, layer_names
 
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if not isinstance(self.check, bool | np.bool_):
+            raise ValueError(f"check must be True or False, got {self.check!r}")
+        check_workers(self.workers)
         model = self._loaded()
         if self.layer not in layer_names(model):
             raise ValueError(f"unknown layer {self.layer!r}; use one of {', '.join(layer_names(model))}")

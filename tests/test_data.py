@@ -1,6 +1,7 @@
 """Loading and conforming brain MRI: refusals, warnings, orientation invariance, exactness."""
 
 import gzip
+import re
 import warnings
 
 import nibabel as nib
@@ -317,16 +318,29 @@ def test_wrong_contrast_warns(mni):
 
 
 def test_a_hot_voxel_is_named_as_such_not_as_misregistration(mni):
-    """One voxel far brighter than the brain (a reconstruction or conversion artefact) had read as "far from the
-    template" (it dominates the correlation) or, outside the brain, as not registered (it held most of the
-    intensity): the warning names the voxels and how to clip them, and nothing else is said."""
-    for where, times in (((91, 109, 91), 1e3), ((3, 3, 3), 1e8)):  # in the brain; outside it, most of the intensity
+    """Voxels far outside a brain's intensities (reconstruction or conversion artefacts) had read as "far from the
+    template" (they dominate the correlation), outside the brain as not registered (they held most of the
+    intensity), negative ones as a z-scored image: the warning names them and how to clip them, nothing else is
+    said, and the other checks still see the rest (a mirrored image with a hot voxel is named as mirrored)."""
+    rng = np.random.default_rng(0)
+    salt = np.zeros(MNI_SHAPE, bool)
+    salt[data.reference_mask()] = rng.random(int(data.reference_mask().sum())) < 0.002  # 0.2% of the brain
+    cases = {"in the brain": ((91, 109, 91), 1e3), "outside, most of the intensity": ((3, 3, 3), 1e8),
+             "negative": ((91, 109, 91), -1e5), "negative, most of the intensity": ((91, 109, 91), -1e8),
+             "salt noise": (salt, 1e4)}
+    for case, (where, times) in cases.items():
         arr = mni.copy()
         arr[where] = times * mni.max()
-        with pytest.warns(InputWarning, match=r"1 voxel\(s\) far brighter than the rest .*fslmaths IN -min") as caught:
+        with pytest.warns(InputWarning, match=r"voxel\(s\) far outside the image's intensity range .*"
+                                              r"fslmaths IN -max 0 -min") as caught:
             conform(nib.Nifti1Image(arr, MNI_AFFINE))
-        assert len(caught) == 1, [str(w.message) for w in caught]
+        assert len(caught) == 1, (case, [str(w.message) for w in caught])
         _quiet(conform, nib.Nifti1Image(arr, MNI_AFFINE), check=False)  # the refusals are not fooled either
+    mirrored = np.flip(mni, 1).copy()
+    mirrored[91, 109, 91] = 1e3 * mni.max()
+    with pytest.warns(InputWarning) as caught:
+        conform(nib.Nifti1Image(mirrored, MNI_AFFINE))
+    assert [bool(re.search(r"far outside|mirrored anterior-posterior", str(w.message))) for w in caught] == [True] * 2
 
 
 def test_voxels_mirrored_against_the_header_warn_with_the_axis(mni):

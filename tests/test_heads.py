@@ -97,6 +97,13 @@ def test_embedder_params_clone_and_paths(tiny_models, ixi_tiny):
         assert SFCNEmbedder(m, check=False).transform(zeros).shape == (2, 8)
     with pytest.raises(ValueError, match="on_error must be"):
         SFCNEmbedder(m, on_error="ignore").fit()
+    for bad in (-1, 0, 2.5):  # -1: joblib's n_jobs habit; the thread pool's own error did not name the parameter
+        with pytest.raises(ValueError, match="workers must be None or a whole number >= 1"):
+            SFCNEmbedder(m, workers=bad).fit()
+        with pytest.raises(ValueError, match="workers must be None"):
+            SFCNEmbedder(m, workers=bad).transform(paths)  # transform needs no fit: embed checks it too
+    with pytest.raises(ValueError, match="check must be True or False"):
+        SFCNEmbedder(m, check="no").fit()
     # paths in a pandas Series whose index is not 0..n-1 (sorted, filtered): read by position, as scikit-learn's
     # CV splits hand them over
     import pandas as pd
@@ -362,6 +369,8 @@ assert callable(jaxtl.embed) and callable(jaxtl.simulate)
 for name in jaxtl.__all__:
     assert getattr(jaxtl, name).__name__ == name, name
 assert set(jaxtl.__all__) <= set(dir(jaxtl)) and "sklearn" in sys.modules
+import jaxtl.cohort
+assert callable(jaxtl.transfer.embed_cohort) and jaxtl.cache.Failure and jaxtl.cohort.read_cohort  # submodules too
 try:
     jaxtl.not_a_name
 except AttributeError as e:
