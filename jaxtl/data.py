@@ -361,36 +361,32 @@ def _check_field_of_view(affine: np.ndarray, shape: tuple[int, ...], name: str) 
         )
 
 
-def _hot_voxels(volume: np.ndarray) -> tuple[int, float, float] | None:
-    """(count, the most extreme value, the brain's median) of voxels beyond `HOT_VOXEL_FACTOR` times that median in
-    absolute value (the median: a few thousand hot voxels do not move it); None when there are none."""
+def _hot_voxels(volume: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """(mask, the brain's median) of the voxels beyond `HOT_VOXEL_FACTOR` times that median in absolute value (the
+    median: a few thousand hot voxels do not move it); None when there are none."""
     brain = volume[reference_mask()]
     brain = brain[brain > 0]
     if brain.size == 0:
         return None
     typical = float(np.median(brain))
     far = np.abs(volume) > HOT_VOXEL_FACTOR * typical
-    count = int(np.count_nonzero(far))
-    if not count:
-        return None
-    extreme = float(volume.reshape(-1)[np.argmax(np.abs(volume))])
-    return count, extreme, typical
+    return (far, typical) if far.any() else None
 
 
 def _check_conformed(volume: np.ndarray, name: str, check: bool, data: np.ndarray, affine: np.ndarray) -> None:
     hot = _hot_voxels(volume)
     if hot is not None:
-        count, extreme, typical = hot
+        far, typical = hot
         cap = np.float32(HOT_VOXEL_FACTOR * typical)
         if check:
+            extreme = float(volume[far][np.argmax(np.abs(volume[far]))])
             _warn_input(
-                f"{name}: {count} voxel(s) far outside the image's intensity range (up to {extreme:.4g}, "
+                f"{name}: {int(far.sum())} voxel(s) far outside the image's intensity range (up to {extreme:.4g}, "
                 f"{abs(extreme) / typical:.3g}x the brain's median {typical:.4g}): an artefact of reconstruction or "
                 "conversion, not anatomy; it skews the mean the image is divided by and the features. Clip the image "
                 f"(e.g. fslmaths IN -max 0 -min {cap:.4g} OUT) and check it in a viewer", stacklevel=3)
         # the checks below judge the rest of the image: those voxels read as the brain's median
-        volume = np.where(np.abs(volume) > cap, np.float32(typical), volume)
-        data = np.where(np.abs(data) > cap, np.float32(typical), data)
+        volume = np.where(far, np.float32(typical), volume)
     mean = float(np.mean(volume, dtype=np.float64))
     if not mean > 0:
         raise InputError(
@@ -414,6 +410,8 @@ def _check_conformed(volume: np.ndarray, name: str, check: bool, data: np.ndarra
             f"not skull-stripped (or badly registered); {_FIX_REGISTRATION}", stacklevel=3)
         return
     r = template_correlation(volume)
+    if r < CHECK_MIRRORED_BELOW and hot is not None:  # the raw voxels too, without the hot ones
+        data = np.where(np.abs(data) > cap, np.float32(typical), data)
     mirrored = mirrored_axis(data, affine, r) if r < CHECK_MIRRORED_BELOW else None
     if mirrored is not None:
         axis, r_flipped = mirrored

@@ -104,8 +104,10 @@ def _data_mesh() -> jax.sharding.Mesh:
 # Inputs
 
 
-def check_workers(workers: Any) -> None:
-    """`workers`: None (the default, up to 4 threads) or a whole number >= 1."""
+def check_reader_options(on_error: Any, workers: Any) -> None:
+    """`on_error`: "raise" or "skip"; `workers`: None (the default, up to 4 threads) or a whole number >= 1."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int | np.integer)
                                 or workers < 1):
         raise ValueError(f"workers must be None or a whole number >= 1 (threads loading scans), got {workers!r}")
@@ -125,9 +127,7 @@ class VolumeReader:
 
     def __init__(self, volumes: Any, *, downsample: int = 1, check: bool = True, workers: int | None = None,
                  on_error: Literal["raise", "skip"] = "raise"):
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        check_workers(workers)
+        check_reader_options(on_error, workers)
         self.downsample, self.check, self.on_error = downsample, check, on_error
         self.workers = workers or min(4, os.cpu_count() or 1)
         self._array = None

@@ -81,13 +81,11 @@ class SFCNEmbedder(TransformerMixin, BaseEstimator):
         return cached[1]
 
     def fit(self, X=None, y=None):
-        from jaxtl.embed import ON_ERROR, check_workers, layer_names
+        from jaxtl.embed import check_reader_options, layer_names
 
-        if self.on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        check_reader_options(self.on_error, self.workers)
         if not isinstance(self.check, bool | np.bool_):
             raise ValueError(f"check must be True or False, got {self.check!r}")
-        check_workers(self.workers)
         model = self._loaded()
         if self.layer not in layer_names(model):
             raise ValueError(f"unknown layer {self.layer!r}; use one of {', '.join(layer_names(model))}")
