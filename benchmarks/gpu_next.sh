@@ -39,10 +39,10 @@ set -u
 start=$SECONDS  # the call's clock: setup (pip install of the wheels) counts too
 LIMIT=${LIMIT:-575}  # s of the call the stages may use (the device call's 590 less time for a killed run to exit)
 source benchmarks/gpu_env.sh
-STAGES=${STAGES:-default transfer profile batches}
+STAGES=${STAGES:-batches_bf16 default batches_f32 transfer profile}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
 # each stage's worst case (its timeouts), s: a stage that could run past $LIMIT is skipped
-declare -A WORST=([default]=210 [compiled]=170 [batches]=70 [transfer]=120 [profile]=110 [conv_fusion]=90 [first_block]=240
+declare -A WORST=([default]=210 [compiled]=170 [batches]=70 [batches_bf16]=70 [batches_f32]=70 [transfer]=120 [profile]=110 [conv_fusion]=90 [first_block]=240
                   [first_block_network]=300 [blocks]=120 [variants]=150 [train]=90 [demo]=200)
 stage() { echo "== $1 (t=$((SECONDS - start)) s)" | tee -a "$OUT/log"; }
 rc() {  # $1: a run's exit status (call right after its pipeline, with "${PIPESTATUS[0]}"): logged unless 0
@@ -71,9 +71,9 @@ default() {  # an embed + train run without PyTorch took about 60 s in the last 
   bench_flags "" 120 --suite embed,train --dtype bfloat16 --batch 8
   bench_flags "--xla_gpu_force_conv_nhwc=false" 90 --suite embed,train --dtype bfloat16 --batch 8 --no-torch
 }
-batches() {  # each run only if its limit fits in the call; bf16 batch 64 took 68 s (two 32 s compiles)
+batches() {  # $@: dtypes (default both); each run only if its limit fits in the call; bf16 batch 64 took 68 s
   local dtype b limit
-  for dtype in bfloat16 float32; do
+  for dtype in ${@:-bfloat16 float32}; do
     for b in $([ $dtype = bfloat16 ] && echo 16 || echo 8) 32 64; do
       limit=$((b == 64 ? 120 : 70))
       if [ $((SECONDS - start + limit)) -gt "$LIMIT" ]; then
@@ -84,6 +84,8 @@ batches() {  # each run only if its limit fits in the call; bf16 batch 64 took 6
     done
   done
 }
+batches_bf16() { batches bfloat16; }  # the embed target's case first, float32 later in the call
+batches_f32() { batches float32; }
 compiled() {  # inductor compiles at the first call (timed apart); one memory format, so once per dtype
   bench_flags "" 170 --suite embed --dtype bfloat16,float32 --batch 8 --torch-compile --torch-format channels_last
 }
