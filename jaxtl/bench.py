@@ -341,7 +341,9 @@ def provenance() -> str:
 
 def git_commit() -> dict[str, Any]:
     """HEAD of the checkout jaxtl runs from, and whether tracked files differ from it (the bench's own records
-    under benchmarks/results/ aside: a run appending to them made the next run of the same invocation "dirty")."""
+    under benchmarks/results/ aside: a run appending to them made the next run of the same invocation "dirty").
+    $JAXTL_GIT_COMMIT, the commit a copy of the tree was made from, wins where it names another commit (what git
+    found is kept as `checkout`) or there is no .git."""
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
@@ -352,11 +354,15 @@ def git_commit() -> dict[str, Any]:
     # only jaxtl's own checkout: an installed jaxtl (site-packages) inside some other repository is not its commit
     top = git("rev-parse", "--show-toplevel")
     commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == REPO.resolve() else None
-    if commit is None and os.environ.get("JAXTL_GIT_COMMIT"):  # a copy of the tree without .git
-        return {"commit": os.environ["JAXTL_GIT_COMMIT"], "dirty": None, "source": "JAXTL_GIT_COMMIT"}
+    sent = os.environ.get("JAXTL_GIT_COMMIT")
+    if commit is None and sent:  # a copy of the tree without .git
+        return {"commit": sent, "dirty": None, "source": "JAXTL_GIT_COMMIT"}
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results") \
         if commit else None
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    found = {"commit": commit, "dirty": bool(status) if status is not None else None}
+    if sent and sent != commit:  # a copy of a newer tree over an older .git (a lent GPU machine, 2026-11-28)
+        return {"commit": sent, "dirty": None, "source": "JAXTL_GIT_COMMIT", "checkout": found}
+    return found
 
 
 # ------------------------------------------------------------------------------------------------

@@ -611,14 +611,22 @@ def test_git_commit_is_dirty_for_code_changes_not_for_the_records(tmp_path, monk
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     monkeypatch.setattr(bench, "REPO", tmp_path)
+    monkeypatch.delenv("JAXTL_GIT_COMMIT", raising=False)
     assert bench.git_commit()["dirty"] is False
     (tmp_path / "benchmarks" / "results" / "cpu.jsonl").write_text("{}\n{}\n")
     assert bench.git_commit()["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert bench.git_commit()["dirty"] is True
+    # a copy of a newer tree over an older .git: the commit sent wins, what git found is kept beside it
+    head = bench.git_commit()["commit"]
+    monkeypatch.setenv("JAXTL_GIT_COMMIT", head)
+    assert bench.git_commit() == {"commit": head, "dirty": True}
+    monkeypatch.setenv("JAXTL_GIT_COMMIT", "f" * 40)
+    assert bench.git_commit() == {"commit": "f" * 40, "dirty": None, "source": "JAXTL_GIT_COMMIT",
+                                  "checkout": {"commit": head, "dirty": True}}
     # jaxtl installed into a folder inside another repository (a venv's site-packages): not jaxtl's commit
     monkeypatch.setattr(bench, "REPO", tmp_path / "benchmarks")
-    monkeypatch.delenv("JAXTL_GIT_COMMIT", raising=False)
+    monkeypatch.delenv("JAXTL_GIT_COMMIT")
     assert bench.git_commit() == {"commit": None, "dirty": None}
 
 
