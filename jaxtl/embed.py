@@ -312,6 +312,7 @@ def _is_file_item(item: Any) -> bool:
 
 _KEPT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16))
 MEAN_RANGE = (0.5, 2.0)  # a volume divided by its mean over the whole grid: about 1.46 over Peng's crop
+MEAN_SLICE_STEP = 4  # host arrays' means are taken over every 4th slice (first axis) of volumes 64 slices or more
 
 
 def _warn_if_unnormalised(batch: np.ndarray | jax.Array, start: int) -> None:
@@ -321,8 +322,10 @@ def _warn_if_unnormalised(batch: np.ndarray | jax.Array, start: int) -> None:
 
     if isinstance(batch, jax.Array):  # on its device: only the means come back
         means = np.asarray(jnp.mean(batch.reshape(len(batch), -1).astype(jnp.float32), axis=1), np.float64)
-    else:
-        means = batch.reshape(len(batch), -1).mean(axis=1, dtype=np.float64)
+    else:  # every 4th slice of a 1mm or 2mm volume: a range check needs no more, and the first batch waits for it
+        # (all of a batch of 8 at 1mm took ~30-45 ms, more than a GPU's step)
+        step = MEAN_SLICE_STEP if batch.shape[1] >= 64 else 1
+        means = batch[:, ::step].mean(axis=tuple(range(1, batch.ndim)), dtype=np.float64)
     # not finite: refused with its batch on the device (InputError)
     bad = np.flatnonzero(np.isfinite(means) & ((means < MEAN_RANGE[0]) | (means > MEAN_RANGE[1])))
     if bad.size:

@@ -117,7 +117,9 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
 
     path = str(path or os.environ.get("JAX_COMPILATION_CACHE_DIR") or jaxtl_home() / "xla-cache")
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    # compiles under 0.2 s stay out unless the environment says otherwise (the test suite caches every compile)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.2)))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
 

@@ -20,6 +20,18 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["JAXTL_HOME"] = tempfile.mkdtemp(prefix="jaxtl-home-")
 atexit.register(shutil.rmtree, os.environ["JAXTL_HOME"], ignore_errors=True)
 
+# One persistent compilation cache for the whole run, every compile in it: the pytest-xdist workers and the
+# `jaxtl` commands the tests start (each a fresh interpreter, which compiles the same model init and train steps
+# again) share it. Made by the first process to load this file (xdist's controller, before it starts the workers,
+# which inherit it), removed when that process exits. Measured on a 2-core Intel VM: the suite's summed test time
+# 951 -> 906 s; a tiny `jaxtl pretrain` on a warm cache 6.5 -> 5.7 s (compiles under 0.2 s cached too).
+if "JAXTL_TEST_XLA_CACHE" not in os.environ:  # not a user's $JAX_COMPILATION_CACHE_DIR either
+    os.environ["JAXTL_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="jaxtl-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAXTL_TEST_XLA_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAXTL_TEST_XLA_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 # The suite compiles hundreds of small programs and runs each a few times: without LLVM's optimisation passes
 # XLA's CPU backend compiles them 2-3x faster (test_conv's whole-SFCN test: 9.5 -> 3.9 s) and computes the same
 # values within the tests' tolerances. Speed is measured by `jaxtl bench`, never here. Every test process and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import warnings
 
 import jax
@@ -323,6 +324,25 @@ def test_arrays_far_from_the_intensity_normalisation_warn(age_model, volumes):
     for given in (jnp.asarray(raw), list(raw)):  # a jax array (checked on its device) and a list of arrays too
         with pytest.warns(InputWarning, match=r"volume 1 has mean intensity"):
             embed(given, age_model, progress=False, batch_size=2)
+
+
+def test_the_intensity_check_of_large_host_arrays_reads_every_4th_slice():
+    """1mm and 2mm host arrays (64 slices or more) are checked on every 4th slice: a mean 100x off is named, a
+    normalised volume is not, and the estimate stays within a percent of the whole volume's mean."""
+    from jaxtl.data import InputWarning
+
+    E = importlib.import_module("jaxtl.embed")
+    rng = np.random.default_rng(0)
+    batch = (rng.random((3, 80, 24, 20), dtype=np.float32) * 2).astype(np.float32)  # means about 1
+    batch[2] *= 100
+    with pytest.warns(InputWarning, match=r"volume 7 has mean intensity [\d.]+ \(1 of the first 3") as caught:
+        E._warn_if_unnormalised(batch, 5)
+    estimate = float(re.search(r"mean intensity ([\d.]+)", str(caught[0].message))[1])
+    assert estimate == pytest.approx(batch[2].mean(dtype=np.float64), rel=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        E._warn_if_unnormalised(batch[:2], 0)
+        E._warn_if_unnormalised(batch[:2, :40], 0)  # under 64 slices: all of them
 
 
 def test_host_batches_copied_from_threads_equal_one_copy(age_model, volumes, monkeypatch):
