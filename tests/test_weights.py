@@ -37,12 +37,14 @@ def _convert(tmp_path, channels, k, x, task="age", bins=(42, 82), legacy=False):
 
 
 def _compare(torch_model, jmodel, x):
+    # each side's network runs once: its features, then the head on them (what its forward does after them)
     with torch.no_grad():
-        ref_logp = torch_model(x).numpy()
-        ref_feat = torch_model.features(x).numpy()
+        fmap = torch_model.feature_extractor(x)
+        ref_feat = torch_model.classifier.average_pool(fmap).flatten(1).numpy()
+        ref_logp = torch.log_softmax(torch_model.classifier(fmap).flatten(1), dim=1).numpy()
     xj = jnp.asarray(x.numpy()[:, 0])  # NCDHW -> NDHW, same spatial axis order
-    logp = np.asarray(jmodel.model(xj))
-    feat = np.asarray(jmodel.model.features(xj))
+    feat = jmodel.model.features(xj)
+    logp, feat = np.asarray(jmodel.model.head_logits(feat)), np.asarray(feat)
     assert ref_feat.std() > 0.1 and ref_logp.std() > 0.5, "reference outputs are degenerate; the test would be weak"
     np.testing.assert_allclose(feat, ref_feat, atol=1e-4, rtol=0)
     np.testing.assert_allclose(logp, ref_logp, atol=1e-4, rtol=0)
