@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# What issue #7 still needs measured on a GPU, prepared without one, most important first. Measured on an H200
-# (benchmarks/README.md): 2026-11-27 first_block, first_block_network, blocks, profile (of the XLA path then), train;
-# 2026-11-27 (second lease) nhwc, fused (lost: the kernel is gone), transfer, profile, conv_fusion, batch sweeps.
-# The default stages now:
-#   default      Peng 1mm bfloat16 embed + train step, batch 8, the default path as it now is (conv_impl auto: the
-#                fused first block; channels-last convolutions as a per-jit compiler option, not XLA_FLAGS) beside
-#                PyTorch, then with XLA_FLAGS=--xla_gpu_force_conv_nhwc=false (the option off): does the per-jit
-#                option give what the flag gave (embed 2167-2224 vol/s vs 1560-1581)? Embed records now also time 8
-#                device-resident batches back to back on both sides (`stream`: no host round trip between
-#                batches; 0.9 ms of the 3.6 ms step at batch 8) (-> $OUT/nhwc.jsonl)                     <= 3.5 min
-#   transfer     gpu_transfer.py: host-to-device copies, and jaxtl.embed() over 64 in-memory volumes, which now
-#                copies a host batch one volume per thread while the previous batch runs (it ran at 262 vol/s in
-#                bfloat16 from float32 volumes, 469 from float16) (-> $OUT/transfer.jsonl)                 <= 2 min
+# What issue #7 still needs measured on a GPU, prepared without one, most important first. Measured
+# (benchmarks/README.md): H200 2026-11-27 first_block, first_block_network, blocks, profile (of the XLA path then),
+# train; H200 2026-11-27 (second lease) nhwc, fused (lost: the kernel is gone), transfer, profile, conv_fusion, batch
+# sweeps; H100 2026-11-28 batches_bf16, default, batches_f32, profile, transfer (35.5% of the bf16 peak at batch 64;
+# the per-jit channels-last option gives what the flag gave). The default stages now:
+#   transfer     gpu_transfer.py: host-to-device copies, jaxtl.embed() over 64 in-memory volumes, and a sequence of
+#                jaxtl.embed() calls timed apart (`embed_calls`: on the H100 the first call on a new volume count
+#                ran at 84-94 vol/s, the same call repeated at 569-874; where the time goes: copies, waits for
+#                features, and a profiler trace of that first call, $OUT/embed-first-call.trace.json.gz)
+#                (-> $OUT/transfer.jsonl)                                                                  <= 2 min
+#   batches_bf16 embed at batch 16, 32, 64 in bfloat16, the default path: on an H200 (39.1% of the bf16 peak at
+#                batch 64 with the XLA flag, not yet with the per-jit option) the 40% target is closest
+#                (-> $OUT/nhwc.jsonl)                                       <= 3 min; runs past the call's limit skipped
+#   default      Peng 1mm bfloat16 embed + train step, batch 8, beside PyTorch, then with
+#                XLA_FLAGS=--xla_gpu_force_conv_nhwc=false (the per-jit option off) (-> $OUT/nhwc.jsonl)  <= 3.5 min
+#   batches_f32  embed at batch 8, 32, 64 in float32                                                      <= 3 min
 #   profile      `jaxtl bench --profile`, Peng 1mm bfloat16 batch 8, embed and train, the default path: the kernels
 #                that take the time ($OUT/profile.jsonl `profile_top`, Perfetto traces $OUT/profile-<case>.json.gz)
 #                                                                                                           <= 2 min
-#   batches      embed at batch 16, 32, 64 in bfloat16 and 8, 32, 64 in float32, the default path (the issue asks
-#                for both dtypes "up to what fits"; 39.1% of the bf16 peak at batch 64 with the flag) -> nhwc.jsonl
-#                                                   <= 6 min; runs that would pass the call's limit are skipped
+#   (`batches`: both dtypes' sweeps in one stage)
 #   conv_fusion  (not a default) --xla_gpu_experimental_enable_conv_fusion=true: 1613 vs 1581 vol/s, no gain
 #   compiled     (not a default; first after `default` when there is time) Peng 1mm embed bfloat16 and float32,
 #                batch 8, beside PyTorch through torch.compile (channels-last): on the Zen 4 CPU compiled PyTorch's
@@ -26,12 +27,13 @@
 # Kept: first_block, first_block_network (gpu_first_block.py: the fused block's tunings, then the network with the
 # fastest), blocks (gpu_blocks.py: each block alone beside PyTorch), variants, train (transfer + demo configs), demo.
 # One device call runs at most 10 minutes and a session has about 15 minutes of device time, machine start
-# included: the default stages (default transfer profile batches, about 8 min; a stage whose worst case, its
+# included: the default stages (about 8.5 min on the H100; a stage whose worst case, its
 # timeouts, would run past the call's 575 s ($LIMIT) is skipped, `WORST`; batches checks each run) are the one
 # call to make. Only if `status` still shows time on a warm machine: STAGES="blocks" or "train demo".
 # What comes back: at most 8 files, no deeper than $OUT/a/b/ (the device tool's limits); every stage writes 1-3.
 # Setup: benchmarks/gpu_env.sh (the machine's JAX/flax/optax/orbax/PyTorch, the other wheels from .whl/, which
-# benchmarks/gpu_wheels.sh fetches). Usage, from a clean commit (the device copy has no .git):
+# benchmarks/gpu_wheels.sh fetches). Usage, from a clean commit (the device copy may carry an older .git, 2026-11-28:
+# JAXTL_GIT_COMMIT, the commit sent, wins over it in the records):
 #   run(command="JAXTL_GIT_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_next.sh", carry=[".whl"], timeout_s=590)
 #   [STAGES="..."]; inspect $OUT/log; commit the `jaxtl bench` records (nhwc.jsonl, profile.jsonl, gpu.jsonl,
 #   first_block_network.jsonl) to benchmarks/results/<hardware id>.jsonl, the others beside the scripts
@@ -39,7 +41,7 @@ set -u
 start=$SECONDS  # the call's clock: setup (pip install of the wheels) counts too
 LIMIT=${LIMIT:-575}  # s of the call the stages may use (the device call's 590 less time for a killed run to exit)
 source benchmarks/gpu_env.sh
-STAGES=${STAGES:-batches_bf16 default batches_f32 transfer profile}
+STAGES=${STAGES:-transfer batches_bf16 default batches_f32 profile}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
 # each stage's worst case (its timeouts), s: a stage that could run past $LIMIT is skipped
 declare -A WORST=([default]=210 [compiled]=170 [batches]=70 [batches_bf16]=70 [batches_f32]=70 [transfer]=120 [profile]=110 [conv_fusion]=90 [first_block]=240
@@ -93,9 +95,13 @@ conv_fusion() {
   bench_flags "--xla_gpu_experimental_enable_conv_fusion=true" 90 --suite embed,train --dtype bfloat16 --batch 8 \
     --no-torch
 }
-transfer() {
-  timeout -k 5 120 python3 benchmarks/gpu_transfer.py "$OUT/transfer.jsonl" 8 64 10 2>&1 | tee -a "$OUT/log"
+transfer() {  # + embed_calls: why the first jaxtl.embed() call on a new volume count was slow (H100, 2026-11-28)
+  rm -rf /tmp/jaxtl-embed-trace
+  timeout -k 5 120 python3 benchmarks/gpu_transfer.py "$OUT/transfer.jsonl" 8 64 10 /tmp/jaxtl-embed-trace 2>&1 \
+    | grep --line-buffered -v "Delay kernel" | tee -a "$OUT/log"
   rc "${PIPESTATUS[0]}"
+  f=$(find /tmp/jaxtl-embed-trace -name "*.trace.json.gz" 2>/dev/null | head -1)
+  [ -n "$f" ] && [ "$(stat -c %s "$f")" -lt 16000000 ] && cp "$f" "$OUT/embed-first-call.trace.json.gz"
 }
 blocks() {
   timeout -k 5 120 python3 benchmarks/gpu_blocks.py "$OUT/blocks.jsonl" bfloat16,float32 8 20 2>&1 | tee -a "$OUT/log"

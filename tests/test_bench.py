@@ -306,6 +306,15 @@ def test_gpu_transfer_script_records(tmp_path, monkeypatch):
     assert all(v > 0 for v in [*rec["ms"].values(), *rec["gb_per_s"].values()])
     assert set(rec["embed_vol_per_s"]) == {"float32", "bfloat16", "float32_from_float16", "bfloat16_from_float16"}
     assert min(rec["embed_vol_per_s"].values()) > 0
+    # the sequence of calls (first on a new count / dtype, repeats), each timed with its copies and waits
+    calls = rec["embed_calls"]
+    assert [(c["label"], c["dtype"], c["n"], c["check"]) for c in calls][2:5] == [
+        ("new count", "bfloat16", 8, True), ("repeat", "bfloat16", 8, True), ("new dtype", "float32", 8, True)]
+    assert len(calls) == 12 and all(c["s"] > 0 and c["vol_per_s"] > 0 for c in calls)
+    assert all(0 < c["copy_s"] and 0 < c["fetch_s"] < c["s"] for c in calls)  # the instrumented parts ran
+    assert not any(c["traced"] for c in calls)  # no trace directory given
+    E = importlib.import_module("jaxtl.embed")
+    assert E.to_devices.__name__ == "to_devices" and E._fetch.__name__ == "_fetch"  # restored
 
 
 def test_gpu_variant_first_layers_are_exact():
