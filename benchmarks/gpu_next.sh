@@ -14,10 +14,10 @@
 #                (-> $OUT/nhwc.jsonl)                                       <= 3 min; runs past the call's limit skipped
 #   default      Peng 1mm bfloat16 embed + train step, batch 8, beside PyTorch, then with
 #                XLA_FLAGS=--xla_gpu_force_conv_nhwc=false (the per-jit option off) (-> $OUT/nhwc.jsonl)  <= 3.5 min
-#   batches_f32  embed at batch 8, 32, 64 in float32                                                      <= 3 min
 #   profile      `jaxtl bench --profile`, Peng 1mm bfloat16 batch 8, embed and train, the default path: the kernels
 #                that take the time ($OUT/profile.jsonl `profile_top`, Perfetto traces $OUT/profile-<case>.json.gz)
 #                                                                                                           <= 2 min
+#   batches_f32  embed at batch 8, 32, 64 in float32: last, each run only while it fits in the call       <= 3 min
 #   (`batches`: both dtypes' sweeps in one stage)
 #   conv_fusion  (not a default) --xla_gpu_experimental_enable_conv_fusion=true: 1613 vs 1581 vol/s, no gain
 #   compiled     (not a default; first after `default` when there is time) Peng 1mm embed bfloat16 and float32,
@@ -27,7 +27,7 @@
 # Kept: first_block, first_block_network (gpu_first_block.py: the fused block's tunings, then the network with the
 # fastest), blocks (gpu_blocks.py: each block alone beside PyTorch), variants, train (transfer + demo configs), demo.
 # One device call runs at most 10 minutes and a session has about 15 minutes of device time, machine start
-# included: the default stages (about 8.5 min on the H100; a stage whose worst case, its
+# included: the default stages (about 9 min on the H100 by its stage times, float32 batch 64 likely skipped; a stage whose worst case, its
 # timeouts, would run past the call's 575 s ($LIMIT) is skipped, `WORST`; batches checks each run) are the one
 # call to make. Only if `status` still shows time on a warm machine: STAGES="blocks" or "train demo".
 # What comes back: at most 8 files, no deeper than $OUT/a/b/ (the device tool's limits); every stage writes 1-3.
@@ -41,7 +41,7 @@ set -u
 start=$SECONDS  # the call's clock: setup (pip install of the wheels) counts too
 LIMIT=${LIMIT:-575}  # s of the call the stages may use (the device call's 590 less time for a killed run to exit)
 source benchmarks/gpu_env.sh
-STAGES=${STAGES:-transfer batches_bf16 default batches_f32 profile}
+STAGES=${STAGES:-transfer batches_bf16 default profile batches_f32}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log"
 # each stage's worst case (its timeouts), s: a stage that could run past $LIMIT is skipped
 declare -A WORST=([default]=210 [compiled]=170 [batches]=70 [batches_bf16]=70 [batches_f32]=70 [transfer]=120 [profile]=110 [conv_fusion]=90 [first_block]=240

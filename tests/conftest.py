@@ -31,6 +31,9 @@ if "JAXTL_TEST_XLA_CACHE" not in os.environ:  # not a user's $JAX_COMPILATION_CA
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAXTL_TEST_XLA_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# A size limit turns on the cache's file lock (filelock): without it an entry another process is writing can be read
+# half-written, whose warning would fail the tests that turn warnings into errors.
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
 # The suite compiles hundreds of small programs and runs each a few times: without LLVM's optimisation passes
 # XLA's CPU backend compiles them 2-3x faster (test_conv's whole-SFCN test: 9.5 -> 3.9 s) and computes the same

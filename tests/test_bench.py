@@ -628,8 +628,9 @@ def test_git_commit_is_dirty_for_code_changes_not_for_the_records(tmp_path, monk
     assert bench.git_commit()["dirty"] is True
     # a copy of a newer tree over an older .git: the commit sent wins, what git found is kept beside it
     head = bench.git_commit()["commit"]
-    monkeypatch.setenv("JAXTL_GIT_COMMIT", head)
-    assert bench.git_commit() == {"commit": head, "dirty": True}
+    for sent in (head, head[:7]):  # HEAD itself, or its short form
+        monkeypatch.setenv("JAXTL_GIT_COMMIT", sent)
+        assert bench.git_commit() == {"commit": head, "dirty": True}
     monkeypatch.setenv("JAXTL_GIT_COMMIT", "f" * 40)
     assert bench.git_commit() == {"commit": "f" * 40, "dirty": None, "source": "JAXTL_GIT_COMMIT",
                                   "checkout": {"commit": head, "dirty": True}}
