@@ -20,20 +20,21 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["JAXTL_HOME"] = tempfile.mkdtemp(prefix="jaxtl-home-")
 atexit.register(shutil.rmtree, os.environ["JAXTL_HOME"], ignore_errors=True)
 
-# One persistent compilation cache for the whole run, every compile in it: the pytest-xdist workers and the
-# `jaxtl` commands the tests start (each a fresh interpreter, which compiles the same model init and train steps
-# again) share it. Made by the first process to load this file (xdist's controller, before it starts the workers,
-# which inherit it), removed when that process exits. Measured on a 2-core Intel VM: the suite's summed test time
-# 951 -> 906 s; a tiny `jaxtl pretrain` on a warm cache 6.5 -> 5.7 s (compiles under 0.2 s cached too).
+# Persistent compilation caches for the run, every compile in them: each pytest-xdist worker has its own, which the
+# `jaxtl` commands its tests start (each a fresh interpreter, compiling the same model init and train steps again)
+# share. Not one for both workers: JAX writes an entry without a lock unless the cache has a size limit, so a worker
+# could read an entry the other is writing (a warning, which fails the tests that make warnings errors), and the
+# limit's lock (and the scan of the folder at each write) made the suite slower (pytest 456 -> 509 s). Made under a
+# folder the first process to load this file creates (xdist's controller, before it starts the workers, which
+# inherit it), removed when that process exits. Measured on a 2-core Intel VM: summed test time 951 -> 863 s with
+# one shared cache; a tiny `jaxtl pretrain` on a warm cache 6.5 -> 5.7 s (compiles under 0.2 s cached too).
 if "JAXTL_TEST_XLA_CACHE" not in os.environ:  # not a user's $JAX_COMPILATION_CACHE_DIR either
     os.environ["JAXTL_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="jaxtl-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAXTL_TEST_XLA_CACHE"], ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAXTL_TEST_XLA_CACHE"]
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAXTL_TEST_XLA_CACHE"],
+                                                       os.environ.get("PYTEST_XDIST_WORKER", "main"))
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-# A size limit turns on the cache's file lock (filelock): without it an entry another process is writing can be read
-# half-written, whose warning would fail the tests that turn warnings into errors.
-os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
 # The suite compiles hundreds of small programs and runs each a few times: without LLVM's optimisation passes
 # XLA's CPU backend compiles them 2-3x faster (test_conv's whole-SFCN test: 9.5 -> 3.9 s) and computes the same
