@@ -27,9 +27,9 @@
 # Kept: first_block, first_block_network (gpu_first_block.py: the fused block's tunings, then the network with the
 # fastest), blocks (gpu_blocks.py: each block alone beside PyTorch), variants, train (transfer + demo configs), demo.
 # One device call runs at most 10 minutes and a session has about 15 minutes of device time, machine start
-# included: the default stages (about 9 min on the H100 by its stage times, float32 batch 64 likely skipped; a stage whose worst case, its
-# timeouts, would run past the call's 575 s ($LIMIT) is skipped, `WORST`; batches checks each run) are the one
-# call to make. Only if `status` still shows time on a warm machine: STAGES="blocks" or "train demo".
+# included: the default stages (about 9 min on the H100 by its stage times, float32 batch 64 likely skipped; a
+# stage whose worst case, its timeouts, would run past the call's 575 s ($LIMIT) is skipped, `WORST`; batches checks
+# each run) are the one call to make. Only if `status` still shows time on a warm machine: STAGES="blocks" or "train demo".
 # What comes back: at most 8 files, no deeper than $OUT/a/b/ (the device tool's limits); every stage writes 1-3.
 # Setup: benchmarks/gpu_env.sh (the machine's JAX/flax/optax/orbax/PyTorch, the other wheels from .whl/, which
 # benchmarks/gpu_wheels.sh fetches). Usage, from a clean commit (the device copy may carry an older .git, 2026-11-28:

@@ -15,7 +15,7 @@ lift it, per batch of B volumes (median of `repeats`):
                  volumes and the first after a change of dtype ran 2.5-10x slower than the same call repeated.
                  Per call: wall time, vol/s, and where it went (the host-to-device copies of `to_devices`, on the
                  prefetch thread; the main thread's waits for each batch's features in `_fetch`). With a trace
-                 directory (4th argument) a JAX profiler trace of the first 4N-volume call is written there.
+                 directory (5th argument) a JAX profiler trace of the first call on 4 batches is written there.
 
 On a CPU it runs a small shape and channel list (plumbing only). One record -> OUT.jsonl ("kind": "transfer").
 Usage: python benchmarks/gpu_transfer.py OUT.jsonl [batch] [n_volumes] [repeats] [trace_dir]
