@@ -545,9 +545,9 @@ def _eval_graphdef(graphdef: Any, state: Any, dtype: jnp.dtype | None) -> Any:
 
 def _with_dtype(model: SFCN, dtype) -> SFCN:
     """A copy of `model` computing in `dtype` (parameters stay float32)."""
-    new = SFCN(model.channels, model.num_outputs, model.dropout.rate, dtype=dtype, rngs=nnx.Rngs(0),
-               conv_impl=model.conv_impl)
-    nnx.update(new, nnx.state(model, WEIGHTS))
+    new = nnx.eval_shape(lambda: SFCN(model.channels, model.num_outputs, model.dropout.rate, dtype=dtype,
+                                      rngs=nnx.Rngs(0), conv_impl=model.conv_impl))
+    nnx.update(new, nnx.state(model, WEIGHTS))  # every variable: no shape-only one is left
     new.eval()
     return new
 

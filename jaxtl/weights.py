@@ -161,8 +161,9 @@ def load_model(name_or_dir: str | os.PathLike, *, dtype=jnp.float32) -> JaxtlMod
         raise ValueError(f"{path} was written by a newer jaxtl (format {config['format_version']}); upgrade jaxtl")
     sigma = config.get("sigma")  # None for sex models and old files; 0 (one-hot age labels) is a valid value
     task = make_task(config["task"], config.get("bin_range"), 1.0 if sigma is None else float(sigma))
-    model = SFCN(config["channels"], config["num_outputs"], config.get("dropout", 0.5), dtype=dtype,
-                 rngs=nnx.Rngs(0))
+    # shapes only: every variable of an SFCN is a weight, all restored below (a random init took ~1 s on a CPU)
+    model = nnx.eval_shape(lambda: SFCN(config["channels"], config["num_outputs"], config.get("dropout", 0.5),
+                                        dtype=dtype, rngs=nnx.Rngs(0)))
     abstract = nnx.state(model, WEIGHTS)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

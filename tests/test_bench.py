@@ -23,6 +23,13 @@ TINY = (2, 4, 4)  # 8^3 input: 8 -> 4 -> 2, then the k=1 block
 def tiny(monkeypatch):
     monkeypatch.setitem(bench.CONFIGS, "tiny", TINY)
     monkeypatch.setattr(bench, "FULL_SHAPE", (32, 32, 32))  # 4mm -> 8x8x8
+    _quick_cpu_probes(monkeypatch)
+
+
+def _quick_cpu_probes(monkeypatch):
+    """A record's probes of other processes' CPU: 20 ms each, not 0.5 s (no record is timed here)."""
+    other_cpu = bench.other_cpu
+    monkeypatch.setattr(bench, "other_cpu", lambda interval=0.02: other_cpu(interval))
 
 
 def test_plan_cases():
@@ -241,6 +248,7 @@ def test_run_suite_input_records_and_report(tmp_path, monkeypatch, capsys):
                "batch_size": 8}]
     fake = types.SimpleNamespace(run_input_bench=lambda **kw: [dict(s) for s in stages])
     monkeypatch.setattr(bench, "_load_input_bench", lambda: fake)
+    _quick_cpu_probes(monkeypatch)
     out = tmp_path / "results" / "cpu-test.jsonl"
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # settings that change a measurement are recorded
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
@@ -345,7 +353,7 @@ def test_gpu_variant_first_layers_are_exact():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_gpu_first_block_sweep_plumbing(tmp_path, monkeypatch):
+def test_gpu_first_block_sweep_plumbing(tiny, tmp_path, monkeypatch):
     """benchmarks/gpu_first_block.py on CPU (tiny shape, Pallas' interpreter): a record per mode with the XLA block,
     the kernel tunings (checked against the XLA block: eval output, train kernel gradient), PyTorch's block with
     the same weights, and the best tuning."""
@@ -370,12 +378,12 @@ def test_gpu_first_block_sweep_plumbing(tmp_path, monkeypatch):
         assert rec["kind"] == "first_block" and rec["batch"] == 2 and not rec["errors"]
         assert set(rec["ms"]) == {"xla", "torch", "window=False,tile=16", "window=True,voxel_major=False,tile=16"}
         assert all(d < 1e-4 for d in rec["max_rel_diff"].values()) and rec["best"]["tile"] == 16
-    # the network stage (on a GPU: Peng's SFCN at 1mm) with the demo config: the block records' best tunings used
+    # the network stage (on a GPU: Peng's SFCN at 1mm) with a tiny SFCN: the block records' best tunings used
     from jaxtl import first_block as fb
 
     monkeypatch.setattr(fb, "TUNING", dict(fb.TUNING))
     monkeypatch.setattr(fb, "TRAIN_TUNING", dict(fb.TRAIN_TUNING))
-    mod.network(out, ["eval", "train"], ["float32"], 2, 1, {}, {}, {}, config="demo", resolution=4, warmup=1)
+    mod.network(out, ["eval", "train"], ["float32"], 2, 1, {}, {}, {}, config="tiny", resolution=4, warmup=1)
     assert len(out.read_text().splitlines()) == 2  # the block records' file is left as it was
     step, embed, xla = [json.loads(line) for line in mod.network_output(out).read_text().splitlines()]
     assert mod.network_output(out).name == "fb_network.jsonl"

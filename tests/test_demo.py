@@ -139,6 +139,7 @@ def test_ci_demo_on_the_accelerator_path(ci_run, tmp_path):
 
     for name in ("data", "pretrain_age", "pretrain_sex"):
         shutil.copytree(ci_run[0] / name, tmp_path / "demo" / name)
+    shutil.copy(ci_run[0] / "montage.png", tmp_path / "demo")  # the same on every device (made, it built the atlas)
     # every stage, with the methods cut to frozen features and fine-tuning age (XLA's convolutions compile slowly on
     # a CPU): training from scratch runs the train step fine-tuning runs, the elastic net runs on the host alone;
     # the scarcity curve with features only (fine-tuning at each share again took ~20 s of CI's time)
