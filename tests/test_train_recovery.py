@@ -56,7 +56,7 @@ def test_kill_at_random_points_then_resume_is_bitwise_identical(ukb_cache, clean
     rng = np.random.default_rng(0)
     work = tmp_path / "killed"
     cmd, env = pretrain_command(ukb_cache, work, "checkpoint_every_steps=1")
-    for kill_after in sorted(rng.choice(np.arange(2, total - 1), size=3, replace=False)):
+    for kill_after in sorted(rng.choice(np.arange(2, total - 1), size=2, replace=False)):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 240
         while len({r["step"] for r in steps_logged(work)}) < kill_after and proc.poll() is None:
@@ -350,7 +350,7 @@ def test_processes_that_do_not_share_the_run_directory_are_refused(ukb_cache, tm
 
 def test_restore_on_a_different_device_count(ukb_cache, tmp_path):
     """A checkpoint written by 4 devices restores exactly on 1 device (this process), and training continues from
-    it on 2."""
+    it there (2 processes' checkpoint resumed by 1 process: test_two_processes_match_one_process)."""
     import shutil
 
     work = tmp_path / "run"
@@ -361,8 +361,7 @@ def test_restore_on_a_different_device_count(ukb_cache, tmp_path):
     assert jax.device_count() == 1
     pretrain(tiny_config(), ukb_cache, work, progress=False, max_steps=4)  # restores step 4, exports it again
     jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path / "model_on_4"), final_state(work))
-    cmd, env = pretrain_command(ukb_cache, work, devices=2)
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    pretrain(tiny_config(), ukb_cache, work, progress=False)
     steps = [r["step"] for r in steps_logged(work)]
     assert steps == list(range(1, 13))  # resumed at 5, not restarted
     assert model_meta(work / "model")["complete"] is True
