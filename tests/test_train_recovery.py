@@ -286,21 +286,20 @@ def _run_two_processes_retrying(ukb_cache, workdir, extra, expected_rc: int, **k
 
 
 def test_two_processes_match_one_process(ukb_cache, tmp_path):
-    """2 processes x 2 virtual devices (gloo collectives over localhost) == 1 process x 4 devices, in training and
-    in validation (6 scans: the last global batch is half padding, all of it in process 1's block), through a
-    preemption: SIGTERM to one process stops both at the same step (JAX's preemption service), a rerun resumes."""
+    """2 processes x 2 virtual devices (gloo collectives over localhost) == 1 process x 1 device (this one), in
+    training and in validation (6 scans: the last global batch is half padding, all of it in process 1's block),
+    through a preemption: SIGTERM to one process stops both at the same step (JAX's preemption service), a rerun
+    resumes. The single-process runs are in this process (each `jaxtl pretrain` started took ~5 s more)."""
     # a small step keeps float-order differences from being amplified
     extra = ["epochs=1", "optim.lr=0.001", "data.val_fraction=0.1875"]
-    cmd, env = pretrain_command(ukb_cache, tmp_path / "single", *extra, devices=4)
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    pretrain(tiny_config(*extra), ukb_cache, tmp_path / "single", progress=False)
     multi_dir = tmp_path / "multi"
     outs = _run_two_processes_retrying(ukb_cache, multi_dir, extra, expected_rc=143, sigterm_after=1)
     stopped = {int(re.search(r"process \d/2: preempted at step (\d+): checkpoint saved", out)[1]) for out in outs}
     assert len(stopped) == 1, outs  # the same step on both processes
     # the checkpoint of 2 processes resumes on 1 (a pod or cluster back with fewer hosts): same data stream
     shutil.copytree(multi_dir, tmp_path / "fewer")
-    cmd, env = pretrain_command(ukb_cache, tmp_path / "fewer", *extra, devices=4)
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    pretrain(tiny_config(*extra), ukb_cache, tmp_path / "fewer", progress=False)
     outs = _run_two_processes_retrying(ukb_cache, multi_dir, extra, expected_rc=0)
     # what the run sees, and its summary, said once (by process 0)
     assert "jaxtl pretrain: 2 process(es), 4 cpu device(s) (2 on this process), global batch 4 (1 per device)" \
