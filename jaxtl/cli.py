@@ -150,10 +150,7 @@ def _transfer(args: argparse.Namespace) -> int:
         result = run_transfer(args.model, _cohort(args, sex_required=args.task == "sex"), args.out, task=args.task,
                               method=args.method, overwrite=args.overwrite, progress=not args.no_progress,
                               on_error=args.on_error, **extra)
-    m, name = result.metrics, ("mae" if args.task == "age" else "balanced_accuracy")
-    n = m["n"]
-    print(f"{args.method} {args.task}: test {name} {m['test'].get(name, float('nan')):.4g} "
-          f"(train {n['train']}, val {n['val']}, test {n['test']}); wrote {result.out_dir}/predictions.csv, "
+    print(f"{transfer_summary(result.metrics)}; wrote {result.out_dir}/predictions.csv, "
           f"metrics.json, head/")
     if "qc_warnings" in result.predictions:  # scans with input warnings trained and tested the head too
         _report_qc(args.command, result.predictions, Path(result.out_dir) / "predictions.csv")
@@ -161,6 +158,13 @@ def _transfer(args: argparse.Namespace) -> int:
         print(f"jaxtl transfer: {len(result.failures)} scans could not be loaded and were left out of the split: "
               f"see {Path(result.out_dir) / 'failures.tsv'}", file=sys.stderr)
     return 0
+
+
+def transfer_summary(metrics: dict) -> str:
+    """One line of a transfer's metrics.json: the test metric (or that there was no test split), the split sizes."""
+    name, n = metrics["metric"], metrics["n"]
+    score = f"test {name} {metrics['test'].get(name, float('nan')):.4g}" if n["test"] else "no test split"
+    return f"{metrics['method']} {metrics['task']}: {score} (train {n['train']}, val {n['val']}, test {n['test']})"
 
 
 def _check_output_file(out: str) -> None:
@@ -382,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert Peng's PyTorch SFCN weights (.p) to a jaxtl model directory")
     p.add_argument("checkpoint", help="PyTorch state_dict file, e.g. run_20190719_00_epoch_best_mae.p")
     p.add_argument("out_dir", help="jaxtl model directory to write")
-    p.add_argument("--task", choices=["age", "sex"], default="age")
+    p.add_argument("--task", choices=["age", "sex"], default="age",
+                   help="what the weights predict: age (Peng's brain-age model, 40 age bins) or sex (2 outputs); "
+                        "default age")
     p.add_argument("--bins", type=float, nargs=2, default=[42, 82], metavar=("MIN", "MAX"),
                    help="age bin range [MIN, MAX) of the model's output (default: 42 82, Peng's UKB model)")
     p.add_argument("--overwrite", action="store_true", help="replace a jaxtl model already in OUT_DIR")
@@ -433,10 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="pretrained jaxtl model directory or published name")
     p.add_argument("--cohort", required=True, help="cache directory (fastest), BIDS directory, CSV/TSV table or "
                                                    ".txt list of image paths")
-    p.add_argument("--task", choices=["age", "sex"], default="age")
+    p.add_argument("--task", choices=["age", "sex"], default="age",
+                   help="the label to predict (default age); it need not be the one the model was pretrained on "
+                        "(the paper's cross-task transfer)")
     p.add_argument("--method", choices=TRANSFER_METHODS, default="features",
-                   help="direct, features (frozen features + scikit-learn head), ft_final, ft_step, ft_full, "
-                        "scratch, reinit, elastic (see jaxtl.transfer)")
+                   help="direct, features (frozen features + scikit-learn head; the default), ft_final, ft_step, "
+                        "ft_full, scratch, reinit, elastic (see jaxtl.transfer)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--head", help="features: ridge (default), elasticnet, svr, kernelridge; sex: logistic")
     p.add_argument("--seed", type=int, help="split and training seed (default 0)")
@@ -481,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", required=True, help="cache directory, BIDS directory, CSV/TSV table or .txt list "
                                                    "of image paths")
     p.add_argument("--out", required=True, help="CSV file to write (id, participant_id, session, site, age, sex, "
-                                                "sfcn_features0..63); scans that fail to load go to "
+                                                "sfcn_features0..63, qc_warnings); scans that fail to load go to "
                                                 "OUT_STEM.failures.tsv beside it")
     p.add_argument("--layer", default="features",
                    help="features (default), logits, probs or block0..block5 (each block's output, average-pooled)")

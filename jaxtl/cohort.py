@@ -228,6 +228,9 @@ def label_columns_hint(source: str | Path, field: str) -> str:
         coding = " and, where it is coded otherwise than F/M or 0/1, its coding (--sex-coding 1=M,2=F)"
         return (f"the cache holds the labels of the cohort it was prepared from; re-run `jaxtl prepare` naming "
                 f"the {field} column (--{field}-column NAME){coding if field == 'sex' else ''}")
+    if (path.is_file() and _is_path_list(path)) or (path.is_dir() and _is_image_folder(path)):
+        return (f"{path} lists images without labels; give a CSV/TSV with a 'path' and a '{field}' column or a BIDS "
+                "dataset with participants.tsv")
     if path.is_dir():
         table = _participants_file(path)
     elif path.is_file():
@@ -606,7 +609,7 @@ def _read_path_list(path: Path) -> tuple[list[tuple[str, Scan]], list[tuple[str,
 
 def _is_image_folder(path: Path) -> bool:
     """A plain folder of images (e.g. `scans/*.nii.gz`, as brainageR takes them), not a BIDS dataset."""
-    if (path / "dataset_description.json").exists() or any(path.glob("sub-*")):
+    if (path / "dataset_description.json").exists() or any(p.is_dir() for p in path.glob("sub-*")):
         return False
     return any(p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".") for p in path.iterdir())
 
@@ -786,7 +789,8 @@ def _read_bids(
     if not images:
         raise CohortError(
             f"{root}: not a BIDS dataset (no sub-*/[ses-*/]anat/*_T1w.nii[.gz]); "
-            "pass a BIDS directory or a CSV/TSV with a 'path' column"
+            "pass a BIDS directory, a folder of .nii/.nii.gz/.mgz images, a CSV/TSV with a 'path' column "
+            "or a .txt list of image paths"
         )
     images = _select_t1w(root, images, bids_filter or {})
     labels, bad_subjects, problems = _participants(root, named or {}, sex_required, coding, label_problems)

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxtl.conv import default_platform, trace_settings
-from jaxtl.model import SFCN, WEIGHTS, jit_on_mesh
+from jaxtl.model import SFCN, WEIGHTS, check_compute_dtype, jit_on_mesh
 from jaxtl.weights import JaxtlModel, load_model
 
 LAYERS = ("features", "logits", "probs")  # plus "block0".."block{n-1}": pooled output of each conv block
@@ -113,6 +113,15 @@ def check_reader_options(on_error: Any, workers: Any) -> None:
         raise ValueError(f"workers must be None or a whole number >= 1 (threads loading scans), got {workers!r}")
 
 
+def check_batch_options(batch_size: Any, dtype: Any) -> None:
+    """`batch_size`: None or a whole number >= 1; `dtype`: None or one the network computes in."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r}: give a positive number of volumes per batch (or None)")
+    if dtype is not None:
+        check_compute_dtype(dtype)
+
+
 class VolumeReader:
     """Uniform random access to volumes given in any of the accepted forms.
 
@@ -136,7 +145,7 @@ class VolumeReader:
         self._failures: dict[int, SkippedScan] = {}
         self._warned: dict[int, list[str]] = {}
         self._mean_checked = False
-        self._setup(volumes)
+        self._setup(volumes, on_error)
 
     @property
     def in_memory(self) -> bool:
@@ -157,7 +166,7 @@ class VolumeReader:
             return self._items.qc_warnings()
         return qc_column(self._warned, range(len(self)))
 
-    def _setup(self, volumes: Any) -> None:
+    def _setup(self, volumes: Any, on_error: str) -> None:
         from jaxtl.cohort import Cohort, Scan
 
         if hasattr(volumes, "iloc") and hasattr(volumes, "to_numpy"):  # pandas: rows by position, not index label
@@ -182,7 +191,7 @@ class VolumeReader:
             self._array, self._kind = arr, "array"
             return
         if isinstance(volumes, str | os.PathLike):
-            volumes = _open_path(Path(volumes), self.downsample)
+            volumes = _open_path(Path(volumes), self.downsample, on_error)
         if isinstance(volumes, nib.spatialimages.SpatialImage):
             volumes = [volumes]
         if isinstance(volumes, Cohort):
@@ -355,12 +364,17 @@ def _input_array(a: Any) -> np.ndarray | jax.Array:
     return a if a.dtype in _KEPT_DTYPES else a.astype(np.float32)
 
 
-def _open_path(path: Path, downsample: int):
-    """A cache directory, a cohort (BIDS directory or CSV/TSV table) or a single image file."""
+def _open_path(path: Path, downsample: int, on_error: str):
+    """A cache directory, a cohort (BIDS directory, folder of images, CSV/TSV table or .txt list) or a single image
+    file. A cohort's labels are not read as required (embedding needs none); with `on_error="skip"` its missing
+    images, like a missing single image, are scans that fail to load (NaN rows), not an error here."""
     from jaxtl.cache import CacheSource, read_index
-    from jaxtl.cohort import read_cohort
+    from jaxtl.cohort import NIFTI_SUFFIXES, read_cohort
 
+    skip = on_error == "skip"
     if not path.exists():
+        if skip and path.name.lower().endswith(NIFTI_SUFFIXES):
+            return [path]
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
         if (path / "index.json").exists():
@@ -369,9 +383,9 @@ def _open_path(path: Path, downsample: int):
                 raise ValueError(f"{path}: cache prepared with downsample {index.get('downsample', 1)}, the model "
                                  f"expects downsample {downsample}; prepare the cache with --downsample {downsample}")
             return CacheSource(path)
-        return read_cohort(path)
+        return read_cohort(path, check_files=not skip, labels_required=False)
     if path.suffix.lower() in TABLE_SUFFIXES:
-        return read_cohort(path)
+        return read_cohort(path, check_files=not skip, labels_required=False)
     return [path]
 
 
@@ -396,20 +410,31 @@ def _batch_size(n: int, batch_size: int | None, n_dev: int) -> int:
     return batch_size
 
 
+def _shape_error(shape: tuple, expected: tuple, arrays: bool, downsample: int, model_ds: int | None) -> str:
+    """What to do about volumes of `shape` given to a model trained on `expected` (`model_ds`: its downsampling)."""
+    ds = downsample if model_ds is None else model_ds
+    message = f"volumes of shape {shape}, but the model expects {expected} (its preprocessing: downsample {ds})"
+    if arrays:
+        return (f"{message}; arrays must be preprocessed as its training volumes were: "
+                f"jaxtl.load_volume(path, downsample={ds}), or pass the image paths")
+    if downsample != ds:
+        return f"{message}; the scans were loaded with downsample={downsample}: leave downsample= out"
+    return message
+
+
 def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_size: int | None = None,
                   progress: bool = True, dtype=None, downsample: int = 1, check: bool = True,
-                  expected_shape: Sequence[int] | None = None, workers: int | None = None) -> np.ndarray:
+                  expected_shape: Sequence[int] | None = None, expected_downsample: int | None = None,
+                  workers: int | None = None) -> np.ndarray:
     """Run `model` in eval mode over `volumes` in padded, sharded batches; `(N, ...)` float32 outputs.
+    `expected_shape`: the volume shape the model was trained on (and `expected_downsample` its downsampling):
+    other shapes are refused with what to do.
 
     The next batch is read (paths: loaded and conformed on `workers` threads) while the current one runs.
     Rows of scans a `VolumeReader(on_error="skip")` skipped are NaN.
     """
     _check_layer(model, layer)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer)
-                                   or batch_size < 1):
-        raise ValueError(f"batch_size={batch_size!r}: give a positive number of volumes per batch (or None)")
-    if dtype is not None and jnp.dtype(dtype) not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype={dtype!r}: the network computes in float32, bfloat16 or float16 (None: the model's)")
+    check_batch_options(batch_size, dtype)
     reader = volumes if isinstance(volumes, VolumeReader) else VolumeReader(
         volumes, downsample=downsample, check=check, workers=workers)
     n = len(reader)
@@ -434,8 +459,8 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
         """Volumes s.. read, padded to the batch size and on the devices; and how many are real."""
         batch = reader.read(s, min(s + batch_size, n), pool)
         if expected_shape is not None and tuple(batch.shape[1:]) != tuple(expected_shape):
-            raise ValueError(f"volumes of shape {tuple(batch.shape[1:])}, but the model expects "
-                             f"{tuple(expected_shape)} (see its preprocessing: downsample {downsample})")
+            raise ValueError(_shape_error(tuple(batch.shape[1:]), tuple(expected_shape), reader.in_memory,
+                                          downsample, expected_downsample))
         m = batch.shape[0]
         if m < batch_size:  # pad instead of recompiling for the last batch
             xp = jnp if isinstance(batch, jax.Array) else np
@@ -519,7 +544,6 @@ def warn_skipped(reader: VolumeReader, stacklevel: int = 2) -> None:
 
 _EVAL_GRAPHDEFS: dict[tuple[Any, Any], Any] = {}
 _EVAL_GRAPHDEFS_LOCK = threading.Lock()
-COMPUTE_DTYPES = tuple(map(jnp.dtype, ("float32", "bfloat16", "float16")))
 
 
 def _eval_graphdef(graphdef: Any, state: Any, dtype: jnp.dtype | None) -> Any:
@@ -609,7 +633,8 @@ def embed(volumes: Any, model: JaxtlModel | SFCN | str | os.PathLike, *, layer: 
     reader = volumes if isinstance(volumes, VolumeReader) else VolumeReader(
         volumes, downsample=ds, check=check, workers=workers, on_error=on_error)
     out = apply_batched(_unwrap(model), reader, layer, batch_size=batch_size, dtype=dtype, progress=progress,
-                        downsample=ds, check=check, expected_shape=expected, workers=workers)
+                        downsample=ds, check=check, expected_shape=expected,
+                        expected_downsample=model_downsample(model), workers=workers)
     warn_skipped(reader, stacklevel=2)
     return out
 

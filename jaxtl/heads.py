@@ -81,9 +81,10 @@ class SFCNEmbedder(TransformerMixin, BaseEstimator):
         return cached[1]
 
     def fit(self, X=None, y=None):
-        from jaxtl.embed import check_reader_options, layer_names
+        from jaxtl.embed import check_batch_options, check_reader_options, layer_names
 
         check_reader_options(self.on_error, self.workers)
+        check_batch_options(self.batch_size, self.dtype)
         if not isinstance(self.check, bool | np.bool_):
             raise ValueError(f"check must be True or False, got {self.check!r}")
         model = self._loaded()

@@ -10,6 +10,7 @@ import functools
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +199,19 @@ def check_train_batch(batch_size: int, n_blocks: int, shape: tuple[int, ...]) ->
                          "passes it): train with a batch of at least 2")
 
 
+COMPUTE_DTYPES = tuple(map(jnp.dtype, ("float32", "bfloat16", "float16")))
+
+
+def check_compute_dtype(dtype: Any) -> None:
+    """Raise a ValueError unless `dtype` is one the network computes in (an int dtype gave all-zero features)."""
+    try:
+        ok = jnp.dtype(dtype) in COMPUTE_DTYPES
+    except TypeError:  # not a dtype at all, e.g. "bogus"
+        ok = False
+    if not ok:
+        raise ValueError(f"dtype={dtype!r}: the network computes in float32, bfloat16 or float16")
+
+
 class SFCN(nnx.Module):
     """Simple Fully Convolutional Network (Peng et al. 2021).
 
@@ -212,6 +226,7 @@ class SFCN(nnx.Module):
         channels = tuple(int(c) for c in channels)
         if len(channels) < 2:
             raise ValueError(f"SFCN needs at least 2 blocks, got channels={channels}")
+        check_compute_dtype(dtype)
         self.channels = channels
         self.num_outputs = num_outputs
         self.dtype = dtype

@@ -66,6 +66,11 @@ class JaxtlModel:
     def channels(self) -> tuple[int, ...]:
         return self.model.channels
 
+    def __repr__(self) -> str:  # the dataclass's listed every layer's arrays (~320 lines)
+        where = f", path='{self.path}'" if self.path else ""
+        return (f"JaxtlModel(task={self.task!r}, channels={self.channels}, input_shape={tuple(self.input_shape)}, "
+                f"downsample={self.preprocessing.get('downsample', 1)}{where})")
+
     def digest(self) -> str:
         """A fingerprint of the weights (parameters and BatchNorm statistics) and the task: equal for equal models,
         wherever they are stored; another after retraining in place."""
@@ -94,6 +99,10 @@ def save_model(model: SFCN, out_dir: str | os.PathLike, task: AgeTask | SexTask,
                input_shape=(160, 192, 160), preprocessing: dict | None = None,
                meta: dict | None = None, overwrite: bool = False) -> Path:
     """Write `model` (parameters + BatchNorm statistics) as a jaxtl model directory."""
+    if model.num_outputs != task.num_outputs:  # else it loads, and its outputs are decoded as the wrong labels
+        bins = f" (age bins {task.bin_range[0]:g}-{task.bin_range[1]:g})" if isinstance(task, AgeTask) else ""
+        raise ValueError(f"the model has {model.num_outputs} outputs, but the {task.name} task{bins} decodes "
+                         f"{task.num_outputs}; save it with the task it was trained for")
     out = Path(out_dir).absolute()
     if (out / "model.json").exists() and not overwrite:
         raise ValueError(f"{out} already holds a jaxtl model; remove it, choose another directory or overwrite it "
@@ -128,6 +137,8 @@ def _resolve(name_or_dir: str | os.PathLike) -> Path:
     path = Path(name_or_dir).expanduser()
     if (path / "model.json").exists():
         return path
+    if path.name == "model.json" and path.is_file():  # the file of a model directory: that directory
+        return path.parent
     name = str(name_or_dir)
     if name in PUBLISHED:
         path = jaxtl_home() / name

@@ -371,13 +371,18 @@ def test_bids_without_participants_and_non_bids_directory(tmp_path):
         cohort = read_cohort(tmp_path / "ds")
     assert cohort.ids.tolist() == ["sub-9"] and np.isnan(cohort.ages).all()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CohortError, match="not a BIDS dataset"):
+    with pytest.raises(CohortError, match="not a BIDS dataset") as info:
         read_cohort(tmp_path / "empty")
+    assert "a folder of .nii/.nii.gz/.mgz images" in str(info.value) and "a .txt list" in str(info.value)
     # a plain folder of images (as brainageR takes them): unlabelled scans, ids from the file names
     _touch(tmp_path / "scans", "control_02.nii.gz", "control_01.nii", "patient 1.mgz", "._control_01.nii", "notes.txt")
     folder = read_cohort(tmp_path / "scans")
     assert folder.ids.tolist() == ["control_01", "control_02", "patient 1"] and np.isnan(folder.ages).all()
     assert [Path(p).name for p in folder.paths] == ["control_01.nii", "control_02.nii.gz", "patient 1.mgz"]
+    # files named like BIDS subjects directly in a folder are a plain folder too (BIDS has sub-* directories)
+    _touch(tmp_path / "flat", "sub-02_T1w.nii.gz", "sub-01_T1w.nii.gz")
+    flat = read_cohort(tmp_path / "flat")
+    assert flat.ids.tolist() == ["sub-01", "sub-02"] and flat.participant_ids.tolist() == ["sub-01", "sub-02"]
 
 
 def test_cohort_object(tmp_path):
@@ -546,6 +551,14 @@ def test_label_columns_hint_lists_the_columns(tmp_path):
     (tmp_path / "cache" / "index.json").write_text("{}")
     assert "jaxtl prepare" in label_columns_hint(tmp_path / "cache", "age")
     assert "--sex-coding 1=M,2=F" in label_columns_hint(tmp_path / "cache", "sex")  # found but coded otherwise
+    # unlabelled by design (a .txt list of paths, a plain folder of images): not read as a table whose header is
+    # the first path
+    _touch(tmp_path / "scans", "a.nii.gz", "b.nii.gz")
+    (tmp_path / "scans.txt").write_text(f"{tmp_path / 'scans/a.nii.gz'}\n{tmp_path / 'scans/b.nii.gz'}\n")
+    for unlabelled in (tmp_path / "scans.txt", tmp_path / "scans"):
+        hint = label_columns_hint(unlabelled, "sex")
+        assert hint.startswith(f"{unlabelled} lists images without labels; give a CSV/TSV with a 'path' and a 'sex' "
+                               "column or a BIDS dataset with participants.tsv") and "a.nii.gz" not in hint
 
 
 def test_transfer_says_when_no_scan_has_the_label(tmp_path):

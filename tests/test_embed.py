@@ -120,7 +120,7 @@ def test_batch_size_is_an_upper_bound():
             assert 1 <= E._batch_size(n, cap, 1) <= cap
 
 
-def test_few_volumes_run_in_a_small_batch_and_bad_arrays_are_refused(age_model, volumes, monkeypatch):
+def test_few_volumes_run_in_a_small_batch_and_bad_arrays_are_refused(age_model, paths, volumes, monkeypatch):
     """One volume is not padded to a batch of 8 (a power of two per device instead); NaN volumes and a single
     (D, H, W, 1) volume without its batch axis are refused, naming what is wrong."""
     import importlib
@@ -147,6 +147,14 @@ def test_few_volumes_run_in_a_small_batch_and_bad_arrays_are_refused(age_model, 
     for size in (0, -3, 2.5):  # -3 had failed with an IndexError, 0 silently meant the default
         with pytest.raises(ValueError, match=f"batch_size={size}: give a positive number"):
             embed(volumes[:2], age_model, batch_size=size, progress=False)
+    # volumes not at the model's resolution: the error says how to prepare them (it had named the caller's
+    # downsample= as the model's)
+    with pytest.raises(ValueError, match=r"expects \(40, 48, 40\) \(its preprocessing: downsample 4\); arrays must "
+                                         r"be .*jaxtl.load_volume\(path, downsample=4\), or pass the image paths"):
+        embed(np.ones((1, 80, 96, 80), np.float32), age_model, progress=False)
+    with pytest.raises(ValueError, match=r"\(its preprocessing: downsample 4\); the scans were loaded with "
+                                         r"downsample=2: leave downsample= out"):
+        embed(paths[:1], age_model, downsample=2, progress=False)
     for dtype in ("int32", "float64"):  # int32 ran (features far off), float64 ran in float32
         with pytest.raises(ValueError, match=f"dtype='{dtype}': the network computes in float32, bfloat16 or"):
             embed(volumes[:2], age_model, dtype=dtype, progress=False)
@@ -426,6 +434,18 @@ def test_on_error_skip_gives_nan_rows_and_warns(age_model, paths, volumes, bad_s
     with pytest.warns(SkippedScansWarning):
         ages = predict(scans, age_model, on_error="skip", progress=False)
     np.testing.assert_array_equal(np.isnan(ages), [False, False, True, True, False])
+    # a CSV cohort: a missing image is a skipped scan too (it had stopped the read), and an age that cannot be
+    # read is no error (embed reads no labels); one path that does not exist: one NaN row, as in a list
+    missing = str(tmp_path / "sub-gone_T1w.nii.gz")
+    table = tmp_path / "cohort.csv"
+    listed = [(paths[0], 40), (missing, 41), (paths[1], "abc")]
+    table.write_text("path,age\n" + "".join(f"{p},{a}\n" for p, a in listed))
+    with pytest.warns(SkippedScansWarning, match="1 of 3 scans"):
+        rows = embed(table, age_model, on_error="skip", progress=False)
+    np.testing.assert_array_equal(np.isnan(rows).all(axis=1), [False, True, False])
+    np.testing.assert_allclose(rows[[0, 2]], ref[:2], rtol=1e-6, atol=1e-7)
+    with pytest.warns(SkippedScansWarning, match="sub-gone_T1w.nii.gz"):
+        assert np.isnan(embed(missing, age_model, on_error="skip", progress=False)).all()
 
 
 def test_on_error_raise_is_the_default_and_names_the_file(age_model, paths, bad_scans):

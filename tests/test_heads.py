@@ -104,6 +104,11 @@ def test_embedder_params_clone_and_paths(tiny_models, ixi_tiny):
             SFCNEmbedder(m, workers=bad).transform(paths)  # transform needs no fit: embed checks it too
     with pytest.raises(ValueError, match="check must be True or False"):
         SFCNEmbedder(m, check="no").fit()
+    # fit checks them, as scikit-learn estimators check their parameters (they had passed fit, failed in transform)
+    with pytest.raises(ValueError, match="batch_size=0: give a positive number"):
+        SFCNEmbedder(m, batch_size=0).fit()
+    with pytest.raises(ValueError, match="dtype='int8': the network computes in float32, bfloat16 or float16"):
+        SFCNEmbedder(m, dtype="int8").fit()
     # paths in a pandas Series whose index is not 0..n-1 (sorted, filtered): read by position, as scikit-learn's
     # CV splits hand them over
     import pandas as pd

@@ -423,7 +423,10 @@ def test_cli_transfer_then_predict(tiny_models, ixi_tiny, tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli.main(argv) == 0
-    assert "features age: test mae" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert capsys.readouterr().out.startswith(f"features age: test mae {metrics['test']['mae']:.4g} (train ")
+    no_test = {**metrics, "n": {**metrics["n"], "test": 0}, "test": {"n": 0}}  # --split 1 0 0 had printed "mae nan"
+    assert cli.transfer_summary(no_test).startswith("features age: no test split (train ")
     assert cli.main(argv) == 2  # results exist: one-line error, no traceback
     assert "already holds transfer results" in capsys.readouterr().err
     # a new cohort without labels: a CSV of paths

@@ -238,6 +238,17 @@ def test_saved_sigma_zero_survives_loading(tmp_path):
         path = jaxtl.save_model(model, tmp_path / f"sigma{sigma}", make_task("age", (42, 82), sigma),
                                 input_shape=(40, 48, 40))
         assert jaxtl.load_model(path).task.sigma == sigma  # 0 (one-hot labels) is not replaced by 1
+    assert jaxtl.load_model(path / "model.json").path == path  # the directory's file names the directory
+    assert repr(jaxtl.load_model(path)) == (f"JaxtlModel(task=AgeTask(bin_range=(42.0, 82.0), sigma=2.5, name='age'), "
+                                            f"channels=(4, 8, 8, 8, 8, 8), input_shape=(40, 48, 40), downsample=1, "
+                                            f"path='{path}')")  # one line, not every layer's arrays
+    with pytest.raises(ValueError, match="the model has 40 outputs, but the sex task decodes 2; save it"):
+        jaxtl.save_model(model, tmp_path / "as_sex", make_task("sex"), input_shape=(40, 48, 40))
+    assert not (tmp_path / "as_sex").exists()
+    assert jaxtl.load_model(path, dtype="bfloat16").model.dtype == "bfloat16"
+    for dtype in ("int8", "bogus", jnp.float64):  # int8 loaded and gave all-zero features; "bogus" a bare TypeError
+        with pytest.raises(ValueError, match=r"dtype=.*: the network computes in float32, bfloat16 or float16"):
+            jaxtl.load_model(path, dtype=dtype)
 
 
 def test_an_interrupted_overwrite_leaves_no_model(tmp_path, monkeypatch):
