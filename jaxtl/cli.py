@@ -415,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, best/, model/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.005 (repeatable)")
-    p.add_argument("--max-steps", type=_at_least(1), default=None, help="stop after this many steps (smoke tests)")
+    p.add_argument("--max-steps", type=_at_least(1), default=None,
+                   help="stop once the run has made this many steps in all, earlier runs' steps included when it "
+                        "resumes (smoke tests)")
     p.add_argument("--profile", type=_step_range, metavar="FIRST:LAST", default=None,
                    help="trace steps FIRST..LAST with the JAX profiler into WORKDIR/profile (e.g. 20:25, after "
                         "compilation and warm-up)")

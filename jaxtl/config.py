@@ -88,6 +88,11 @@ def check_train_config(config: TrainConfig) -> None:
     for field, value in counts.items():
         if value < 1:
             raise bad(field, value, "give a positive integer")
+    # 0 is meaningful for these (checkpoint at epoch ends only; data loading in the main process)
+    for field, value in {"seed": config.seed, "checkpoint_every_steps": config.checkpoint_every_steps,
+                         "data.workers": config.data.workers}.items():
+        if value < 0:
+            raise bad(field, value, "give an integer >= 0")
     if len(config.model.channels) < 2 or min(config.model.channels) < 1:
         raise bad("model.channels", config.model.channels,
                   "give at least 2 positive channel counts, one per block, e.g. (32,64,128,256,256,64)")

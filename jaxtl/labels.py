@@ -17,9 +17,10 @@ import optax
 from jax.scipy.special import ndtr
 
 
-def check_in_range(ages, bin_range: tuple[float, float], where: str = "") -> None:
+def check_in_range(ages, bin_range: tuple[float, float], where: str = "",
+                   fix: str = "bin_range=({low}, {high}) in Python") -> None:
     """Raise ValueError if any age lies outside [bin_min, bin_max) (or is not finite); `where` (e.g. the cohort)
-    leads the message."""
+    leads the message, `fix` (formatted with the covering `low` and `high`) says how to set the range."""
     a = np.asarray(ages, dtype=np.float64).reshape(-1)
     lo, hi = bin_range
     bad = ~((a >= lo) & (a < hi))
@@ -27,11 +28,11 @@ def check_in_range(ages, bin_range: tuple[float, float], where: str = "") -> Non
         examples = ", ".join(f"{v:g}" for v in a[bad][:5])
         finite = a[np.isfinite(a)]
         low, high = (math.floor(finite.min()) - 1, math.ceil(finite.max()) + 1) if finite.size else (0, 0)
-        cover = f"; ages span {finite.min():g}-{finite.max():g}, so e.g. --set bin_range=({low},{high})" \
+        cover = f"; ages span {finite.min():g}-{finite.max():g}, so e.g. {fix.format(low=low, high=high)}" \
             if finite.size else ""
         raise ValueError(
             f"{where + ': ' if where else ''}{int(bad.sum())} age(s) outside the model's bin range [{lo:g}, {hi:g}) "
-            f"(e.g. {examples}); choose a bin range that covers the cohort{cover} (bin_range=(MIN, MAX) in Python)"
+            f"(e.g. {examples}); choose a bin range that covers the cohort{cover}"
         )
 
 

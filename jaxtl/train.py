@@ -431,11 +431,18 @@ def _check_shared_workdir(workdir: Path) -> None:
                          "shared disk, ...), as the checkpoint is written by all of them together")
 
 
-def _check_config(workdir: Path, config: TrainConfig) -> dict | None:
-    """Write `config.json` for a new run; for an existing one, refuse a config that differs in anything but
+def _has_checkpoint(workdir: Path) -> bool:
+    """Whether the run in `workdir` has a finished checkpoint to resume (else it starts anew: a run that stopped
+    before its first checkpoint, e.g. out of memory at step 1, may be rerun with another config)."""
+    checkpoints = workdir / "checkpoints"
+    return checkpoints.is_dir() and bool(ocp.utils.checkpoint_steps(checkpoints))
+
+
+def _check_config(workdir: Path, config: TrainConfig, resuming: bool) -> dict | None:
+    """Write `config.json` for a new run; for one `resuming`, refuse a config that differs in anything but
     `RESUMABLE_FIELDS`. Returns the saved config (flat `section.field` keys) or None for a new run."""
     path = workdir / "config.json"
-    if not path.exists():
+    if not resuming or not path.exists():
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
             _write_json(path, to_dict(config))
@@ -486,13 +493,13 @@ def _check_workdir(workdir: Path) -> None:
         raise PermissionError(f"--workdir {workdir}: {probe} is not writable; give a directory this user can write")
 
 
-def _check_volumes(workdir: Path, source: CacheSource, cohort: Any) -> dict:
+def _check_volumes(workdir: Path, source: CacheSource, cohort: Any, resuming: bool) -> dict:
     """What the run's volumes are (`workdir/volumes.json`): a run resumes only on volumes of the shape, downsample
     and dtype it started with (the scans themselves: `_saved_split`). Returns the record for this cache."""
     now = {"cache": str(Path(source.cache_dir).resolve()), "shape": list(source.shape),
            "downsample": source.downsample, "dtype": str(source.stored_dtype)}
     path = workdir / "volumes.json"
-    if path.exists():
+    if resuming and path.exists():
         saved = json.loads(path.read_text())
         diff = [f"{k}: {saved[k]} in the run, {now[k]} now" for k in ("shape", "downsample", "dtype")
                 if k in saved and saved[k] != now[k]]
@@ -582,7 +589,7 @@ def _check_labels(source, indices, config: TrainConfig, cohort: str) -> None:
                          "CSV) and run the same `jaxtl prepare` command again (labels are re-read, no scan is "
                          f"reprocessed), or prepare a cache from a cohort without these scans")
     if key == "age":
-        check_in_range(values, config.bin_range, str(cohort))
+        check_in_range(values, config.bin_range, str(cohort), fix="--set bin_range={low},{high}")
 
 
 class _TrainClock:
@@ -697,6 +704,9 @@ def _open_run(config: TrainConfig, cohort: str | os.PathLike, workdir: Path, pro
         raise ValueError(f"{cohort}: volumes of shape {source.shape} are too small for "
                          f"{len(config.model.channels)} blocks (model.channels={config.model.channels}): each side "
                          f"must be at least {smallest} voxels; use fewer blocks or a cache of a finer --downsample")
+    if config.data.shift >= min(source.shape):  # else it fails at the first batch, naming a random draw
+        raise ValueError(f"data.shift={config.data.shift}: the random shift must be smaller than the volumes' "
+                         f"smallest side ({min(source.shape)} voxels of {source.shape}) (--set data.shift=...)")
     check_train_batch(config.batch_size, len(config.model.channels), source.shape)
     n_proc, n_dev = jax.process_count(), len(default_devices())
     if config.batch_size % n_dev or config.batch_size % n_proc:
@@ -705,14 +715,27 @@ def _open_run(config: TrainConfig, cohort: str | os.PathLike, workdir: Path, pro
     split_seed = _split_seed(config)
     train_idx, val_idx, test_idx = split_participants(source.participant_ids, config.data.val_fraction,
                                                       config.data.test_fraction, split_seed)
-    train_idx, val_idx, test_idx = _saved_split(workdir, source, (train_idx, val_idx, test_idx))
+    resuming = _has_checkpoint(workdir)
+    if resuming:
+        train_idx, val_idx, test_idx = _saved_split(workdir, source, (train_idx, val_idx, test_idx))
+    _warn_empty_splits(config, val_idx, test_idx)
     if len(train_idx) < config.batch_size:
         raise ValueError(f"{cohort}: {len(train_idx)} training scans, fewer than one batch of {config.batch_size}; "
                          "use more scans or a smaller batch (--set batch_size=N, a multiple of the device count)")
     _check_labels(source, np.arange(len(source)), config, str(cohort))
-    volumes = _check_volumes(workdir, source, cohort)
-    saved_config = _check_config(workdir, config)
+    volumes = _check_volumes(workdir, source, cohort, resuming)
+    saved_config = _check_config(workdir, config, resuming)
     return source, split_seed, (train_idx, val_idx, test_idx), volumes, saved_config
+
+
+def _warn_empty_splits(config: TrainConfig, val_idx: np.ndarray, test_idx: np.ndarray) -> None:
+    """A validation or test fraction asked for but rounded to no participant: say what goes missing."""
+    for name, fraction, idx, missing in (("val", config.data.val_fraction, val_idx, "no validation and no best/"),
+                                         ("test", config.data.test_fraction, test_idx, "no test metrics")):
+        if fraction > 0 and len(idx) == 0:
+            warnings.warn(f"data.{name}_fraction={fraction} rounds to no participant of this cohort: {missing} "
+                          f"(--set data.{name}_fraction=... for at least one participant, or 0 to mean it)",
+                          stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -754,7 +777,8 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         mesh_devices = default_devices()
         print(f"jaxtl pretrain: {n_proc} process(es), {len(mesh_devices)} {mesh_devices[0].platform} device(s) "
               f"({jax.local_device_count()} on this process), global batch {config.batch_size} "
-              f"({config.batch_size // len(mesh_devices)} per device), {len(train_idx)} training scans",
+              f"({config.batch_size // len(mesh_devices)} per device), {len(train_idx)} training scans "
+              f"(val {len(val_idx)}, test {len(test_idx)})",
               file=sys.stderr, flush=True)
     if is_main:
         _write_json(workdir / "volumes.json", volumes)
@@ -794,14 +818,16 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         trainer.state = mngr.restore(latest, args=ocp.args.Composite(**items))["state"]
     metrics_file = workdir / "metrics.jsonl"
     if is_main:
+        changed = []
         if saved_config is not None:
             current = _flatten(to_dict(config))
             changed = [f"{k} {current[k]!r} (was {saved_config.get(k)!r})" for k in SCHEDULE_FIELDS
                        if current[k] != saved_config.get(k)]
-            if changed and latest is not None:
-                print(f"jaxtl pretrain: resuming at step {step} with {', '.join(changed)}", file=sys.stderr,
-                      flush=True)
             _write_json(workdir / "config.json", to_dict(config))  # the run's config now (resumable changes)
+        if latest is not None:  # also in logs without progress bars
+            print(f"jaxtl pretrain: resuming at step {step} (epoch {step / steps_per_epoch:g}) from "
+                  f"{workdir / 'checkpoints'}{' with ' + ', '.join(changed) if changed else ''}", file=sys.stderr,
+                  flush=True)
         _truncate_metrics(metrics_file, step)
     pending = []  # losses not yet checked for finiteness
     in_flight = collections.deque()  # losses of the last steps dispatched, possibly still running
@@ -856,6 +882,9 @@ def pretrain(config: TrainConfig, cohort: str | os.PathLike, workdir: str | os.P
         raise Preempted(step, watch.exit_code)
 
     end = total_steps if max_steps is None else min(total_steps, max_steps)
+    if max_steps is not None and step >= max_steps and step < total_steps:
+        warnings.warn(f"{workdir} is at step {step} already, max_steps={max_steps} counts the run's steps in all "
+                      "(resumed runs included): nothing to train", stacklevel=2)
     tracer = Profile(workdir, profile, n_proc) if profile is not None else None
     if tracer is not None:
         tracer.plan(step, end)

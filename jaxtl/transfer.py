@@ -789,7 +789,7 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
     target = target.in_memory()
     if task_name == "age":
         task = make_task("age", network_bins(config, backbone, y[train]))
-        check_in_range(y[train], task.bin_range)
+        check_in_range(y[train], task.bin_range, fix="--bins {low} {high} (bin_range=({low}, {high}) in Python)")
     else:
         task = SexTask()
     ft = config.finetune_config(backbone.task.name)

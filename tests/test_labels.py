@@ -50,11 +50,16 @@ def test_out_of_range_is_an_error(ages):
 
 
 def test_out_of_range_message_names_the_cohort_and_a_covering_range():
+    from jaxtl.config import TrainConfig, override
     from jaxtl.labels import check_in_range
 
     with pytest.raises(ValueError, match=r"^caches/ixi: 2 age\(s\) outside .*ages span 19.5-86.2, so e.g. "
-                                         r"--set bin_range=\(18,88\)"):
+                                         r"bin_range=\(18, 88\) in Python$"):
         check_in_range([19.5, 50.0, 86.2], (42, 82), "caches/ixi")
+    # the hint of `jaxtl pretrain` pastes into a shell as it is (it had said --set bin_range=(18,88))
+    with pytest.raises(ValueError, match=r"so e.g. --set bin_range=18,88$"):
+        check_in_range([19.5, 50.0, 86.2], (42, 82), "caches/ixi", fix="--set bin_range={low},{high}")
+    assert override(TrainConfig(), "bin_range=18,88").bin_range == (18, 88)
 
 
 def test_kl_loss_equals_pytorch_batchmean():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -324,7 +325,11 @@ def test_pretrain_end_to_end_and_resume_is_noop(ukb_cache, tmp_path, capsys):
     # the same command again, with other logging/checkpointing settings: nothing is retrained
     n_lines = len(records)
     pretrain(tiny_config("log_every_steps=5", "checkpoint_every_steps=3"), ukb_cache, run, progress=True)
-    last_line = capsys.readouterr().err.split("pretrain")[-1]  # the final progress line: both models' test MAE
+    err = capsys.readouterr().err
+    assert "24 training scans (val 4, test 4)" in err  # the split sizes, in the first line
+    # said with nothing changed too (only a changed learning rate schedule had been)
+    assert f"jaxtl pretrain: resuming at step 12 (epoch 2) from {run / 'checkpoints'}\n" in err
+    last_line = err.split("pretrain")[-1]  # the final progress line: both models' test MAE
     assert "test_mae=" in last_line and "test_mae_best=" in last_line, last_line
     again = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(again) == n_lines and sum("final" in r for r in again) == 1  # the earlier final was replaced
@@ -372,6 +377,8 @@ def test_resume_drops_records_after_the_checkpoint_and_may_change_workers(ukb_ca
     work = tmp_path / "work"
     out = pretrain(tiny_config("epochs=1"), ukb_cache, work, progress=False, max_steps=3)  # checkpoint at step 3
     assert model_meta(out)["complete"] is False  # a --max-steps export is not a finished run
+    with pytest.warns(UserWarning, match=r"at step 3 already, max_steps=2 counts the run's steps in all .* nothing"):
+        pretrain(tiny_config("epochs=1"), ukb_cache, work, progress=False, max_steps=2)
     with (work / "metrics.jsonl").open("a") as f:  # steps 4-5 logged, then a kill before their checkpoint
         f.write('{"step": 4, "epoch": 0.67, "loss": 9.0, "lr": 0.01, "volumes_per_s": 1.0}\n{"step": 5, "ep')
     pretrain(tiny_config("epochs=1", "data.workers=1", "log_every_steps=2", "checkpoint_every_steps=5"), ukb_cache,
@@ -394,6 +401,22 @@ def test_a_workdir_that_is_something_else_is_refused(ukb_cache, tmp_path, monkey
     with pytest.raises(PermissionError, match=r"--workdir .*ro/run: .*ro is not writable"):
         pretrain(tiny_config(), ukb_cache, readonly / "run", progress=False)
     assert not (readonly / "run").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_anew(ukb_cache, tmp_path):
+    """Out of memory at step 1, say: the rerun with a smaller batch is a new run, not a refused config change;
+    the split it computes replaces the dead run's, and a fraction that rounds to nobody is warned about."""
+    pretrain(tiny_config("epochs=1"), ukb_cache, tmp_path, progress=False, max_steps=1)
+    for name in ("checkpoints", "model", "best"):
+        shutil.rmtree(tmp_path / name, ignore_errors=True)
+    (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp-0").mkdir(parents=True)  # an unfinished save
+    (tmp_path / "volumes.json").write_text(json.dumps({"cache": "gone", "shape": [1, 1, 1]}))
+    with pytest.warns(UserWarning, match=r"data.val_fraction=0.01 rounds to no participant .*: no validation"):
+        pretrain(tiny_config("epochs=1", "batch_size=4", "data.val_fraction=0.01"), ukb_cache, tmp_path,
+                 progress=False, max_steps=1)
+    assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 4
+    assert json.loads((tmp_path / "split.json").read_text())["val"] == []
+    assert json.loads((tmp_path / "volumes.json").read_text())["shape"] == [40, 48, 40]
 
 
 def test_a_run_stopped_by_max_steps_logs_its_last_step(ukb_cache, tmp_path):
@@ -462,6 +485,13 @@ def test_bad_config_values_are_refused_before_the_workdir_is_written(ukb_cache, 
                        ("data.shift=-1", r"data.shift=-1: .*>= 0"),
                        ("data.test_fraction=-0.5", r"^data.test_fraction=-0.5: give a fraction >= 0"),
                        ("optim.gamma=0.0", "optim.gamma=0.0: give the learning rate's positive step factor"),
+                       # numpy's error named no field; -1 checkpointed at every step (step % -1 == 0)
+                       ("seed=-1", r"^seed=-1: give an integer >= 0"),
+                       ("checkpoint_every_steps=-1", r"^checkpoint_every_steps=-1: give an integer >= 0"),
+                       ("data.workers=-1", r"^data.workers=-1: give an integer >= 0"),
+                       # had failed at the first batch, naming a random draw
+                       ("data.shift=40", r"^data.shift=40: the random shift must be smaller than the volumes' "
+                                         r"smallest side \(40 voxels of \(40, 48, 40\)\)"),
                        # 4mm: the last block is 1x1x1, and one scan's BatchNorm statistics pass no gradient
                        ("batch_size=1", r"a training batch of 1 at input 40x48x40 leaves the last block's BatchNorm "
                                         r"1 value per channel .* at least 2")):

@@ -37,7 +37,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(ukb_cache, tmp_pat
     assert "resume with a lower learning rate (--set optim.lr=" in str(e.value)
     calmer = tiny_config("optim.lr=1e-3", "optim.step_epochs=1", "optim.gamma=0.5", "checkpoint_every_steps=1")
     pretrain(calmer, ukb_cache, tmp_path / "run2", progress=False)
-    assert "resuming at step 6 with optim.gamma 0.5 (was 1e+300)" in capsys.readouterr().err
+    assert f"resuming at step 6 (epoch 1) from {tmp_path / 'run2' / 'checkpoints'} with optim.gamma 0.5 (was 1e+300)" \
+        in capsys.readouterr().err
     steps = [r["step"] for r in steps_logged(tmp_path / "run2")]
     assert steps == list(range(1, 13))  # 2 epochs of 6 steps, each logged once
     assert json.loads((tmp_path / "run2" / "config.json").read_text())["optim"]["gamma"] == 0.5
