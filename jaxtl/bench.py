@@ -115,7 +115,8 @@ def plan_cases(suites: Sequence[str], configs: Sequence[str], resolutions: Seque
     cases: list[Case] = []
     for suite in suites:
         if suite == "input":
-            cases += [Case("input", "pipeline", r, 8 if batch is None else batch, "float32") for r in resolutions]
+            # the cache's dtype (--dtype applies to the network)
+            cases += [Case("input", "pipeline", r, 8 if batch is None else batch, "float16") for r in resolutions]
             continue
         for config in configs:
             for res in ([FIXED_RESOLUTION[config]] if config in FIXED_RESOLUTION else resolutions):
@@ -1029,18 +1030,22 @@ class SuiteFailed(RuntimeError):
 def summary_line(r: dict) -> str:
     """One human-readable line per record."""
     s = f"{r['case']} {r['config']}: jaxtl {r['vol_per_s']:.3g} vol/s"
+    per_device = (r.get("devices") or 1) > 1 and r.get("vol_per_s_per_device") is not None
+    if per_device:  # the ratio below is per device: PyTorch runs on one
+        s += f" ({r['vol_per_s_per_device']:.3g} per device of {r['devices']})"
     if r.get("compile_s") is not None:
         s += f" (compile {r['compile_s']:.1f} s, {r['gflop_per_s']:.0f} GFLOP/s"
-        s += f", {100 * r['peak_fraction']:.0f}% of peak)" if r.get("peak_fraction") else ")"
+        s += f", {_percent(r['peak_fraction'])}% of peak)" if r.get("peak_fraction") else ")"
     if r.get("torch"):
-        s += f"; PyTorch {r['torch']['vol_per_s']:.3g} vol/s ({r['torch']['memory_format']}); " \
-             f"jaxtl/PyTorch {r['ratio']:.2f} (paired {r['ratio_paired']:.2f})"
+        s += f"; PyTorch {r['torch']['vol_per_s']:.3g} vol/s ({r['torch']['memory_format']}"
+        s += ", one device); jaxtl/PyTorch per device " if per_device else "); jaxtl/PyTorch "
+        s += f"{r['ratio']:.2f} (paired {r['ratio_paired']:.2f})"
     if r.get("api_vol_per_s"):
         s += f"; jaxtl.embed() end to end {r['api_vol_per_s']:.3g} vol/s"
     st = r.get("stream")
     if st:
         s += f"; {st['batches']} batches back to back: jaxtl {st['vol_per_s']:.3g} vol/s"
-        s += f" ({100 * st['peak_fraction']:.0f}% of peak)" if st.get("peak_fraction") else ""
+        s += f" ({_percent(st['peak_fraction'])}% of peak)" if st.get("peak_fraction") else ""
         s += f", PyTorch {st['torch_vol_per_s']:.3g} (jaxtl/PyTorch {st['ratio']:.2f})" if st.get("ratio") else ""
     if r.get("other_cpu_cores") and is_busy(r):
         s += (f" [BUSY: other processes used up to {max(v for v in r['other_cpu_cores'].values() if v is not None)}"
@@ -1154,6 +1159,11 @@ def _fmt(v: Any, spec: str = ".3g") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _percent(fraction: float | None) -> str:
+    """A fraction as a percentage with two significant digits: 39, 8.3, 0.46 (a 1 on a GPU was 0.46%)."""
+    return "—" if fraction is None else f"{100 * fraction:.2g}"
+
+
 def _commit(r: dict) -> str:
     git = r.get("git") or {}
     return (git.get("commit") or "unknown")[:7] + ("+dirty" if git.get("dirty") else "")
@@ -1164,7 +1174,7 @@ def _stream(r: dict) -> str:
     st = r.get("stream")
     if not st:
         return "—"
-    pct = "" if st.get("peak_fraction") is None else f" ({100 * st['peak_fraction']:.0f})"
+    pct = "" if st.get("peak_fraction") is None else f" ({_percent(st['peak_fraction'])})"
     return f"K={st['batches']}: {_fmt(st['vol_per_s'])}{pct}" + (
         f" / {_fmt(st['torch_vol_per_s'])}" if st.get("torch_vol_per_s") else "")
 
@@ -1187,6 +1197,27 @@ def _peaks(records: Sequence[dict]) -> str:
     return "".join(f"- {hw}, {dtype}: {how}\n" for (hw, dtype), how in sorted(seen.items(), key=str))
 
 
+def _caveats(records: Sequence[dict]) -> str:
+    """What a row's figure is not (e.g. an allocator that ran out of memory for its workspaces), one line each."""
+    return "".join(f"- {hardware_name(r['hardware'])}, {r['case']}{_variant(r)} {r['config']} {r.get('dtype')} batch "
+                   f"{r.get('batch')}: {r['caveat']}\n" for r in latest(records) if r.get("caveat"))
+
+
+_SOFTWARE = (("JAX", "jax"), ("PyTorch", "torch"), ("CUDA driver", "gpu_driver"))
+
+
+def _software(records: Sequence[dict]) -> str:
+    """The library versions behind the report's rows, one line per hardware (a GPU row's PyTorch is a CUDA build,
+    a CPU row's the CPU build: ratios compare these)."""
+    seen: dict[str, set[str]] = {}
+    for r in latest(records):
+        v = r.get("versions") or {}
+        parts = [f"{name} {v[key]}" for name, key in _SOFTWARE if v.get(key)]
+        if parts:
+            seen.setdefault(hardware_name(r["hardware"]), set()).add(", ".join(parts))
+    return "".join(f"- {hw}: {'; '.join(sorted(combos))}\n" for hw, combos in sorted(seen.items()))
+
+
 def report_markdown(records: Sequence[dict]) -> str:
     """A markdown table of the latest record per case and hardware."""
     rows = latest(records)
@@ -1202,13 +1233,14 @@ def report_markdown(records: Sequence[dict]) -> str:
         shape = "x".join(map(str, r["input_shape"])) if r.get("input_shape") else "—"
         busy = " (busy)" if is_busy(r) else ""  # on the ratio, which load distorts most; else on jaxtl's figure
         ratio, busy_vol = ("—", busy) if r.get("ratio") is None else (f"{r['ratio']:.2f}{busy}", "")
+        busy_vol += " (see caveats)" if r.get("caveat") else ""
         other = [v for v in (r.get("other_cpu_cores") or {}).values() if v is not None]
         load = (r.get("load_avg") or {}).get("end")
         lines.append(
             f"| {hw_name} | {r['case']}{_variant(r)} | {r['config']} | {r.get('resolution_mm')}mm {shape} | "
             f"{_fmt(r.get('dtype'), 's')} | {_fmt(r.get('batch'), 'd')} | {_fmt(r.get('vol_per_s'))}{busy_vol} | "
-            f"{_fmt(t.get('vol_per_s'))} | {ratio} | {_fmt(r.get('gflop_per_s'), '.0f')} | "
-            f"{_fmt(None if r.get('peak_fraction') is None else 100 * r['peak_fraction'], '.0f')} | {_stream(r)} | "
+            f"{_fmt(t.get('vol_per_s'))} | {ratio} | {_fmt(r.get('gflop_per_s'), ',.0f')} | "
+            f"{_percent(r.get('peak_fraction'))} | {_stream(r)} | "
             f"{_timed(r)} | "
             f"{_fmt(r.get('compile_s'), '.1f')} | {_fmt(load[0] if load else None, '.1f')} | "
             f"{_fmt(max(other) if other else None, '.2f')} | {_commit(r)} |")
@@ -1284,6 +1316,12 @@ def write_report(results: Sequence[str | os.PathLike], out_md: str | os.PathLike
     peaks = _peaks(records)
     if peaks:
         text += "\n\"% peak\" is of these peaks:\n\n" + peaks
+    caveats = _caveats(records)
+    if caveats:
+        text += "\nCaveats (added to a record after its run, `caveat`):\n\n" + caveats
+    software = _software(records)
+    if software:
+        text += "\nSoftware of the rows above:\n\n" + software
     png = out_md.with_suffix(".png")
     if any(r["case"] in ("embed", "train") for r in records):
         report_chart(records, png)

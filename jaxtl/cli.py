@@ -321,7 +321,10 @@ def _bench(args: argparse.Namespace) -> int:
         for f in e.failures:
             print(f"  {f}", file=sys.stderr)
         return 1
-    print(f"wrote {len(records)} records to {out} (`jaxtl bench report` renders benchmarks/results/)")
+    default_dir = Path("benchmarks/results").resolve()
+    report = ("jaxtl bench report" if Path(out).resolve().parent == default_dir
+              else f"jaxtl bench report --results {out} --report-out {Path(out).with_suffix('.md')}")
+    print(f"wrote {len(records)} records to {out} (`{report}` renders them)")
     return 0
 
 
@@ -558,7 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "their features fetched after the last, on both sides (3 rounds): the device's throughput "
                         "without the host round trip of each step (host-to-device copies not included: those are "
                         "in jaxtl.embed()'s end-to-end figure); default 8 on GPUs/TPUs, 0 (off) on CPUs")
-    p.add_argument("--out", default=None, help="JSONL file to append to (default benchmarks/results/<hardware>.jsonl)")
+    p.add_argument("--out", default=None,
+                   help="JSONL file to append to (default benchmarks/results/<hardware>.jsonl under the current "
+                        "directory)")
     p.add_argument("--results", nargs="+", default=["benchmarks/results"],
                    help="report: .jsonl files or directories (default benchmarks/results)")
     p.add_argument("--report-out", default="benchmarks/results/report.md",

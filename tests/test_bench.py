@@ -188,7 +188,7 @@ def test_embed_batches_back_to_back(tiny, monkeypatch):
     assert st["peak_fraction"] == pytest.approx(flops * st["vol_per_s"] / 1e12)
     assert "3 batches back to back: jaxtl" in bench.summary_line(rec | {"torch": None})
     row = bench.report_markdown([_fake_record("cpu-test-2core") | {"stream": st}])
-    assert f"| K=3: {st['vol_per_s']:.3g} ({100 * st['peak_fraction']:.0f}) / {st['torch_vol_per_s']:.3g} |" in row
+    assert f"| K=3: {st['vol_per_s']:.3g} ({100 * st['peak_fraction']:.2g}) / {st['torch_vol_per_s']:.3g} |" in row
     # the report names the peak behind each hardware and dtype's "% peak"
     hw = _fake_record("cpu-test-2core")["hardware"]
     assert bench._peaks([rec | {"hardware": hw}]) == f"- {bench.hardware_name(hw)}, float32: test peak\n"
@@ -252,7 +252,9 @@ def test_run_suite_input_records_and_report(tmp_path, monkeypatch, capsys):
     out = tmp_path / "results" / "cpu-test.jsonl"
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # settings that change a measurement are recorded
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
-    records = bench.run_suite(bench.plan_cases(["input"], ["peng"], [4], ["float32"]), out, note="test")
+    cases = bench.plan_cases(["input"], ["peng"], [4], ["float32"])
+    assert [c.dtype for c in cases] == ["float16"]  # what the cache holds (its progress line had said float32)
+    records = bench.run_suite(cases, out, note="test")
     assert [r["config"] for r in records] == ["memcpy", "grain:w1"] and records[0]["note"] == "test"
     assert records[0]["versions"]["env"]["OMP_NUM_THREADS"] == "2"
     assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in records[0]["versions"]["env"]
@@ -270,11 +272,26 @@ def test_run_suite_input_records_and_report(tmp_path, monkeypatch, capsys):
     assert text.count("| embed |") == 1 and "| train |" in text  # the older duplicate is dropped
     assert "| 200 |" in text and "| 1 |" not in text
     assert png.exists() and png.stat().st_size > 1000
+    # the versions the rows compare (the records had them, the report did not)
+    assert f"- {bench.hardware_name(records[0]['hardware'])}: JAX {records[0]['versions']['jax']}, PyTorch " in text
     # 8 devices: jaxtl's bars per device beside PyTorch's one device (the ratio of the record, not 8x it)
     multi = _fake_record("gpu-fake-x8", vol=800.0, torch_vol=100.0) | {"vol_per_s_per_device": 100.0, "ratio": 1.0}
     labels, jx, pt = bench.chart_rows([multi])
     assert labels[0].startswith("gpu-fake-x8 | embed") and jx == [100.0] and pt == [100.0]
     assert "| 800 | 100 | 1.00 |" in bench.report_markdown([multi])
+    # the console line says the ratio is per device (it read as jaxtl's total over PyTorch's)
+    line = bench.summary_line(multi | {"devices": 8, "ratio_paired": 1.0,
+                                       "torch": {"vol_per_s": 100.0, "memory_format": "channels_last"}})
+    assert "jaxtl 800 vol/s (100 per device of 8)" in line
+    assert "PyTorch 100 vol/s (channels_last, one device); jaxtl/PyTorch per device 1.00" in line
+    # a GPU's small peak fractions and large FLOP rates stay legible (0.46% had read 0, 266520 GFLOP/s unparted)
+    gpu_row = bench.report_markdown([multi | {"peak_fraction": 0.0046, "gflop_per_s": 266520.4}])
+    assert "| 266,520 | 0.46 |" in gpu_row
+    assert "0.46% of peak" in bench.summary_line(multi | {"peak_fraction": 0.0046, "torch": None})
+    # a figure known to be something else (added to the record after its run) is marked, and the reason listed
+    noted = multi | {"caveat": "the autotuner ran out of memory"}
+    assert "| 800 (see caveats) |" in bench.report_markdown([noted])
+    assert bench._caveats([noted]) == "- Fake x8, embed peng float32 batch 4: the autotuner ran out of memory\n"
     # how many steps were timed and how tight they were, on each side
     torch_steps = {"n": 3, "median": 2.0, "iqr": 0.1}
     timed = multi | {"step_s": {"n": 20, "median": 0.5, "iqr": 0.01},
@@ -541,6 +558,17 @@ def test_cli_names_a_bad_resolution_and_batch(capsys):
     assert "--resolution 'abc': give 1, 2 or 4" in capsys.readouterr().err
     with pytest.raises(ValueError, match="batch 3: give a positive multiple of the 2 device"):
         bench.plan_cases(["embed"], ["peng"], [2], ["float32"], batch=3, devices=2)
+
+
+def test_cli_says_how_to_render_what_it_wrote(tmp_path, monkeypatch, capsys):
+    """Records written elsewhere than benchmarks/results/ are not in the default report: the hint names them."""
+    monkeypatch.setattr(bench, "run_suite", lambda cases, out, **kw: [{}])
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--configs", "demo", "--no-torch", "--out", "runs/a.jsonl"]) == 0
+    hint = "(`jaxtl bench report --results runs/a.jsonl --report-out runs/a.md` renders them)"
+    assert hint in capsys.readouterr().out
+    assert main(["bench", "--configs", "demo", "--no-torch", "--out", "benchmarks/results/a.jsonl"]) == 0
+    assert "(`jaxtl bench report` renders them)" in capsys.readouterr().out
 
 
 def test_report_of_input_records_only_and_of_foreign_records(tmp_path, capsys):
