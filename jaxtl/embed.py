@@ -427,11 +427,10 @@ def apply_batched(model: SFCN, volumes: Any, layer: str = "features", *, batch_s
                   expected_shape: Sequence[int] | None = None, expected_downsample: int | None = None,
                   workers: int | None = None) -> np.ndarray:
     """Run `model` in eval mode over `volumes` in padded, sharded batches; `(N, ...)` float32 outputs.
-    `expected_shape`: the volume shape the model was trained on (and `expected_downsample` its downsampling):
-    other shapes are refused with what to do.
 
     The next batch is read (paths: loaded and conformed on `workers` threads) while the current one runs.
-    Rows of scans a `VolumeReader(on_error="skip")` skipped are NaN.
+    Rows of scans a `VolumeReader(on_error="skip")` skipped are NaN. `expected_shape`: the volume shape the model
+    was trained on (`expected_downsample`: its downsampling); volumes of another shape are refused, saying what to do.
     """
     _check_layer(model, layer)
     check_batch_options(batch_size, dtype)
