@@ -819,7 +819,7 @@ def _read_bids(
         elif key is None:
             no_row.append(f"{subject} {session}")
         age, sex, site = labels.get(key, (math.nan, math.nan, ""))
-        age = session_ages[subject].get(session, age)
+        age = session_ages[subject].get(_bare_session(session), age) if session else age
         scan_id = re.sub(r"_T1w$", "", _strip_suffix(image.name))
         if key is not None and key[1] and _bare_session(key[1]) == _bare_session(session):
             own_row.add(scan_id)  # labelled by its own session's row
@@ -844,7 +844,7 @@ def _read_bids(
     for _, s in scans:
         sessions_of[s.participant_id].add(s.session)
     shared = sorted({s.participant_id for _, s in scans if len(sessions_of[s.participant_id]) > 1 and s.session
-                     and s.session not in session_ages[s.participant_id] and math.isfinite(s.age)
+                     and _bare_session(s.session) not in session_ages[s.participant_id] and math.isfinite(s.age)
                      and s.id not in own_row})
     if shared:
         warnings.warn(
@@ -1027,8 +1027,8 @@ def _participants(
 
 
 def _session_ages(path: Path | None, age_column: str | None = None) -> tuple[dict[str, float], list[tuple[str, str]]]:
-    """Per-session ages ("ses-X" -> years) from `sub-X/sub-X_sessions.tsv` (BIDS longitudinal), if present; the
-    age column by `age_column` or the usual aliases, session ids with or without their "ses-" prefix."""
+    """Per-session ages from `sub-X/sub-X_sessions.tsv` (BIDS longitudinal), if present, keyed by `_bare_session`
+    ("ses-01", "01" and "1" are one session); the age column by `age_column` or the usual aliases."""
     if path is None:
         return {}, []
     raw, header, rows, problems = _read_table(path)
@@ -1048,5 +1048,5 @@ def _session_ages(path: Path | None, age_column: str | None = None) -> tuple[dic
             continue
         sid = cells[session]
         if not math.isnan(value) and sid:
-            ages[sid if sid.startswith("ses-") else f"ses-{sid}"] = value
+            ages[_bare_session(sid)] = value
     return ages, problems

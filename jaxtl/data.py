@@ -45,6 +45,10 @@ MIN_FOV_COVERAGE = 0.5  # refuse images whose field of view holds less than this
 MIN_SIGNAL_IN_BRAIN = 0.1  # refuse when less than this share of the intensity lies inside the brain mask
 MAX_SIGNAL_OUTSIDE_BRAIN = 0.25  # warn (not skull-stripped?) above this share outside the dilated mask
 MIN_TEMPLATE_CORRELATION = 0.5  # warn below this correlation with the MNI152 template
+# refuse a mean intensity below this share of the mean absolute intensity: a z-scored or difference image, whose
+# mean is 0 up to float rounding (a T1's ratio is 1, or just below it where interpolation rang below 0)
+MIN_MEAN_TO_ABS_MEAN = 0.1
+MAX_MASK_VALUES = 4  # refuse images with this many distinct intensities or fewer: a mask or label image
 # Below this correlation, also try the image with each voxel axis reversed (a header that does not match the voxels:
 # flipped scans correlate 0.39-0.53, registered ones 0.77-0.88 in the tests' simulated and template images).
 CHECK_MIRRORED_BELOW = 0.7
@@ -113,19 +117,22 @@ def load_volume(source: Source, *, downsample: int = 1, check: bool = True) -> n
     crops to 160x192x160 and block-averages by `downsample`. `check=False` skips the heuristic
     warnings (skull-stripping, template similarity), never the refusals.
     """
-    return preprocess(conform(source, check=check), downsample=downsample)
+    return preprocess(conform(source, check=check, downsample=downsample), downsample=downsample)
 
 
-def conform(source: Source, *, check: bool = True) -> np.ndarray:
+def conform(source: Source, *, check: bool = True, downsample: int | None = None) -> np.ndarray:
     """Return the image on FSL's MNI152 1mm grid (182x218x182, float32), placed by its affine.
 
     An image already on the grid passes through bit-exact; one on the same 1mm lattice in another
     orientation or field of view is reoriented by exact flips, transposes and integer shifts; any
     other grid (e.g. 2mm, half-voxel offsets, oblique) is resampled with linear interpolation.
+    `downsample`: the network input's voxel size (mm) the image is for; voxels much coarser warn.
     """
     img, name = _open(source)
     data = _read_data(img, name)
     affine = _affine(img, name, data.shape)
+    if check and downsample is not None:
+        _check_voxel_size(affine, downsample, name)
     if data.shape[:3] == INPUT_SHAPE and np.allclose(affine, MNI_AFFINE, atol=1e-3):
         # What a user of Peng's PyTorch code may have saved: the network's input crop, with the full grid's header
         raise InputError(f"{name}: a 160x192x160 image with the header of the whole 182x218x182 MNI152 grid: it "
@@ -149,8 +156,10 @@ def preprocess(volume: np.ndarray, *, downsample: int = 1) -> np.ndarray:
 def normalise(volume: np.ndarray) -> np.ndarray:
     """Divide by the mean over the whole volume, background included (Peng; TL `average`)."""
     mean = float(np.mean(volume, dtype=np.float64))
-    if not mean > 0:
-        raise ValueError(f"cannot normalise a volume with mean intensity {mean:g} (must be > 0)")
+    if not mean > MIN_MEAN_TO_ABS_MEAN * float(np.mean(np.abs(volume), dtype=np.float64)):
+        raise ValueError(f"cannot normalise a volume with mean intensity {mean:g} (mean |intensity| "
+                         f"{float(np.mean(np.abs(volume), dtype=np.float64)):g}): expected non-negative T1 "
+                         "intensities, not a z-scored or difference image")
     return (volume / np.float32(mean)).astype(np.float32, copy=False)
 
 
@@ -264,7 +273,21 @@ def _read_data(img: nib.spatialimages.SpatialImage, name: str) -> np.ndarray:
     if lo == hi:
         what = "all-zero" if lo == 0 else f"constant (every voxel = {lo:g})"
         raise InputError(f"{name}: {what} volume, no image content")
+    values = _few_values(data)
+    if values is not None:
+        raise InputError(f"{name}: only {values.size} distinct intensities ({', '.join(f'{v:g}' for v in values)}): "
+                         "a mask or label image (a brain mask, a tissue segmentation), not a T1-weighted scan; give "
+                         "the T1w image itself")
     return data
+
+
+def _few_values(data: np.ndarray) -> np.ndarray | None:
+    """The distinct values of `data` when there are at most `MAX_MASK_VALUES` (a sample first: a T1 has thousands
+    in any 1% of its voxels), else None."""
+    if np.unique(data.ravel()[::97]).size > MAX_MASK_VALUES:
+        return None
+    values = np.unique(data)
+    return values if values.size <= MAX_MASK_VALUES else None
 
 
 def _nan_background(data: np.ndarray) -> bool:
@@ -323,12 +346,17 @@ def _affine(img: nib.spatialimages.SpatialImage, name: str, shape: tuple[int, ..
         if made_up and ("origin" not in header or not np.any(header["origin"][:3])):
             return _unoriented(name, shape, "an Analyze header without an origin")
     if isinstance(header, nib.Nifti1Header):
-        if s_code > 0 and q_code > 0 and _finite(sform) and _finite(qform):
+        if s_code > 0 and q_code > 0 and not _degenerate(sform) and not _degenerate(qform):
             if not np.allclose(sform, qform, atol=1e-3):
                 _warn_input(
                     f"{name}: qform and sform disagree; using the sform (as FSL and nibabel do). "
                     "Check the registration output, e.g. with `fslhd`", stacklevel=4)
     affine = np.asarray(img.affine, dtype=np.float64)
+    if (isinstance(header, nib.Nifti1Header) and s_code > 0 and q_code > 0 and _degenerate(sform)
+            and not _degenerate(qform)):  # e.g. a tool that set sform_code but wrote no sform
+        _warn_input(f"{name}: the sform (code {int(s_code)}) is empty or degenerate; using the qform (code "
+                    f"{int(q_code)}). Check the header, e.g. with `fslhd`", stacklevel=4)
+        affine = np.asarray(qform, dtype=np.float64)
     if affine.shape != (4, 4) or not _finite(affine):
         raise InputError(f"{name}: degenerate affine (non-finite entries); the header is corrupt")
     voxel_sizes = np.linalg.norm(affine[:3, :3], axis=0)
@@ -339,6 +367,22 @@ def _affine(img: nib.spatialimages.SpatialImage, name: str, shape: tuple[int, ..
             f"determinant {det:.3g}); the header is corrupt"
         )
     return affine
+
+
+def _degenerate(a: Any) -> bool:
+    """Whether an sform/qform cannot place voxels: missing, non-finite or (near-)singular."""
+    return not _finite(a) or abs(np.linalg.det(np.asarray(a, np.float64)[:3, :3])) < 1e-6
+
+
+def _check_voxel_size(affine: np.ndarray, downsample: int, name: str) -> None:
+    """Warn when the image's voxels are much coarser (> 1.5x) than the network input's `downsample` mm: upsampled by
+    interpolation, the image lacks the detail the model was trained on (e.g. fMRIPrep's res-2 outputs)."""
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    if sizes.max() > 1.5 * downsample:
+        _warn_input(f"{name}: voxels of {' x '.join(f'{v:.3g}' for v in sizes)} mm, much coarser than the "
+                    f"{downsample}mm network input: interpolated up, the image lacks the detail the model was trained "
+                    "on; give the scan registered with 1mm output voxels (e.g. flirt -ref MNI152_T1_1mm_brain)",
+                    stacklevel=4)
 
 
 def _finite(a: Any) -> bool:
@@ -388,10 +432,11 @@ def _check_conformed(volume: np.ndarray, name: str, check: bool, data: np.ndarra
         # the checks below judge the rest of the image: those voxels read as the brain's median
         volume = np.where(far, np.float32(typical), volume)
     mean = float(np.mean(volume, dtype=np.float64))
-    if not mean > 0:
+    scale = float(np.mean(np.abs(volume), dtype=np.float64))
+    if not mean > MIN_MEAN_TO_ABS_MEAN * scale:
         raise InputError(
-            f"{name}: mean intensity {mean:g} <= 0 on the MNI grid; expected a T1 with non-negative "
-            "intensities (not a z-scored or difference image)"
+            f"{name}: mean intensity {mean:g} on the MNI grid, near 0 or below for a mean |intensity| of {scale:g}; "
+            "expected a T1 with non-negative intensities (not a z-scored or difference image)"
         )
     signal = np.clip(volume, 0, None)
     total = float(signal.sum(dtype=np.float64))

@@ -174,6 +174,16 @@ def test_bids_warns_of_one_age_for_several_sessions_and_of_zero_padding(tmp_path
     with pytest.warns(UserWarning) as record:
         read_cohort(tmp_path)
     assert not any("several sessions" in str(w.message) for w in record)
+    # zero padding differs between the folders (ses-01) and sessions.tsv (1): the same sessions
+    for old, new in (("ses-1", "ses-01"), ("ses-2", "ses-02")):
+        folder = tmp_path / "sub-01" / new
+        (tmp_path / "sub-01" / old).rename(folder)
+        (folder / "anat" / f"sub-01_{old}_T1w.nii.gz").rename(folder / "anat" / f"sub-01_{new}_T1w.nii.gz")
+    (tmp_path / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\n1\t50\n2\t53\n")
+    with pytest.warns(UserWarning) as record:
+        cohort = read_cohort(tmp_path)
+    assert not any("several sessions" in str(w.message) for w in record)
+    np.testing.assert_array_equal(cohort.ages[:2], [50, 53])
 
 
 def test_participants_tsv_with_one_row_per_session(tmp_path):

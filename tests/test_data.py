@@ -207,7 +207,7 @@ def _corpus(tmp_path, mni):
     far[:3, 3] += 500
     scanner = np.diag([1.0, 1.0, 1.0, 1.0])  # native scanner space with the origin in a corner
     blob = np.zeros(MNI_SHAPE, np.float32)
-    blob[:20, :20, -20:] = 1.0  # content in a corner of the grid, outside the brain
+    blob[:20, :20, -20:] = np.linspace(0.5, 1.0, 20**3).reshape(20, 20, 20)  # in a corner, outside the brain
     zscored = (mni - mni.mean()) / mni.std()
     zscored -= zscored.mean()
     return [
@@ -237,6 +237,13 @@ def _corpus(tmp_path, mni):
         ("scanner-space", nifti(mni, scanner, name="native.nii.gz"), "not registered"),
         ("signal-outside-brain", nifti(blob, MNI_AFFINE, name="blob.nii.gz"), "inside the MNI152 brain"),
         ("z-scored", nifti(zscored.astype(np.float32), MNI_AFFINE, name="zscored.nii.gz"), "mean intensity"),
+        # z-scored, its mean just above 0 by rounding: the mean is judged against the mean |intensity|
+        ("z-scored-rounding", nifti((zscored + 1e-3).astype(np.float32), MNI_AFFINE, name="zscored2.nii.gz"),
+         "near 0 or below for a mean |intensity|"),
+        ("brain-mask", nifti(data.reference_mask().astype(np.float32), MNI_AFFINE, name="mask.nii.gz"),
+         "only 2 distinct intensities (0, 1): a mask or label image"),
+        ("tissue-labels", nifti((data.reference_mask() * (1 + (mni > 0.4) + (mni > 0.7))).astype(np.uint8),
+                                MNI_AFFINE, name="dseg.nii.gz"), "only 4 distinct intensities"),
     ]
 
 
@@ -255,7 +262,8 @@ def test_malformed_corpus_is_refused_with_file_and_problem(tmp_path, mni):
 
 def test_non_finite_refusal_counts_them_and_says_how_to_fix(tmp_path):
     arr = np.zeros((20, 24, 20), np.float32)
-    arr[5:15, 6:18, 5:15] = 1.0  # the "brain"
+    arr[5:15, 6:18, 5:15] = np.linspace(0.5, 1.5, 1200).reshape(10, 12, 10)  # the "brain"
+    centre = arr[10, 10, 10]
     arr[0, 0, :3] = np.nan  # background NaNs, as some registration tools write
     arr[19, 23, 19] = np.inf
     affine = np.diag([8.0, 8.0, 8.0, 1.0])
@@ -271,7 +279,7 @@ def test_non_finite_refusal_counts_them_and_says_how_to_fix(tmp_path):
     with pytest.raises(InputError, match=r"5 of 9600 .*\(1 inside the box around the non-zero \(brain\) voxels"):
         load_volume(_save(nib.Nifti1Image(arr, affine), tmp_path / "nan_brain.nii.gz"))
     # a masked image's NaN background (SPM), no infinity, no hole in the brain: read as 0, with a warning
-    arr[19, 23, 19], arr[10, 10, 10], arr[0, 0, :3] = 0.0, 1.0, 0.0
+    arr[19, 23, 19], arr[10, 10, 10], arr[0, 0, :3] = 0.0, centre, 0.0
     zeros = load_volume(_save(nib.Nifti1Image(arr, affine), tmp_path / "zero_background.nii.gz"), check=False)
     arr[arr == 0] = np.nan
     with pytest.warns(data.InputWarning, match=r"NaN voxels around the brain \(a masked image's background"):
@@ -371,6 +379,18 @@ def test_qform_sform_disagreement_warns_and_uses_sform(mni, tmp_path):
     assert np.array_equal(out, mni)
 
 
+def test_an_empty_sform_with_a_code_falls_back_to_the_qform(mni, tmp_path):
+    """A tool that set sform_code but wrote no sform (all zeros): nibabel's affine would be singular; the valid
+    qform places the image, with a warning naming both codes."""
+    img = nib.Nifti1Image(mni, None)
+    img.header.set_qform(MNI_AFFINE, code=1)
+    img.header.set_sform(np.zeros((4, 4)), code=1)
+    path = _save(img, tmp_path / "empty_sform.nii.gz")
+    with pytest.warns(InputWarning, match=r"the sform \(code 1\) is empty or degenerate; using the qform \(code 1\)"):
+        out = conform(path)
+    np.testing.assert_allclose(out, mni, atol=1e-5)
+
+
 def test_missing_orientation_on_mni_shape_warns_and_passes_through(mni, tmp_path):
     header = nib.Nifti1Header()
     header.set_sform(None, code=0)
@@ -424,3 +444,23 @@ def test_analyze_without_an_origin_is_not_placed_where_nibabel_guesses(tmp_path)
     nib.save(nib.AnalyzeImage(vol[:120], MNI_AFFINE), tmp_path / "b.img")
     with pytest.raises(InputError, match="b.img: no orientation in the header"):
         load_volume(tmp_path / "b.img", check=False)
+
+
+def test_normalise_refuses_a_mean_near_zero(mni):
+    """An array handed to `normalise` (or `preprocess`) z-scored: its mean is 0 up to rounding, here just above."""
+    z = (mni - mni.mean()) / mni.std() + np.float32(1e-4)
+    assert z.mean() > 0
+    with pytest.raises(ValueError, match=r"mean intensity .* not a z-scored"):
+        data.normalise(z.astype(np.float32))
+    assert data.normalise(mni).mean() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_voxels_much_coarser_than_the_network_input_warn(mni):
+    """A 2mm image (fMRIPrep's res-2) for a 1mm model is interpolated up: a warning; for a 2mm input, none."""
+    img = nib.Nifti1Image(np.ascontiguousarray(mni[::2, ::2, ::2]), MNI_AFFINE @ np.diag([2.0, 2.0, 2.0, 1.0]))
+    with pytest.warns(InputWarning, match=r"voxels of 2 x 2 x 2 mm, much coarser than the 1mm network input"):
+        load_volume(img)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_volume(img, downsample=2)
+    assert not [w for w in caught if "coarser" in str(w.message)]
