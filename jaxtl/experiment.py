@@ -571,6 +571,17 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"), len(v)
 
 
+def _baselines(runs: list[dict], task: str, share: float, repeats: int | None = None) -> list[float]:
+    """The baseline (mean predictor / chance) of each repeat's split, once: every method's run of a repeat records
+    the same value, which counted once per method would shrink its sd (and give ±0 after a single repeat)."""
+    per_repeat = {}
+    for r in runs:
+        if (r["task"] == task and r["share"] == share and r.get("baseline") is not None
+                and (repeats is None or r["repeat"] < repeats)):
+            per_repeat.setdefault(r["repeat"], r["baseline"])
+    return [per_repeat[k] for k in sorted(per_repeat)]
+
+
 def _fmt(mean: float, sd: float, task: str) -> str:
     if not np.isfinite(mean):
         return "failed"
@@ -607,7 +618,7 @@ def results_table(runs: list[dict], config: ExperimentConfig) -> str:
                                   f"{paper_reference(config.paper_dataset, task, label)} |"))
         rows.sort(key=lambda x: (not np.isfinite(x[0]), x[0] if task == "age" else -x[0]))
         lines += [r for _, r in rows]
-        base = _stats([r.get("baseline") for r in runs if r["task"] == task and r["share"] == 1.0])
+        base = _stats(_baselines(runs, task, 1.0))
         if np.isfinite(base[0]):
             name = "mean-age predictor" if task == "age" else "chance (balanced)"
             lines.append(f"| {_target_label(config)} | {task} | *{name}* | {_fmt(base[0], base[1], task)} | | | | |")
@@ -650,8 +661,7 @@ def scarcity_outputs(runs: list[dict], config: ExperimentConfig, out: Path) -> s
             ax.errorbar(shares, means, yerr=np.nan_to_num(sds), marker="o", capsize=3, label=label)
         # the reference each point must beat: the mean predictor of that share's training scans (it moves with
         # the subset) / chance
-        base = [_stats([r.get("baseline") for r in runs if r["task"] == task and r["share"] == share
-                        and r["repeat"] < sc.repeats])[0] for share in shares]
+        base = [_stats(_baselines(runs, task, share, sc.repeats))[0] for share in shares]
         name = "mean predictor" if task == "age" else "chance (balanced)"
         md.append(f"| *{name}* | " + " | ".join(_fmt(b, math.nan, task) for b in base) + " |")
         rows += [f"{task},{name},{share:g},,{b:.4f},," for share, b in zip(shares, base, strict=True)]

@@ -258,7 +258,8 @@ class ElasticBaseline(BaseEstimator):
     alpha / C and l1_ratio are chosen by inner cross-validation on the training data (TL: grid search on
     the validation split); PCA keeps min(n - 1, n_components) axes, fitted on all training voxels at once
     (TL: IncrementalPCA over loader batches); the training volumes are used as they are (TL's loader shifted and
-    mirrored them, its 'full' augmentation). Pass voxel arrays `(N, ...)`; they are flattened.
+    mirrored them, its 'full' augmentation). Pass voxel arrays `(N, ...)`; they are flattened. `jaxtl transfer`
+    passes 4mm volumes (`TransferConfig.elastic_mm`; TL used the 1mm crop).
     """
 
     def __init__(self, task: str = "age", *, n_components: int | None = None,

@@ -356,3 +356,20 @@ def test_cohorts_simulated_by_another_simulator_version_are_named(ixi_tiny, tmp_
     desc.write_text(re.sub(r" simulator=\d+", "", desc.read_text()))  # as written before versions were recorded
     with pytest.warns(UserWarning, match=rf"by another version of jaxtl.simulate \(1, now {SIMULATOR_VERSION}"):
         assert ensure_cohort(spec, tmp_path / "data", progress=False) == str(root / "cache")
+
+
+def test_baseline_rows_count_each_repeat_once(tmp_path):
+    """Every method's run of a repeat records that split's mean predictor: the table's sd is over repeats (counted
+    once per method it shrank, and read ±0.00 after one repeat)."""
+    from jaxtl.experiment import results_table
+
+    cfg = ExperimentConfig(name="t", out_dir=str(tmp_path), tasks=("age",),
+                           methods=(MethodSpec("features"), MethodSpec("scratch"), MethodSpec("elastic")))
+    labels = [s.name("age") for s in cfg.methods]
+    runs = [{"task": "age", "label": label, "share": 1.0, "repeat": rep, "test": 5.0 + rep, "baseline": base}
+            for rep, base in enumerate((13.0, 14.0)) for label in labels]
+    row = next(line for line in results_table(runs, cfg).splitlines() if "mean-age predictor" in line)
+    assert f"| 13.50±{np.std([13.0, 14.0], ddof=1):.2f} |" in row  # 0.71; over the 6 runs it read 0.55
+    one = [r for r in runs if r["repeat"] == 0]
+    row = next(line for line in results_table(one, cfg).splitlines() if "mean-age predictor" in line)
+    assert "| 13.00 |" in row  # one repeat: no spread to show
