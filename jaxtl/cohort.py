@@ -931,6 +931,13 @@ def _select_t1w(root: Path, images: list[Path], bids_filter: dict[str, str | Non
         )
     if problems:
         raise CohortError(f"{root}: " + "\n".join(problems))
+    nonlinear = [p for p in selected if "NLin" in (_entities(p).get("space") or "")]
+    if nonlinear:  # e.g. fMRIPrep's MNI152NLin2009cAsym / MNI152NLin6Asym outputs, chosen with bids_filter
+        warnings.warn(f"{root}: {len(nonlinear)} of {len(selected)} T1w image(s) are in a non-linear template space "
+                      f"(e.g. {nonlinear[0].name}): the paper's models saw brain-extracted images linearly (12-dof) "
+                      "registered to MNI152 1mm, so features and predictions of non-linearly warped brains are off by "
+                      "an unknown amount; register the brain-extracted T1w linearly (e.g. flirt -dof 12 to "
+                      "MNI152_T1_1mm_brain) where you can", stacklevel=4)
     return selected
 
 

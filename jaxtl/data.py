@@ -401,8 +401,19 @@ def _check_field_of_view(affine: np.ndarray, shape: tuple[int, ...], name: str) 
         span = ", ".join(f"{a} {round(lo[i]):d}..{round(hi[i]):d}" for i, a in enumerate("xyz"))
         raise InputError(
             f"{name}: field of view ({span} mm) covers {coverage:.0%} of the MNI152 brain: "
-            f"not registered to MNI space; {_FIX_REGISTRATION}"
+            f"not registered to MNI space; {_identity_hint(affine, shape)}{_FIX_REGISTRATION}"
         )
+
+
+def _identity_hint(affine: np.ndarray, shape: tuple[int, ...]) -> str:
+    """What to say when the affine is the identity: an array saved as nib.Nifti1Image(arr, np.eye(4)), whose voxels
+    may well be on the MNI grid, rather than a scan that was not registered."""
+    if not np.allclose(affine, np.eye(4)):
+        return ""
+    grid = (" (its shape is the MNI152 1mm grid's: save it with jaxtl.data.MNI_AFFINE)" if tuple(shape[:3]) == MNI_SHAPE
+            else "")
+    return (f"the affine is the identity, as nib.Nifti1Image(array, np.eye(4)) writes: give the image's own affine"
+            f"{grid}; if it is not registered, ")
 
 
 def _hot_voxels(volume: np.ndarray) -> tuple[np.ndarray, float] | None:
@@ -444,7 +455,7 @@ def _check_conformed(volume: np.ndarray, name: str, check: bool, data: np.ndarra
     if inside < MIN_SIGNAL_IN_BRAIN:
         raise InputError(
             f"{name}: only {inside:.0%} of the intensity lies inside the MNI152 brain: not registered "
-            f"to MNI space; {_FIX_REGISTRATION}"
+            f"to MNI space; {_identity_hint(affine, data.shape)}{_FIX_REGISTRATION}"
         )
     if not check:
         return

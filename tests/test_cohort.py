@@ -528,12 +528,18 @@ def test_bids_derivatives_with_several_t1w_per_subject_must_be_chosen(tmp_path):
                      "`--bids-filter res=VALUE --bids-filter space=VALUE`",
                      "linearly registered to MNI152 1mm"]:
         assert fragment in message, fragment
-    cohort = read_cohort(fmriprep, bids_filter={"space": "MNI152NLin2009cAsym", "res": None})
+    with pytest.warns(UserWarning, match=r"2 of 2 T1w image\(s\) are in a non-linear template space \(e.g. "
+                                         r"sub-01_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz\).*flirt -dof 12"):
+        cohort = read_cohort(fmriprep, bids_filter={"space": "MNI152NLin2009cAsym", "res": None})
     assert cohort.ids.tolist() == ["sub-01_space-MNI152NLin2009cAsym_desc-preproc",
                                    "sub-02_space-MNI152NLin2009cAsym_desc-preproc"]
     assert cohort.ages.tolist() == [30, 40]
-    with pytest.warns(UserWarning, match="1 participant.*without a T1w image matching bids_filter"):
+    with warnings.catch_warnings(record=True) as caught:  # native space: no template warning
+        warnings.simplefilter("always")
         assert read_cohort(fmriprep, bids_filter={"space": ""}).ids.tolist() == ["sub-01_desc-preproc"]
+    messages = [str(w.message) for w in caught]
+    assert any("1 participant" in m and "without a T1w image matching bids_filter" in m for m in messages)
+    assert not any("non-linear" in m for m in messages)
     with pytest.raises(CohortError, match="no T1w image matches bids_filter.*space: <none>, MNI152NLin2009cAsym"):
         read_cohort(fmriprep, bids_filter={"space": "MNI152Lin"})
     with pytest.raises(ValueError, match="bids_filter applies to BIDS directories"):

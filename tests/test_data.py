@@ -234,7 +234,9 @@ def _corpus(tmp_path, mni):
         ("singular-affine", singular, "degenerate affine"),
         ("no-orientation", no_orientation, "no orientation"),
         ("far-away", nifti(mni, far, name="far.nii.gz"), "field of view"),
-        ("scanner-space", nifti(mni, scanner, name="native.nii.gz"), "not registered"),
+        ("scanner-space", nifti(mni, scanner, name="native.nii.gz"), "not registered to MNI space; the affine is the "
+         "identity, as nib.Nifti1Image(array, np.eye(4)) writes: give the image's own affine (its shape is the MNI152 "
+         "1mm grid's: save it with jaxtl.data.MNI_AFFINE)"),
         ("signal-outside-brain", nifti(blob, MNI_AFFINE, name="blob.nii.gz"), "inside the MNI152 brain"),
         ("z-scored", nifti(zscored.astype(np.float32), MNI_AFFINE, name="zscored.nii.gz"), "mean intensity"),
         # z-scored, its mean just above 0 by rounding: the mean is judged against the mean |intensity|
