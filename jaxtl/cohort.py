@@ -866,7 +866,7 @@ def _read_bids(
 def _bare_session(session: str) -> str:
     """"ses-01" -> "1": session labels compared without the prefix and zero padding."""
     s = session.removeprefix("ses-")
-    return s.lstrip("0") or s
+    return s.lstrip("0") or ("0" if s else "")
 
 
 def _row_key(keys: Sequence[tuple[str, str]], session: str) -> tuple[str, str] | None:
@@ -931,14 +931,32 @@ def _select_t1w(root: Path, images: list[Path], bids_filter: dict[str, str | Non
         )
     if problems:
         raise CohortError(f"{root}: " + "\n".join(problems))
+    # fMRIPrep's standard-space T1w outputs (space-MNI152NLin2009cAsym, -NLin6Asym, ...) are non-linearly normalised.
+    # The space label names the template only (NLin6Asym is also FSL's MNI152_T1_1mm, which linear registrations
+    # target), so only a dataset that fMRIPrep generated is warned about.
     nonlinear = [p for p in selected if "NLin" in (_entities(p).get("space") or "")]
-    if nonlinear:  # e.g. fMRIPrep's MNI152NLin2009cAsym / MNI152NLin6Asym outputs, chosen with bids_filter
-        warnings.warn(f"{root}: {len(nonlinear)} of {len(selected)} T1w image(s) are in a non-linear template space "
-                      f"(e.g. {nonlinear[0].name}): the paper's models saw brain-extracted images linearly (12-dof) "
-                      "registered to MNI152 1mm, so features and predictions of non-linearly warped brains are off by "
-                      "an unknown amount; register the brain-extracted T1w linearly (e.g. flirt -dof 12 to "
-                      "MNI152_T1_1mm_brain) where you can", stacklevel=4)
+    if nonlinear and "fmriprep" in _generated_by(root):
+        warnings.warn(f"{root}: {len(nonlinear)} of {len(selected)} T1w image(s) are fMRIPrep's standard-space outputs "
+                      f"(e.g. {nonlinear[0].name}), non-linearly normalised: the paper's models saw brain-extracted "
+                      "images linearly (12-dof) registered to MNI152 1mm, so features and predictions of non-linearly "
+                      "warped brains are off by an unknown amount; register the brain-extracted T1w linearly (e.g. "
+                      "flirt -dof 12 to MNI152_T1_1mm_brain) where you can", stacklevel=4)
     return selected
+
+
+def _generated_by(root: Path) -> str:
+    """The pipeline names in a BIDS derivatives folder's dataset_description.json (GeneratedBy, or the older
+    PipelineDescription), lower-cased and joined; "" when there is none or it cannot be read."""
+    try:
+        desc = json.loads((root / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(desc, dict):
+        return ""
+    entries = desc.get("GeneratedBy") or [desc.get("PipelineDescription") or {}]
+    if not isinstance(entries, list):
+        return ""
+    return " ".join(str(e.get("Name", "")) for e in entries if isinstance(e, dict)).lower()
 
 
 def _entity_values(images: Sequence[Path]) -> dict[str, list[str]]:

@@ -154,12 +154,13 @@ def preprocess(volume: np.ndarray, *, downsample: int = 1) -> np.ndarray:
 
 
 def normalise(volume: np.ndarray) -> np.ndarray:
-    """Divide by the mean over the whole volume, background included (Peng; TL `average`)."""
+    """Divide by the mean over the whole volume, background included (Peng; TL `average`). A mean near 0 or below
+    (at most `MIN_MEAN_TO_ABS_MEAN` of the mean |intensity|: z-scored or difference images) is a ValueError."""
     mean = float(np.mean(volume, dtype=np.float64))
-    if not mean > MIN_MEAN_TO_ABS_MEAN * float(np.mean(np.abs(volume), dtype=np.float64)):
-        raise ValueError(f"cannot normalise a volume with mean intensity {mean:g} (mean |intensity| "
-                         f"{float(np.mean(np.abs(volume), dtype=np.float64)):g}): expected non-negative T1 "
-                         "intensities, not a z-scored or difference image")
+    scale = float(np.mean(np.abs(volume), dtype=np.float64))
+    if not mean > MIN_MEAN_TO_ABS_MEAN * scale:
+        raise ValueError(f"cannot normalise a volume with mean intensity {mean:g} (mean |intensity| {scale:g}): "
+                         "expected non-negative T1 intensities, not a z-scored or difference image")
     return (volume / np.float32(mean)).astype(np.float32, copy=False)
 
 

@@ -513,6 +513,8 @@ def _fmriprep(root):
            f"{anat}_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz",  # not a T1w
            "derivatives/fmriprep/sub-02/anat/sub-02_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz")
     (root / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t30\tF\nsub-02\t40\tM\n")
+    (root / "derivatives" / "fmriprep" / "dataset_description.json").write_text(
+        '{"Name": "fMRIPrep outputs", "DatasetType": "derivative", "GeneratedBy": [{"Name": "fMRIPrep"}]}')
     return root / "derivatives" / "fmriprep"
 
 
@@ -528,9 +530,15 @@ def test_bids_derivatives_with_several_t1w_per_subject_must_be_chosen(tmp_path):
                      "`--bids-filter res=VALUE --bids-filter space=VALUE`",
                      "linearly registered to MNI152 1mm"]:
         assert fragment in message, fragment
-    with pytest.warns(UserWarning, match=r"2 of 2 T1w image\(s\) are in a non-linear template space \(e.g. "
+    with pytest.warns(UserWarning, match=r"2 of 2 T1w image\(s\) are fMRIPrep's standard-space outputs \(e.g. "
                                          r"sub-01_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz\).*flirt -dof 12"):
         cohort = read_cohort(fmriprep, bids_filter={"space": "MNI152NLin2009cAsym", "res": None})
+    # the space label names the template only (NLin6Asym is FSL's MNI152 too): another pipeline's is not warned about
+    (fmriprep / "dataset_description.json").write_text('{"GeneratedBy": [{"Name": "my-flirt-pipeline"}]}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_cohort(fmriprep, bids_filter={"space": "MNI152NLin2009cAsym", "res": None})
+    (fmriprep / "dataset_description.json").write_text('{"GeneratedBy": [{"Name": "fMRIPrep"}]}')
     assert cohort.ids.tolist() == ["sub-01_space-MNI152NLin2009cAsym_desc-preproc",
                                    "sub-02_space-MNI152NLin2009cAsym_desc-preproc"]
     assert cohort.ages.tolist() == [30, 40]

@@ -141,8 +141,9 @@ def test_ci_demo_on_the_accelerator_path(ci_run, tmp_path):
         shutil.copytree(ci_run[0] / name, tmp_path / "demo" / name)
     shutil.copy(ci_run[0] / "montage.png", tmp_path / "demo")  # the same on every device (made, it built the atlas)
     # every stage, with the methods cut to frozen features (XLA's convolutions compile slowly on a CPU; fine-tuning
-    # age here took ~20 s of CI's time): the train step on 2 devices with XLA's convolutions is test_first_block's
-    # and test_train's, the elastic net runs on the host alone
+    # age here took ~20 s of CI's time): train steps on several devices with XLA's convolutions are
+    # test_first_block's (2 devices), with the head alone trained (ft_step's first phase) test_train's sharded-step
+    # test (4 devices); the elastic net runs on the host alone
     code = f"""
 import dataclasses, jax
 from jaxtl.conv import default_impl

@@ -297,6 +297,19 @@ np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
 def close(a, b):
     assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b) + 1e-6, (np.linalg.norm(a - b), np.linalg.norm(b))
 jax.tree.map(close, out[0][1], out[1][1])
+# the head alone trained (fine-tuning's first phase, TL ft_step): frozen layers stay as they were on 4 devices too
+head = nnx.All(nnx.Param, nnx.PathContains("head"))
+frozen = []
+for devices in (jax.devices(), jax.devices()[:1]):
+    tr = Trainer.create(cfg, 10, mesh=make_mesh(devices), trainable=head)
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(tr.model(), nnx.Param)))
+    losses = [float(tr.step(tr.global_batch(x), tr.global_batch(y), s)[0]) for s in range(2)]
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(tr.model(), nnx.Param)))
+    pairs = zip(jax.tree.leaves(before["blocks"]), jax.tree.leaves(after["blocks"]))
+    assert all(np.array_equal(a, b) for a, b in pairs)
+    assert not np.array_equal(before["head"]["kernel"], after["head"]["kernel"])
+    frozen.append(losses)
+np.testing.assert_allclose(frozen[0], frozen[1], rtol=1e-5)
 print("OK", out[0][0])
 """
     assert "OK" in run_python(code, devices=4).stdout
