@@ -360,7 +360,6 @@ def test_restore_on_a_different_device_count(ukb_cache, tmp_path):
     assert jax.device_count() == 1
     pretrain(tiny_config(), ukb_cache, work, progress=False, max_steps=4)  # restores step 4, exports it again
     jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path / "model_on_4"), final_state(work))
-    pretrain(tiny_config(), ukb_cache, work, progress=False)
+    pretrain(tiny_config(), ukb_cache, work, progress=False, max_steps=7)  # past an epoch end (its validation)
     steps = [r["step"] for r in steps_logged(work)]
-    assert steps == list(range(1, 13))  # resumed at 5, not restarted
-    assert model_meta(work / "model")["complete"] is True
+    assert steps == list(range(1, 8))  # resumed at 5, not restarted
