@@ -70,7 +70,7 @@ class DemoConfig:
 DEMO = DemoConfig()
 # CI-sized: the same pipeline, every stage exercised, in about a minute on 2 cores (numbers meaningless;
 # compiling the fine-tuning steps is most of it).
-CI = DemoConfig(out_dir="demo_ci", source_n=32, targets=("ixi",), target_n=24,
+CI = DemoConfig(out_dir="demo_ci", source_n=32, targets=("ixi",), target_n=36,
                 pretrain=("epochs=1", "model.channels=(4,8,8,8,8,8)", "batch_size=4"),
                 repeats=1, epoch_scale=0.01, shares=(0.5, 1.0), scarcity_methods=("features", "ft_step"),
                 manifold_n=24, montage_mm=4)

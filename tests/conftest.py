@@ -108,8 +108,9 @@ TINY_CHANNELS = (4, 8, 8, 8, 8, 8)
 
 @pytest.fixture(scope="session")
 def ixi_tiny(tmp_path_factory) -> tuple[Path, Path]:
-    """36 simulated `ixi` subjects (3 sites, ages 20-86) at 4mm: (BIDS directory, float16 cache)."""
-    root = shared_dir(tmp_path_factory, "ixi", lambda root: _simulated_cache(root, "ixi", 36, 3))
+    """36 simulated `ixi` subjects (3 sites, ages 20-86) at 4mm: (BIDS directory, float16 cache). The CI demo's
+    target cohort (seed 1, `jaxtl.demo.demo_cohorts`), which test_demo copies instead of simulating it again."""
+    root = shared_dir(tmp_path_factory, "ixi", lambda root: _simulated_cache(root, "ixi", 36, 1))
     return root / "bids", root / "cache"
 
 

@@ -17,16 +17,18 @@ SECTIONS = ["# jaxtl demo", "> **Simulated brains.**", "## Source models", "## F
 
 
 @pytest.fixture(scope="module")
-def ci_data(ukb_cache, tmp_path_factory):
+def ci_data(ukb_cache, ixi_tiny, tmp_path_factory):
     """The demo's first stage at CI scale (simulated cohorts and their caches), made once for both demo runs. Its
-    source cohort is the suite's shared `ukb` cohort (same preset, size, seed and resolution): copied, not simulated
-    again."""
+    cohorts are the suite's shared `ukb` and `ixi` cohorts (same preset, size, seed and resolution): copied, not
+    simulated again."""
     from jaxtl.experiment import SimulatedCohort, cohort_root, ensure_cohort
 
     data = tmp_path_factory.mktemp("demo_data")
     source, targets = demo_cohorts(CI)
-    if source == SimulatedCohort("ukb", 32, 0, 4):
-        shutil.copytree(ukb_cache.parent, cohort_root(source, data), ignore=shutil.ignore_patterns(".built"))
+    shared = {SimulatedCohort("ukb", 32, 0, 4): ukb_cache.parent, SimulatedCohort("ixi", 36, 1, 4): ixi_tiny[1].parent}
+    for cohort in (source, *targets.values()):
+        if cohort in shared:
+            shutil.copytree(shared[cohort], cohort_root(cohort, data), ignore=shutil.ignore_patterns(".built"))
     for cohort in (source, *targets.values()):
         ensure_cohort(cohort, data, progress=False)
     return data

@@ -345,10 +345,10 @@ def test_cohorts_simulated_by_another_simulator_version_are_named(ixi_tiny, tmp_
 
     bids, cache = ixi_tiny
     assert simulator_version(bids) == SIMULATOR_VERSION and simulator_version(tmp_path) is None
-    root = tmp_path / "data" / "ixi_n36_seed3_4mm"
+    root = tmp_path / "data" / "ixi_n36_seed1_4mm"
     shutil.copytree(bids, root / "bids")
     shutil.copytree(cache, root / "cache")
-    spec = SimulatedCohort("ixi", 36, 3, 4)
+    spec = SimulatedCohort("ixi", 36, 1, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ensure_cohort(spec, tmp_path / "data", progress=False) == str(root / "cache")

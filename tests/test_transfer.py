@@ -421,8 +421,10 @@ def test_cli_transfer_then_predict(tiny_models, ixi_tiny, tmp_path, capsys):
     assert cli.transfer_summary(no_test).startswith("features age: no test split (train ")
     assert cli.main(argv) == 2  # results exist: one-line error, no traceback
     assert "already holds transfer results" in capsys.readouterr().err
-    # a new cohort without labels: a CSV of paths
-    paths = read_cohort(ixi_tiny[0]).paths[:3]
+    # a new cohort without labels: a CSV of paths (test scans: the training scans' predictions are out-of-fold)
+    old = read_predictions(out / "predictions.csv")
+    test = np.flatnonzero(old["split"] == "test")[:3]
+    paths = read_cohort(ixi_tiny[0]).paths[test]
     table = tmp_path / "new.csv"
     table.write_text("path\n" + "\n".join(paths) + "\n")
     with warnings.catch_warnings():
@@ -430,8 +432,7 @@ def test_cli_transfer_then_predict(tiny_models, ixi_tiny, tmp_path, capsys):
         assert cli.main(["predict", "--model", str(out / "head"), "--cohort", str(table),
                          "--out", str(tmp_path / "new_pred.csv")]) == 0
     new = read_predictions(tmp_path / "new_pred.csv")
-    old = read_predictions(out / "predictions.csv")
-    np.testing.assert_allclose(new["prediction"], old["prediction"][:3], atol=0.5)
+    np.testing.assert_allclose(new["prediction"], old["prediction"][test], atol=0.5)
     bias = BiasCorrection.from_dict(json.loads((out / "head" / "head.json").read_text())["bias_correction"])
     assert bias.split == "train (out-of-fold)" and bias.n == (old["split"] == "train").sum()
     np.testing.assert_allclose(new["prediction_corrected"], bias.apply(new["prediction"]), rtol=1e-4)
