@@ -45,11 +45,14 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".
 
 
 # The order in which pytest-xdist's two workers take the test files (`make test`: `--dist loadfile
-# --no-loadscope-reorder`): the longest first (seconds summed per file on a 2-core Intel VM, 2026-11-28: 131, 128,
-# 125, 88, 75, 54, 48, 44, 38), the rest after them as collected. xdist's own order (most tests first) had left
-# test_train_recovery.py (~160 s under load) to start last: one worker ran it alone for 40 s at the end.
-SLOWEST_FIRST = ("test_train_recovery.py", "test_transfer.py", "test_train.py", "test_demo.py", "test_heads.py",
-                 "test_cache.py", "test_first_block.py", "test_embed.py", "test_simulate.py")
+# --no-loadscope-reorder`): the longest first, every file ranked (seconds summed per file on the 2-core AMD EPYC VM,
+# 2026-11-29: 246, 228, 150, 130, 94, 89, 84, 60, 56, 54, 53, 52, 46, 38, 28, then the short ones), so that the last
+# files to start are the shortest. xdist's own order (most tests first) had left test_train_recovery.py (~160 s
+# under load) to start last: one worker ran it alone for 40 s at the end.
+SLOWEST_FIRST = ("test_transfer.py", "test_train_recovery.py", "test_train.py", "test_demo.py", "test_first_block.py",
+                 "test_heads.py", "test_cache.py", "test_conv.py", "test_bench.py", "test_weights.py", "test_embed.py",
+                 "test_simulate.py", "test_model.py", "test_experiment.py", "test_data.py", "test_cohort.py",
+                 "test_labels.py")
 
 
 def pytest_collection_modifyitems(items):
