@@ -683,13 +683,10 @@ def test_input_warnings_are_columns_of_predictions_and_features(tiny_models, ixi
     labelled = tmp_path / "labelled.csv"
     rows = [(s.participant_id, s.path, s.age) for s in cohort] + [("sub-skull", unstripped, 50), ("sub-qs", qs, 60)]
     labelled.write_text("participant_id,path,age\n" + "".join(f"{i},{p},{a}\n" for i, p, a in rows))
-    for method in ("features", "ft_final"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = run_transfer(tiny_models["age"], labelled, tmp_path / method, task="age", method=method,
-                                  config=FAST, progress=False)
-        found = list(result.predictions["qc_warnings"])
-        assert found[:10] == [""] * 10 and (found[10], found[11]) == (qc[1], qc[3]), method
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_transfer(tiny_models["age"], labelled, tmp_path / "ft_final", task="age", method="ft_final",
+                              config=FAST, progress=False)
     capsys.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -697,6 +694,10 @@ def test_input_warnings_are_columns_of_predictions_and_features(tiny_models, ixi
                          "--method", "features", "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
     # the command says so too: those scans trained and tested the head
     assert "2 of 12 scans have input warnings (their qc_warnings column in " in capsys.readouterr().err
+    for method, found in (("ft_final", result.predictions["qc_warnings"]),
+                          ("features", read_predictions(tmp_path / "cli" / "predictions.csv")["qc_warnings"])):
+        found = list(found)
+        assert found[:10] == [""] * 10 and (found[10], found[11]) == (qc[1], qc[3]), method
 
 
 def test_cli_embed_writes_features_per_scan(tiny_models, ixi_tiny, tmp_path, capsys, monkeypatch):
