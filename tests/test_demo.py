@@ -29,7 +29,6 @@ def ci_data(ukb_cache, ixi_tiny, tmp_path_factory):
     for cohort in (source, *targets.values()):
         if cohort in shared:
             shutil.copytree(shared[cohort], cohort_root(cohort, data), ignore=shutil.ignore_patterns(".built"))
-    for cohort in (source, *targets.values()):
         ensure_cohort(cohort, data, progress=False)
     return data
 
