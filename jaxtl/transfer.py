@@ -727,6 +727,14 @@ def _same_head(backbone: JaxtlModel, task: AgeTask | SexTask) -> bool:
     return backbone.task == task and backbone.model.num_outputs == task.num_outputs
 
 
+# The elastic baseline's grid search runs its folds in worker processes from this many training voxel values (scans x
+# voxels) on. The workers take ~5 s to start (scikit-learn's imports), then each search is 1.5-2x faster on 2 cores.
+# ElasticRegressor(cv=5).fit on 4mm volumes (76800 voxels), 2-core AMD EPYC VM, first / second fit in a process:
+# 24 scans 2.1 / 2.3 s in one process, 7.0 / 1.3 s with 2 workers; 80 scans 9.6 / 11.2 s vs 13.2 / 6.9 s.
+# A transfer run fits it once (sex) or cv + 1 times (age: the head, then out-of-fold training predictions).
+ELASTIC_PARALLEL_VALUES = 2_500_000
+
+
 def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: TransferConfig, *,
                progress: bool = True) -> tuple[TransferHead, np.ndarray]:
     """Fit `config.method` on the "train" scans of `target`; returns the head and its raw predictions
@@ -779,8 +787,9 @@ def fit_method(backbone: JaxtlModel, target: Target, split: np.ndarray, config: 
         factor = max(1, config.elastic_mm // target.downsample)
         X = target.voxels(factor, progress)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        parallel = len(train) * X[0].size >= ELASTIC_PARALLEL_VALUES
         est = make_elastic(task_name, n_features=config.elastic_features, cv=config.cv, seed=seed,
-                           n_jobs=min(config.cv, cores))  # the grid search's folds in parallel: 1.5-2x on 2 cores
+                           n_jobs=min(config.cv, cores) if parallel else 1)
         head = TransferHead(method, task_name, "elastic", None, est, voxel_factor=factor, meta=meta, **common)
         pred = _fit_sklearn(est, X, y, train, task_name, config, groups)
         return head, pred

@@ -40,8 +40,7 @@ def _ctrl_c(*args, **kwargs):
 @pytest.fixture(scope="module")
 def ci_run(ci_data, tmp_path_factory):
     """The CI-scale demo in a fresh folder with a cold compilation cache (as on a fresh machine), stopped at its
-    experiment stage by a Ctrl-C and run again: (output folder, timings.json of the stopped run). Its pretrained
-    models are reused by the accelerator-path test."""
+    experiment stage by a Ctrl-C and run again: (output folder, timings.json of the stopped run)."""
     import jaxtl.demo as demo
 
     out = tmp_path_factory.mktemp("ci_run") / "demo"
@@ -129,38 +128,6 @@ def test_ci_demo_end_to_end_and_rerun(ci_run, capsys, monkeypatch):
     rows = re.findall(r"\| (pretrain \w+ SFCN|experiment ixi)(?: \(resumed\))? \| ([\d.]+) \| ([\d.]+) \|",
                       report.read_text())
     assert len(rows) == 3, rows  # each stage's time in the first run and in this one
-
-
-def test_ci_demo_on_the_accelerator_path(ci_run, tmp_path):
-    """The demo as it runs on a GPU/TPU host: several devices (the batch sharded over a 2-device mesh) and
-    XLA's convolutions (conv_impl "auto" resolves to "xla" there), in a fresh interpreter. The source models are
-    the CI demo run's (pretraining on several devices: test_train_recovery; with XLA's convolutions there:
-    test_first_block's train steps), so this run starts at the experiment stage."""
-    from conftest import run_python
-
-    for name in ("data", "pretrain_age", "pretrain_sex"):
-        shutil.copytree(ci_run[0] / name, tmp_path / "demo" / name)
-    shutil.copy(ci_run[0] / "montage.png", tmp_path / "demo")  # the same on every device (made, it built the atlas)
-    # every stage, with the methods cut to frozen features (XLA's convolutions compile slowly on a CPU; fine-tuning
-    # age here took ~20 s of CI's time): train steps on several devices with XLA's convolutions are
-    # test_first_block's (2 devices), with the head alone trained (ft_step's first phase) test_train's sharded-step
-    # test (4 devices); the elastic net runs on the host alone
-    code = f"""
-import dataclasses, jax
-from jaxtl.conv import default_impl
-from jaxtl.demo import CI, run_demo
-from jaxtl.experiment import MethodSpec
-assert jax.device_count() == 2 and default_impl() == "xla"
-methods = (MethodSpec("features"),)
-report = run_demo(dataclasses.replace(CI, out_dir={str(tmp_path / "demo")!r}, methods=methods,
-                                    scarcity_methods=("features",)), progress=False)
-print("REPORT", report)
-"""
-    proc = run_python(code, devices=2, timeout=600, JAXTL_HOME=str(tmp_path / "home"))
-    text = (tmp_path / "demo" / "REPORT.md").read_text()
-    assert "REPORT" in proc.stdout and all(section in text for section in SECTIONS)
-    assert "source model: pretraining" not in proc.stderr  # the copied models were used
-    assert "scarcity.png" in text and "manifold.png" in text
 
 
 def test_source_row_scores_the_checkpoint_the_experiments_use(tmp_path):
