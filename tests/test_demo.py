@@ -39,8 +39,9 @@ def _ctrl_c(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def ci_run(ci_data, tmp_path_factory):
-    """The CI-scale demo in a fresh folder with a cold compilation cache (as on a fresh machine), stopped at its
-    experiment stage by a Ctrl-C and run again: (output folder, timings.json of the stopped run)."""
+    """The CI-scale demo in a fresh folder and $JAXTL_HOME (compiled programs come from the test run's cache,
+    $JAX_COMPILATION_CACHE_DIR), stopped at its experiment stage by a Ctrl-C and run again: (output folder,
+    timings.json of the stopped run)."""
     import jaxtl.demo as demo
 
     out = tmp_path_factory.mktemp("ci_run") / "demo"
