@@ -336,7 +336,7 @@ class ElasticBaseline(BaseEstimator):
             # each fold's PCA is fitted once and reused for every k (the SVD is most of the search)
             pipeline = self._pipeline(outer_train, X.shape[1], memory=cache, grouped=grouped, folds=inner)
             search = GridSearchCV(pipeline, grid, cv=folds, refit=False, n_jobs=self.n_jobs,
-                                  scoring="balanced_accuracy" if sex else "neg_mean_absolute_error")
+                                  scoring=balanced_accuracy if sex else "neg_mean_absolute_error")
             fit_grouped(search, X, y, groups)
             self.best_params_ = search.best_params_
             final = self._pipeline(len(X), X.shape[1], grouped=grouped)
